@@ -1,0 +1,33 @@
+# The two set-up commands from the README: `make demo` and `make test`.
+# Both create .venv and install what they need, so they work on a fresh machine.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned here (a CPU wheel is on disk); the library itself keeps it optional and loose.
+TORCH := torch==2.13.0
+
+.PHONY: demo test bench venv clean
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[worker,s3,test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/python -m fabric.demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) demo-out bench-out

@@ -1,0 +1,185 @@
+"""Errors: one small hierarchy with stable codes.
+
+Every error Fabric raises on purpose is a `FabricError`. Each class has a stable
+string `code` (used in JSON error bodies and `--json` output) and an HTTP status
+(used by servers at the edge). Where a built-in exception fits, the class also
+inherits it, so `except FileNotFoundError` still works for callers who do not know
+Fabric's types.
+
+Raise where the problem is found; turn into a CLI message (`fabric.cli`) or an
+HTTP response (`fabric.wire.error_response`) only at the edge.
+"""
+
+from __future__ import annotations
+
+
+class FabricError(Exception):
+    """Base class. `code` is stable; `message` is for humans."""
+
+    code = "fabric_error"
+    http_status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+# --- input the caller gave us -------------------------------------------------
+
+class InvalidInput(FabricError, ValueError):
+    code = "invalid_input"
+    http_status = 422
+
+
+class InvalidSafetensors(InvalidInput):
+    code = "invalid_safetensors"
+
+
+class InvalidManifest(InvalidInput):
+    code = "invalid_manifest"
+
+
+class InvalidChunkId(InvalidInput):
+    code = "invalid_chunk_id"
+
+
+class InvalidName(InvalidInput):
+    code = "invalid_name"
+
+
+class ConfigError(InvalidInput):
+    code = "invalid_config"
+
+
+class SourceError(InvalidInput):
+    """The source folder of a publish is missing, unreadable or unsafe."""
+
+    code = "bad_source"
+
+
+class SourceChanged(SourceError):
+    """A file changed while it was being published."""
+
+    code = "source_changed"
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "payload_too_large"
+    http_status = 413
+
+
+# --- state of the store or registry ------------------------------------------
+
+class NotFound(FabricError, FileNotFoundError):
+    code = "not_found"
+    http_status = 404
+
+
+class ArtifactNotFound(NotFound):
+    code = "artifact_not_found"
+
+
+class VersionNotFound(NotFound):
+    code = "version_not_found"
+
+
+class ChannelNotFound(NotFound):
+    code = "channel_not_found"
+
+
+class ChunkNotFound(NotFound):
+    code = "chunk_not_found"
+
+
+class Conflict(FabricError):
+    code = "conflict"
+    http_status = 409
+
+
+class VersionExists(Conflict):
+    code = "version_exists"
+
+
+class DestinationExists(Conflict, FileExistsError):
+    code = "destination_exists"
+
+
+class MissingChunks(Conflict):
+    """A manifest names chunks the store does not hold."""
+
+    code = "missing_chunks"
+
+
+# --- integrity -----------------------------------------------------------------
+
+class IntegrityError(FabricError):
+    """Bytes do not match the digest that names them."""
+
+    code = "integrity_error"
+    http_status = 422
+
+
+class CorruptChunk(IntegrityError):
+    code = "corrupt_chunk"
+
+
+class ReferenceMismatch(IntegrityError):
+    """A delta-encoded chunk names a reference the decoder does not hold (or holds other bytes)."""
+
+    code = "reference_mismatch"
+
+
+class UnknownEncoding(InvalidInput):
+    code = "unknown_encoding"
+
+
+class BadFrame(InvalidInput):
+    """A binary chunk stream is malformed (bad magic, lengths, truncation)."""
+
+    code = "bad_frame"
+
+
+# --- access --------------------------------------------------------------------
+
+class Unauthorized(FabricError, PermissionError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(FabricError, PermissionError):
+    code = "forbidden"
+    http_status = 403
+
+
+# --- the network ---------------------------------------------------------------
+
+class TransferError(FabricError, ConnectionError):
+    """A transfer could not complete from any source."""
+
+    code = "transfer_failed"
+    http_status = 502
+
+
+class StoreFull(FabricError, OSError):
+    code = "store_full"
+    http_status = 507
+
+
+_BY_CODE: dict[str, type[FabricError]] = {}
+
+
+def _index(cls: type[FabricError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _index(sub)
+
+
+_index(FabricError)
+
+
+def from_code(code: str, message: str) -> FabricError:
+    """Rebuild a typed error from a server's `{"code", "message"}` body."""
+    return _BY_CODE.get(code, FabricError)(message)

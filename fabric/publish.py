@@ -1,0 +1,365 @@
+"""Publishing: read a folder once, cut it into chunks, hash them, keep the new ones.
+
+Each file is read sequentially, exactly once. The reading thread cuts the bytes
+(`fabric.chunking`) and hands batches of chunks to two worker threads that hash them
+and offer them to a `Target`, which stores the ones it lacks. At most a few batches
+are in flight, so memory stays bounded whatever the model's size. When every file is
+done, the manifest is committed: chunks first, then the manifest, then the version
+ref, so a publish killed at any point leaves no half version.
+
+A `Target` is where a version goes: a local store (`LocalTarget`) or an origin over
+HTTP (`fabric.client`). Both answer the same few calls.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+from . import chunking, digest
+from .errors import ChannelNotFound, SourceChanged, SourceError
+from .manifest import FileEntry, Manifest, TensorEntry, check_name
+from .registry import Registry, now_rfc3339
+from .store import Store
+
+_WINDOW = 8 << 20  # bytes read per CDC window
+_IN_FLIGHT = 4  # batches being hashed/stored at once (bounds memory)
+
+Progress = Callable[[int], None]
+
+
+class Target(Protocol):
+    def offer(self, chunk_id: str, data: bytes) -> int:
+        """Store the chunk unless already held; return payload bytes written or sent."""
+
+    def flush(self) -> None: ...
+
+    def parent_for(self, artifact: str, channel: str | None) -> str | None: ...
+
+    def commit(self, manifest: Manifest) -> str: ...
+
+    def promote(self, artifact: str, version: str, channel: str) -> None: ...
+
+
+class LocalTarget:
+    """Publish into a store on this machine."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.registry = Registry(store)
+
+    def offer(self, chunk_id: str, data: bytes) -> int:
+        if self.store.has_chunk(chunk_id):
+            return 0
+        return self.store.put_chunk(chunk_id, data, verified=True)
+
+    def flush(self) -> None:
+        pass
+
+    def parent_for(self, artifact: str, channel: str | None) -> str | None:
+        if channel:
+            try:
+                return self.registry.channel(artifact, channel).version
+            except ChannelNotFound:
+                pass
+        return self.registry.latest(artifact)
+
+    def commit(self, manifest: Manifest) -> str:
+        return self.registry.commit(manifest)
+
+    def promote(self, artifact: str, version: str, channel: str) -> None:
+        self.registry.promote(artifact, version, channel)
+
+
+@dataclass
+class PublishResult:
+    artifact: str
+    version: str
+    manifest_id: str
+    parent: str | None
+    files: int
+    bytes: int  # source bytes read
+    chunks: int  # unique chunks in the version
+    new_chunks: int = 0  # chunks the target did not hold
+    new_bytes: int = 0  # raw bytes of those chunks
+    written_bytes: int = 0  # bytes stored or sent for them (after compression)
+    seconds: float = 0.0
+    channel: str | None = None
+
+    @property
+    def dedup_ratio(self) -> float:
+        """Fraction of the version's bytes that were already held."""
+        return 1.0 - self.new_bytes / self.bytes if self.bytes else 1.0
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["dedup_ratio"] = round(self.dedup_ratio, 6)
+        return d
+
+
+@dataclass
+class _Scan:
+    """Chunks of the version so far, and what the target said of them."""
+
+    seen: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    new_chunks: int = 0
+    new_bytes: int = 0
+    written: int = 0
+
+
+def publish(src: str | os.PathLike, *, artifact: str, target: Target, version: str | None = None,
+            channel: str | None = None, metadata: dict | None = None,
+            progress: Progress | None = None) -> PublishResult:
+    """Publish the file or folder `src` as a new version of `artifact`.
+
+    Args:
+        src: a file or a folder. Symlinks are followed only inside `src`.
+        artifact: the artifact's name.
+        target: where to publish (`LocalTarget(store)` or an origin client).
+        version: the version's name; default: a sortable UTC timestamp.
+        channel: move this channel to the new version once committed.
+        metadata: free-form string metadata (training step, metrics, …).
+        progress: called with the number of source bytes read, as they are read.
+
+    Returns:
+        A `PublishResult` with sizes, dedup figures and timing.
+
+    Raises:
+        SourceError, SourceChanged, InvalidSafetensors, InvalidName, VersionExists.
+    """
+    t0 = time.monotonic()
+    check_name("artifact", artifact)
+    version = check_name("version", version or default_version())
+    if channel:
+        check_name("channel", channel)
+    files = collect_files(Path(src))
+    scan = _Scan()
+    entries, tensors = [], []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fabric-hash") as pool:
+        for rel, path in files:
+            entry, file_tensors = _publish_file(rel, path, target, pool, scan, progress)
+            entries.append(entry)
+            tensors += file_tensors
+    target.flush()
+    parent = target.parent_for(artifact, channel)
+    manifest = Manifest(
+        artifact=artifact, version=version, parent=parent if parent != version else None,
+        created=now_rfc3339(), files=tuple(entries), tensors=tuple(tensors),
+        metadata=dict(metadata or {}), chunking=chunking_params(),
+    )
+    mid = target.commit(manifest)
+    if channel:
+        target.promote(artifact, version, channel)
+    return PublishResult(
+        artifact=artifact, version=version, manifest_id=mid, parent=manifest.parent,
+        files=len(entries), bytes=manifest.size, chunks=len(scan.seen),
+        new_chunks=scan.new_chunks, new_bytes=scan.new_bytes, written_bytes=scan.written,
+        seconds=time.monotonic() - t0, channel=channel,
+    )
+
+
+def default_version() -> str:
+    """A version name that sorts by time: 20261127.153012.123"""
+    return datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S.%f")[:-3]
+
+
+def chunking_params() -> dict:
+    return {
+        "hash": digest.ALGORITHM,
+        "safetensors": {"segment": chunking.SEGMENT_SIZE},
+        "cdc": {"algorithm": "fastcdc2020", "min": chunking.CDC_MIN, "avg": chunking.CDC_AVG,
+                "max": chunking.CDC_MAX},
+    }
+
+
+# --- the source ---------------------------------------------------------------------
+
+def collect_files(src: Path) -> list[tuple[str, Path]]:
+    """(relative path, absolute path) of every regular file to publish, sorted."""
+    try:
+        st = src.stat()
+    except FileNotFoundError:
+        raise SourceError(f"source {src} does not exist") from None
+    except OSError as e:
+        raise SourceError(f"cannot read source {src}: {e.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        return [(src.name, src)]
+    if not stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"source {src} is neither a file nor a folder")
+    root = src.resolve()
+    out: list[tuple[str, Path]] = []
+    _walk(root, root, "", out, {root})
+    return sorted(out)
+
+
+def _walk(root: Path, folder: Path, rel: str, out: list, visited: set[Path]) -> None:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise SourceError(f"cannot list {folder}: {e.strerror}") from None
+    for name in names:
+        path = folder / name
+        rel_path = f"{rel}{name}"
+        real = path.resolve()
+        if not real.is_relative_to(root):
+            raise SourceError(f"{rel_path} is a symlink pointing outside the source ({real})")
+        if real.is_dir():
+            if real in visited:
+                raise SourceError(f"{rel_path} is a symlink loop")
+            _walk(root, real, rel_path + "/", out, visited | {real})
+        elif real.is_file():
+            out.append((rel_path, path))
+        elif not real.exists():
+            raise SourceError(f"{rel_path} is a broken symlink")
+        else:
+            raise SourceError(f"{rel_path} is not a regular file")
+
+
+# --- one file ------------------------------------------------------------------------
+
+def _publish_file(rel: str, path: Path, target: Target, pool: ThreadPoolExecutor,
+                  scan: _Scan, progress: Progress | None) -> tuple[FileEntry, list[TensorEntry]]:
+    try:
+        f = open(path, "rb", buffering=0)
+    except OSError as e:
+        raise SourceError(f"cannot read {rel}: {e.strerror}") from None
+    with f:
+        before = os.fstat(f.fileno())
+        size = before.st_size
+        if rel.endswith(".safetensors"):
+            header, batches = _safetensors_batches(f, size, rel)
+        else:
+            header, batches = None, _cdc_batches(f, size)
+        chunks, segments = _hash_and_offer(batches, target, pool, scan, progress)
+        if f.read(1) or _changed(before, os.fstat(f.fileno())):
+            raise SourceChanged(f"{rel} changed while it was being published; publish again")
+    mode = stat.S_IMODE(before.st_mode) & 0o777
+    entry = FileEntry(rel, size, mode, tuple(chunks))
+    tensors = _tensor_entries(rel, header, segments) if header else []
+    return entry, tensors
+
+
+def _changed(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ino) != (b.st_size, b.st_mtime_ns, b.st_ino)
+
+
+def _read_exact(f, n: int, rel: str) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = f.readinto(view[got:])
+        if not k:
+            raise SourceChanged(f"{rel} is shorter than when publishing began")
+        got += k
+    return bytes(buf)
+
+
+Batch = list[tuple[chunking.Piece | None, memoryview]]
+
+
+def _safetensors_batches(f, size: int, rel: str) -> tuple[chunking.SafetensorsHeader, Iterator[Batch]]:
+    prefix = _read_exact(f, 8, rel) if size >= 8 else b""
+    n = chunking.header_length(prefix, size)
+    header_json = _read_exact(f, n, rel)
+    try:
+        header = chunking.parse_safetensors_header(header_json, size)
+    except chunking.InvalidSafetensors as e:
+        raise type(e)(f"{rel}: {e.message}") from None
+    pieces = chunking.plan_safetensors(header, size)
+
+    def batches() -> Iterator[Batch]:
+        first = pieces[0]
+        yield [(first, memoryview(prefix + header_json))]
+        for p in pieces[1:]:
+            yield [(p, memoryview(_read_exact(f, p.length, rel)))]
+
+    return header, batches()
+
+
+def _cdc_batches(f, size: int) -> Iterator[Batch]:
+    chunker = chunking.CdcChunker()
+    carry = b""
+    remaining = size
+    while remaining > 0 or carry:
+        want = min(_WINDOW, remaining)
+        block = f.read(want) if want else b""
+        remaining -= len(block)
+        if want and not block:
+            raise SourceChanged("file is shorter than when publishing began")
+        buf = memoryview(carry + block if carry else block)
+        final = remaining == 0
+        cuts = chunker.cuts(buf, final)
+        batch, pos = [], 0
+        for n in cuts:
+            batch.append((None, buf[pos:pos + n]))
+            pos += n
+        carry = bytes(buf[pos:])
+        if batch:
+            yield batch
+        if final and carry:  # cannot happen with a final cut, but never loop forever
+            yield [(None, memoryview(carry))]
+            carry = b""
+
+
+def _hash_and_offer(batches: Iterator[Batch], target: Target, pool: ThreadPoolExecutor,
+                    scan: _Scan, progress: Progress | None):
+    chunks: list[tuple[str, int]] = []
+    segments: list[tuple[chunking.Piece | None, str]] = []
+    pending: deque[tuple[Batch, Future]] = deque()
+
+    def drain_one() -> None:
+        batch, fut = pending.popleft()
+        for (piece, view), (cid, written, new) in zip(batch, fut.result()):
+            chunks.append((cid, len(view)))
+            segments.append((piece, cid))
+            if new:
+                scan.new_chunks += 1
+                scan.new_bytes += len(view)
+                scan.written += written
+
+    for batch in batches:
+        pending.append((batch, pool.submit(_work, batch, target, scan)))
+        if progress:
+            progress(sum(len(v) for _, v in batch))
+        if len(pending) >= _IN_FLIGHT:
+            drain_one()
+    while pending:
+        drain_one()
+    return chunks, segments
+
+
+def _work(batch: Batch, target: Target, scan: _Scan) -> list[tuple[str, int, bool]]:
+    """Hash each chunk of a batch and offer the ones new to this publish. Runs in a thread."""
+    out = []
+    for _, view in batch:
+        cid = digest.digest(view)
+        with scan.lock:
+            first_time = cid not in scan.seen
+            scan.seen.add(cid)
+        if not first_time:
+            out.append((cid, 0, False))
+            continue
+        written = target.offer(cid, bytes(view))
+        out.append((cid, written, written > 0))
+    return out
+
+
+def _tensor_entries(rel: str, header: chunking.SafetensorsHeader,
+                    segments: list[tuple[chunking.Piece | None, str]]) -> list[TensorEntry]:
+    by_tensor: dict[str, list[str]] = {}
+    for piece, cid in segments:
+        if piece is not None and piece.tensor is not None:
+            by_tensor.setdefault(piece.tensor, []).append(cid)
+    return [
+        TensorEntry(rel, t.name, t.dtype, t.shape, t.offset, t.length, tuple(by_tensor.get(t.name, ())))
+        for t in header.tensors
+    ]

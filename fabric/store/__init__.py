@@ -1,0 +1,202 @@
+"""The store: chunks, manifests and refs on a backend.
+
+Layout (specified in docs/formats.md, "Store layout"):
+
+    fabric-store.json                    format marker
+    chunks/<hex[:2]>/<hex>               one byte encoding tag, then the payload
+    manifests/<hex[:2]>/<hex>.json       canonical manifest JSON
+    refs/<artifact>/versions/<version>   the manifest id, as text
+    refs/<artifact>/channels/<channel>   channel JSON (current version and history)
+
+Chunks are verified against their id when written and again when read. A chunk may
+be stored zstd-compressed when a sample shows it pays. Everything here is blocking
+I/O: async callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Iterable, Iterator
+
+import zstandard
+
+from .. import digest
+from ..errors import CorruptChunk, ChunkNotFound, InvalidInput, NotFound
+from .backend import Backend, ObjectInfo
+from .local import LocalBackend
+
+__all__ = ["Store", "open_store", "Backend", "ObjectInfo", "LocalBackend"]
+
+STORE_FORMAT = "fabric.store/1"
+TAG_RAW, TAG_ZSTD = 0, 1
+_SAMPLE = 64 << 10
+_PAYS = 0.9  # store compressed only when it saves at least 10%
+_MAX_CHUNK = 64 << 20
+_local = threading.local()
+
+
+def _zstd_c() -> zstandard.ZstdCompressor:
+    if not hasattr(_local, "c"):
+        _local.c = zstandard.ZstdCompressor(level=1)
+        _local.d = zstandard.ZstdDecompressor()
+    return _local.c
+
+
+def _zstd_d() -> zstandard.ZstdDecompressor:
+    _zstd_c()
+    return _local.d
+
+
+def chunk_key(chunk_id: str) -> str:
+    h = digest.hex_of(chunk_id)
+    return f"chunks/{h[:2]}/{h}"
+
+
+def manifest_key(manifest_id: str) -> str:
+    h = digest.hex_of(manifest_id)
+    return f"manifests/{h[:2]}/{h}.json"
+
+
+class Store:
+    def __init__(self, backend: Backend, *, compress: bool = True):
+        self.backend = backend
+        self.compress = compress
+
+    def __repr__(self) -> str:
+        return f"Store({self.backend.describe()})"
+
+    # --- chunks ------------------------------------------------------------
+
+    def has_chunk(self, chunk_id: str) -> bool:
+        return self.backend.has(chunk_key(chunk_id))
+
+    def missing(self, chunk_ids: Iterable[str]) -> list[str]:
+        """The ids among `chunk_ids` this store lacks, each once, in first-seen order."""
+        seen: set[str] = set()
+        out = []
+        for cid in chunk_ids:
+            if cid not in seen:
+                seen.add(cid)
+                if not self.has_chunk(cid):
+                    out.append(cid)
+        return out
+
+    def put_chunk(self, chunk_id: str, data: bytes | memoryview, *, verified: bool = False) -> int:
+        """Store a chunk; return the bytes written. Verifies `data` unless the caller just did."""
+        if not verified:
+            digest.verify(chunk_id, data)
+        payload, tag = self._maybe_compress(data)
+        self.backend.put(chunk_key(chunk_id), bytes([tag]) + payload)
+        return len(payload) + 1
+
+    def get_chunk(self, chunk_id: str) -> bytes:
+        """The chunk's raw bytes, checked against its id."""
+        data = self.decode_stored(chunk_id, self.get_chunk_stored(chunk_id))
+        digest.verify(chunk_id, data)
+        return data
+
+    def get_chunk_stored(self, chunk_id: str) -> bytes:
+        """The chunk as stored (tag byte + payload), unverified: for forwarding as is."""
+        try:
+            return self.backend.get(chunk_key(chunk_id))
+        except NotFound:
+            raise ChunkNotFound(f"chunk {chunk_id} is not in {self}") from None
+
+    @staticmethod
+    def decode_stored(chunk_id: str, stored: bytes) -> bytes:
+        tag, payload = stored[:1], memoryview(stored)[1:]
+        if tag == bytes([TAG_RAW]):
+            return bytes(payload)
+        if tag == bytes([TAG_ZSTD]):
+            try:
+                return _zstd_d().decompress(payload, max_output_size=_MAX_CHUNK)
+            except zstandard.ZstdError as e:
+                raise CorruptChunk(f"chunk {chunk_id}: bad zstd payload ({e})") from None
+        raise CorruptChunk(f"chunk {chunk_id}: unknown stored encoding {tag!r}")
+
+    def delete_chunk(self, chunk_id: str) -> None:
+        self.backend.delete(chunk_key(chunk_id))
+
+    def iter_chunks(self) -> Iterator[tuple[str, ObjectInfo]]:
+        for info in self.backend.list("chunks/"):
+            name = info.key.rsplit("/", 1)[-1]
+            chunk_id = "blake3:" + name
+            if digest.is_valid(chunk_id):
+                yield chunk_id, info
+
+    def _maybe_compress(self, data: bytes | memoryview) -> tuple[bytes, int]:
+        if self.compress and len(data) >= 256:
+            sample = bytes(data[:_SAMPLE])
+            if len(_zstd_c().compress(sample)) < _PAYS * len(sample):
+                packed = _zstd_c().compress(data)
+                if len(packed) < _PAYS * len(data):
+                    return packed, TAG_ZSTD
+        return bytes(data), TAG_RAW
+
+    # --- manifests ----------------------------------------------------------
+
+    def put_manifest(self, manifest_id: str, canonical: bytes) -> None:
+        if digest.digest(canonical) != manifest_id:
+            raise CorruptChunk(f"manifest bytes do not match id {manifest_id}")
+        self.backend.put(manifest_key(manifest_id), canonical)
+
+    def get_manifest_bytes(self, manifest_id: str) -> bytes:
+        try:
+            data = self.backend.get(manifest_key(manifest_id))
+        except NotFound:
+            raise NotFound(f"manifest {manifest_id} is not in {self}") from None
+        digest.verify(manifest_id, data)
+        return data
+
+    def has_manifest(self, manifest_id: str) -> bool:
+        return self.backend.has(manifest_key(manifest_id))
+
+    def delete_manifest(self, manifest_id: str) -> None:
+        self.backend.delete(manifest_key(manifest_id))
+
+    # --- refs (small mutable objects) --------------------------------------
+
+    def get_ref(self, key: str) -> bytes | None:
+        try:
+            return self.backend.get("refs/" + key)
+        except NotFound:
+            return None
+
+    def cas_ref(self, key: str, new: bytes, expected: bytes | None) -> None:
+        self.backend.put_if("refs/" + key, new, expected)
+
+    def delete_ref(self, key: str) -> None:
+        self.backend.delete("refs/" + key)
+
+    def list_refs(self, prefix: str) -> list[str]:
+        return sorted(i.key[len("refs/"):] for i in self.backend.list("refs/" + prefix))
+
+
+def open_store(spec: str | os.PathLike, *, compress: bool = True, create: bool = True) -> Store:
+    """Open a store from a path (`/var/lib/fabric/store`)."""
+    spec = os.fspath(spec)
+    if not spec:
+        raise InvalidInput("no store given (use --store DIR or FABRIC_STORE)")
+    root = os.path.abspath(spec)
+    marker = os.path.join(root, "fabric-store.json")
+    if not os.path.exists(marker):
+        if not create:
+            raise NotFound(f"no Fabric store at {root}")
+        if os.path.isdir(root) and os.listdir(root):
+            raise InvalidInput(f"{root} is a non-empty folder that is not a Fabric store")
+        os.makedirs(root, exist_ok=True)
+        LocalBackend(root).put("fabric-store.json", json.dumps({"format": STORE_FORMAT}).encode())
+    else:
+        _check_marker(marker)
+    return Store(LocalBackend(root), compress=compress)
+
+
+def _check_marker(path: str) -> None:
+    try:
+        fmt = json.load(open(path)).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != STORE_FORMAT:
+        raise InvalidInput(f"{path}: not a {STORE_FORMAT} store (format {fmt!r})")

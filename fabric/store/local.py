@@ -1,0 +1,104 @@
+"""A backend on a local directory: the embedded default.
+
+Every write goes to a temp file under `tmp/`, is fsynced, then renamed into place,
+so a crash at any moment leaves either the old object or the whole new one, never a
+torn file under its final key. Leftover temp files are swept on open. Compare-and-swap
+takes an exclusive `flock` on a lock file beside the key.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import Conflict, NotFound, StoreFull
+from .backend import ObjectInfo
+
+
+class LocalBackend:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._tmp = self.root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def sweep_temp(self) -> int:
+        """Remove temp files left by a crashed writer. Only safe when no writer runs."""
+        removed = 0
+        for p in self._tmp.iterdir():
+            p.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def has(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"no object {key!r} in store {self.root}") from None
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        path = self._path(key)
+        tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(f"store {self.root} is full while writing {key!r}") from None
+            raise
+
+    def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = path.read_bytes() if path.is_file() else None
+            if current != expected:
+                raise Conflict(f"{key!r} changed concurrently; try again")
+            self.put(key, data)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self._path(prefix)
+        start = base if base.is_dir() else base.parent
+        for dirpath, _, names in os.walk(start):
+            for name in names:
+                if name.endswith(".lock"):
+                    continue
+                p = Path(dirpath, name)
+                key = p.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    try:
+                        st = p.stat()
+                    except FileNotFoundError:
+                        continue
+                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
