@@ -37,8 +37,13 @@ Progress = Callable[[int], None]
 
 
 class Target(Protocol):
-    def offer(self, chunk_id: str, data: bytes) -> int:
-        """Store the chunk unless already held; return payload bytes written or sent."""
+    def offer(self, chunks: list[tuple[str, bytes]]) -> list[int]:
+        """Store each chunk unless already held; per chunk, the bytes written or sent (0 if held).
+
+        Called from worker threads with the new chunks of one batch (one tensor
+        segment, or one window of CDC chunks), so a remote target can ask "which do
+        you lack" and upload once per batch.
+        """
 
     def flush(self) -> None: ...
 
@@ -56,10 +61,9 @@ class LocalTarget:
         self.store = store
         self.registry = Registry(store)
 
-    def offer(self, chunk_id: str, data: bytes) -> int:
-        if self.store.has_chunk(chunk_id):
-            return 0
-        return self.store.put_chunk(chunk_id, data, verified=True)
+    def offer(self, chunks: list[tuple[str, bytes]]) -> list[int]:
+        return [0 if self.store.has_chunk(cid) else self.store.put_chunk(cid, data, verified=True)
+                for cid, data in chunks]
 
     def flush(self) -> None:
         pass
@@ -339,17 +343,18 @@ def _hash_and_offer(batches: Iterator[Batch], target: Target, pool: ThreadPoolEx
 
 def _work(batch: Batch, target: Target, scan: _Scan) -> list[tuple[str, int, bool]]:
     """Hash each chunk of a batch and offer the ones new to this publish. Runs in a thread."""
+    ids = [digest.digest(view) for _, view in batch]
+    fresh: dict[str, bytes] = {}
+    with scan.lock:
+        for cid, (_, view) in zip(ids, batch):
+            if cid not in scan.seen:
+                scan.seen.add(cid)
+                fresh[cid] = bytes(view)
+    written = dict(zip(fresh, target.offer(list(fresh.items())))) if fresh else {}
     out = []
-    for _, view in batch:
-        cid = digest.digest(view)
-        with scan.lock:
-            first_time = cid not in scan.seen
-            scan.seen.add(cid)
-        if not first_time:
-            out.append((cid, 0, False))
-            continue
-        written = target.offer(cid, bytes(view))
-        out.append((cid, written, written > 0))
+    for cid in ids:  # a chunk repeated within the batch counts once
+        w = written.pop(cid, 0)
+        out.append((cid, w, w > 0))
     return out
 
 
