@@ -1,0 +1,189 @@
+"""The origin server: where versions live and every site ultimately fetches from.
+
+Routes (all JSON unless noted; docs/protocol.md has the full list with examples):
+
+    GET  /v1/artifacts                                   artifacts the token may see
+    GET  /v1/artifacts/{a}/versions                      versions, oldest first
+    GET  /v1/artifacts/{a}/versions/{v}                  the manifest (canonical JSON)
+    PUT  /v1/artifacts/{a}/versions/{v}                  commit a manifest (publish)
+    GET  /v1/artifacts/{a}/channels                      channels with history
+    GET  /v1/artifacts/{a}/channels/{c}                  one channel
+    POST /v1/artifacts/{a}/channels/{c}                  {"action": "promote", "version": v} | {"action": "rollback"}
+    POST /v1/chunks/has                                  {"ids": [...]} -> {"missing": [...]}
+    POST /v1/chunks/fetch                                {"ids": [...]} -> chunk stream (binary)
+    POST /v1/chunks/upload                               chunk stream -> {"stored": n, "bytes": b}
+    GET  /v1/events?after=SEQ                            server-sent events: new versions, channel moves
+
+Blocking store work runs in threads; handlers only parse, check and move bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from . import wire
+from .auth import TokenTable
+from .errors import BadFrame, InvalidInput, InvalidManifest
+from .events import EventLog, sse_handler
+from .logs import get_logger
+from .manifest import Manifest, check_name
+from .registry import Registry
+from .server import METRICS, STORE, base_app, chunk_routes, principal, read_json
+from .store import Store
+
+log = get_logger("origin")
+EVENTS = web.AppKey("events", EventLog)
+REGISTRY = web.AppKey("registry", Registry)
+
+
+def create_app(store: Store, tokens: TokenTable) -> web.Application:
+    app = base_app(store=store, tokens=tokens)
+    app[REGISTRY] = Registry(store)
+    app[EVENTS] = EventLog()
+    chunk_routes(app)
+    r = app.router
+    r.add_get(f"{wire.API}/artifacts", list_artifacts)
+    r.add_get(f"{wire.API}/artifacts/{{artifact}}/versions", list_versions)
+    r.add_get(f"{wire.API}/artifacts/{{artifact}}/versions/{{version}}", get_manifest)
+    r.add_put(f"{wire.API}/artifacts/{{artifact}}/versions/{{version}}", commit_manifest)
+    r.add_get(f"{wire.API}/artifacts/{{artifact}}/channels", list_channels)
+    r.add_get(f"{wire.API}/artifacts/{{artifact}}/channels/{{channel}}", get_channel)
+    r.add_post(f"{wire.API}/artifacts/{{artifact}}/channels/{{channel}}", move_channel)
+    r.add_post(f"{wire.API}/chunks/upload", upload_chunks)
+    r.add_get(f"{wire.API}/events", sse_handler(EVENTS, require=lambda req: principal(req).require("pull")))
+    return app
+
+
+def _artifact(request: web.Request, scope: str) -> str:
+    artifact = check_name("artifact", request.match_info["artifact"])
+    principal(request).require(scope, artifact)
+    return artifact
+
+
+async def list_artifacts(request: web.Request) -> web.Response:
+    p = principal(request)
+    names = await asyncio.to_thread(request.app[REGISTRY].artifacts)
+    return web.json_response({"artifacts": [a for a in names if p.may("pull", a)]})
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "pull")
+    reg: Registry = request.app[REGISTRY]
+
+    def load():
+        return [{"version": v, "manifest_id": reg.manifest_id(artifact, v),
+                 "created": reg.manifest(artifact, v).created} for v in reg.versions(artifact)]
+    return web.json_response({"artifact": artifact, "versions": await asyncio.to_thread(load)})
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "pull")
+    version = check_name("version", request.match_info["version"])
+    reg: Registry = request.app[REGISTRY]
+
+    def load():
+        mid = reg.manifest_id(artifact, version)
+        return mid, reg.store.get_manifest_bytes(mid)
+    mid, body = await asyncio.to_thread(load)
+    return web.Response(body=body, content_type="application/json", headers={"X-Fabric-Manifest-Id": mid})
+
+
+async def commit_manifest(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "publish")
+    version = check_name("version", request.match_info["version"])
+    manifest = Manifest.from_bytes(await request.read())
+    if (manifest.artifact, manifest.version) != (artifact, version):
+        raise InvalidManifest(f"manifest is for {manifest.artifact}@{manifest.version}, URL says {artifact}@{version}")
+    mid = await asyncio.to_thread(request.app[REGISTRY].commit, manifest)
+    log.info("version committed", artifact=artifact, version=version, manifest_id=mid,
+             by=principal(request).name)
+    request.app[EVENTS].append({"type": "version", "artifact": artifact, "version": version, "manifest_id": mid})
+    return web.json_response({"artifact": artifact, "version": version, "manifest_id": mid}, status=201)
+
+
+async def list_channels(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "pull")
+    chans = await asyncio.to_thread(request.app[REGISTRY].channels, artifact)
+    return web.json_response({"artifact": artifact, "channels": [c.to_json() for c in chans]})
+
+
+async def get_channel(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "pull")
+    ch = await asyncio.to_thread(request.app[REGISTRY].channel, artifact, request.match_info["channel"])
+    return web.json_response(ch.to_json())
+
+
+async def move_channel(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "publish")
+    channel = check_name("channel", request.match_info["channel"])
+    body = await read_json(request)
+    reg: Registry = request.app[REGISTRY]
+    action = body.get("action")
+    if action == "promote":
+        version = check_name("version", body.get("version"))
+        ch = await asyncio.to_thread(reg.promote, artifact, version, channel)
+    elif action == "rollback":
+        ch = await asyncio.to_thread(reg.rollback, artifact, channel)
+    else:
+        raise InvalidInput("'action' must be 'promote' or 'rollback'")
+    log.info("channel moved", artifact=artifact, channel=channel, version=ch.version, action=action,
+             by=principal(request).name)
+    request.app[EVENTS].append({"type": "channel", "artifact": artifact, "channel": channel,
+                                "version": ch.version, "action": action})
+    return web.json_response(ch.to_json())
+
+
+async def upload_chunks(request: web.Request) -> web.Response:
+    """Receive a chunk stream; verify each chunk against its id before storing it."""
+    principal(request).require("publish")
+    store: Store = request.app[STORE]
+    metrics = request.app[METRICS]
+    stored = received = 0
+    async for frame in wire.FrameReader(request.content.readexactly):
+        if frame.kind != wire.FRAME_CHUNK:
+            raise BadFrame("an upload may contain only chunk frames")
+        data = await asyncio.to_thread(wire.decode_frame, frame)
+        await asyncio.to_thread(store.put_chunk, frame.chunk_id, data, verified=True)
+        stored += 1
+        received += len(frame.payload)
+        metrics.chunks_in.inc()
+        metrics.bytes_in.inc(len(frame.payload))
+    return web.json_response({"stored": stored, "bytes": received})
+
+
+@dataclass(frozen=True)
+class OriginOptions:
+    store: str
+    host: str
+    port: int
+    tokens: str
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
+                ) -> web.AppRunner:
+    """Start `app` listening; returns the runner (call `await runner.cleanup()` to stop)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
+    await site.start()
+    return runner
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise InvalidInput("TLS needs both --tls-cert and --tls-key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    return runner.addresses[0][1]

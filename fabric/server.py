@@ -1,0 +1,215 @@
+"""What every Fabric HTTP server shares: errors, auth, metrics, probes, chunk serving.
+
+The origin (`fabric.origin`) and the site agents' relays both build their apps
+with `base_app`, which installs one middleware that:
+
+* authenticates the bearer token (except on the probes) and puts the `Principal`
+  on the request,
+* turns every `FabricError` into a JSON `{"code", "message"}` response with the
+  error's HTTP status (and anything unexpected into a 500 that leaks nothing),
+* counts requests, errors and latency for `/metrics`.
+
+`chunk_routes` serves "which of these do you have" and batched chunk downloads
+from a `Store`; reads run in threads so the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import zstandard
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from . import digest, wire
+from .auth import Principal, TokenTable
+from .errors import ChunkNotFound, FabricError, InvalidInput, PayloadTooLarge
+from .logs import get_logger
+from .store import TAG_ZSTD, Store
+
+log = get_logger("server")
+PUBLIC = {"/livez", "/readyz", "/metrics"}
+_READ_AHEAD = 3  # stored chunks read ahead of the one being sent
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self):
+        r = self.registry
+        self.requests = Counter("fabric_http_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.latency = Histogram("fabric_http_request_seconds", "Request latency", ["route"], registry=r)
+        self.errors = Counter("fabric_errors", "Errors returned, by code", ["code"], registry=r)
+        self.bytes_out = Counter("fabric_bytes_sent", "Chunk payload bytes sent", registry=r)
+        self.bytes_in = Counter("fabric_bytes_received", "Chunk payload bytes received", registry=r)
+        self.chunks_out = Counter("fabric_chunks_served", "Chunks served", registry=r)
+        self.chunks_missing = Counter("fabric_chunks_missing", "Chunks asked for but not held", registry=r)
+        self.chunks_in = Counter("fabric_chunks_received", "Chunks received and stored", registry=r)
+
+
+STORE = web.AppKey("store", Store)
+TOKENS = web.AppKey("tokens", TokenTable)
+METRICS = web.AppKey("metrics", Metrics)
+PRINCIPAL = "fabric.principal"
+
+
+def principal(request: web.Request) -> Principal:
+    return request[PRINCIPAL]
+
+
+def json_error(e: FabricError) -> web.Response:
+    return web.json_response(wire.error_body(e), status=e.http_status)
+
+
+@web.middleware
+async def _edge(request: web.Request, handler):
+    metrics: Metrics = request.app[METRICS]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    t0 = time.monotonic()
+    status = 500
+    try:
+        if request.path not in PUBLIC:
+            request[PRINCIPAL] = request.app[TOKENS].authenticate(request.headers.get("Authorization"))
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except FabricError as e:
+        status = e.http_status
+        metrics.errors.labels(e.code).inc()
+        return json_error(e)
+    except web.HTTPException as e:
+        status = e.status
+        if e.status == 413:
+            return json_error(PayloadTooLarge(f"request body too large ({e.reason})"))
+        if e.status in (404, 405):
+            code = "not_found" if e.status == 404 else "method_not_allowed"
+            return web.json_response({"code": code, "message": f"{request.method} {request.path}: {e.reason}"},
+                                     status=e.status)
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the edge: anything unexpected becomes a 500
+        log.error("unhandled error", route=route, error=repr(e))
+        metrics.errors.labels("internal").inc()
+        return web.json_response({"code": "internal", "message": "internal server error"}, status=500)
+    finally:
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.latency.labels(route).observe(time.monotonic() - t0)
+
+
+def base_app(*, store: Store, tokens: TokenTable, ready: Callable[[], Awaitable[bool]] | None = None
+             ) -> web.Application:
+    """An app with the shared middleware, probes and metrics; callers add their routes."""
+    app = web.Application(middlewares=[_edge], client_max_size=wire.MAX_JSON)
+    app[STORE], app[TOKENS], app[METRICS] = store, tokens, Metrics()
+
+    async def livez(_):
+        return web.json_response({"ok": True})
+
+    async def readyz(_):
+        ok = await ready() if ready else await asyncio.to_thread(store.backend.has, "fabric-store.json")
+        return web.json_response({"ready": bool(ok)}, status=200 if ok else 503)
+
+    async def metrics(request):
+        body = generate_latest(request.app[METRICS].registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def read_json(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return body
+
+
+def read_ids(body: dict) -> list[str]:
+    ids = body.get("ids")
+    if not isinstance(ids, list):
+        raise InvalidInput("'ids' must be a list of chunk ids")
+    if len(ids) > wire.MAX_IDS:
+        raise PayloadTooLarge(f"{len(ids)} ids in one request; at most {wire.MAX_IDS}")
+    return [digest.check_id(i) for i in ids]
+
+
+# --- chunk serving (origin and relays) ------------------------------------------------
+
+ChunkGetter = Callable[[str], Awaitable[bytes | None]]  # stored bytes (tag + payload) or None
+
+
+def store_getter(store: Store) -> ChunkGetter:
+    async def get(chunk_id: str) -> bytes | None:
+        try:
+            return await asyncio.to_thread(store.get_chunk_stored, chunk_id)
+        except ChunkNotFound:
+            return None
+    return get
+
+
+def chunk_routes(app: web.Application, get: ChunkGetter | None = None) -> None:
+    """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store)."""
+    get = get or store_getter(app[STORE])
+
+    async def has(request: web.Request) -> web.Response:
+        _require_any(request, "pull", "publish")
+        ids = read_ids(await read_json(request))
+        store: Store = request.app[STORE]
+        missing = await asyncio.to_thread(store.missing, ids)
+        return web.json_response({"missing": missing})
+
+    async def fetch(request: web.Request) -> web.StreamResponse:
+        _require_any(request, "pull")
+        ids = read_ids(await read_json(request))
+        metrics: Metrics = request.app[METRICS]
+        resp = web.StreamResponse(headers={"Content-Type": wire.CHUNK_STREAM})
+        await resp.prepare(request)
+        await resp.write(wire.MAGIC)
+        reads = [asyncio.ensure_future(get(cid)) for cid in ids[:_READ_AHEAD]]
+        try:
+            for i, cid in enumerate(ids):
+                stored = await reads[i]
+                if i + _READ_AHEAD < len(ids):
+                    reads.append(asyncio.ensure_future(get(ids[i + _READ_AHEAD])))
+                if stored is None:
+                    metrics.chunks_missing.inc()
+                    await resp.write(wire.missing_frame(cid))
+                    continue
+                tag, payload = stored[0], memoryview(stored)[1:]
+                await resp.write(wire.chunk_frame(cid, tag, _raw_size(tag, payload), payload))
+                metrics.chunks_out.inc()
+                metrics.bytes_out.inc(len(payload))
+            await resp.write(wire.end_frame(len(ids)))
+        finally:
+            for r in reads:
+                r.cancel()
+        await resp.write_eof()
+        return resp
+
+    app.router.add_post(f"{wire.API}/chunks/has", has)
+    app.router.add_post(f"{wire.API}/chunks/fetch", fetch)
+
+
+def _raw_size(tag: int, payload: memoryview) -> int:
+    if tag == TAG_ZSTD:
+        size = zstandard.frame_content_size(payload)
+        return size if size >= 0 else 0
+    return len(payload)
+
+
+def _require_any(request: web.Request, *scopes: str) -> None:
+    p = principal(request)
+    if not any(p.may(s) for s in scopes):
+        p.require(scopes[0])

@@ -1,0 +1,269 @@
+"""The sync engine: bring a store up to a manifest, fetching only what it lacks.
+
+    stats = await sync(manifest, store, [relay, origin], connections=4)
+
+The missing chunks are grouped into batches (many small chunks per request, a few
+MiB each) and a pool of workers fetches batches in parallel over several
+connections. Each worker asks the first healthy source in the caller's order (relay
+first, origin last). Every chunk is decoded and checked against its id in a thread,
+then stored; so a transfer that is killed resumes from what it stored.
+
+Faults, and what happens:
+* a connection error, HTTP error, malformed stream or a read that stalls longer than
+  `stall_timeout`: the source is benched with exponential backoff and the batch's
+  unfinished chunks go back on the queue for any source;
+* a source that says it lacks a chunk, or sends bytes that do not match the id: that
+  source is excluded for that chunk, and the chunk is fetched elsewhere; a source
+  that lies `max_bad` times is dropped for the rest of the transfer;
+* every source down: workers wait for the first to come off the bench, and give up
+  with `TransferError` only after `give_up_after` seconds without progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import aiohttp
+
+from . import wire
+from .client import OriginClient
+from .errors import FabricError, IntegrityError, TransferError
+from .logs import get_logger
+from .manifest import Manifest
+from .store import Store
+
+log = get_logger("transfer")
+BATCH_BYTES = 16 << 20
+Progress = Callable[[int], None]
+
+
+@dataclass
+class SourceState:
+    client: OriginClient
+    failures: int = 0  # consecutive transport failures
+    benched_until: float = 0.0
+    bad_chunks: int = 0
+    dropped: bool = False
+    bytes: int = 0
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    def available(self, now: float) -> bool:
+        return not self.dropped and now >= self.benched_until
+
+
+@dataclass
+class SyncStats:
+    chunks_total: int = 0
+    chunks_reused: int = 0
+    chunks_fetched: int = 0
+    bytes_received: int = 0  # payload bytes on the wire
+    bytes_raw: int = 0  # decoded bytes of the fetched chunks
+    seconds: float = 0.0
+    bytes_by_source: dict[str, int] = field(default_factory=dict)
+    bad_chunks_by_source: dict[str, int] = field(default_factory=dict)
+    sources_dropped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["wire_ratio"] = round(self.bytes_received / self.bytes_raw, 6) if self.bytes_raw else None
+        return d
+
+
+@dataclass
+class _Batch:
+    ids: list[str]
+    excluded: dict[str, set[str]] = field(default_factory=dict)  # chunk id -> source urls to avoid
+
+
+class RateLimit:
+    """A token bucket over bytes: `await limit.take(n)` sleeps to keep under `rate` B/s."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._allowance = rate
+        self._last = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._allowance = min(self.rate, self._allowance + (now - self._last) * self.rate)
+        self._last = now
+        self._allowance -= n
+        if self._allowance < 0:
+            await asyncio.sleep(-self._allowance / self.rate)
+
+
+async def sync(manifest: Manifest, store: Store, sources: list[OriginClient], *,
+               connections: int = 4, batch_bytes: int = BATCH_BYTES, max_rate: float | None = None,
+               stall_timeout: float = 30.0, give_up_after: float = 120.0, max_bad: int = 3,
+               progress: Progress | None = None) -> SyncStats:
+    """Fetch every chunk of `manifest` that `store` lacks from `sources` (in preference order).
+
+    Raises:
+        TransferError: some chunks could not be fetched from any source in time.
+    """
+    if not sources:
+        raise TransferError("no sources to fetch from")
+    t0 = time.monotonic()
+    sizes = manifest.unique_chunks()
+    missing = await asyncio.to_thread(store.missing, list(sizes))
+    stats = SyncStats(chunks_total=len(sizes), chunks_reused=len(sizes) - len(missing))
+    engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, stall_timeout,
+                     give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress)
+    for batch in _batches(missing, sizes, batch_bytes):
+        engine.queue.put_nowait(batch)
+    await engine.run(max(1, connections))
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def _batches(ids: list[str], sizes: dict[str, int], limit: int) -> list[_Batch]:
+    out, current, total = [], [], 0
+    for cid in ids:
+        if current and (total + sizes[cid] > limit or len(current) >= wire.MAX_IDS):
+            out.append(_Batch(current))
+            current, total = [], 0
+        current.append(cid)
+        total += sizes[cid]
+    if current:
+        out.append(_Batch(current))
+    return out
+
+
+class _Engine:
+    def __init__(self, store, sizes, sources, stats, stall_timeout, give_up_after, max_bad, limit, progress):
+        self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
+        self.stall_timeout, self.give_up_after, self.max_bad = stall_timeout, give_up_after, max_bad
+        self.limit, self.progress = limit, progress
+        self.queue: asyncio.Queue[_Batch] = asyncio.Queue()
+        self.last_progress = time.monotonic()
+        self.failure: FabricError | None = None
+
+    async def run(self, workers: int) -> None:
+        tasks = [asyncio.create_task(self._worker()) for _ in range(workers)]
+        try:
+            await self.queue.join()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.failure:
+            raise self.failure
+
+    async def _worker(self) -> None:
+        while True:
+            batch = await self.queue.get()
+            try:
+                if self.failure is None:
+                    await self._attempt(batch)
+            finally:
+                self.queue.task_done()
+
+    async def _attempt(self, batch: _Batch) -> None:
+        while True:
+            source = self._pick(batch)
+            if source is None:
+                if self._hopeless(batch) or time.monotonic() - self.last_progress > self.give_up_after:
+                    self.failure = TransferError(
+                        f"{len(batch.ids)} chunk(s) could not be fetched from any source, e.g. {batch.ids[0]}")
+                    return
+                await asyncio.sleep(self._wait_time())
+                continue
+            ids = [c for c in batch.ids if source.url not in batch.excluded.get(c, ())]
+            leftover = await self._fetch(source, ids, batch)
+            rest = [c for c in batch.ids if c not in ids] + leftover
+            if not rest:
+                return
+            batch.ids = rest
+
+    def _pick(self, batch: _Batch) -> SourceState | None:
+        now = time.monotonic()
+        for s in self.sources:
+            if s.available(now) and any(s.url not in batch.excluded.get(c, ()) for c in batch.ids):
+                return s
+        return None
+
+    def _hopeless(self, batch: _Batch) -> bool:
+        """No source, benched or not, may still serve some chunk of the batch."""
+        return not any(not s.dropped and any(s.url not in batch.excluded.get(c, ()) for c in batch.ids)
+                       for s in self.sources)
+
+    def _wait_time(self) -> float:
+        now = time.monotonic()
+        pending = [s.benched_until - now for s in self.sources if not s.dropped and s.benched_until > now]
+        return min([0.5] + pending) if pending else 0.5
+
+    async def _fetch(self, source: SourceState, ids: list[str], batch: _Batch) -> list[str]:
+        """Fetch `ids` from `source`; return the ids still missing afterwards."""
+        done: set[str] = set()
+        try:
+            async with source.client.session.post(f"{source.url}{wire.API}/chunks/fetch",
+                                                  json={"ids": ids}) as resp:
+                if resp.status >= 400:
+                    raise TransferError(f"{source.url} answered HTTP {resp.status} to a chunk fetch")
+                reader = wire.FrameReader(self._stall_guard(resp.content.readexactly))
+                async for frame in reader:
+                    await self._receive(source, frame, batch, done)
+            source.failures = 0
+        except (aiohttp.ClientError, asyncio.TimeoutError, TransferError, wire.BadFrame, OSError) as e:
+            self._bench(source, e)
+        return [c for c in ids if c not in done]
+
+    def _stall_guard(self, read):
+        async def guarded(n: int) -> bytes:
+            try:
+                return await asyncio.wait_for(read(n), self.stall_timeout)
+            except asyncio.TimeoutError:
+                raise TransferError(f"source stalled for {self.stall_timeout:.0f}s") from None
+        return guarded
+
+    async def _receive(self, source: SourceState, frame: wire.Frame, batch: _Batch, done: set[str]) -> None:
+        cid = frame.chunk_id
+        if cid not in self.sizes:
+            raise wire.BadFrame(f"{source.url} sent chunk {cid}, which was not asked for")
+        if frame.kind == wire.FRAME_MISSING:
+            batch.excluded.setdefault(cid, set()).add(source.url)
+            return
+        if self.limit:
+            await self.limit.take(len(frame.payload))
+        try:
+            await asyncio.to_thread(self._store_frame, frame)
+        except (IntegrityError, wire.BadFrame) as e:
+            self._bad_chunk(source, cid, batch, e)
+            return
+        done.add(cid)
+        size = self.sizes[cid]
+        self.stats.chunks_fetched += 1
+        self.stats.bytes_received += len(frame.payload)
+        self.stats.bytes_raw += size
+        source.bytes += len(frame.payload)
+        self.stats.bytes_by_source[source.url] = source.bytes
+        self.last_progress = time.monotonic()
+        if self.progress:
+            self.progress(size)
+
+    def _store_frame(self, frame: wire.Frame) -> None:
+        data = wire.decode_frame(frame, self.sizes[frame.chunk_id])
+        self.store.put_chunk(frame.chunk_id, data, verified=True)
+
+    def _bad_chunk(self, source: SourceState, cid: str, batch: _Batch, e: Exception) -> None:
+        batch.excluded.setdefault(cid, set()).add(source.url)
+        source.bad_chunks += 1
+        self.stats.bad_chunks_by_source[source.url] = source.bad_chunks
+        log.warning("bad chunk from source", source=source.url, chunk=cid, error=str(e))
+        if source.bad_chunks >= self.max_bad and not source.dropped:
+            source.dropped = True
+            self.stats.sources_dropped.append(source.url)
+            log.warning("source dropped: too many bad chunks", source=source.url)
+
+    def _bench(self, source: SourceState, e: Exception) -> None:
+        source.failures += 1
+        backoff = min(10.0, 0.2 * 2 ** (source.failures - 1))
+        source.benched_until = time.monotonic() + backoff
+        log.warning("source failed", source=source.url, error=str(e) or type(e).__name__,
+                    failures=source.failures, backoff_s=backoff)
