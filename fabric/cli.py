@@ -8,6 +8,7 @@ Progress goes to stderr, so `--json` output on stdout stays machine-readable.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from .errors import FabricError, InvalidInput
 from .manifest import diff
 from .publish import LocalTarget, collect_files, publish as publish_fn
 from .pull import materialize
+from .client import OriginClient, RemoteRegistry, RemoteTarget, SyncOrigin
+from .remote import pull_remote
 from .registry import Registry, parse_ref
 from .store import open_store
 
@@ -36,6 +39,8 @@ out = Console()
 err = Console(stderr=True)
 
 StoreOpt = typer.Option(None, "--store", help="Store folder (or FABRIC_STORE).")
+OriginOpt = typer.Option(None, "--origin", help="Origin URL (or FABRIC_ORIGIN); default: work on --store.")
+TokenOpt = typer.Option(None, "--token", help="Bearer token for --origin (or FABRIC_TOKEN).")
 JsonOpt = typer.Option(False, "--json", help="Print a JSON report on stdout.")
 
 # What to try next, per error code: shown under the error message.
@@ -88,6 +93,17 @@ def _store(store: Optional[str], create: bool = False):
     return open_store(cfg.store, create=create)
 
 
+@contextmanager
+def _registry(store: Optional[str], origin: Optional[str], token: Optional[str]):
+    """The registry to work on: the origin's when one is configured, else the local store's."""
+    cfg = load_client_config(store=store, origin=origin, token=token)
+    if origin or (cfg.origin and not store):
+        with SyncOrigin(cfg.origin, cfg.token) as so:
+            yield RemoteRegistry(so)
+    else:
+        yield Registry(_store(store))
+
+
 def _emit(obj: dict, as_json: bool, human) -> None:
     if as_json:
         print(json.dumps(obj, indent=2, default=str))
@@ -113,60 +129,107 @@ def _size(n: float) -> str:
     return str(n)
 
 
+@contextmanager
+def _target(store: Optional[str], origin: Optional[str], token: Optional[str]):
+    cfg = load_client_config(store=store, origin=origin, token=token)
+    if origin or (cfg.origin and not store):
+        with SyncOrigin(cfg.origin, cfg.token) as so:
+            yield RemoteTarget(so)
+    else:
+        yield LocalTarget(_store(store, create=True))
+
+
 @app.command()
 def publish(src: str = typer.Argument(..., help="File or folder to publish."),
             artifact: str = typer.Option(..., "--artifact", "-a", help="Artifact name."),
             version: Optional[str] = typer.Option(None, help="Version name (default: UTC timestamp)."),
             channel: Optional[str] = typer.Option(None, help="Move this channel to the new version."),
             meta: List[str] = typer.Option([], "--meta", help="Metadata key=value (repeatable)."),
-            store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
-    """Publish SRC as a new immutable version of ARTIFACT."""
+            store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
+            token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
+    """Publish SRC as a new immutable version of ARTIFACT (to --store or --origin)."""
     with _errors(as_json):
         metadata = _parse_meta(meta)
-        target = LocalTarget(_store(store, create=True))
         total = sum(p.stat().st_size for _, p in collect_files(Path(src)))
-        with _progress(total, f"publish {artifact}", as_json) as progress:
+        with _target(store, origin, token) as target, \
+                _progress(total, f"publish {artifact}", as_json) as progress:
             r = publish_fn(src, artifact=artifact, target=target, version=version,
                            channel=channel, metadata=metadata, progress=progress)
+        report = r.to_json()
+        report["bytes_sent"] = r.written_bytes if isinstance(target, RemoteTarget) else 0
 
         def human():
             out.print(f"published [bold]{r.artifact}@{r.version}[/bold]"
                       + (f" → channel {r.channel}" if r.channel else ""))
             out.print(f"  files {r.files}, {_size(r.bytes)} in {r.chunks} chunks; "
-                      f"new {_size(r.new_bytes)} ({r.new_chunks} chunks, {_size(r.written_bytes)} stored); "
+                      f"new {_size(r.new_bytes)} ({r.new_chunks} chunks, {_size(r.written_bytes)} stored or sent); "
                       f"deduplicated {r.dedup_ratio:.1%}; {r.seconds:.2f}s")
-        _emit(r.to_json(), as_json, human)
+        _emit(report, as_json, human)
 
 
 @app.command()
 def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL."),
          dest: str = typer.Argument(..., help="Folder to write the version into."),
          force: bool = typer.Option(False, "--force", help="Replace a non-empty DEST."),
-         store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
-    """Write a version's files into DEST, byte for byte."""
+         connections: int = typer.Option(4, help="Parallel connections (with --origin)."),
+         max_rate: Optional[str] = typer.Option(None, "--max-rate", help="Bandwidth cap, e.g. 100M (bytes/s)."),
+         store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
+         token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
+    """Write a version's files into DEST, byte for byte (fetching missing chunks from --origin)."""
     with _errors(as_json):
         t0 = time.monotonic()
-        s = _store(store)
-        reg = Registry(s)
+        cfg = load_client_config(store=store, origin=origin, token=token)
+        s = _store(store, create=bool(origin or cfg.origin))
         artifact, version, channel = parse_ref(ref)
-        version = reg.resolve(artifact, version=version, channel=channel)
-        m = reg.manifest(artifact, version)
-        with _progress(m.size, f"pull {artifact}@{version}", as_json) as progress:
-            materialize(s, m, dest, overwrite=force, progress=progress)
-        report = {"artifact": artifact, "version": version, "manifest_id": m.id, "dest": dest,
-                  "files": len(m.files), "bytes": m.size, "chunks_fetched": 0,
-                  "chunks_reused": len(m.unique_chunks()), "bytes_received": 0,
-                  "seconds": round(time.monotonic() - t0, 3)}
+        if origin or cfg.origin:
+            report = _pull_remote(cfg, s, artifact, version, channel, dest, force, connections,
+                                  _parse_rate(max_rate), as_json)
+        else:
+            reg = Registry(s)
+            version = reg.resolve(artifact, version=version, channel=channel)
+            m = reg.manifest(artifact, version)
+            with _progress(m.size, f"pull {artifact}@{version}", as_json) as progress:
+                materialize(s, m, dest, overwrite=force, progress=progress)
+            report = {"artifact": artifact, "version": version, "manifest_id": m.id, "dest": dest,
+                      "files": len(m.files), "bytes": m.size, "chunks_fetched": 0,
+                      "chunks_reused": len(m.unique_chunks()), "bytes_received": 0,
+                      "seconds": round(time.monotonic() - t0, 3)}
         _emit(report, as_json, lambda: out.print(
-            f"pulled [bold]{artifact}@{version}[/bold] into {dest}: {len(m.files)} files, {_size(m.size)}"))
+            f"pulled [bold]{artifact}@{report['version']}[/bold] into {dest}: {report['files']} files, "
+            f"{_size(report['bytes'])}; fetched {report['chunks_fetched']} chunks "
+            f"({_size(report['bytes_received'])} on the wire), reused {report['chunks_reused']}"))
+
+
+def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, max_rate, quiet) -> dict:
+    async def run():
+        async with OriginClient(cfg.origin, cfg.token, connections=connections) as client:
+            v = await client.resolve(artifact, version, channel)
+            m = await client.manifest(artifact, v)
+            with _progress(m.size, f"pull {artifact}@{v}", quiet) as progress:
+                result, _ = await pull_remote(client, s, artifact, dest, version=v, overwrite=force,
+                                              progress=progress, connections=connections, max_rate=max_rate)
+            return result.to_json()
+    return asyncio.run(run())
+
+
+def _parse_rate(text: Optional[str]) -> Optional[float]:
+    if not text:
+        return None
+    units = {"K": 1e3, "M": 1e6, "G": 1e9}
+    try:
+        if text[-1].upper() in units:
+            return float(text[:-1]) * units[text[-1].upper()]
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"--max-rate {text!r}: expected bytes per second, e.g. 50M") from None
 
 
 @app.command("ls")
 def ls(name: Optional[str] = typer.Argument(None, help="Artifact to list versions of."),
-       store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
+       store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
+       token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
     """List artifacts, or the versions and channels of one artifact."""
-    with _errors(as_json):
-        reg = Registry(_store(store))
+    with _errors(as_json), _registry(store, origin, token) as reg:
         if name is None:
             rows = [{"artifact": a, "versions": len(reg.versions(a)), "latest": reg.latest(a),
                      "channels": {c.name: c.version for c in reg.channels(a)}} for a in reg.artifacts()]
@@ -201,10 +264,10 @@ def _cell(v) -> str:
 
 @app.command()
 def show(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL."),
-         store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
+         store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
+         token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
     """Files, tensors, chunks and parent of a version, and what changed vs its parent."""
-    with _errors(as_json):
-        reg = Registry(_store(store))
+    with _errors(as_json), _registry(store, origin, token) as reg:
         artifact, version, channel = parse_ref(ref)
         version = reg.resolve(artifact, version=version, channel=channel)
         m = reg.manifest(artifact, version)
@@ -231,23 +294,25 @@ def show(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
 @app.command()
 def promote(ref: str = typer.Argument(..., help="NAME@VERSION"),
             channel: str = typer.Option(..., "--channel", "-c"),
-            store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
+            store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
+            token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
     """Point CHANNEL at a version."""
-    with _errors(as_json):
+    with _errors(as_json), _registry(store, origin, token) as reg:
         artifact, version, _ = parse_ref(ref)
         if not version:
             raise InvalidInput("promote needs NAME@VERSION")
-        ch = Registry(_store(store)).promote(artifact, version, channel)
+        ch = reg.promote(artifact, version, channel)
         _emit(ch.to_json(), as_json, lambda: out.print(f"{artifact}:{channel} → {ch.version}"))
 
 
 @app.command()
 def rollback(name: str = typer.Argument(..., help="Artifact name."),
              channel: str = typer.Option(..., "--channel", "-c"),
-             store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
+             store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
+             token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
     """Move CHANNEL back to the version it pointed at before the last promotion."""
-    with _errors(as_json):
-        ch = Registry(_store(store)).rollback(name, channel)
+    with _errors(as_json), _registry(store, origin, token) as reg:
+        ch = reg.rollback(name, channel)
         _emit(ch.to_json(), as_json, lambda: out.print(f"{name}:{channel} → {ch.version} (rolled back)"))
 
 
@@ -281,6 +346,23 @@ def fsck(repair: bool = typer.Option(False, "--repair", help="Remove bad chunks 
         _emit(r.to_json(), as_json, human)
         if not r.ok and not repair:
             raise typer.Exit(1)
+
+
+@app.command("origin")
+def origin_cmd(store: Optional[str] = StoreOpt,
+               listen: str = typer.Option("127.0.0.1:7000", "--listen", help="HOST:PORT to serve on."),
+               tokens: str = typer.Option(..., "--tokens", help="Token file (TOML)."),
+               tls_cert: Optional[str] = typer.Option(None, "--tls-cert"),
+               tls_key: Optional[str] = typer.Option(None, "--tls-key"),
+               log_level: str = typer.Option("info", "--log-level")):
+    """Serve a store as an origin over HTTP(S)."""
+    from . import logs, origin as origin_mod
+    from .auth import TokenTable
+    with _errors(False):
+        logs.setup(log_level)
+        table = TokenTable.from_file(tokens)
+        origin_mod.run_origin(store=_store(store, create=True), listen=listen, tokens=table,
+                              tls=origin_mod.tls_context(tls_cert, tls_key))
 
 
 def main() -> None:

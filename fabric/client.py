@@ -112,6 +112,20 @@ class OriginClient:
     async def rollback(self, artifact: str, channel: str) -> Channel:
         return await self.move_channel(artifact, channel, {"action": "rollback"})
 
+    async def resolve(self, artifact: str, version: str | None, channel: str | None) -> str:
+        """The version that `artifact@version`, `artifact:channel` or bare `artifact` names."""
+        if version:
+            return version
+        if channel:
+            ch = await self.channel(artifact, channel)
+            if ch.version is None:
+                raise ChannelNotFound(f"channel {artifact}:{channel} points at no version")
+            return ch.version
+        versions = await self.versions(artifact)
+        if not versions:
+            raise ArtifactNotFound(f"no artifact named {artifact!r} at {self.url}")
+        return versions[-1]["version"]
+
     # --- chunks ------------------------------------------------------------------
 
     async def missing(self, ids: list[str]) -> list[str]:
@@ -224,3 +238,38 @@ class RemoteTarget:
 
     def promote(self, artifact: str, version: str, channel: str) -> None:
         self.origin.promote(artifact, version, channel)
+
+
+class RemoteRegistry:
+    """The `Registry` calls the CLI makes (ls, show, promote, rollback), answered by an origin."""
+
+    def __init__(self, origin: SyncOrigin):
+        self.origin = origin
+
+    def artifacts(self) -> list[str]:
+        return self.origin.artifacts()
+
+    def versions(self, artifact: str) -> list[str]:
+        return [v["version"] for v in self.origin.versions(artifact)]
+
+    def latest(self, artifact: str) -> str | None:
+        vs = self.versions(artifact)
+        return vs[-1] if vs else None
+
+    def manifest(self, artifact: str, version: str) -> Manifest:
+        return self.origin.manifest(artifact, version)
+
+    def channels(self, artifact: str) -> list[Channel]:
+        return self.origin.channels(artifact)
+
+    def channel(self, artifact: str, channel: str) -> Channel:
+        return self.origin.channel(artifact, channel)
+
+    def promote(self, artifact: str, version: str, channel: str) -> Channel:
+        return self.origin.promote(artifact, version, channel)
+
+    def rollback(self, artifact: str, channel: str) -> Channel:
+        return self.origin.rollback(artifact, channel)
+
+    def resolve(self, artifact: str, *, version: str | None = None, channel: str | None = None) -> str:
+        return self.origin.resolve(artifact, version, channel)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from dataclasses import dataclass
+import signal
 
 from aiohttp import web
 
@@ -155,16 +155,6 @@ async def upload_chunks(request: web.Request) -> web.Response:
     return web.json_response({"stored": stored, "bytes": received})
 
 
-@dataclass(frozen=True)
-class OriginOptions:
-    store: str
-    host: str
-    port: int
-    tokens: str
-    tls_cert: str | None = None
-    tls_key: str | None = None
-
-
 async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
                 ) -> web.AppRunner:
     """Start `app` listening; returns the runner (call `await runner.cleanup()` to stop)."""
@@ -187,3 +177,31 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 def bound_port(runner: web.AppRunner) -> int:
     return runner.addresses[0][1]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidInput(f"--listen {listen!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def run_until_signalled(app: web.Application, listen: str, tls: ssl.SSLContext | None,
+                              what: str) -> None:
+    """Serve `app` until SIGINT or SIGTERM, logging where it listens."""
+    host, port = parse_listen(listen)
+    runner = await serve(app, host, port, tls)
+    log.info(f"{what} listening", host=host, port=bound_port(runner), tls=tls is not None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info(f"{what} stopping")
+        await runner.cleanup()
+
+
+def run_origin(*, store: Store, listen: str, tokens: TokenTable, tls: ssl.SSLContext | None = None) -> None:
+    asyncio.run(run_until_signalled(create_app(store, tokens), listen, tls, "origin"))

@@ -10,28 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 from .client import OriginClient
-from .errors import ArtifactNotFound
 from .manifest import Manifest
 from .pull import PullResult, check_dest, materialize
 from .store import Store
 from .transfer import sync
-
-
-async def resolve_remote(client: OriginClient, artifact: str, version: str | None,
-                         channel: str | None) -> str:
-    if version:
-        return version
-    if channel:
-        ch = await client.channel(artifact, channel)
-        if ch.version is None:
-            raise ArtifactNotFound(f"channel {artifact}:{channel} points at no version")
-        return ch.version
-    versions = await client.versions(artifact)
-    if not versions:
-        raise ArtifactNotFound(f"no artifact named {artifact!r} at {client.url}")
-    return versions[-1]["version"]
 
 
 async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: str | os.PathLike, *,
@@ -39,11 +24,9 @@ async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: s
                       sources: list[OriginClient] | None = None, progress=None, **sync_options
                       ) -> tuple[PullResult, Manifest]:
     """Fetch `artifact` (at `version`, or `channel`'s version, or the latest) into `dest`."""
-    from pathlib import Path
-
     t0 = time.monotonic()
     check_dest(Path(dest), overwrite)
-    version = await resolve_remote(client, artifact, version, channel)
+    version = await client.resolve(artifact, version, channel)
     manifest = await client.manifest(artifact, version)
     stats = await sync(manifest, store, sources or [client], progress=progress, **sync_options)
     await asyncio.to_thread(materialize, store, manifest, dest, overwrite=overwrite)
