@@ -98,46 +98,112 @@ class RateLimit:
             await asyncio.sleep(-self._allowance / self.rate)
 
 
-async def sync(manifest: Manifest, store: Store, sources: list[OriginClient], *,
-               connections: int = 4, batch_bytes: int = BATCH_BYTES, max_rate: float | None = None,
-               stall_timeout: float = 30.0, give_up_after: float = 120.0, max_bad: int = 3,
-               progress: Progress | None = None) -> SyncStats:
+class Inflight:
+    """Chunks being fetched right now, so concurrent wants of one chunk share one fetch.
+
+    A fetcher `claim`s the chunks it will fetch; anyone else who wants one of them
+    `wait`s on its future instead of fetching it again. The claimer resolves each
+    future with True once the chunk is stored, or False if it gave up. All calls
+    happen on one event loop.
+    """
+
+    def __init__(self):
+        self._futures: dict[str, asyncio.Future] = {}
+
+    def __contains__(self, chunk_id: str) -> bool:
+        return chunk_id in self._futures
+
+    def claim(self, ids: list[str]) -> tuple[list[str], list[tuple[str, asyncio.Future]]]:
+        """Split `ids` into those this caller now owns and (id, future) of those others own."""
+        owned, foreign = [], []
+        loop = asyncio.get_running_loop()
+        for cid in ids:
+            if cid in self._futures:
+                foreign.append((cid, self._futures[cid]))
+            else:
+                self._futures[cid] = loop.create_future()
+                owned.append(cid)
+        return owned, foreign
+
+    def waiter(self, chunk_id: str) -> asyncio.Future | None:
+        return self._futures.get(chunk_id)
+
+    def resolve(self, chunk_id: str, ok: bool) -> None:
+        fut = self._futures.pop(chunk_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(ok)
+
+    def release(self, ids: list[str]) -> None:
+        for cid in ids:
+            self.resolve(cid, False)
+
+
+async def sync(manifest: Manifest, store: Store, sources: list[OriginClient], **options) -> SyncStats:
     """Fetch every chunk of `manifest` that `store` lacks from `sources` (in preference order).
+
+    Options are those of `fetch_chunks`.
 
     Raises:
         TransferError: some chunks could not be fetched from any source in time.
     """
+    return await fetch_chunks(manifest.unique_chunks(), store, sources, **options)
+
+
+async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list[OriginClient], *,
+                       connections: int = 4, batch_bytes: int = BATCH_BYTES, max_rate: float | None = None,
+                       stall_timeout: float = 30.0, give_up_after: float = 120.0, max_bad: int = 3,
+                       inflight: Inflight | None = None, progress: Progress | None = None) -> SyncStats:
+    """Fetch the chunks in `sizes` (id -> size, or None if unknown) that `store` lacks.
+
+    With `inflight`, chunks another fetcher is already getting are awaited, not fetched
+    again, and the chunks this call fetches are announced to later askers.
+    """
     if not sources:
         raise TransferError("no sources to fetch from")
     t0 = time.monotonic()
-    sizes = manifest.unique_chunks()
     missing = await asyncio.to_thread(store.missing, list(sizes))
     stats = SyncStats(chunks_total=len(sizes), chunks_reused=len(sizes) - len(missing))
+    owned, foreign = inflight.claim(missing) if inflight else (missing, [])
     engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, stall_timeout,
-                     give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress)
-    for batch in _batches(missing, sizes, batch_bytes):
-        engine.queue.put_nowait(batch)
-    await engine.run(max(1, connections))
+                     give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress, inflight)
+    try:
+        for batch in _batches(owned, sizes, batch_bytes):
+            engine.queue.put_nowait(batch)
+        await engine.run(max(1, connections))
+    finally:
+        if inflight:
+            inflight.release(owned)
+    failed = [cid for cid, fut in foreign if not await fut]
+    if failed:  # the other fetcher gave up on these: try them ourselves, once
+        again = await fetch_chunks({c: sizes[c] for c in failed}, store, sources, connections=connections,
+                                   stall_timeout=stall_timeout, give_up_after=give_up_after,
+                                   max_bad=max_bad, progress=progress)
+        stats.chunks_fetched += again.chunks_fetched
+        stats.bytes_received += again.bytes_received
+        stats.bytes_raw += again.bytes_raw
     stats.seconds = time.monotonic() - t0
     return stats
 
 
-def _batches(ids: list[str], sizes: dict[str, int], limit: int) -> list[_Batch]:
+def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[_Batch]:
     out, current, total = [], [], 0
     for cid in ids:
-        if current and (total + sizes[cid] > limit or len(current) >= wire.MAX_IDS):
+        size = sizes[cid] or BATCH_BYTES // 8  # unknown size: assume a large-ish chunk
+        if current and (total + size > limit or len(current) >= wire.MAX_IDS):
             out.append(_Batch(current))
             current, total = [], 0
         current.append(cid)
-        total += sizes[cid]
+        total += size
     if current:
         out.append(_Batch(current))
     return out
 
 
 class _Engine:
-    def __init__(self, store, sizes, sources, stats, stall_timeout, give_up_after, max_bad, limit, progress):
+    def __init__(self, store, sizes, sources, stats, stall_timeout, give_up_after, max_bad, limit, progress,
+                 inflight):
         self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
+        self.inflight = inflight
         self.stall_timeout, self.give_up_after, self.max_bad = stall_timeout, give_up_after, max_bad
         self.limit, self.progress = limit, progress
         self.queue: asyncio.Queue[_Batch] = asyncio.Queue()
@@ -232,12 +298,13 @@ class _Engine:
         if self.limit:
             await self.limit.take(len(frame.payload))
         try:
-            await asyncio.to_thread(self._store_frame, frame)
+            size = await asyncio.to_thread(self._store_frame, frame)
         except (IntegrityError, wire.BadFrame) as e:
             self._bad_chunk(source, cid, batch, e)
             return
         done.add(cid)
-        size = self.sizes[cid]
+        if self.inflight:
+            self.inflight.resolve(cid, True)
         self.stats.chunks_fetched += 1
         self.stats.bytes_received += len(frame.payload)
         self.stats.bytes_raw += size
@@ -247,9 +314,10 @@ class _Engine:
         if self.progress:
             self.progress(size)
 
-    def _store_frame(self, frame: wire.Frame) -> None:
+    def _store_frame(self, frame: wire.Frame) -> int:
         data = wire.decode_frame(frame, self.sizes[frame.chunk_id])
         self.store.put_chunk(frame.chunk_id, data, verified=True)
+        return len(data)
 
     def _bad_chunk(self, source: SourceState, cid: str, batch: _Batch, e: Exception) -> None:
         batch.excluded.setdefault(cid, set()).add(source.url)
