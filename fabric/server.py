@@ -159,8 +159,15 @@ def store_getter(store: Store) -> ChunkGetter:
     return get
 
 
-def chunk_routes(app: web.Application, get: ChunkGetter | None = None) -> None:
-    """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store)."""
+Prepare = Callable[[web.Request, list[str]], Awaitable[None]]
+
+
+def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: Prepare | None = None) -> None:
+    """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store).
+
+    `prepare`, if given, sees each fetch's ids before any is served: a relay uses it
+    to start fetching the ones it lacks from upstream (pull-through).
+    """
     get = get or store_getter(app[STORE])
 
     async def has(request: web.Request) -> web.Response:
@@ -173,6 +180,8 @@ def chunk_routes(app: web.Application, get: ChunkGetter | None = None) -> None:
     async def fetch(request: web.Request) -> web.StreamResponse:
         _require_any(request, "pull")
         ids = read_ids(await read_json(request))
+        if prepare:
+            await prepare(request, ids)
         metrics: Metrics = request.app[METRICS]
         resp = web.StreamResponse(headers={"Content-Type": wire.CHUNK_STREAM})
         await resp.prepare(request)
