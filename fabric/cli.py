@@ -60,9 +60,11 @@ def _fail(e: FabricError, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"error": e.to_json()}))
     else:
-        err.print(f"error[{e.code}]: {e.message}", style="red", markup=False, highlight=False)
+        # soft_wrap: one line whatever the terminal width, so scripts can match it
+        err.print(f"error[{e.code}]: {e.message}", style="red", markup=False, highlight=False,
+                  soft_wrap=True)
         if e.code in _HINTS:
-            err.print(f"  hint: {_HINTS[e.code]}", markup=False, highlight=False)
+            err.print(f"  hint: {_HINTS[e.code]}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -363,6 +365,76 @@ def origin_cmd(store: Optional[str] = StoreOpt,
         table = TokenTable.from_file(tokens)
         origin_mod.run_origin(store=_store(store, create=True), listen=listen, tokens=table,
                               tls=origin_mod.tls_context(tls_cert, tls_key))
+
+
+@app.command("agent")
+def agent_cmd(config: str = typer.Option(..., "--config", help="Site agent config (TOML).")):
+    """Run a site agent: follow channels, replicate, activate, relay."""
+    from agents.config import SiteConfig
+    from agents.site import run_agent
+    from . import logs
+    with _errors(False):
+        cfg = SiteConfig.load(config)
+        logs.setup(cfg.log_level)
+        run_agent(cfg)
+
+
+@app.command()
+def status(origin: Optional[str] = OriginOpt, token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
+    """Every site, its active version per channel, and any sync in progress."""
+    with _errors(as_json):
+        cfg = load_client_config(origin=origin, token=token)
+        if not cfg.origin:
+            raise InvalidInput("status needs --origin URL (or FABRIC_ORIGIN)")
+        with SyncOrigin(cfg.origin, cfg.token) as so:
+            sites = so.sites()
+        rows = []
+        for site in sites:
+            age = time.time() - site.get("received", 0)
+            for ch in site.get("channels", []):
+                syncing = ""
+                if ch.get("syncing"):
+                    total = ch.get("bytes_total") or 0
+                    pct = f" {100 * ch.get('bytes_done', 0) / total:.0f}%" if total else ""
+                    syncing = f"{ch['syncing']}{pct}"
+                rows.append({"site": site["site"], "channel": f"{ch['artifact']}:{ch['channel']}",
+                             "active": ch.get("active"), "target": ch.get("target"), "syncing": syncing,
+                             "error": ch.get("error") or "", "seen": f"{age:.0f}s ago"})
+        _emit({"sites": sites}, as_json,
+              lambda: _table(["site", "channel", "active", "target", "syncing", "error", "seen"], rows))
+
+
+AgentOpt = typer.Option("http://127.0.0.1:7070", "--agent", help="The site agent's URL.")
+
+
+def _agent_call(agent: str, token: Optional[str], method: str, path: str, body: Optional[dict]) -> dict:
+    cfg = load_client_config(token=token)
+    with SyncOrigin(agent, cfg.token) as so:
+        return so.call(method, path, body)
+
+
+@app.command()
+def pin(ref: str = typer.Argument(..., help="NAME@VERSION to keep at the site whatever retention says."),
+        agent: str = AgentOpt, token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
+    """Pin a version at a site, so retention never removes it."""
+    with _errors(as_json):
+        artifact, version, _ = parse_ref(ref)
+        if not version:
+            raise InvalidInput("pin needs NAME@VERSION")
+        r = _agent_call(agent, token, "POST", "/v1/site/pins", {"artifact": artifact, "version": version})
+        _emit(r, as_json, lambda: out.print(f"pinned {ref}; pins: {', '.join(r['pins'])}"))
+
+
+@app.command()
+def unpin(ref: str = typer.Argument(..., help="NAME@VERSION"),
+          agent: str = AgentOpt, token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
+    """Remove a pin at a site."""
+    with _errors(as_json):
+        artifact, version, _ = parse_ref(ref)
+        if not version:
+            raise InvalidInput("unpin needs NAME@VERSION")
+        r = _agent_call(agent, token, "DELETE", f"/v1/site/pins/{artifact}/{version}", None)
+        _emit(r, as_json, lambda: out.print(f"unpinned {ref}; pins: {', '.join(r['pins']) or '-'}"))
 
 
 def main() -> None:

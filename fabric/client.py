@@ -29,9 +29,11 @@ _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
 
 class OriginClient:
     def __init__(self, url: str, token: str | None = None, *, connections: int = 8,
-                 ssl_context: ssl.SSLContext | bool | None = None):
+                 ssl_context: ssl.SSLContext | bool | None = None, headers: dict | None = None):
         self.url = url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._headers = dict(headers or {})
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
         self._connections = connections
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
@@ -72,6 +74,10 @@ class OriginClient:
 
     async def _json(self, method: str, path: str, **kw) -> Any:
         return json.loads(await self._request(method, path, **kw))
+
+    async def call(self, method: str, path: str, body: dict | None = None) -> Any:
+        """A JSON request to any endpoint (site agent APIs, tools)."""
+        return await self._json(method, path, json=body)
 
     # --- registry ----------------------------------------------------------------
 
@@ -125,6 +131,14 @@ class OriginClient:
         if not versions:
             raise ArtifactNotFound(f"no artifact named {artifact!r} at {self.url}")
         return versions[-1]["version"]
+
+    # --- sites ---------------------------------------------------------------------
+
+    async def report_site(self, site: str, status: dict) -> None:
+        await self._request("POST", f"{wire.API}/sites/{site}", json=status)
+
+    async def sites(self) -> list[dict]:
+        return (await self._json("GET", f"{wire.API}/sites"))["sites"]
 
     # --- chunks ------------------------------------------------------------------
 

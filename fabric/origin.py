@@ -13,6 +13,8 @@ Routes (all JSON unless noted; docs/protocol.md has the full list with examples)
     POST /v1/chunks/fetch                                {"ids": [...]} -> chunk stream (binary)
     POST /v1/chunks/upload                               chunk stream -> {"stored": n, "bytes": b}
     GET  /v1/events?after=SEQ                            server-sent events: new versions, channel moves
+    POST /v1/sites/{site}                                a site agent reports its state
+    GET  /v1/sites                                       every site's last report (fabric status)
 
 Blocking store work runs in threads; handlers only parse, check and move bytes.
 """
@@ -22,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import signal
+import time
 
 from aiohttp import web
 
 from . import wire
 from .auth import TokenTable
-from .errors import BadFrame, InvalidInput, InvalidManifest
+from .errors import BadFrame, Forbidden, InvalidInput, InvalidManifest
 from .events import EventLog, sse_handler
 from .logs import get_logger
 from .manifest import Manifest, check_name
@@ -38,12 +41,15 @@ from .store import Store
 log = get_logger("origin")
 EVENTS = web.AppKey("events", EventLog)
 REGISTRY = web.AppKey("registry", Registry)
+SITES = web.AppKey("sites", dict)
+_MAX_SITES = 10_000
 
 
 def create_app(store: Store, tokens: TokenTable) -> web.Application:
     app = base_app(store=store, tokens=tokens)
     app[REGISTRY] = Registry(store)
     app[EVENTS] = EventLog()
+    app[SITES] = {}
     chunk_routes(app)
     r = app.router
     r.add_get(f"{wire.API}/artifacts", list_artifacts)
@@ -54,6 +60,8 @@ def create_app(store: Store, tokens: TokenTable) -> web.Application:
     r.add_get(f"{wire.API}/artifacts/{{artifact}}/channels/{{channel}}", get_channel)
     r.add_post(f"{wire.API}/artifacts/{{artifact}}/channels/{{channel}}", move_channel)
     r.add_post(f"{wire.API}/chunks/upload", upload_chunks)
+    r.add_get(f"{wire.API}/sites", list_sites)
+    r.add_post(f"{wire.API}/sites/{{site}}", report_site)
     r.add_get(f"{wire.API}/events", sse_handler(EVENTS, require=lambda req: principal(req).require("pull")))
     return app
 
@@ -135,6 +143,25 @@ async def move_channel(request: web.Request) -> web.Response:
     request.app[EVENTS].append({"type": "channel", "artifact": artifact, "channel": channel,
                                 "version": ch.version, "action": action})
     return web.json_response(ch.to_json())
+
+
+async def report_site(request: web.Request) -> web.Response:
+    """A site agent's status report; a site may report only under its own token's name."""
+    site = check_name("site", request.match_info["site"])
+    p = principal(request)
+    if p.name != site and not p.may("admin"):
+        raise Forbidden(f"token {p.name!r} may not report for site {site!r}")
+    body = await read_json(request)
+    sites: dict = request.app[SITES]
+    if site not in sites and len(sites) >= _MAX_SITES:
+        raise InvalidInput("too many sites")
+    sites[site] = dict(body, site=site, received=time.time())
+    return web.json_response({"ok": True})
+
+
+async def list_sites(request: web.Request) -> web.Response:
+    principal(request).require("pull")
+    return web.json_response({"sites": sorted(request.app[SITES].values(), key=lambda s: s["site"])})
 
 
 async def upload_chunks(request: web.Request) -> web.Response:

@@ -30,7 +30,7 @@ import aiohttp
 
 from . import wire
 from .client import OriginClient
-from .errors import FabricError, IntegrityError, TransferError
+from .errors import FabricError, IntegrityError, StoreFull, TransferError
 from .logs import get_logger
 from .manifest import Manifest
 from .store import Store
@@ -152,18 +152,25 @@ async def sync(manifest: Manifest, store: Store, sources: list[OriginClient], **
 async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list[OriginClient], *,
                        connections: int = 4, batch_bytes: int = BATCH_BYTES, max_rate: float | None = None,
                        stall_timeout: float = 30.0, give_up_after: float = 120.0, max_bad: int = 3,
-                       inflight: Inflight | None = None, progress: Progress | None = None) -> SyncStats:
+                       inflight: Inflight | None = None, preclaimed: bool = False,
+                       progress: Progress | None = None) -> SyncStats:
     """Fetch the chunks in `sizes` (id -> size, or None if unknown) that `store` lacks.
 
     With `inflight`, chunks another fetcher is already getting are awaited, not fetched
-    again, and the chunks this call fetches are announced to later askers.
+    again, and the chunks this call fetches are announced to later askers. With
+    `preclaimed`, the caller has already claimed every id in `sizes`.
     """
     if not sources:
         raise TransferError("no sources to fetch from")
     t0 = time.monotonic()
     missing = await asyncio.to_thread(store.missing, list(sizes))
     stats = SyncStats(chunks_total=len(sizes), chunks_reused=len(sizes) - len(missing))
-    owned, foreign = inflight.claim(missing) if inflight else (missing, [])
+    if preclaimed:
+        owned, foreign = missing, []
+        for cid in set(sizes) - set(missing):
+            inflight.resolve(cid, True)
+    else:
+        owned, foreign = inflight.claim(missing) if inflight else (missing, [])
     engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, stall_timeout,
                      give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress, inflight)
     try:
@@ -227,6 +234,8 @@ class _Engine:
             try:
                 if self.failure is None:
                     await self._attempt(batch)
+            except FabricError as e:  # not a source's fault (e.g. our disk is full): stop
+                self.failure = self.failure or e
             finally:
                 self.queue.task_done()
 
@@ -276,6 +285,8 @@ class _Engine:
                 async for frame in reader:
                     await self._receive(source, frame, batch, done)
             source.failures = 0
+        except StoreFull:
+            raise
         except (aiohttp.ClientError, asyncio.TimeoutError, TransferError, wire.BadFrame, OSError) as e:
             self._bench(source, e)
         return [c for c in ids if c not in done]
