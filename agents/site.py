@@ -167,7 +167,10 @@ class SiteAgent:
             try:
                 await self.deploy(ch, target)
                 backoff = 1.0
-            except FabricError as e:
+            except Exception as e:  # noqa: BLE001 - a failed deploy must never stop the loop
+                if not isinstance(e, FabricError):
+                    log.error("unexpected deploy error", artifact=artifact, error=repr(e))
+                    e = FabricError(repr(e))
                 ch.error = f"{e.code}: {e.message}"
                 self._count("failed")
                 log.error("deploy failed; the active version keeps serving", artifact=artifact,

@@ -7,13 +7,14 @@ leaves DEST as it was. Every chunk is verified against its id as it is read.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DestinationExists, InvalidManifest, MissingChunks
+from .errors import DestinationExists, InvalidManifest, MissingChunks, StoreFull
 from .manifest import Manifest
 from .store import Store
 
@@ -56,6 +57,11 @@ def materialize(store: Store, manifest: Manifest, dest: str | os.PathLike, *,
         for f in manifest.files:
             _write_file(store, staging, f, progress)
         _swap_into_place(staging, dest)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(f"no space left to write {manifest.artifact}@{manifest.version} into {dest}") from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,0 +1,124 @@
+"""A real `fabric agent` process on a loopback port, and a small site tree to test with."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from .http import request
+from .origin import FABRIC, clean_env, free_port, parse_metrics
+
+SITE_SECRETS = {  # each site's own token (pull scope); long and distinctive for log scans
+    "hub": "hub-token-6d2f0a9c81e4b357",
+    "edge-a": "edge-a-token-1b9e7c3d5a2f8046",
+    "edge-b": "edge-b-token-94c0e2a7f6d1b385",
+    "solo": "solo-token-2e8f4a6c0b9d7153",
+}
+SITE_TOKENS = [{"name": name, "secret": secret, "scopes": ["pull"]} for name, secret in SITE_SECRETS.items()]
+
+
+def _toml(v) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def write_config(path: Path, settings: dict, retention: dict | None = None, sync: dict | None = None) -> Path:
+    lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
+    for table, values in (("retention", retention), ("sync", sync)):
+        if values:
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class AgentProcess:
+    """`fabric agent --config PATH`; the config is written from keyword settings."""
+
+    def __init__(self, root: Path, site: str, origin_url: str, *, follow: list[str], tokens: Path | None = None,
+                 upstreams: list[str] | None = None, data: Path | None = None, token: str | None = None,
+                 retention: dict | None = None, sync: dict | None = None, port: int | None = None):
+        self.root, self.site = Path(root), site
+        self.port = port or free_port()
+        self.data = Path(data) if data else self.root / site
+        settings = {"site": site, "data": str(self.data), "listen": f"127.0.0.1:{self.port}",
+                    "origin": origin_url, "token": token or SITE_SECRETS.get(site, SITE_SECRETS["solo"]),
+                    "follow": follow, "report_interval": 0.5}
+        if tokens:
+            settings["tokens"] = str(tokens)
+        if upstreams:
+            settings["upstreams"] = upstreams
+        sync = {"resync_interval": 2, "stall_timeout": 5, "give_up_after": 20, **(sync or {})}
+        self.config = write_config(self.root / f"{site}.toml", settings, retention, sync)
+        self.log_path = self.root / f"{site}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "AgentProcess":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(FABRIC + ["agent", "--config", str(self.config)], stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent {self.site} exited rc={self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                if request(self.url, "GET", "/livez", timeout=2).status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"agent {self.site} did not come up:\n{self.log_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def active(self, artifact: str) -> str | None:
+        link = self.data / "current" / artifact
+        return link.resolve().name if link.is_symlink() else None
+
+    def status(self) -> dict:
+        token = SITE_SECRETS.get(self.site, SITE_SECRETS["solo"])
+        r = request(self.url, "GET", "/v1/site", token=token, timeout=5)
+        assert r.status == 200, r
+        return r.json()
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(request(self.url, "GET", "/metrics", timeout=5).body.decode())
+
+    def wait_active(self, artifact: str, version: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.active(artifact) == version:
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"agent {self.site} died:\n{self.log_text()[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.site}: {artifact} active={self.active(artifact)}, wanted {version}\n"
+                             f"{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
