@@ -29,6 +29,7 @@ class EventLog:
     def __init__(self, keep: int = _KEEP):
         self.epoch = uuid.uuid4().hex[:12]
         self.seq = 0
+        self.closed = False
         self._events: deque[dict] = deque(maxlen=keep)
         self._changed = asyncio.Condition()
 
@@ -48,10 +49,15 @@ class EventLog:
         complete = not self._events or self._events[0]["seq"] <= after + 1
         return [e for e in self._events if e["seq"] > after], complete
 
+    async def close(self) -> None:
+        """End every open stream (at server shutdown, so it need not wait for them)."""
+        self.closed = True
+        await self._notify()
+
     async def wait(self, after: int, timeout: float) -> None:
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.seq > after), timeout)
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.seq > after or self.closed), timeout)
             except asyncio.TimeoutError:
                 pass
 
@@ -67,14 +73,15 @@ def sse_handler(key: web.AppKey, require: Callable[[web.Request], None]):
         await resp.prepare(request)
         events, complete = log.since(after)
         await _send(resp, "hello", {"epoch": log.epoch, "seq": log.seq, "complete": complete})
-        while True:
+        while not log.closed:
             for e in events:
                 await _send(resp, e["type"], e, event_id=e["seq"])
                 after = e["seq"]
             await log.wait(after, _KEEPALIVE)
             events, _ = log.since(after)
-            if not events:
+            if not events and not log.closed:
                 await resp.write(b": keepalive\n\n")
+        return resp
 
     return handler
 

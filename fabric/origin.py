@@ -49,6 +49,7 @@ def create_app(store: Store, tokens: TokenTable) -> web.Application:
     app = base_app(store=store, tokens=tokens)
     app[REGISTRY] = Registry(store)
     app[EVENTS] = EventLog()
+    app.on_shutdown.append(lambda a: a[EVENTS].close())
     app[SITES] = {}
     chunk_routes(app)
     r = app.router

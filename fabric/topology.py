@@ -90,9 +90,10 @@ class Topology:
         return topo
 
     def _check_tree(self, where: str) -> None:
-        for site in self.sites.values():
+        for site in self.sites.values():  # all upstreams first: the walk below follows them
             if site.upstream != ORIGIN and site.upstream not in self.sites:
                 raise ConfigError(f"{where}: site {site.name!r} has unknown upstream {site.upstream!r}")
+        for site in self.sites.values():
             seen, node = {site.name}, site.upstream
             while node != ORIGIN:
                 if node in seen:
@@ -144,6 +145,8 @@ def parse_rate(text: object, where: str) -> float:
     if not m:
         raise ConfigError(f"{where}: bandwidth {text!r} is not like '200mbit' or '1gbit'")
     value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
+    if value <= 0:
+        raise ConfigError(f"{where}: bandwidth {text!r} must be more than zero")
     return value if m.group(3).lower() == "bit" else value * 8
 
 
@@ -181,5 +184,7 @@ def _link(raw: dict, where: str, sites: dict[str, Site]) -> Link:
     for end in ("a", "b"):
         if raw.get(end) != ORIGIN and raw.get(end) not in sites:
             raise ConfigError(f"{where}.{end}: unknown site {raw.get(end)!r}")
+    if raw["a"] == raw["b"]:
+        raise ConfigError(f"{where}: a link joins two different sites, not {raw['a']!r} to itself")
     return Link(raw["a"], raw["b"], parse_rate(raw.get("bandwidth"), f"{where}.bandwidth"),
                 parse_duration(raw.get("latency", "0ms"), f"{where}.latency"))
