@@ -1,0 +1,226 @@
+"""Publish throughput: `fabric publish` against `cp -r` and `zstd -1` on the same files.
+
+    python -m bench.publish_throughput [--size-gb 2] [--repeat 3] [--workdir bench-out/publish]
+
+Generates an incompressible bf16 model (random bytes in safetensors shards of at
+most 1 GB, written piece by piece so the generator holds one piece at a time), then
+measures, in one run and in turn:
+
+* `cp -r SRC DST`
+* `zstd -1` of every file (`zstd -1 -q -f --output-dir-flat DST FILES…`; one thread,
+  the CLI's default)
+* `fabric publish` (the library's `publish` into a new local store through
+  `LocalTarget`, in a child process) with store compression off, then on
+
+Each command runs as a child process followed by `sync`, both timed, so no tool
+gets credit for writes still sitting in the page cache (Fabric fsyncs each object
+anyway). The source is written and synced first and stays in the page cache (the
+residency is printed); caches are never dropped, so every tool reads from memory.
+The best of `--repeat` runs is kept. Peak RSS is each command's own (GNU time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bench import GB, Run, cached_fraction, md_table, run_timed, tree_size
+from fabric.demo import TensorSpec, write_safetensors
+
+SHARD = 1 << 30  # bytes of tensor data per safetensors shard, at most
+PIECE = 8 << 20  # the generator writes and holds this much at a time
+COMMAND = "python -m bench.publish_throughput"
+_SETTLE = 1.0  # seconds of rest between runs
+
+
+def model_layout(size: int) -> list[list[TensorSpec]]:
+    """bf16 tensors of shape [rows, 4096] (32 MiB or less), grouped into shards."""
+    width, rows_max = 4096, 4096
+    shards: list[list[TensorSpec]] = [[]]
+    used, remaining, i = 0, size, 0
+    while remaining >= width * 2:
+        rows = min(rows_max, remaining // (width * 2))
+        spec = TensorSpec(f"model.layers.{i // 4}.w{i % 4}.weight", "BF16", (rows, width))
+        if used + spec.nbytes > SHARD and shards[-1]:
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += spec.nbytes
+        remaining -= spec.nbytes
+        i += 1
+    return shards
+
+
+def generate(src: Path, size: int, seed: int = 0) -> list[Path]:
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+
+    def fill(spec: TensorSpec):
+        for start in range(0, spec.nbytes, PIECE):
+            yield rng.bytes(min(PIECE, spec.nbytes - start))
+
+    shards = model_layout(size)
+    paths = []
+    for k, specs in enumerate(shards, 1):
+        path = src / f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(path, specs, fill, metadata={"format": "pt"})
+        paths.append(path)
+    (src / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16", "shards": len(shards)}) + "\n")
+    return sorted(src.iterdir())
+
+
+def publish_child(src: str, store: str, compress: bool) -> None:
+    """Runs in the child: publish `src` into a new store, print the result as JSON."""
+    from fabric.publish import LocalTarget, publish
+    from fabric.store import open_store
+
+    r = publish(src, artifact="bench", version="v1", target=LocalTarget(open_store(store, compress=compress)))
+    print(json.dumps(r.to_json()))
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    p.add_argument("--size-gb", type=float, default=2.0, help="model size in GB (default 2)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per method; the best is kept (default 3)")
+    p.add_argument("--workdir", default="bench-out/publish", help="scratch folder, wiped first")
+    p.add_argument("--child-publish", nargs=3, metavar=("SRC", "STORE", "COMPRESS"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_publish:
+        src, store, compress = args.child_publish
+        publish_child(src, store, compress == "1")
+        return ""
+
+    work = Path(args.workdir).absolute()
+    shutil.rmtree(work, ignore_errors=True)
+    src, out = work / "src", work / "out"
+    size = int(args.size_gb * GB)
+    _log(f"generating {size / GB:.2f} GB of random bf16 safetensors under {src} …")
+    files = generate(src, size)
+    total = tree_size(src)
+    methods = _methods(src, out, files)
+    best: dict[str, Run | None] = {name: None for name, _ in methods}
+    times: dict[str, list[float]] = {name: [] for name, _ in methods}
+    outputs: dict[str, int] = {}
+    residency = []
+    for r in range(args.repeat):
+        k = r % len(methods)  # rotate the order each round, so no method always follows the same one
+        for name, cmd in methods[k:] + methods[:k]:
+            if cmd is None:
+                continue
+            if name == "zstd -1":
+                out.mkdir()  # zstd does not create its output folder
+            residency.append(cached_fraction(files))
+            run = run_timed(cmd, env=_child_env())
+            if run.returncode != 0:
+                raise SystemExit(f"{name} failed (exit {run.returncode}): {' '.join(cmd)}")
+            outputs[name] = tree_size(out)
+            shutil.rmtree(out)
+            os.sync()
+            time.sleep(_SETTLE)  # let the disk finish with the deleted output (ext4 may discard it)
+            _log(f"run {r + 1}/{args.repeat} {name}: {run.seconds:.2f}s ({total / GB / run.seconds:.2f} GB/s)")
+            times[name].append(run.seconds)
+            if best[name] is None or run.seconds < best[name].seconds:
+                best[name] = run
+    shutil.rmtree(work, ignore_errors=True)
+
+    table = _table(methods, best, times, outputs, total)
+    notes = [
+        f"Source: {len(files)} files, {total / GB:.2f} GB ({total:,} bytes) of random bytes "
+        f"(incompressible), bf16 safetensors shards of at most {SHARD >> 20} MiB.",
+        f"Page cache: the source was {min(residency):.0%}–{max(residency):.0%} resident before each run "
+        "(caches are never dropped): every tool reads from memory, so this measures the "
+        "write and CPU side. Each time includes a final `sync`.",
+        f"Best of {args.repeat} runs per method; the methods take turns, in a rotated order each round; "
+        "every run is listed, because "
+        "this VM's disk swings between runs. `vs cp` = throughput / `cp -r` throughput (above 1 is "
+        "faster than cp). Peak RSS is the command's own (GNU time `%M`); the publish child is a Python interpreter that imports Fabric.",
+        "Fabric hashes with BLAKE3 and writes each chunk to a temp file, fsyncs and renames it; "
+        "with compression on, each chunk is first test-compressed (64 KiB sample, zstd-1), which "
+        "on incompressible data costs little and stores it raw. zstd -1 runs single-threaded.",
+    ]
+    inner = {n: json.loads(r.stdout)["seconds"] for n, r in best.items() if r and n.startswith("fabric")}
+    if inner:
+        notes.append("Inside the publish child (no interpreter start-up, no final sync): "
+                     + "; ".join(f"{n}: {s:.2f}s, {total / GB / s:.2f} GB/s" for n, s in inner.items()) + ".")
+    notes.append(f"Tools: {_version('cp')}; {_version('zstd')}; the files live on {_fs_type(work)}.")
+    missing = [n for n, c in methods if c is None]
+    if missing:
+        notes.append("Not measured, tool missing: " + ", ".join(missing) + " (apt-get install -y zstd).")
+    report = table + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    print(report)
+    return report
+
+
+def _methods(src: Path, out: Path, files: list[Path]) -> list[tuple[str, list[str] | None]]:
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        _log("zstd is not installed: its row is skipped (install it: apt-get install -y zstd)")
+    child = [sys.executable, "-m", "bench.publish_throughput", "--child-publish", str(src), str(out / "store")]
+    return [
+        ("cp -r", ["cp", "-r", str(src), str(out)]),
+        ("zstd -1", [zstd, "-1", "-q", "-f", "--output-dir-flat", str(out), *map(str, files)] if zstd else None),
+        ("fabric publish, compression off", child + ["0"]),
+        ("fabric publish, compression on", child + ["1"]),
+    ]
+
+
+def _table(methods, best: dict[str, Run | None], times: dict[str, list[float]],
+           outputs: dict[str, int], total: int) -> str:
+    cp = best.get("cp -r")
+    rows = []
+    for name, cmd in methods:
+        run = best[name]
+        if run is None:
+            rows.append([name, "missing", "-", "-", "-", "-", "-"])
+            continue
+        speed = total / GB / run.seconds
+        ratio = f"{cp.seconds / run.seconds:.2f}x" if cp else "-"
+        rows.append([name, f"{run.seconds:.2f}", f"{speed:.2f}", ratio,
+                     f"{outputs[name] / GB:.3f}", f"{run.max_rss / (1 << 20):.0f}",
+                     " / ".join(f"{t:.2f}" for t in times[name])])
+    return md_table(["method", "seconds (best)", "GB/s", "vs cp", "output GB", "peak RSS MiB", "every run (s)"],
+                    rows)
+
+
+def _fs_type(path: Path) -> str:
+    best, fs = "", "an unknown file system"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mnt, kind = line.split()[:3]
+            if str(path).startswith(mnt) and len(mnt) > len(best):
+                best, fs = mnt, kind
+    except OSError:
+        pass
+    return fs
+
+
+def _version(tool: str) -> str:
+    exe = shutil.which(tool)
+    if not exe:
+        return f"{tool} not installed"
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0].strip("* ") if out else tool
+
+
+def _child_env() -> dict:
+    """The environment for children: `bench` importable wherever we were started from."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
