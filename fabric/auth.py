@@ -83,7 +83,10 @@ class TokenTable:
         """The principal for an `Authorization: Bearer …` header value."""
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("missing bearer token (send Authorization: Bearer <token>)")
-        presented = hashlib.sha256(authorization[len("Bearer "):].strip().encode()).digest()
+        # surrogateescape: a header that is not UTF-8 arrives with lone surrogates; hash its bytes
+        # (a strict encode would raise, answer 500 and log the presented token in the error)
+        token = authorization[len("Bearer "):].strip().encode("utf-8", "surrogateescape")
+        presented = hashlib.sha256(token).digest()
         found = None
         for entry in self._entries:  # no early exit: the time taken does not depend on the match
             if hmac.compare_digest(presented, entry.sha256):

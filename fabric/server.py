@@ -92,7 +92,10 @@ async def _edge(request: web.Request, handler):
             return web.json_response({"code": code, "message": f"{request.method} {request.path}: {e.reason}"},
                                      status=e.status)
         raise
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
+        status = 499  # the client went away mid-request: count it as that, not as a server error
+        raise
+    except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - the edge: anything unexpected becomes a 500
         log.error("unhandled error", route=route, error=repr(e))
@@ -131,6 +134,8 @@ async def read_json(request: web.Request) -> dict:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidInput("request body is not valid JSON") from None
+    except RecursionError:  # the decoder gives up on deep nesting ([[[[…]]]]) this way
+        raise InvalidInput("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
     return body

@@ -285,6 +285,9 @@ class _Engine:
                 async for frame in reader:
                     await self._receive(source, frame, batch, done)
             source.failures = 0
+            for cid in ids:  # a complete answer that skipped an id counts as "missing" for it
+                if cid not in done:
+                    batch.excluded.setdefault(cid, set()).add(source.url)
         except StoreFull:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, TransferError, wire.BadFrame, OSError) as e:

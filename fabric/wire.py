@@ -19,9 +19,11 @@ import struct
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+import zstandard
+
 from . import digest
 from .errors import BadFrame, FabricError
-from .store import Store  # stored and wire encodings share tags: 0 raw, 1 zstd
+from .store import TAG_ZSTD, Store  # stored and wire encodings share tags: 0 raw, 1 zstd
 
 API = "/v1"
 MAGIC = b"FBC1"
@@ -141,12 +143,29 @@ def decode_frame(frame: Frame, expected_size: int | None = None) -> bytes:
     """A received chunk frame's raw bytes, checked against its id. Runs in a thread."""
     if frame.kind != FRAME_CHUNK:
         raise BadFrame("expected a chunk frame")
+    if frame.encoding == TAG_ZSTD:
+        _check_zstd_size(frame.chunk_id, frame.payload)
     data = Store.decode_stored(frame.chunk_id, bytes([frame.encoding]) + frame.payload)
     for size in (frame.raw_size or None, expected_size):
         if size is not None and len(data) != size:
             raise BadFrame(f"chunk {frame.chunk_id}: expected {size} bytes, decoded {len(data)}")
     digest.verify(frame.chunk_id, data)
     return data
+
+
+def _check_zstd_size(chunk_id: str, payload: bytes) -> None:
+    """Refuse a zstd frame whose header claims more than MAX_CHUNK bytes.
+
+    The decompressor allocates the claimed content size up front (and ignores
+    `max_output_size` when the header states one), so a 20-byte payload could ask
+    for a terabyte.
+    """
+    try:
+        size = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as e:
+        raise BadFrame(f"chunk {chunk_id}: bad zstd frame header ({e})") from None
+    if size > MAX_CHUNK:
+        raise BadFrame(f"chunk {chunk_id}: zstd frame claims {size} bytes; at most {MAX_CHUNK}")
 
 
 def error_body(e: FabricError) -> dict:
