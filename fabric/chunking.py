@@ -107,7 +107,7 @@ def _tensor_info(name: str, spec: object, start: int, data_len: int) -> TensorIn
     if not isinstance(spec, dict):
         raise InvalidSafetensors(f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InvalidSafetensors(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise InvalidSafetensors(f"tensor {name!r}: shape must be a list of non-negative integers")

@@ -236,7 +236,7 @@ def _tensor_from_json(t: object) -> TensorEntry:
     if not isinstance(name, str):
         raise InvalidManifest("a tensor has no name")
     dtype = t.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InvalidManifest(f"tensor {name!r}: unknown dtype {dtype!r}")
     shape = t.get("shape")
     if not isinstance(shape, list):

@@ -13,6 +13,7 @@ HTTP (`fabric.client`). Both answer the same few calls.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -22,11 +23,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 from . import chunking, digest
-from .errors import ChannelNotFound, SourceChanged, SourceError
-from .manifest import FileEntry, Manifest, TensorEntry, check_name
+from .errors import ChannelNotFound, InvalidManifest, SourceChanged, SourceError
+from .manifest import FileEntry, Manifest, TensorEntry, check_name, check_path
 from .registry import Registry, now_rfc3339
 from .store import Store
 
@@ -120,13 +121,14 @@ class _Scan:
     written: int = 0
 
 
-def publish(src: str | os.PathLike, *, artifact: str, target: Target, version: str | None = None,
+def publish(src: str | os.PathLike | Sequence[Source], *, artifact: str, target: Target, version: str | None = None,
             channel: str | None = None, metadata: dict | None = None,
             progress: Progress | None = None) -> PublishResult:
     """Publish the file or folder `src` as a new version of `artifact`.
 
     Args:
-        src: a file or a folder. Symlinks are followed only inside `src`.
+        src: a file or a folder (symlinks are followed only inside it), or `Source`s
+            that open themselves (objects in a bucket: `fabric.s3source.list_sources`).
         artifact: the artifact's name.
         target: where to publish (`LocalTarget(store)` or an origin client).
         version: the version's name; default: a sortable UTC timestamp.
@@ -145,7 +147,10 @@ def publish(src: str | os.PathLike, *, artifact: str, target: Target, version: s
     version = check_name("version", version or default_version())
     if channel:
         check_name("channel", channel)
-    files = collect_files(Path(src))
+    if isinstance(src, (str, os.PathLike)):
+        files: list = collect_files(Path(src))
+    else:
+        files = sorted(((_check_rel(s.rel), s) for s in src), key=lambda f: f[0])
     scan = _Scan()
     entries, tensors = [], []
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fabric-hash") as pool:
@@ -196,13 +201,23 @@ def collect_files(src: Path) -> list[tuple[str, Path]]:
     except OSError as e:
         raise SourceError(f"cannot read source {src}: {e.strerror}") from None
     if stat.S_ISREG(st.st_mode):
-        return [(src.name, src)]
+        return [(_check_rel(src.name), src)]
     if not stat.S_ISDIR(st.st_mode):
         raise SourceError(f"source {src} is neither a file nor a folder")
     root = src.resolve()
     out: list[tuple[str, Path]] = []
     _walk(root, root, "", out, {root})
     return sorted(out)
+
+
+def _check_rel(rel: str) -> str:
+    """A name the manifest can hold (UTF-8, no backslash), else SourceError before any work."""
+    try:
+        rel.encode("utf-8")
+        check_path(rel)
+    except (UnicodeEncodeError, InvalidManifest):
+        raise SourceError(f"{rel!r}: file name cannot be published (not UTF-8, or contains '\\')") from None
+    return rel
 
 
 def _walk(root: Path, folder: Path, rel: str, out: list, visited: set[Path]) -> None:
@@ -212,8 +227,11 @@ def _walk(root: Path, folder: Path, rel: str, out: list, visited: set[Path]) -> 
         raise SourceError(f"cannot list {folder}: {e.strerror}") from None
     for name in names:
         path = folder / name
-        rel_path = f"{rel}{name}"
-        real = path.resolve()
+        rel_path = _check_rel(f"{rel}{name}")
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise SourceError(f"{rel_path} cannot be resolved (a symlink loop?): {e}") from None
         if not real.is_relative_to(root):
             raise SourceError(f"{rel_path} is a symlink pointing outside the source ({real})")
         if real.is_dir():
@@ -232,6 +250,8 @@ def _walk(root: Path, folder: Path, rel: str, out: list, visited: set[Path]) -> 
 
 def _publish_file(rel: str, path: Path, target: Target, pool: ThreadPoolExecutor,
                   scan: _Scan, progress: Progress | None) -> tuple[FileEntry, list[TensorEntry]]:
+    if not isinstance(path, Path):
+        return _publish_source(rel, path, target, pool, scan, progress)
     try:
         f = open(path, "rb", buffering=0)
     except OSError as e:
@@ -242,7 +262,7 @@ def _publish_file(rel: str, path: Path, target: Target, pool: ThreadPoolExecutor
         if rel.endswith(".safetensors"):
             header, batches = _safetensors_batches(f, size, rel)
         else:
-            header, batches = None, _cdc_batches(f, size)
+            header, batches = None, _cdc_batches(f, size, rel)
         chunks, segments = _hash_and_offer(batches, target, pool, scan, progress)
         if f.read(1) or _changed(before, os.fstat(f.fileno())):
             raise SourceChanged(f"{rel} changed while it was being published; publish again")
@@ -254,6 +274,35 @@ def _publish_file(rel: str, path: Path, target: Target, pool: ThreadPoolExecutor
 
 def _changed(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_size, a.st_mtime_ns, a.st_ino) != (b.st_size, b.st_mtime_ns, b.st_ino)
+
+
+class Source(Protocol):
+    """A file to publish that is not a local path, e.g. an object in a bucket."""
+
+    rel: str  # its path in the version
+    size: int
+    mode: int
+
+    def open(self):
+        """A sequential reader with read(n), readinto(buf) and close()."""
+
+    def check_unchanged(self) -> None:
+        """Raise SourceChanged if the file changed since it was listed (after reading it)."""
+
+
+def _publish_source(rel: str, src: Source, target: Target, pool: ThreadPoolExecutor,
+                    scan: _Scan, progress: Progress | None) -> tuple[FileEntry, list[TensorEntry]]:
+    with contextlib.closing(src.open()) as f:
+        if rel.endswith(".safetensors"):
+            header, batches = _safetensors_batches(f, src.size, rel)
+        else:
+            header, batches = None, _cdc_batches(f, src.size, rel)
+        chunks, segments = _hash_and_offer(batches, target, pool, scan, progress)
+        if f.read(1):
+            raise SourceChanged(f"{rel} grew while it was being published; publish again")
+    src.check_unchanged()
+    entry = FileEntry(rel, src.size, src.mode & 0o777, tuple(chunks))
+    return entry, _tensor_entries(rel, header, segments) if header else []
 
 
 def _read_exact(f, n: int, rel: str) -> bytes:
@@ -272,11 +321,11 @@ Batch = list[tuple[chunking.Piece | None, memoryview]]
 
 def _safetensors_batches(f, size: int, rel: str) -> tuple[chunking.SafetensorsHeader, Iterator[Batch]]:
     prefix = _read_exact(f, 8, rel) if size >= 8 else b""
-    n = chunking.header_length(prefix, size)
-    header_json = _read_exact(f, n, rel)
     try:
+        n = chunking.header_length(prefix, size)
+        header_json = _read_exact(f, n, rel)
         header = chunking.parse_safetensors_header(header_json, size)
-    except chunking.InvalidSafetensors as e:
+    except chunking.InvalidSafetensors as e:  # name the file: a sharded model has many
         raise type(e)(f"{rel}: {e.message}") from None
     pieces = chunking.plan_safetensors(header, size)
 
@@ -289,7 +338,7 @@ def _safetensors_batches(f, size: int, rel: str) -> tuple[chunking.SafetensorsHe
     return header, batches()
 
 
-def _cdc_batches(f, size: int) -> Iterator[Batch]:
+def _cdc_batches(f, size: int, rel: str) -> Iterator[Batch]:
     chunker = chunking.CdcChunker()
     carry = b""
     remaining = size
@@ -298,7 +347,7 @@ def _cdc_batches(f, size: int) -> Iterator[Batch]:
         block = f.read(want) if want else b""
         remaining -= len(block)
         if want and not block:
-            raise SourceChanged("file is shorter than when publishing began")
+            raise SourceChanged(f"{rel} is shorter than when publishing began")
         buf = memoryview(carry + block if carry else block)
         final = remaining == 0
         cuts = chunker.cuts(buf, final)

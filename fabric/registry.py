@@ -14,16 +14,17 @@ compare-and-swap, so two writers cannot lose each other's update.
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from .errors import (ArtifactNotFound, ChannelNotFound, Conflict, InvalidInput,
+from .errors import (ArtifactNotFound, ChannelNotFound, Conflict, FabricError, InvalidInput,
                      MissingChunks, VersionExists, VersionNotFound)
 from .manifest import Manifest, check_name
 from .store import Store
 
-_CAS_TRIES = 20
+_CAS_TRIES = 30
 
 
 @dataclass(frozen=True)
@@ -71,17 +72,36 @@ class Registry:
                 f"{manifest.artifact}@{manifest.version} names {len(missing)} chunk(s) the store "
                 f"lacks, e.g. {missing[0]}: upload them before committing"
             )
+        key = _version_key(manifest.artifact, manifest.version)
+        existing = self.store.get_ref(key)
+        if existing is not None:
+            return self._same_content(manifest, existing)
         canonical, mid = manifest.canonical(), manifest.id
         self.store.put_manifest(mid, canonical)
-        key = _version_key(manifest.artifact, manifest.version)
         try:
             self.store.cas_ref(key, mid.encode(), None)
         except Conflict:
             existing = self.store.get_ref(key)
-            if existing != mid.encode():
-                raise VersionExists(
-                    f"{manifest.artifact}@{manifest.version} already exists with different content"
-                ) from None
+            if existing is None:
+                raise Conflict(f"{manifest.artifact}@{manifest.version} changed concurrently; try again") from None
+            return self._same_content(manifest, existing)
+        return mid
+
+    def _same_content(self, manifest: Manifest, existing: bytes) -> str:
+        """The id of the committed version if it holds what `manifest` holds, else VersionExists.
+
+        A re-publish gets a new `created` time (and maybe another parent), so ids differ
+        even for the same files; compare everything but those two fields.
+        """
+        mid = existing.decode()
+        try:
+            old = Manifest.from_bytes(self.store.get_manifest_bytes(mid))
+        except FabricError:
+            old = None
+        if old is None or _content(old) != _content(manifest):
+            raise VersionExists(
+                f"{manifest.artifact}@{manifest.version} already exists with different content"
+            )
         return mid
 
     def manifest_id(self, artifact: str, version: str) -> str:
@@ -159,7 +179,7 @@ class Registry:
     def _move(self, artifact: str, channel: str, step) -> Channel:
         check_name("channel", channel)
         key = _channel_key(artifact, channel)
-        for _ in range(_CAS_TRIES):
+        for attempt in range(_CAS_TRIES):
             raw = self.store.get_ref(key)
             current = _channel_from(artifact, channel, raw) if raw else None
             entry = dict(step(current), at=now_rfc3339())
@@ -169,8 +189,15 @@ class Registry:
                 self.store.cas_ref(key, json.dumps(new.to_json(), sort_keys=True).encode(), raw)
                 return new
             except Conflict:
-                time.sleep(0.01)
+                # exponential back-off with jitter: writers that collided must not retry in lockstep
+                time.sleep(random.uniform(0, min(0.1, 0.002 * 2 ** attempt)))
         raise Conflict(f"channel {artifact}:{channel} kept changing; gave up after {_CAS_TRIES} tries")
+
+
+def _content(m: Manifest) -> dict:
+    obj = m.to_json()
+    del obj["created"], obj["parent"]
+    return obj
 
 
 def _version_key(artifact: str, version: str) -> str:

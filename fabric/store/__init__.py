@@ -8,6 +8,7 @@ Layout (specified in docs/formats.md, "Store layout"):
     refs/<artifact>/versions/<version>   the manifest id, as text
     refs/<artifact>/channels/<channel>   channel JSON (current version and history)
 
+An S3 store (`s3://bucket/prefix`, `fabric.store.s3`) holds the same keys as objects.
 Chunks are verified against their id when written and again when read. A chunk may
 be stored zstd-compressed when a sample shows it pays. Everything here is blocking
 I/O: async callers run it in a thread.
@@ -18,14 +19,17 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import zstandard
 
 from .. import digest
-from ..errors import CorruptChunk, ChunkNotFound, InvalidInput, NotFound
+from ..errors import Conflict, CorruptChunk, ChunkNotFound, InvalidInput, NotFound
 from .backend import Backend, ObjectInfo
 from .local import LocalBackend
+
+if TYPE_CHECKING:
+    from .s3 import S3Options
 
 __all__ = ["Store", "open_store", "Backend", "ObjectInfo", "LocalBackend"]
 
@@ -74,14 +78,12 @@ class Store:
 
     def missing(self, chunk_ids: Iterable[str]) -> list[str]:
         """The ids among `chunk_ids` this store lacks, each once, in first-seen order."""
-        seen: set[str] = set()
-        out = []
-        for cid in chunk_ids:
-            if cid not in seen:
-                seen.add(cid)
-                if not self.has_chunk(cid):
-                    out.append(cid)
-        return out
+        unique = list(dict.fromkeys(chunk_ids))
+        has_many = getattr(self.backend, "has_many", None)  # a remote backend asks in parallel
+        if has_many is not None:
+            held = has_many([chunk_key(cid) for cid in unique])
+            return [cid for cid, h in zip(unique, held) if not h]
+        return [cid for cid in unique if not self.has_chunk(cid)]
 
     def put_chunk(self, chunk_id: str, data: bytes | memoryview, *, verified: bool = False) -> int:
         """Store a chunk; return the bytes written. Verifies `data` unless the caller just did."""
@@ -104,12 +106,21 @@ class Store:
         except NotFound:
             raise ChunkNotFound(f"chunk {chunk_id} is not in {self}") from None
 
+    def stored_sizes(self, chunk_ids: list[str]) -> list[int | None] | None:
+        """Stored size (tag byte + payload) of each chunk, None where absent; None if unknowable cheaply."""
+        size = getattr(self.backend, "size", None)
+        return None if size is None else [size(chunk_key(cid)) for cid in chunk_ids]
+
     @staticmethod
     def decode_stored(chunk_id: str, stored: bytes) -> bytes:
-        tag, payload = stored[:1], memoryview(stored)[1:]
-        if tag == bytes([TAG_RAW]):
-            return bytes(payload)
-        if tag == bytes([TAG_ZSTD]):
+        return Store.decode_payload(chunk_id, stored[0] if stored else -1, memoryview(stored)[1:])
+
+    @staticmethod
+    def decode_payload(chunk_id: str, tag: int, payload: bytes | memoryview) -> bytes:
+        """Raw bytes from a payload in one of the stored encodings (0 raw, 1 zstd)."""
+        if tag == TAG_RAW:
+            return payload if isinstance(payload, bytes) else bytes(payload)
+        if tag == TAG_ZSTD:
             try:
                 return _zstd_d().decompress(payload, max_output_size=_MAX_CHUNK)
             except zstandard.ZstdError as e:
@@ -174,13 +185,22 @@ class Store:
         return sorted(i.key[len("refs/"):] for i in self.backend.list("refs/" + prefix))
 
 
-def open_store(spec: str | os.PathLike, *, compress: bool = True, create: bool = True) -> Store:
-    """Open a store from a path (`/var/lib/fabric/store`)."""
+def open_store(spec: str | os.PathLike, *, compress: bool = True, create: bool = True,
+               s3: S3Options | None = None) -> Store:
+    """Open a store from a path (`/var/lib/fabric/store`) or a bucket (`s3://bucket/prefix`).
+
+    `s3` says how to reach the endpoint of an `s3://` store (default: boto3's own
+    configuration chain: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …).
+    """
     spec = os.fspath(spec)
     if not spec:
         raise InvalidInput("no store given (use --store DIR or FABRIC_STORE)")
+    if spec.startswith("s3://"):
+        return _open_s3_store(spec, compress=compress, create=create, options=s3)
     root = os.path.abspath(spec)
     marker = os.path.join(root, "fabric-store.json")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise InvalidInput(f"store {root} is not a folder")
     if not os.path.exists(marker):
         if not create:
             raise NotFound(f"no Fabric store at {root}")
@@ -191,6 +211,37 @@ def open_store(spec: str | os.PathLike, *, compress: bool = True, create: bool =
     else:
         _check_marker(marker)
     return Store(LocalBackend(root), compress=compress)
+
+
+def _open_s3_store(url: str, *, compress: bool, create: bool, options) -> Store:
+    from .s3 import S3Backend, parse_url  # boto3 is needed only for S3 stores
+
+    bucket, prefix = parse_url(url)
+    backend = S3Backend(bucket, prefix, options=options)
+    marker = json.dumps({"format": STORE_FORMAT}).encode()
+    try:
+        _check_format(url, backend.get("fabric-store.json"))
+    except NotFound:
+        if not create:
+            raise NotFound(f"no Fabric store at {url}") from None
+        backend.ensure_bucket()
+        if not backend.is_empty():
+            raise InvalidInput(f"{url} holds objects but is not a Fabric store") from None
+        try:
+            backend.put_if("fabric-store.json", marker, None)
+        except Conflict:
+            _check_format(url, backend.get("fabric-store.json"))  # another origin created it first
+    backend.check_conditional_writes("fabric-store.json")
+    return Store(backend, compress=compress)
+
+
+def _check_format(where: str, raw: bytes) -> None:
+    try:
+        fmt = json.loads(raw).get("format")
+    except (ValueError, AttributeError):
+        fmt = None
+    if fmt != STORE_FORMAT:
+        raise InvalidInput(f"{where}: not a {STORE_FORMAT} store (format {fmt!r})")
 
 
 def _check_marker(path: str) -> None:

@@ -2,8 +2,9 @@
 
 Every write goes to a temp file under `tmp/`, is fsynced, then renamed into place,
 so a crash at any moment leaves either the old object or the whole new one, never a
-torn file under its final key. Leftover temp files are swept on open. Compare-and-swap
-takes an exclusive `flock` on a lock file beside the key.
+torn file under its final key. Leftover temp files are swept by `fsck --repair`.
+Compare-and-swap takes an exclusive `flock` on a hidden lock file beside the key
+(`.<name>.lock`: keys never start with '.', so a lock never shadows an object).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ class LocalBackend:
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    def size(self, key: str) -> int | None:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            return None
+
     def has(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -70,7 +77,7 @@ class LocalBackend:
     def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a") as lock:
+        with open(_lock_path(path), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = path.read_bytes() if path.is_file() else None
             if current != expected:
@@ -78,14 +85,19 @@ class LocalBackend:
             self.put(key, data)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        base = self._path(prefix)
-        start = base if base.is_dir() else base.parent
-        for dirpath, _, names in os.walk(start):
+        # A prefix is a string prefix, not a folder: "l/a" matches "l/a/1" and "l/ab".
+        # Walk from the folder holding its last part, descending only where keys can match.
+        head = prefix.rpartition("/")[0]
+        for dirpath, dirnames, names in os.walk(self._path(head) if head else self.root):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            rel = "" if rel == "." else rel + "/"
+            dirnames[:] = [d for d in dirnames
+                           if (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/")]
             for name in names:
-                if name.endswith(".lock"):
+                if name.startswith("."):  # a CAS lock file, not an object
                     continue
                 p = Path(dirpath, name)
-                key = p.relative_to(self.root).as_posix()
+                key = rel + name
                 if key.startswith(prefix):
                     try:
                         st = p.stat()
@@ -95,6 +107,12 @@ class LocalBackend:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+def _lock_path(path: Path) -> Path:
+    """`.<name>.lock`: no key part starts with '.', so a lock never shadows an object
+    (a version may well be named `v1.lock`)."""
+    return path.with_name(f".{path.name}.lock")
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

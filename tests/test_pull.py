@@ -1,0 +1,126 @@
+"""fabric.pull: materialise a version atomically; refuse to clobber; verify every chunk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fabric.errors import (ArtifactNotFound, ChannelNotFound, CorruptChunk, DestinationExists,
+                           MissingChunks, VersionNotFound)
+from fabric.pull import materialize
+from fabric.registry import Registry
+from fabric.store import chunk_key
+
+from conftest import assert_same_tree, publish_local, pull_local, random_bytes, read_tree, write_tree
+
+
+@pytest.fixture
+def published(store, tmp_path, rng):
+    src = write_tree(tmp_path / "src", {
+        "weights.bin": random_bytes(rng, 400_000),
+        "nested/dir/cfg.json": b'{"a": 1}',
+        "nested/empty": b"",
+    }, modes={"weights.bin": 0o640, "nested/dir/cfg.json": 0o755})
+    publish_local(store, src, "m", "v1")
+    return src
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".fabric-" in p.name]
+
+
+def test_pull_is_byte_identical_with_modes(store, published, tmp_path):
+    dest = tmp_path / "deep" / "new" / "dest"  # parents are created
+    m = pull_local(store, "m", "v1", dest)
+    assert_same_tree(published, dest)
+    assert m.size == sum(len(b) for b, _ in read_tree(dest).values())
+    assert _leftovers(dest.parent) == []
+
+
+def test_pull_into_an_existing_empty_folder(store, published, tmp_path):
+    dest = tmp_path / "empty"
+    dest.mkdir()
+    pull_local(store, "m", "v1", dest)
+    assert_same_tree(published, dest)
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_non_empty_destination_is_refused_and_left_alone(store, published, tmp_path, kind):
+    dest = tmp_path / "dest"
+    if kind == "folder":
+        write_tree(dest, {"mine.txt": b"do not touch"})
+    else:
+        dest.write_bytes(b"a file in the way")
+    before = read_tree(dest) if kind == "folder" else dest.read_bytes()
+    with pytest.raises(DestinationExists, match="--force") as e:
+        pull_local(store, "m", "v1", dest)
+    assert isinstance(e.value, FileExistsError)
+    assert (read_tree(dest) if kind == "folder" else dest.read_bytes()) == before
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_force_replaces_the_destination(store, published, tmp_path, kind):
+    dest = tmp_path / "dest"
+    if kind == "folder":
+        write_tree(dest, {"stale.txt": b"old", "nested/dir/cfg.json": b"old"})
+    else:
+        dest.write_bytes(b"old")
+    pull_local(store, "m", "v1", dest, overwrite=True)
+    assert_same_tree(published, dest)  # stale.txt is gone
+    assert _leftovers(tmp_path) == []
+
+
+def test_unknown_artifact_version_channel(store, published, tmp_path):
+    reg = Registry(store)
+    with pytest.raises(ArtifactNotFound, match="'ghost'"):
+        reg.resolve("ghost")
+    with pytest.raises(ArtifactNotFound):
+        reg.resolve("ghost", version="v1")
+    with pytest.raises(VersionNotFound, match="'v7'"):
+        reg.resolve("m", version="v7")
+    with pytest.raises(ChannelNotFound, match="m:prod"):
+        reg.resolve("m", channel="prod")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_missing_chunk_fails_before_writing(store, published, tmp_path):
+    m = Registry(store).manifest("m", "v1")
+    store.delete_chunk(m.files[-1].chunks[0][0])
+    dest = tmp_path / "dest"
+    with pytest.raises(MissingChunks, match="lacks 1 chunk"):
+        materialize(store, m, dest)
+    assert not dest.exists() and _leftovers(tmp_path) == []
+
+
+def test_corrupt_chunk_fails_and_leaves_the_old_destination(store, published, tmp_path):
+    m = Registry(store).manifest("m", "v1")
+    cid = next(f for f in m.files if f.path == "weights.bin").chunks[-1][0]
+    path = Path(store.backend.describe()) / chunk_key(cid)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    dest = write_tree(tmp_path / "dest", {"previous.txt": b"the version before"})
+    before = read_tree(dest)
+    with pytest.raises(CorruptChunk, match=cid):
+        materialize(store, m, dest, overwrite=True)
+    assert read_tree(dest) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_pull_reports_progress_in_bytes(store, published, tmp_path):
+    seen = []
+    m = Registry(store).manifest("m", "v1")
+    materialize(store, m, tmp_path / "dest", progress=seen.append)
+    assert sum(seen) == m.size
+
+
+def test_file_permissions_and_umask(store, published, tmp_path):
+    old = os.umask(0o077)
+    try:
+        pull_local(store, "m", "v1", tmp_path / "dest")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "dest" / "nested" / "dir" / "cfg.json").st_mode & 0o777) == 0o755
