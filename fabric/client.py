@@ -25,6 +25,7 @@ from .manifest import Manifest
 from .registry import Channel, _channel_from
 
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
+_READ_BUFFER = 4 << 20  # read big chunk frames in few large pieces, not 64 KiB ones
 
 
 class OriginClient:
@@ -45,7 +46,8 @@ class OriginClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=_TIMEOUT, connector=connector)
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=_TIMEOUT, connector=connector,
+                                                  read_bufsize=_READ_BUFFER)
         return self._session
 
     async def close(self) -> None:

@@ -1,8 +1,12 @@
-"""Materialising a version: write its files from the store into a folder.
+"""Materialising a version: write its files into a folder, atomically.
 
-The files are assembled in a hidden sibling folder and moved into place with one
-rename at the end, so a reader never sees a half-written version and a failed pull
-leaves DEST as it was. Every chunk is verified against its id as it is read.
+An `Assembly` builds a version's files in a hidden sibling folder of DEST: every file
+is created at its final size, then chunks are written at their offsets in whatever
+order they come — straight from the network as each chunk is verified
+(`fabric.transfer` calls `Assembly.write`), or from the store for the chunks it
+already held (`fill_from_store`). `commit` fsyncs the files and renames the folder
+into place, so a reader never sees a half-written version, and a failed pull
+leaves DEST as it was. Each byte is written once and hashed once.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,56 +47,115 @@ def check_dest(dest: Path, overwrite: bool) -> None:
             raise DestinationExists(f"{dest} exists and is not empty (use --force to replace it)")
 
 
+class Assembly:
+    """The files of `manifest`, being written under a staging folder next to `dest`."""
+
+    def __init__(self, manifest: Manifest, dest: str | os.PathLike, *, overwrite: bool = False):
+        self.manifest = manifest
+        self.dest = Path(dest).absolute()
+        check_dest(self.dest, overwrite)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = self.dest.parent / f".{self.dest.name}.fabric-{uuid.uuid4().hex[:8]}"
+        self._places: dict[str, list[tuple[Path, int]]] = {}
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        self._guard(self._create_files)
+
+    def _create_files(self) -> None:
+        self.staging.mkdir()
+        root = self.staging.resolve()
+        for entry in self.manifest.files:
+            path = self.staging / entry.path
+            if not path.resolve().is_relative_to(root):
+                raise InvalidManifest(f"file path {entry.path!r} escapes the destination")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.truncate(entry.size)
+            offset = 0
+            for cid, size in entry.chunks:
+                self._places.setdefault(cid, []).append((path, offset))
+                offset += size
+
+    def write(self, chunk_id: str, data: bytes | memoryview) -> None:
+        """Write a verified chunk at every place the version uses it. Thread-safe."""
+        with self._lock:
+            if chunk_id in self._written or chunk_id not in self._places:
+                return
+            self._written.add(chunk_id)
+        self._guard(self._pwrite_all, chunk_id, data)
+
+    def _pwrite_all(self, chunk_id: str, data) -> None:
+        for path, offset in self._places[chunk_id]:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+
+    def fill_from_store(self, store: Store, progress=None) -> int:
+        """Write every chunk not written yet from `store` (verified as read); returns how many."""
+        todo = [cid for cid in self._places if cid not in self._written]
+        missing = store.missing(todo)
+        if missing:
+            raise MissingChunks(f"the store lacks {len(missing)} chunk(s) of this version, e.g. {missing[0]}")
+        for cid in todo:
+            data = store.get_chunk(cid)
+            self.write(cid, data)
+            if progress:
+                progress(len(data) * len(self._places[cid]))
+        return len(todo)
+
+    def commit(self) -> None:
+        """Make the files durable and move the folder into place as DEST."""
+        def finish():
+            for entry in self.manifest.files:
+                path = self.staging / entry.path
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(path, entry.mode)
+            _swap_into_place(self.staging, self.dest)
+        self._guard(finish)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _guard(self, fn, *args) -> None:
+        """Run `fn`; on any failure remove the staging folder; a full disk is StoreFull."""
+        try:
+            fn(*args)
+        except OSError as e:
+            self.abort()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(f"no space left to write {self.manifest.artifact}@{self.manifest.version} "
+                                f"into {self.dest}") from None
+            raise
+        except BaseException:
+            self.abort()
+            raise
+
+
 def materialize(store: Store, manifest: Manifest, dest: str | os.PathLike, *,
                 overwrite: bool = False, progress=None) -> None:
-    """Write every file of `manifest` under `dest`, atomically."""
-    dest = Path(dest).absolute()
-    check_dest(dest, overwrite)
+    """Write every file of `manifest` under `dest` from `store`, atomically."""
     missing = store.missing(manifest.chunk_ids())
     if missing:
         raise MissingChunks(f"the store lacks {len(missing)} chunk(s) of this version, e.g. {missing[0]}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.fabric-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    assembly = Assembly(manifest, dest, overwrite=overwrite)
     try:
-        for f in manifest.files:
-            _write_file(store, staging, f, progress)
-        _swap_into_place(staging, dest)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreFull(f"no space left to write {manifest.artifact}@{manifest.version} into {dest}") from None
-        raise
+        assembly.fill_from_store(store, progress)
+        assembly.commit()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        assembly.abort()
         raise
-
-
-def _write_file(store: Store, root: Path, entry, progress) -> None:
-    path = root / entry.path
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise InvalidManifest(f"file path {entry.path!r} escapes the destination")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as out:
-        for cid, size in entry.chunks:
-            data = store.get_chunk(cid)
-            if len(data) != size:
-                raise InvalidManifest(f"{entry.path}: chunk {cid} is {len(data)} bytes, manifest says {size}")
-            out.write(data)
-            if progress:
-                progress(size)
-        out.flush()
-        os.fsync(out.fileno())
-    os.chmod(path, entry.mode)
 
 
 def _swap_into_place(staging: Path, dest: Path) -> None:
-    if dest.is_dir() and not any(dest.iterdir()):
+    if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
         dest.rmdir()
     if dest.exists() or dest.is_symlink():
         old = dest.parent / f".{dest.name}.fabric-old-{uuid.uuid4().hex[:8]}"
         os.rename(dest, old)
         os.rename(staging, dest)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
     else:
         os.rename(staging, dest)

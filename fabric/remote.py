@@ -1,8 +1,10 @@
 """Working against an origin: the remote forms of publish and pull.
 
-`pull_remote` resolves a reference at the origin, syncs the version's missing
-chunks into a local store (`fabric.transfer`), then materialises it from there
-(`fabric.pull`), so the local store doubles as a cache that later pulls reuse.
+`pull_remote` resolves a reference at the origin and syncs the version's missing
+chunks into a local store (`fabric.transfer`), writing each verified chunk straight
+into the files being assembled in DEST as it arrives (`fabric.pull.Assembly`); the
+chunks the store already held are copied from it. The store doubles as a cache
+that later pulls reuse.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from pathlib import Path
 
 from .client import OriginClient
 from .manifest import Manifest
-from .pull import PullResult, check_dest, materialize
+from .pull import Assembly, PullResult
 from .store import Store
 from .transfer import sync
 
@@ -25,11 +26,17 @@ async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: s
                       ) -> tuple[PullResult, Manifest]:
     """Fetch `artifact` (at `version`, or `channel`'s version, or the latest) into `dest`."""
     t0 = time.monotonic()
-    check_dest(Path(dest), overwrite)
     version = await client.resolve(artifact, version, channel)
     manifest = await client.manifest(artifact, version)
-    stats = await sync(manifest, store, sources or [client], progress=progress, **sync_options)
-    await asyncio.to_thread(materialize, store, manifest, dest, overwrite=overwrite)
+    assembly = await asyncio.to_thread(Assembly, manifest, dest, overwrite=overwrite)
+    try:
+        stats = await sync(manifest, store, sources or [client], progress=progress, on_chunk=assembly.write,
+                           **sync_options)
+        await asyncio.to_thread(assembly.fill_from_store, store)  # the chunks the store already held
+        await asyncio.to_thread(assembly.commit)
+    except BaseException:
+        await asyncio.to_thread(assembly.abort)
+        raise
     result = PullResult(
         artifact=artifact, version=version, manifest_id=manifest.id, dest=str(dest),
         files=len(manifest.files), bytes=manifest.size, chunks_fetched=stats.chunks_fetched,

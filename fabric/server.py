@@ -56,7 +56,7 @@ class Metrics:
 STORE = web.AppKey("store", Store)
 TOKENS = web.AppKey("tokens", TokenTable)
 METRICS = web.AppKey("metrics", Metrics)
-PRINCIPAL = "fabric.principal"
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def principal(request: web.Request) -> Principal:
@@ -189,6 +189,9 @@ def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: 
             await prepare(request, ids)
         metrics: Metrics = request.app[METRICS]
         resp = web.StreamResponse(headers={"Content-Type": wire.CHUNK_STREAM})
+        length = await _stream_length(request.app[STORE], ids) if prepare is None else None
+        if length is not None:
+            resp.content_length = length  # no chunked encoding: frames go out as they are
         await resp.prepare(request)
         await resp.write(wire.MAGIC)
         reads = [asyncio.ensure_future(get(cid)) for cid in ids[:_READ_AHEAD]]
@@ -202,7 +205,8 @@ def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: 
                     await resp.write(wire.missing_frame(cid))
                     continue
                 tag, payload = stored[0], memoryview(stored)[1:]
-                await resp.write(wire.chunk_frame(cid, tag, _raw_size(tag, payload), payload))
+                await resp.write(wire.chunk_header(cid, tag, _raw_size(tag, payload), len(payload)))
+                await resp.write(payload)
                 metrics.chunks_out.inc()
                 metrics.bytes_out.inc(len(payload))
             await resp.write(wire.end_frame(len(ids)))
@@ -214,6 +218,19 @@ def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: 
 
     app.router.add_post(f"{wire.API}/chunks/has", has)
     app.router.add_post(f"{wire.API}/chunks/fetch", fetch)
+
+
+async def _stream_length(store: Store, ids: list[str]) -> int | None:
+    """The exact size of the chunk stream for `ids`, if the store can tell without reading.
+
+    Knowing it lets the response carry a Content-Length instead of chunked encoding,
+    which would copy every payload once more on its way out.
+    """
+    sizes = await asyncio.to_thread(store.stored_sizes, ids)
+    if sizes is None:
+        return None
+    frames = sum(wire.missing_frame_size() if n is None else wire.chunk_frame_size(n - 1) for n in sizes)
+    return len(wire.MAGIC) + frames + wire.end_frame_size()
 
 
 def _raw_size(tag: int, payload: memoryview) -> int:

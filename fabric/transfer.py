@@ -37,6 +37,7 @@ from .store import Store
 
 log = get_logger("transfer")
 BATCH_BYTES = 16 << 20
+_RECEIVE_AHEAD = 2  # chunks of one response being verified and stored while the next is read
 Progress = Callable[[int], None]
 
 
@@ -153,12 +154,15 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
                        connections: int = 4, batch_bytes: int = BATCH_BYTES, max_rate: float | None = None,
                        stall_timeout: float = 30.0, give_up_after: float = 120.0, max_bad: int = 3,
                        inflight: Inflight | None = None, preclaimed: bool = False,
+                       on_chunk: Callable[[str, bytes], None] | None = None,
                        progress: Progress | None = None) -> SyncStats:
     """Fetch the chunks in `sizes` (id -> size, or None if unknown) that `store` lacks.
 
     With `inflight`, chunks another fetcher is already getting are awaited, not fetched
     again, and the chunks this call fetches are announced to later askers. With
-    `preclaimed`, the caller has already claimed every id in `sizes`.
+    `preclaimed`, the caller has already claimed every id in `sizes`. `on_chunk` is
+    called (in a worker thread) with each fetched chunk's verified bytes, e.g. to write
+    them straight into the files being assembled.
     """
     if not sources:
         raise TransferError("no sources to fetch from")
@@ -172,7 +176,8 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     else:
         owned, foreign = inflight.claim(missing) if inflight else (missing, [])
     engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, stall_timeout,
-                     give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress, inflight)
+                     give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress, inflight,
+                     on_chunk)
     try:
         for batch in _batches(owned, sizes, batch_bytes):
             engine.queue.put_nowait(batch)
@@ -184,7 +189,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     if failed:  # the other fetcher gave up on these: try them ourselves, once
         again = await fetch_chunks({c: sizes[c] for c in failed}, store, sources, connections=connections,
                                    stall_timeout=stall_timeout, give_up_after=give_up_after,
-                                   max_bad=max_bad, progress=progress)
+                                   max_bad=max_bad, on_chunk=on_chunk, progress=progress)
         stats.chunks_fetched += again.chunks_fetched
         stats.bytes_received += again.bytes_received
         stats.bytes_raw += again.bytes_raw
@@ -208,9 +213,9 @@ def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[_
 
 class _Engine:
     def __init__(self, store, sizes, sources, stats, stall_timeout, give_up_after, max_bad, limit, progress,
-                 inflight):
+                 inflight, on_chunk):
         self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
-        self.inflight = inflight
+        self.inflight, self.on_chunk = inflight, on_chunk
         self.stall_timeout, self.give_up_after, self.max_bad = stall_timeout, give_up_after, max_bad
         self.limit, self.progress = limit, progress
         self.queue: asyncio.Queue[_Batch] = asyncio.Queue()
@@ -282,8 +287,17 @@ class _Engine:
                 if resp.status >= 400:
                     raise TransferError(f"{source.url} answered HTTP {resp.status} to a chunk fetch")
                 reader = wire.FrameReader(self._stall_guard(resp.content.readexactly))
-                async for frame in reader:
-                    await self._receive(source, frame, batch, done)
+                receiving: set[asyncio.Task] = set()
+                try:
+                    async for frame in reader:  # read the next frame while earlier ones are stored
+                        receiving.add(asyncio.create_task(self._receive(source, frame, batch, done)))
+                        if len(receiving) >= _RECEIVE_AHEAD:
+                            finished, receiving = await asyncio.wait(receiving, return_when=asyncio.FIRST_COMPLETED)
+                            for t in finished:
+                                t.result()
+                finally:
+                    for t in asyncio.as_completed(receiving):
+                        await t
             source.failures = 0
             for cid in ids:  # a complete answer that skipped an id counts as "missing" for it
                 if cid not in done:
@@ -296,8 +310,10 @@ class _Engine:
 
     def _stall_guard(self, read):
         async def guarded(n: int) -> bytes:
+            # a stall is no progress for stall_timeout: allow that long per MiB of a big read
+            timeout = self.stall_timeout * max(1.0, n / (1 << 20))
             try:
-                return await asyncio.wait_for(read(n), self.stall_timeout)
+                return await asyncio.wait_for(read(n), timeout)
             except asyncio.TimeoutError:
                 raise TransferError(f"source stalled for {self.stall_timeout:.0f}s") from None
         return guarded
@@ -331,6 +347,8 @@ class _Engine:
     def _store_frame(self, frame: wire.Frame) -> int:
         data = wire.decode_frame(frame, self.sizes[frame.chunk_id])
         self.store.put_chunk(frame.chunk_id, data, verified=True)
+        if self.on_chunk:
+            self.on_chunk(frame.chunk_id, data)
         return len(data)
 
     def _bad_chunk(self, source: SourceState, cid: str, batch: _Batch, e: Exception) -> None:

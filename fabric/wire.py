@@ -55,8 +55,25 @@ def id_from_bytes(raw: bytes) -> str:
     return "blake3:" + raw.hex()
 
 
+def chunk_header(chunk_id: str, encoding: int, raw_size: int, payload_len: int) -> bytes:
+    """A chunk frame up to its payload (send the payload after it, uncopied)."""
+    return bytes([FRAME_CHUNK]) + _CHUNK_HEAD.pack(id_bytes(chunk_id), encoding, raw_size, payload_len)
+
+
 def chunk_frame(chunk_id: str, encoding: int, raw_size: int, payload: bytes) -> bytes:
-    return bytes([FRAME_CHUNK]) + _CHUNK_HEAD.pack(id_bytes(chunk_id), encoding, raw_size, len(payload)) + payload
+    return chunk_header(chunk_id, encoding, raw_size, len(payload)) + payload
+
+
+def chunk_frame_size(payload_len: int) -> int:
+    return 1 + _CHUNK_HEAD.size + payload_len
+
+
+def missing_frame_size() -> int:
+    return 33
+
+
+def end_frame_size() -> int:
+    return 1 + _END.size
 
 
 def missing_frame(chunk_id: str) -> bytes:
@@ -145,7 +162,7 @@ def decode_frame(frame: Frame, expected_size: int | None = None) -> bytes:
         raise BadFrame("expected a chunk frame")
     if frame.encoding == TAG_ZSTD:
         _check_zstd_size(frame.chunk_id, frame.payload)
-    data = Store.decode_stored(frame.chunk_id, bytes([frame.encoding]) + frame.payload)
+    data = Store.decode_payload(frame.chunk_id, frame.encoding, frame.payload)
     for size in (frame.raw_size or None, expected_size):
         if size is not None and len(data) != size:
             raise BadFrame(f"chunk {frame.chunk_id}: expected {size} bytes, decoded {len(data)}")
