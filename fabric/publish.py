@@ -305,7 +305,7 @@ def _publish_source(rel: str, src: Source, target: Target, pool: ThreadPoolExecu
     return entry, _tensor_entries(rel, header, segments) if header else []
 
 
-def _read_exact(f, n: int, rel: str) -> bytes:
+def _read_exact(f, n: int, rel: str) -> bytearray:
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
@@ -313,7 +313,7 @@ def _read_exact(f, n: int, rel: str) -> bytes:
         if not k:
             raise SourceChanged(f"{rel} is shorter than when publishing began")
         got += k
-    return bytes(buf)
+    return buf
 
 
 Batch = list[tuple[chunking.Piece | None, memoryview]]
@@ -398,7 +398,7 @@ def _work(batch: Batch, target: Target, scan: _Scan) -> list[tuple[str, int, boo
         for cid, (_, view) in zip(ids, batch):
             if cid not in scan.seen:
                 scan.seen.add(cid)
-                fresh[cid] = bytes(view)
+                fresh[cid] = view
     written = dict(zip(fresh, target.offer(list(fresh.items())))) if fresh else {}
     out = []
     for cid in ids:  # a chunk repeated within the batch counts once

@@ -90,7 +90,11 @@ class Store:
         if not verified:
             digest.verify(chunk_id, data)
         payload, tag = self._maybe_compress(data)
-        self.backend.put(chunk_key(chunk_id), bytes([tag]) + payload)
+        put_parts = getattr(self.backend, "put_parts", None)
+        if put_parts is not None:  # a local file: write tag and payload without joining them
+            put_parts(chunk_key(chunk_id), [bytes([tag]), payload])
+        else:
+            self.backend.put(chunk_key(chunk_id), bytes([tag]) + payload)
         return len(payload) + 1
 
     def get_chunk(self, chunk_id: str) -> bytes:
@@ -137,14 +141,14 @@ class Store:
             if digest.is_valid(chunk_id):
                 yield chunk_id, info
 
-    def _maybe_compress(self, data: bytes | memoryview) -> tuple[bytes, int]:
+    def _maybe_compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
         if self.compress and len(data) >= 256:
             sample = bytes(data[:_SAMPLE])
             if len(_zstd_c().compress(sample)) < _PAYS * len(sample):
                 packed = _zstd_c().compress(data)
                 if len(packed) < _PAYS * len(data):
                     return packed, TAG_ZSTD
-        return bytes(data), TAG_RAW
+        return data, TAG_RAW
 
     # --- manifests ----------------------------------------------------------
 

@@ -57,12 +57,16 @@ class LocalBackend:
             raise NotFound(f"no object {key!r} in store {self.root}") from None
 
     def put(self, key: str, data: bytes | memoryview) -> None:
+        self.put_parts(key, [data])
+
+    def put_parts(self, key: str, parts: list[bytes | memoryview]) -> None:
+        """Write the concatenation of `parts` under `key` (no copy into one buffer)."""
         path = self._path(key)
         tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                _write_all(fd, data)
+                _write_all(fd, parts)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -115,8 +119,11 @@ def _lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if views:
+            views[0] = views[0][n:]
