@@ -9,8 +9,9 @@ offending entry.
 The planner turns the tree into an ordered source list per site: its upstream relay
 first (which fetches each chunk from *its* upstream once, however many children ask),
 then its siblings (peers under the same upstream, same region first; asked only for
-what they already hold), the origin last. So the origin's uplink carries each chunk
-once per version, and a dead relay costs its children only a detour.
+what they already hold), the origin last. Several sites right under the origin split
+its uplink by chunk owner (`shard_peers`, `owner_index`). So the origin's uplink
+carries each chunk once per version, and a dead relay costs its children only a detour.
 """
 
 from __future__ import annotations
@@ -127,6 +128,17 @@ class Topology:
         out.append(Source(ORIGIN, self.origin_url, pull_through=False))
         return out
 
+    def shard_peers(self, name: str) -> list[Site]:
+        """The sites right under the origin, if `name` is one of several; else [].
+
+        They split the origin's uplink: each chunk has one owner among them
+        (`owner_index`), which fetches it from the origin; the others fetch it from
+        the owner. So each chunk leaves the origin once however many hubs there are.
+        """
+        me = self.site(name)
+        peers = sorted((s for s in self.sites.values() if s.upstream == ORIGIN), key=lambda s: s.name)
+        return peers if me.upstream == ORIGIN and len(peers) > 1 and all(p.url for p in peers) else []
+
     def link(self, a: str, b: str) -> Link | None:
         for link in self.links:
             if {link.a, link.b} == {a, b}:
@@ -188,3 +200,8 @@ def _link(raw: dict, where: str, sites: dict[str, Site]) -> Link:
         raise ConfigError(f"{where}: a link joins two different sites, not {raw['a']!r} to itself")
     return Link(raw["a"], raw["b"], parse_rate(raw.get("bandwidth"), f"{where}.bandwidth"),
                 parse_duration(raw.get("latency", "0ms"), f"{where}.latency"))
+
+
+def owner_index(chunk_id: str, peers: int) -> int:
+    """Which of `peers` sites owns a chunk: a stable hash of its id."""
+    return int(chunk_id[-16:], 16) % peers

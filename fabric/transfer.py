@@ -80,6 +80,7 @@ class SyncStats:
 class _Batch:
     ids: list[str]
     excluded: dict[str, set[str]] = field(default_factory=dict)  # chunk id -> source urls to avoid
+    preferred: SourceState | None = None  # asked before the usual order (the chunks' owner)
 
 
 class RateLimit:
@@ -155,6 +156,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
                        stall_timeout: float = 30.0, give_up_after: float = 120.0, max_bad: int = 3,
                        inflight: Inflight | None = None, preclaimed: bool = False,
                        on_chunk: Callable[[str, bytes], None] | None = None,
+                       prefer: Callable[[str], OriginClient | None] | None = None,
                        progress: Progress | None = None) -> SyncStats:
     """Fetch the chunks in `sizes` (id -> size, or None if unknown) that `store` lacks.
 
@@ -162,7 +164,8 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     again, and the chunks this call fetches are announced to later askers. With
     `preclaimed`, the caller has already claimed every id in `sizes`. `on_chunk` is
     called (in a worker thread) with each fetched chunk's verified bytes, e.g. to write
-    them straight into the files being assembled.
+    them straight into the files being assembled. `prefer` names, per chunk, a source
+    to ask before the usual order (sibling relays splitting one uplink by chunk owner).
     """
     if not sources:
         raise TransferError("no sources to fetch from")
@@ -179,7 +182,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
                      give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress, inflight,
                      on_chunk)
     try:
-        for batch in _batches(owned, sizes, batch_bytes):
+        for batch in engine.batches(owned, batch_bytes, prefer):
             engine.queue.put_nowait(batch)
         await engine.run(max(1, connections))
     finally:
@@ -197,17 +200,17 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     return stats
 
 
-def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[_Batch]:
+def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[list[str]]:
     out, current, total = [], [], 0
     for cid in ids:
         size = sizes[cid] or BATCH_BYTES // 8  # unknown size: assume a large-ish chunk
         if current and (total + size > limit or len(current) >= wire.MAX_IDS):
-            out.append(_Batch(current))
+            out.append(current)
             current, total = [], 0
         current.append(cid)
         total += size
     if current:
-        out.append(_Batch(current))
+        out.append(current)
     return out
 
 
@@ -216,11 +219,28 @@ class _Engine:
                  inflight, on_chunk):
         self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
         self.inflight, self.on_chunk = inflight, on_chunk
+        self.preferred: dict[str, SourceState] = {}
         self.stall_timeout, self.give_up_after, self.max_bad = stall_timeout, give_up_after, max_bad
         self.limit, self.progress = limit, progress
         self.queue: asyncio.Queue[_Batch] = asyncio.Queue()
         self.last_progress = time.monotonic()
         self.failure: FabricError | None = None
+
+    def batches(self, ids: list[str], limit: int, prefer) -> list[_Batch]:
+        """Batches of `ids`, each batch's chunks sharing one preferred source (or none)."""
+        groups: dict[str | None, list[str]] = {}
+        for cid in ids:
+            client = prefer(cid) if prefer else None
+            key = None
+            if client is not None:
+                key = client.url
+                self.preferred.setdefault(key, SourceState(client))
+            groups.setdefault(key, []).append(cid)
+        return [_Batch(part, preferred=self.preferred.get(key)) for key, group in groups.items()
+                for part in _batches(group, self.sizes, limit)]
+
+    def _candidates(self, batch: _Batch) -> list[SourceState]:
+        return ([batch.preferred] if batch.preferred else []) + self.sources
 
     async def run(self, workers: int) -> None:
         tasks = [asyncio.create_task(self._worker()) for _ in range(workers)]
@@ -263,7 +283,7 @@ class _Engine:
 
     def _pick(self, batch: _Batch) -> SourceState | None:
         now = time.monotonic()
-        for s in self.sources:
+        for s in self._candidates(batch):
             if s.available(now) and any(s.url not in batch.excluded.get(c, ()) for c in batch.ids):
                 return s
         return None
