@@ -22,6 +22,7 @@ A failed deploy leaves the active version serving; the agent retries with backof
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from dataclasses import dataclass, field
 
@@ -40,15 +41,17 @@ from fabric.registry import Registry
 from fabric.server import METRICS, base_app, chunk_routes, principal, read_json
 from fabric.origin import run_until_signalled
 from fabric.store import Store, open_store
-from fabric.topology import Topology
+from fabric.topology import Topology, owner_index
 from fabric.transfer import Inflight, fetch_chunks
 
 from .config import SiteConfig
 from .layout import Layout, verify_tree
+from .rollout import Rollout
 
 log = get_logger("agent")
 PEER_HEADER = "X-Fabric-Peer"  # "answer from what you hold; do not fetch upstream for me"
 AGENT = web.AppKey("agent", object)
+_PEER_REQUEST = contextvars.ContextVar("peer_request", default=False)
 
 
 @dataclass
@@ -94,11 +97,13 @@ class SiteAgent:
         self.inflight = Inflight()
         self.origin = OriginClient(cfg.origin, cfg.token)
         self.sources = self._plan_sources()
+        self.owners = self._plan_owners()
         self.channels = {a: ChannelStatus(a, c, active=self.layout.active(a)) for a, c in cfg.follow}
         self._wake = {a: asyncio.Event() for a, _ in cfg.follow}
         self._deploy_lock = asyncio.Lock()
         self.ready = False
         self.metrics: AgentMetrics | None = None
+        self.rollout = Rollout(self)  # hot-load: workers, canary, rollback (agents/rollout.py)
 
     # --- sources -----------------------------------------------------------------
 
@@ -114,6 +119,17 @@ class SiteAgent:
         clients = [OriginClient(u, self.cfg.token, headers=None if relay else {PEER_HEADER: "1"})
                    for u, relay in urls]
         return clients + [self.origin]
+
+    def _plan_owners(self) -> list[OriginClient | None]:
+        """Sibling hubs sharing the origin's uplink (None for this site), ordered by name."""
+        if self.cfg.upstreams or not self.cfg.topology:
+            return []
+        peers = Topology.load(self.cfg.topology).shard_peers(self.cfg.site)
+        return [None if p.name == self.cfg.site else OriginClient(p.url, self.cfg.token) for p in peers]
+
+    def owner(self, chunk_id: str) -> OriginClient | None:
+        """The sibling hub to fetch `chunk_id` from first, if another hub owns it."""
+        return self.owners[owner_index(chunk_id, len(self.owners))] if self.owners else None
 
     # --- following -----------------------------------------------------------------
 
@@ -198,6 +214,7 @@ class SiteAgent:
                 log.info("newer version wanted; not activating", artifact=artifact, version=version,
                          wanted=ch.target)
                 return
+            previous = ch.active
             self.layout.activate(artifact, version)
             ch.active = version
             history = self.state.history.setdefault(artifact, [])
@@ -208,6 +225,7 @@ class SiteAgent:
             self._count("activated")
             self._set_active_metric(artifact, version)
             log.info("version activated", artifact=artifact, version=version, site=self.cfg.site)
+            await self.rollout.on_activated(artifact, version, previous)
             await asyncio.to_thread(self.prune)
 
     async def _fetch(self, ch: ChannelStatus, manifest: Manifest) -> None:
@@ -223,7 +241,8 @@ class SiteAgent:
         o = self.cfg.sync
         stats = await fetch_chunks(sizes, self.store, self.sources, connections=o.connections,
                                    max_rate=o.max_rate, stall_timeout=o.stall_timeout,
-                                   give_up_after=o.give_up_after, inflight=self.inflight, progress=progress)
+                                   give_up_after=o.give_up_after, inflight=self.inflight, progress=progress,
+                                   prefer=self.owner)
         ch.bytes_done = ch.bytes_total
         if self.metrics:
             for src, n in stats.bytes_by_source.items():
@@ -277,7 +296,9 @@ class SiteAgent:
     # --- HTTP: relay, status, pins ---------------------------------------------------------
 
     async def relay_get(self, chunk_id: str) -> bytes | None:
-        fut = self.inflight.waiter(chunk_id)
+        # A peer asks only for what we hold: never make it wait on our own fetch (siblings
+        # fetching the same chunks would otherwise wait on each other until they stall).
+        fut = None if _PEER_REQUEST.get() else self.inflight.waiter(chunk_id)
         if fut is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(fut), self.cfg.sync.give_up_after)
@@ -291,6 +312,7 @@ class SiteAgent:
     async def relay_prepare(self, request: web.Request, ids: list[str]) -> None:
         """Start one upstream fetch for the asked chunks this site neither holds nor is fetching."""
         if request.headers.get(PEER_HEADER):
+            _PEER_REQUEST.set(True)  # seen by relay_get in the reads this handler starts
             return
         lacking = await asyncio.to_thread(self.store.missing, [c for c in ids if c not in self.inflight])
         owned, _ = self.inflight.claim([c for c in lacking if c not in self.inflight])
@@ -302,7 +324,7 @@ class SiteAgent:
         try:
             await fetch_chunks({c: None for c in ids}, self.store, self.sources, connections=o.connections,
                                stall_timeout=o.stall_timeout, give_up_after=o.give_up_after,
-                               inflight=self.inflight, preclaimed=True)
+                               inflight=self.inflight, preclaimed=True, prefer=self.owner)
         except FabricError as e:
             log.warning("pull-through failed", chunks=len(ids), error=e.message)
 
@@ -310,7 +332,24 @@ class SiteAgent:
         return {"site": self.cfg.site, "ready": self.ready,
                 "channels": [c.to_json() for c in self.channels.values()],
                 "pins": sorted(self.state.pins), "bad": self.state.bad,
-                "disk_used": round(self.layout.disk_usage(), 4), "at": time.time()}
+                "disk_used": round(self.layout.disk_usage(), 4), "workers": self.rollout.status(),
+                "at": time.time()}
+
+    async def reject_version(self, artifact: str, version: str, previous: str | None, reason: str) -> None:
+        """A version failed its canary here: mark it bad and put `previous` back in service."""
+        async with self._deploy_lock:
+            if version not in self.state.bad.setdefault(artifact, []):
+                self.state.bad[artifact].append(version)
+            if self.layout.active(artifact) == version:
+                if previous:
+                    self.layout.activate(artifact, previous)
+                else:
+                    (self.layout.current / artifact).unlink(missing_ok=True)
+                self.channels[artifact].active = previous
+                self._set_active_metric(artifact, previous)
+            self.layout.save_state(self.state)
+            log.error("version rejected at this site", artifact=artifact, version=version, active=previous,
+                      reason=reason)
 
     def pin(self, artifact: str, version: str, pinned: bool) -> None:
         check_name("artifact", artifact)
@@ -344,6 +383,7 @@ def create_app(agent: SiteAgent) -> web.Application:
     app[AGENT] = agent
     agent.metrics = AgentMetrics(app[METRICS].registry)
     chunk_routes(app, get=agent.relay_get, prepare=agent.relay_prepare)
+    agent.rollout.add_routes(app)
     app.router.add_get(f"{wire.API}/site", _status)
     app.router.add_post(f"{wire.API}/site/pins", _pin)
     app.router.add_delete(f"{wire.API}/site/pins/{{artifact}}/{{version}}", _unpin)
@@ -387,7 +427,7 @@ async def _background(app: web.Application):
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for client in {id(c): c for c in agent.sources}.values():
+    for client in {id(c): c for c in agent.sources + [o for o in agent.owners if o]}.values():
         await client.close()
 
 

@@ -52,6 +52,9 @@ BENCHMARKS: list[tuple[str, str, Callable[[float], list[str]]]] = [
     ("pull_throughput", "Pull throughput vs curl and aria2c",
      lambda size: ["--size-gb", f"{size:g}"]),
     ("codec_speed", "Chunk codec speed", lambda size: []),
+    ("fanout", "Fan-out makespan vs direct pulls", lambda size: ["--size-mb", "1024"]),
+    ("hotload", "Hot-load: changed tensors vs a full reload (CPU)", lambda size: []),
+    ("hook_latency", "Push hook: bucket to active at a site, and publish from S3", lambda size: []),
 ]
 
 

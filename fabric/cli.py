@@ -78,7 +78,7 @@ def _errors(as_json: bool):
 
 @contextmanager
 def _progress(total: int, label: str, quiet: bool):
-    if quiet:
+    if quiet or not err.is_terminal:  # a bar drawn into a pipe or log is noise (and a stray blank line)
         yield None
         return
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
@@ -88,11 +88,24 @@ def _progress(total: int, label: str, quiet: bool):
         yield lambda n: bar.advance(task, n)
 
 
-def _store(store: Optional[str], create: bool = False):
+def _store(store: Optional[str], create: bool = False, s3=None):
     cfg = load_client_config(store=store)
     if not cfg.store:
         raise InvalidInput("no store given: pass --store DIR or set FABRIC_STORE")
-    return open_store(cfg.store, create=create)
+    return open_store(cfg.store, create=create, s3=s3)
+
+
+S3EndpointOpt = typer.Option(None, "--s3-endpoint", help="S3 endpoint URL for s3:// paths (or AWS_ENDPOINT_URL).")
+S3KeyOpt = typer.Option(None, "--s3-access-key", help="S3 access key (or AWS_ACCESS_KEY_ID).")
+S3SecretOpt = typer.Option(None, "--s3-secret-key", help="S3 secret key (or AWS_SECRET_ACCESS_KEY).")
+
+
+def _s3(endpoint: Optional[str], access_key: Optional[str], secret_key: Optional[str]):
+    """S3 settings from flags; what is not given comes from boto3's chain (AWS_* variables, ~/.aws)."""
+    if not (endpoint or access_key or secret_key):
+        return None
+    from .store.s3 import S3Options
+    return S3Options(endpoint=endpoint, access_key=access_key, secret_key=secret_key)
 
 
 @contextmanager
@@ -132,30 +145,42 @@ def _size(n: float) -> str:
 
 
 @contextmanager
-def _target(store: Optional[str], origin: Optional[str], token: Optional[str]):
+def _target(store: Optional[str], origin: Optional[str], token: Optional[str], s3=None):
     cfg = load_client_config(store=store, origin=origin, token=token)
     if origin or (cfg.origin and not store):
         with SyncOrigin(cfg.origin, cfg.token) as so:
             yield RemoteTarget(so)
     else:
-        yield LocalTarget(_store(store, create=True))
+        yield LocalTarget(_store(store, create=True, s3=s3))
 
 
 @app.command()
-def publish(src: str = typer.Argument(..., help="File or folder to publish."),
+def publish(src: str = typer.Argument(..., help="File or folder to publish, or s3://BUCKET/PREFIX/."),
             artifact: str = typer.Option(..., "--artifact", "-a", help="Artifact name."),
             version: Optional[str] = typer.Option(None, help="Version name (default: UTC timestamp)."),
             channel: Optional[str] = typer.Option(None, help="Move this channel to the new version."),
             meta: List[str] = typer.Option([], "--meta", help="Metadata key=value (repeatable)."),
             store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
-            token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
-    """Publish SRC as a new immutable version of ARTIFACT (to --store or --origin)."""
+            token: Optional[str] = TokenOpt, as_json: bool = JsonOpt,
+            s3_endpoint: Optional[str] = S3EndpointOpt, s3_access_key: Optional[str] = S3KeyOpt,
+            s3_secret_key: Optional[str] = S3SecretOpt):
+    """Publish SRC as a new immutable version of ARTIFACT (to --store or --origin).
+
+    SRC may be objects in a bucket (s3://BUCKET/PREFIX/): they are streamed through
+    chunking without a local copy.
+    """
     with _errors(as_json):
         metadata = _parse_meta(meta)
-        total = sum(p.stat().st_size for _, p in collect_files(Path(src)))
-        with _target(store, origin, token) as target, \
+        s3 = _s3(s3_endpoint, s3_access_key, s3_secret_key)
+        if src.startswith("s3://"):
+            from .s3source import list_sources
+            source = list_sources(src, s3=s3)
+            total = sum(s.size for s in source)
+        else:
+            source, total = src, sum(p.stat().st_size for _, p in collect_files(Path(src)))
+        with _target(store, origin, token, s3) as target, \
                 _progress(total, f"publish {artifact}", as_json) as progress:
-            r = publish_fn(src, artifact=artifact, target=target, version=version,
+            r = publish_fn(source, artifact=artifact, target=target, version=version,
                            channel=channel, metadata=metadata, progress=progress)
         report = r.to_json()
         report["bytes_sent"] = r.written_bytes if isinstance(target, RemoteTarget) else 0
@@ -356,15 +381,31 @@ def origin_cmd(store: Optional[str] = StoreOpt,
                tokens: str = typer.Option(..., "--tokens", help="Token file (TOML)."),
                tls_cert: Optional[str] = typer.Option(None, "--tls-cert"),
                tls_key: Optional[str] = typer.Option(None, "--tls-key"),
-               log_level: str = typer.Option("info", "--log-level")):
-    """Serve a store as an origin over HTTP(S)."""
+               log_level: str = typer.Option("info", "--log-level"),
+               s3_endpoint: Optional[str] = S3EndpointOpt, s3_access_key: Optional[str] = S3KeyOpt,
+               s3_secret_key: Optional[str] = S3SecretOpt):
+    """Serve a store (a folder, or s3://BUCKET/PREFIX) as an origin over HTTP(S)."""
     from . import logs, origin as origin_mod
     from .auth import TokenTable
     with _errors(False):
         logs.setup(log_level)
         table = TokenTable.from_file(tokens)
-        origin_mod.run_origin(store=_store(store, create=True), listen=listen, tokens=table,
+        s3 = _s3(s3_endpoint, s3_access_key, s3_secret_key)
+        origin_mod.run_origin(store=_store(store, create=True, s3=s3), listen=listen, tokens=table,
                               tls=origin_mod.tls_context(tls_cert, tls_key))
+
+
+@app.command("hook")
+def hook_cmd(config: str = typer.Option(..., "--config", help="Hook config (TOML)."),
+             listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT (overrides the config).")):
+    """Receive S3 bucket events and publish each checkpoint once it is complete."""
+    from . import logs
+    from .hook import run_hook
+    from .hook_config import HookConfig
+    with _errors(False):
+        cfg = HookConfig.load(config, listen=listen)
+        logs.setup(cfg.log_level)
+        run_hook(cfg)
 
 
 @app.command("agent")
@@ -397,11 +438,14 @@ def status(origin: Optional[str] = OriginOpt, token: Optional[str] = TokenOpt, a
                     total = ch.get("bytes_total") or 0
                     pct = f" {100 * ch.get('bytes_done', 0) / total:.0f}%" if total else ""
                     syncing = f"{ch['syncing']}{pct}"
+                workers = ", ".join(f"{w['worker']}={w.get('serving') or '-'}"
+                                    + ("" if w.get("state") == "serving" else f" ({w.get('state')})")
+                                    for w in site.get("workers", []) if w.get("artifact") == ch["artifact"])
                 rows.append({"site": site["site"], "channel": f"{ch['artifact']}:{ch['channel']}",
                              "active": ch.get("active"), "target": ch.get("target"), "syncing": syncing,
-                             "error": ch.get("error") or "", "seen": f"{age:.0f}s ago"})
+                             "workers": workers, "error": ch.get("error") or "", "seen": f"{age:.0f}s ago"})
         _emit({"sites": sites}, as_json,
-              lambda: _table(["site", "channel", "active", "target", "syncing", "error", "seen"], rows))
+              lambda: _table(["site", "channel", "active", "target", "syncing", "workers", "error", "seen"], rows))
 
 
 AgentOpt = typer.Option("http://127.0.0.1:7070", "--agent", help="The site agent's URL.")
@@ -435,6 +479,10 @@ def unpin(ref: str = typer.Argument(..., help="NAME@VERSION"),
             raise InvalidInput("unpin needs NAME@VERSION")
         r = _agent_call(agent, token, "DELETE", f"/v1/site/pins/{artifact}/{version}", None)
         _emit(r, as_json, lambda: out.print(f"unpinned {ref}; pins: {', '.join(r['pins']) or '-'}"))
+
+
+from .cli_worker import worker_app  # noqa: E402 - the sub-app imports torch only when a command runs
+app.add_typer(worker_app, name="worker")
 
 
 def main() -> None:

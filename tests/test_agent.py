@@ -330,3 +330,30 @@ def test_site_token_without_pull_scope_is_a_clear_error(tmp_path, origin, tokens
         assert "no-pull-secret" not in agent.log_text()
     finally:
         agent.stop()
+
+
+def test_hubs_under_the_origin_split_its_uplink_by_chunk_owner(tmp_path, origin, tokens_file):
+    """Two hubs right under the origin: each chunk leaves the origin once, not once per hub."""
+    from helpers.origin import free_port
+    ports = {"hub": free_port(), "edge-a": free_port()}
+    topo = tmp_path / "topo.toml"
+    topo.write_text(f'[origin]\nurl = "{origin.url}"\n' + "".join(
+        f'[[site]]\nname = "{name}"\nregion = "eu"\nupstream = "origin"\nurl = "http://127.0.0.1:{port}"\n'
+        for name, port in ports.items()))
+    hubs = [AgentProcess(tmp_path, name, origin.url, follow=["m:prod"], tokens=tokens_file, port=port,
+                         topology=topo).start() for name, port in ports.items()]
+    try:
+        v1 = make_model(tmp_path / "v1", seed=1, tensors=12)
+        sent0 = origin.counter("fabric_bytes_sent_total")
+        r = publish_to(origin.url, v1, "m", "v1")
+        for h in hubs:
+            h.wait_active("m", "v1")
+            assert tree_digest(h.data / "current" / "m") == tree_digest(v1)
+        sent = origin.counter("fabric_bytes_sent_total") - sent0
+        assert sent <= 1.05 * r.bytes, f"origin sent {sent} for a {r.bytes}-byte version"
+        for h, other in ((hubs[0], hubs[1]), (hubs[1], hubs[0])):
+            got = h.metrics().get(f'fabric_agent_bytes_by_source_total{{source="{other.url}"}}', 0)
+            assert got > 0.2 * r.bytes  # about half its chunks came from the other hub
+    finally:
+        for h in hubs:
+            h.stop()

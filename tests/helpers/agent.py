@@ -39,7 +39,8 @@ class AgentProcess:
     """`fabric agent --config PATH`; the config is written from keyword settings."""
 
     def __init__(self, root: Path, site: str, origin_url: str, *, follow: list[str], tokens: Path | None = None,
-                 upstreams: list[str] | None = None, data: Path | None = None, token: str | None = None,
+                 upstreams: list[str] | None = None, topology: Path | None = None,
+                 data: Path | None = None, token: str | None = None,
                  retention: dict | None = None, sync: dict | None = None, port: int | None = None):
         self.root, self.site = Path(root), site
         self.port = port or free_port()
@@ -51,6 +52,8 @@ class AgentProcess:
             settings["tokens"] = str(tokens)
         if upstreams:
             settings["upstreams"] = upstreams
+        if topology:
+            settings["topology"] = str(topology)
         sync = {"resync_interval": 2, "stall_timeout": 5, "give_up_after": 20, **(sync or {})}
         self.config = write_config(self.root / f"{site}.toml", settings, retention, sync)
         self.log_path = self.root / f"{site}.log"
