@@ -26,7 +26,7 @@ from .errors import InvalidSafetensors
 
 SEGMENT_SIZE = 8 << 20  # tensor segment size (bytes); recorded in each manifest
 CDC_MIN, CDC_AVG, CDC_MAX = 16 << 10, 64 << 10, 256 << 10
-MAX_HEADER = 100 << 20  # same limit as the safetensors library
+MAX_HEADER = (64 << 20) - 8  # the header is one chunk, and a chunk is at most 64 MiB
 
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
@@ -78,8 +78,9 @@ def parse_safetensors_header(header_json: bytes, file_size: int) -> SafetensorsH
     """Validate a safetensors JSON header against the file's size."""
     start = 8 + len(header_json)
     try:
-        raw = json.loads(header_json, object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = bytes(header_json).decode("utf-8")  # the format is UTF-8 (json.loads would guess)
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InvalidSafetensors(f"header is not valid JSON: {e}") from None
     except ValueError as e:
         raise InvalidSafetensors(str(e)) from None
@@ -104,6 +105,8 @@ def _no_duplicate_keys(pairs):
 
 
 def _tensor_info(name: str, spec: object, start: int, data_len: int) -> TensorInfo:
+    if not _is_utf8(name):
+        raise InvalidSafetensors(f"tensor name {name!r} is not valid Unicode (a lone surrogate)")
     if not isinstance(spec, dict):
         raise InvalidSafetensors(f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
@@ -124,6 +127,14 @@ def _tensor_info(name: str, spec: object, start: int, data_len: int) -> TensorIn
             f"tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} (want {expected})"
         )
     return TensorInfo(name, dtype, tuple(shape), start + begin, end - begin)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _is_count(x: object) -> bool:

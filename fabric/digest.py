@@ -26,7 +26,7 @@ def digest(data: bytes | bytearray | memoryview) -> str:
 
 
 def is_valid(chunk_id: object) -> bool:
-    return isinstance(chunk_id, str) and _ID_RE.match(chunk_id) is not None
+    return isinstance(chunk_id, str) and _ID_RE.fullmatch(chunk_id) is not None
 
 
 def check_id(chunk_id: object) -> str:

@@ -13,6 +13,7 @@ well-formed ids. The format is specified in docs/formats.md.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -28,7 +29,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def check_name(kind: str, name: object) -> str:
     """Artifact, version and channel names: 1-128 of [A-Za-z0-9._-], not starting with . - _"""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidName(
             f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -111,10 +112,17 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes) -> "Manifest":
         try:
-            obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constants)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
             raise InvalidManifest(f"manifest is not valid JSON: {e}") from None
-        return cls.from_json(obj)
+        except RecursionError:
+            raise InvalidManifest("manifest is nested too deeply") from None
+        m = cls.from_json(obj)
+        try:
+            m.canonical()
+        except UnicodeEncodeError:  # JSON may escape lone surrogates ("\ud800"), which have no UTF-8 form
+            raise InvalidManifest("manifest holds a string that is not valid Unicode") from None
+        return m
 
     @classmethod
     def from_json(cls, obj: object) -> "Manifest":
@@ -147,11 +155,17 @@ class Manifest:
             if p in folders:
                 raise InvalidManifest(f"{p!r} is both a file and a folder")
         sizes = {f.path: f.size for f in self.files}
+        if len({(t.file, t.name) for t in self.tensors}) != len(self.tensors):
+            raise InvalidManifest("manifest lists a tensor twice")
         for t in self.tensors:
             if t.file not in sizes:
                 raise InvalidManifest(f"tensor {t.name!r} names unknown file {t.file!r}")
             if t.offset + t.length > sizes[t.file]:
                 raise InvalidManifest(f"tensor {t.name!r} lies beyond the end of {t.file!r}")
+            if t.length != math.prod(t.shape) * DTYPE_SIZES[t.dtype]:
+                raise InvalidManifest(f"tensor {t.name!r}: {t.length} bytes for shape {list(t.shape)} of {t.dtype}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise InvalidManifest("metadata must map strings to strings")
 
     # --- queries -----------------------------------------------------------------
 
@@ -172,6 +186,10 @@ class Manifest:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not allowed in a manifest")
 
 
 def canonical_json(obj: object) -> bytes:

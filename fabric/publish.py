@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 from . import chunking, digest
-from .errors import ChannelNotFound, InvalidManifest, SourceChanged, SourceError
+from .errors import ChannelNotFound, InvalidInput, InvalidManifest, SourceChanged, SourceError
 from .manifest import FileEntry, Manifest, TensorEntry, check_name, check_path
 from .registry import Registry, now_rfc3339
 from .store import Store
@@ -147,6 +147,8 @@ def publish(src: str | os.PathLike | Sequence[Source], *, artifact: str, target:
     version = check_name("version", version or default_version())
     if channel:
         check_name("channel", channel)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in (metadata or {}).items()):
+        raise InvalidInput("metadata must map strings to strings")
     if isinstance(src, (str, os.PathLike)):
         files: list = collect_files(Path(src))
     else:
@@ -186,7 +188,7 @@ def chunking_params() -> dict:
         "hash": digest.ALGORITHM,
         "safetensors": {"segment": chunking.SEGMENT_SIZE},
         "cdc": {"algorithm": "fastcdc2020", "min": chunking.CDC_MIN, "avg": chunking.CDC_AVG,
-                "max": chunking.CDC_MAX},
+                "max": chunking.CDC_MAX, "normalization": 1, "seed": 0},
     }
 
 
