@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Coroutine
 
 import aiohttp
 
-from . import wire
+from . import digest, wire
 from .errors import (ArtifactNotFound, ChannelNotFound, FabricError, InvalidManifest,
                      TransferError, from_code)
 from .manifest import Manifest
@@ -67,7 +67,7 @@ class OriginClient:
             async with self.session.request(method, self.url + path, **kw) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
-                    raise _error_from(resp.status, body)
+                    raise error_from(resp.status, body)
                 return body
         except aiohttp.ClientError as e:
             raise TransferError(f"{method} {self.url}{path}: {e}") from None
@@ -92,6 +92,8 @@ class OriginClient:
     async def manifest(self, artifact: str, version: str) -> Manifest:
         body = await self._request("GET", f"{wire.API}/artifacts/{artifact}/versions/{version}")
         m = Manifest.from_bytes(body)
+        if digest.digest(body) != m.id:
+            raise InvalidManifest(f"{self.url} sent {artifact}@{version} in a non-canonical form")
         if (m.artifact, m.version) != (artifact, version):
             raise InvalidManifest(f"{self.url} answered {artifact}@{version} with {m.artifact}@{m.version}")
         return m
@@ -165,7 +167,7 @@ class OriginClient:
             async with self.session.get(f"{self.url}{wire.API}/events", params={"after": after},
                                         timeout=timeout) as resp:
                 if resp.status >= 400:
-                    raise _error_from(resp.status, await resp.read())
+                    raise error_from(resp.status, await resp.read())
                 event, data = "message", ""
                 async for raw in resp.content:
                     line = raw.decode().rstrip("\n")
@@ -182,7 +184,8 @@ class OriginClient:
             raise TransferError(f"event stream from {self.url}: timed out") from None
 
 
-def _error_from(status: int, body: bytes) -> FabricError:
+def error_from(status: int, body: bytes) -> FabricError:
+    """The typed error a server's JSON error body names (or a TransferError)."""
     try:
         obj = json.loads(body)
         return from_code(obj["code"], obj["message"])

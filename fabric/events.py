@@ -62,8 +62,13 @@ class EventLog:
                 pass
 
 
-def sse_handler(key: web.AppKey, require: Callable[[web.Request], None]):
-    """A handler streaming the app's EventLog at `key` as server-sent events."""
+def sse_handler(key: web.AppKey, require: Callable[[web.Request], None],
+                visible: Callable[[web.Request, dict], bool] = lambda request, event: True):
+    """A handler streaming the app's EventLog at `key` as server-sent events.
+
+    `require` checks the caller may follow at all; `visible` filters events per caller
+    (a token sees only the artifacts its patterns allow).
+    """
 
     async def handler(request: web.Request) -> web.StreamResponse:
         require(request)
@@ -75,7 +80,8 @@ def sse_handler(key: web.AppKey, require: Callable[[web.Request], None]):
         await _send(resp, "hello", {"epoch": log.epoch, "seq": log.seq, "complete": complete})
         while not log.closed:
             for e in events:
-                await _send(resp, e["type"], e, event_id=e["seq"])
+                if visible(request, e):
+                    await _send(resp, e["type"], e, event_id=e["seq"])
                 after = e["seq"]
             await log.wait(after, _KEEPALIVE)
             events, _ = log.since(after)

@@ -121,7 +121,7 @@ class Manifest:
         try:
             m.canonical()
         except UnicodeEncodeError:  # JSON may escape lone surrogates ("\ud800"), which have no UTF-8 form
-            raise InvalidManifest("manifest holds a string that is not valid Unicode") from None
+            raise InvalidManifest("manifest holds a string that is not valid Unicode (a lone surrogate)") from None
         return m
 
     @classmethod

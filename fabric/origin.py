@@ -63,7 +63,8 @@ def create_app(store: Store, tokens: TokenTable) -> web.Application:
     r.add_post(f"{wire.API}/chunks/upload", upload_chunks)
     r.add_get(f"{wire.API}/sites", list_sites)
     r.add_post(f"{wire.API}/sites/{{site}}", report_site)
-    r.add_get(f"{wire.API}/events", sse_handler(EVENTS, require=lambda req: principal(req).require("pull")))
+    r.add_get(f"{wire.API}/events", sse_handler(EVENTS, require=lambda req: principal(req).require("pull"),
+                                                  visible=lambda req, e: principal(req).may("pull", e.get("artifact"))))
     return app
 
 

@@ -29,7 +29,7 @@ from typing import Callable
 import aiohttp
 
 from . import wire
-from .client import OriginClient
+from .client import OriginClient, error_from
 from .errors import FabricError, IntegrityError, StoreFull, TransferError
 from .logs import get_logger
 from .manifest import Manifest
@@ -220,6 +220,7 @@ class _Engine:
         self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
         self.inflight, self.on_chunk = inflight, on_chunk
         self.preferred: dict[str, SourceState] = {}
+        self.refusal: FabricError | None = None  # a 401/403 from a source, reported if all else fails
         self.stall_timeout, self.give_up_after, self.max_bad = stall_timeout, give_up_after, max_bad
         self.limit, self.progress = limit, progress
         self.queue: asyncio.Queue[_Batch] = asyncio.Queue()
@@ -269,7 +270,7 @@ class _Engine:
             source = self._pick(batch)
             if source is None:
                 if self._hopeless(batch) or time.monotonic() - self.last_progress > self.give_up_after:
-                    self.failure = TransferError(
+                    self.failure = self.refusal or TransferError(
                         f"{len(batch.ids)} chunk(s) could not be fetched from any source, e.g. {batch.ids[0]}")
                     return
                 await asyncio.sleep(self._wait_time())
@@ -304,6 +305,9 @@ class _Engine:
         try:
             async with source.client.session.post(f"{source.url}{wire.API}/chunks/fetch",
                                                   json={"ids": ids}) as resp:
+                if resp.status in (401, 403):  # retrying will not help: drop the source, say why
+                    self._refused(source, error_from(resp.status, await resp.read()))
+                    return list(ids)
                 if resp.status >= 400:
                     raise TransferError(f"{source.url} answered HTTP {resp.status} to a chunk fetch")
                 reader = wire.FrameReader(self._stall_guard(resp.content.readexactly))
@@ -380,6 +384,12 @@ class _Engine:
             source.dropped = True
             self.stats.sources_dropped.append(source.url)
             log.warning("source dropped: too many bad chunks", source=source.url)
+
+    def _refused(self, source: SourceState, e: FabricError) -> None:
+        source.dropped = True
+        self.stats.sources_dropped.append(source.url)
+        self.refusal = e
+        log.warning("source refused our token", source=source.url, code=e.code, error=e.message)
 
     def _bench(self, source: SourceState, e: Exception) -> None:
         source.failures += 1
