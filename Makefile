@@ -26,7 +26,12 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# The peers the benchmarks compare with, from Debian's packages (installed once, as root).
+BENCH_TOOLS := rsync casync nginx-light aria2 curl zstd time
+
 bench: venv
+	@for t in rsync casync nginx aria2c curl zstd /usr/bin/time; do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $(BENCH_TOOLS); fi
 	$(BIN)/python -m bench.run_all
 
 clean:
