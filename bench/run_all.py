@@ -55,6 +55,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[float], list[str]]]] = [
     ("fanout", "Fan-out makespan vs direct pulls", lambda size: ["--size-mb", "1024"]),
     ("hotload", "Hot-load: changed tensors vs a full reload (CPU)", lambda size: []),
     ("hook_latency", "Push hook: bucket to active at a site, and publish from S3", lambda size: []),
+    ("wire_bytes", "Bytes on the wire per version pair vs rsync, casync and zstd", lambda size: []),
 ]
 
 

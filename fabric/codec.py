@@ -1,8 +1,10 @@
 """Chunk encodings: how one chunk's bytes travel, losslessly.
 
-Owns the four encodings (`raw`, `zstd`, `bytegroup`, `xor`), their binary payload
-layout (specified in docs/encodings.md), the rule that picks one per chunk, and
-decoding that treats every payload as hostile. Pure: stdlib, numpy, zstandard and
+Owns the five encodings (`raw`, `zstd`, `bytegroup`, `xor`, `patch`), their binary
+payload layout (specified in docs/encodings.md), the rule that picks one per chunk,
+and decoding that treats every payload as hostile. A payload's 6-byte header may
+travel separately (the chunk stream's frame carries the tag and raw size):
+`Encoded.body` and `decode_body` are the payload without it. Pure: stdlib, numpy, zstandard and
 fabric.errors/digest only. Every function may be called from worker threads; zstd
 contexts are per thread and the heavy work (zstd, numpy, blake3) releases the GIL.
 """
@@ -13,6 +15,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Iterable
 
 import numpy as np
 import zstandard as zstd
@@ -33,6 +36,8 @@ _SAMPLES = 4  # the selector compresses this many spans of each candidate...
 _SAMPLE_BYTES = 32 << 10  # ...of this many bytes, before encoding the winner fully
 _PAYS = 0.95  # a zstd stage is used if the samples shrink to this fraction...
 _CLEARLY_PAYS = 0.5  # ...or to this one when allow_entropy=False
+_PATCH_MAX = 1 << 20  # `patch` is a candidate for byte chunks up to this size
+HEADER_SIZE = _HEADER.size
 
 _WIDTHS = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -49,6 +54,7 @@ class Encoding(IntEnum):
     ZSTD = 1
     BYTEGROUP = 2
     XOR = 3
+    PATCH = 4
 
     @classmethod
     def parse(cls, value: int | str) -> Encoding:
@@ -76,6 +82,14 @@ class Encoded:
     def name(self) -> str:
         return self.encoding.name.lower()
 
+    @property
+    def body(self) -> memoryview:
+        """The payload without its 6-byte header (what a chunk-stream frame carries)."""
+        return memoryview(self.payload)[_HEADER.size:]
+
+
+REFERENCING = (Encoding.XOR, Encoding.PATCH)  # encodings whose decoder needs a reference
+
 
 # --- encoding ------------------------------------------------------------------
 
@@ -95,6 +109,7 @@ class _Plan:
     encoding: Encoding
     size: int  # estimated payload size
     flags: tuple[bool, ...] = ()  # per byte plane: compress it?
+    blob: bytes | None = None  # `patch`, and `zstd` of a chunk sampled whole: the finished frame
 
 
 def encode(
@@ -105,19 +120,23 @@ def encode(
     reference_id: str | None = None,
     level: int = 3,
     allow_entropy: bool = True,
+    encodings: Iterable[Encoding | int | str] | None = None,
 ) -> Encoded:
     """Encode one chunk with whichever encoding its samples say is smallest.
 
     `dtype` (a safetensors dtype) sets the element width for byte planes.
     `reference` is the bytes the receiver already holds for the same tensor segment
-    (id `reference_id`, computed if omitted); with it, `xor` is a candidate.
+    or file region (id `reference_id`, computed if omitted); with it, `xor` is a
+    candidate, and so is `patch` for a chunk without byte planes (width 1).
     `level` is the zstd level of the `zstd` encoding; byte planes use fixed fast
     parameters. `allow_entropy=False` (a link faster than the codec) uses a zstd
-    stage only where its samples shrink to half or less.
+    stage only where its samples shrink to half or less. `encodings` limits the
+    candidates to those the receiver decodes (`raw` is always one).
     """
     chunk = _chunk(data, dtype, reference, reference_id, level)
     gain = _PAYS if allow_entropy else _CLEARLY_PAYS
-    plan = min(_plans(chunk, gain), key=lambda p: (p.size, p.encoding))
+    allowed = {Encoding.RAW, *(Encoding.parse(e) for e in encodings)} if encodings is not None else set(Encoding)
+    plan = min(_plans(chunk, gain, allowed), key=lambda p: (p.size, p.encoding))
     encoded = _encode_plan(plan, chunk)
     if len(encoded.payload) >= _HEADER.size + len(chunk.data):
         return _encode_raw(chunk.data)
@@ -139,9 +158,10 @@ def encode_as(
     """
     encoding = Encoding.parse(encoding)
     chunk = _chunk(data, dtype, reference, reference_id, level)
-    if encoding == Encoding.XOR and chunk.reference is None:
-        raise InvalidInput("the xor encoding needs a reference")
-    return _encode_plan(_Plan(encoding, 0, (True,) * chunk.width), chunk)
+    if encoding in REFERENCING and chunk.reference is None:
+        raise InvalidInput(f"the {encoding.name.lower()} encoding needs a reference")
+    blob = _patch_frame(chunk) if encoding == Encoding.PATCH else None
+    return _encode_plan(_Plan(encoding, 0, (True,) * chunk.width, blob), chunk)
 
 
 def _chunk(data, dtype, reference, reference_id, level) -> _Chunk:
@@ -160,23 +180,33 @@ def _chunk(data, dtype, reference, reference_id, level) -> _Chunk:
     return _Chunk(data, width, reference, reference_id, level)
 
 
-def _plans(chunk: _Chunk, gain: float):
-    """Yield every candidate with its estimated payload size."""
+def _plans(chunk: _Chunk, gain: float, allowed: set[Encoding]):
+    """Yield every allowed candidate with its estimated payload size."""
     data, width, reference = chunk.data, chunk.width, chunk.reference
     n = len(data)
     yield _Plan(Encoding.RAW, _HEADER.size + n)
+    if reference is not None:
+        overhead = _HEADER.size + _XOR_REF.size + len(chunk.reference_id)
+        if Encoding.PATCH in allowed and width == 1 and 0 < len(reference) and n <= _PATCH_MAX:
+            # Measured, not estimated. zstd with a prefix is never more than a few bytes
+            # larger than zstd without one, and it finds whatever xor would: skip those.
+            blob = _patch_frame(chunk)
+            if len(blob) <= gain * n:
+                yield _Plan(Encoding.PATCH, overhead + len(blob), (), blob)
+            return
     spans = _sample_spans(n, width)
     sample = b"".join(data[a:b] for a, b in spans)
-    ratio = _ratio(sample, _compressor(chunk.level))
-    if ratio <= gain:
-        yield _Plan(Encoding.ZSTD, _HEADER.size + int(ratio * n))
-    if width > 1:
+    if Encoding.ZSTD in allowed:
+        frame = _compressor(chunk.level).compress(sample)
+        ratio = len(frame) / len(sample) if len(sample) else 1.0
+        if ratio <= gain:  # a sample of the whole chunk is the finished frame
+            yield _Plan(Encoding.ZSTD, _HEADER.size + int(ratio * n), (), frame if spans == [(0, n)] else None)
+    if width > 1 and Encoding.BYTEGROUP in allowed:
         size, flags = _estimate_group(sample, n, width, gain)
         yield _Plan(Encoding.BYTEGROUP, _HEADER.size + size, flags)
-    if reference is not None:
+    if reference is not None and Encoding.XOR in allowed:
         xored = b"".join(_xor_prefix(data[a:b], reference[a:b]) for a, b in spans)
         size, flags = _estimate_group(xored, n, width, gain)
-        overhead = _HEADER.size + _XOR_REF.size + len(chunk.reference_id)
         yield _Plan(Encoding.XOR, overhead + size, flags)
 
 
@@ -210,13 +240,22 @@ def _encode_plan(plan: _Plan, chunk: _Chunk) -> Encoded:
     if plan.encoding == Encoding.RAW:
         return _encode_raw(data)
     if plan.encoding == Encoding.ZSTD:
-        return _encoded(Encoding.ZSTD, n, [_compressor(chunk.level).compress(data)])
+        frame = plan.blob if plan.blob is not None else _compressor(chunk.level).compress(data)
+        return _encoded(Encoding.ZSTD, n, [frame])
     if plan.encoding == Encoding.BYTEGROUP:
         return _encoded(Encoding.BYTEGROUP, n, _group(data, chunk.width, plan.flags))
     ref_id = chunk.reference_id.encode("ascii")
     parts = [_XOR_REF.pack(len(chunk.reference), len(ref_id)), ref_id]
+    if plan.encoding == Encoding.PATCH:
+        return _encoded(Encoding.PATCH, n, parts + [plan.blob], chunk.reference_id)
     parts += _group(_xor_prefix(data, chunk.reference), chunk.width, plan.flags)
     return _encoded(Encoding.XOR, n, parts, chunk.reference_id)
+
+
+def _patch_frame(chunk: _Chunk) -> bytes:
+    """One zstd frame of the chunk, compressed with the reference as its prefix."""
+    prefix = zstd.ZstdCompressionDict(bytes(chunk.reference), dict_type=zstd.DICT_TYPE_RAWCONTENT)
+    return zstd.ZstdCompressor(level=chunk.level, dict_data=prefix, write_dict_id=False).compress(chunk.data)
 
 
 def _encode_raw(data) -> Encoded:
@@ -284,6 +323,40 @@ def decode(
     encoding = Encoding.parse(tag)
     reader = _Reader(payload)
     _read_header(reader, encoding, raw_size)
+    return _decode_rest(reader, encoding, raw_size, reference, reference_id)
+
+
+def decode_body(
+    encoding: Encoding | int | str,
+    body: bytes | bytearray | memoryview,
+    *,
+    raw_size: int,
+    reference: bytes | bytearray | memoryview | None = None,
+    reference_id: str | None = None,
+) -> bytes:
+    """`decode` for a payload whose 6-byte header travels elsewhere (a chunk-stream frame).
+
+    `body` is the payload after the header; the tag and raw size come from the caller.
+    """
+    encoding = Encoding.parse(encoding)
+    if not 0 <= raw_size <= MAX_SIZE:
+        raise BadFrame(f"raw size {raw_size} out of range")
+    return _decode_rest(_Reader(body), encoding, raw_size, reference, reference_id)
+
+
+def body_reference(encoding: Encoding | int | str, body: bytes | bytearray | memoryview) -> str | None:
+    """The id of the reference a payload body needs (`xor`, `patch`), or None.
+
+    Only the id is read (BadFrame if it is malformed); the rest is checked by decoding.
+    """
+    encoding = Encoding.parse(encoding)
+    if encoding not in REFERENCING:
+        return None
+    reader = _Reader(body)
+    return _read_reference_id(reader)[1]
+
+
+def _decode_rest(reader: "_Reader", encoding: Encoding, raw_size: int, reference, reference_id) -> bytes:
     if encoding == Encoding.RAW:
         data = reader.take(raw_size, "raw bytes")
         reader.end()
@@ -292,6 +365,8 @@ def decode(
         return _unzstd(reader.take(len(reader), "zstd frame"), raw_size)
     if encoding == Encoding.BYTEGROUP:
         return _read_group(reader, raw_size).tobytes()
+    if encoding == Encoding.PATCH:
+        return _read_patch(reader, raw_size, reference, reference_id)
     return _read_xor(reader, raw_size, reference, reference_id)
 
 
@@ -367,21 +442,32 @@ def _read_plane(blob: memoryview, flag: int, n: int) -> np.ndarray:
     raise BadFrame(f"bad plane: flag {flag}, {len(blob)} bytes for {n} elements")
 
 
-def _read_xor(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:
+def _read_reference_id(reader: _Reader) -> tuple[int, str]:
     ref_size, id_length = reader.unpack(_XOR_REF, "reference")
     try:
         ref_id = str(reader.take(id_length, "reference id"), "ascii")
     except UnicodeDecodeError:
         raise BadFrame("reference id is not ASCII") from None
+    return ref_size, ref_id
+
+
+def _read_xor(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:
+    ref_size, ref_id = _read_reference_id(reader)
     held = _held_reference(ref_id, ref_size, reference, reference_id)
     out = _read_group(reader, raw_size)
     _xor_into(out, held)
     return out.tobytes()
 
 
+def _read_patch(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:
+    ref_size, ref_id = _read_reference_id(reader)
+    held = _held_reference(ref_id, ref_size, reference, reference_id)
+    return _unzstd(reader.take(len(reader), "zstd frame"), raw_size, prefix=held)
+
+
 def _held_reference(ref_id: str, ref_size: int, reference, reference_id) -> memoryview:
     """The caller's reference, if it is the one the payload names."""
-    wanted = f"chunk is xor-encoded against reference {ref_id}"
+    wanted = f"chunk is encoded against reference {ref_id}"
     if reference is None:
         raise ReferenceMismatch(f"{wanted}, but no reference was given")
     held = memoryview(reference).cast("B")
@@ -393,12 +479,21 @@ def _held_reference(ref_id: str, ref_size: int, reference, reference_id) -> memo
     return held
 
 
-def _unzstd(frame: memoryview, size: int) -> bytes:
-    """Decompress exactly one zstd frame that must declare `size` bytes of content."""
+def _unzstd(frame: memoryview, size: int, prefix: memoryview | None = None) -> bytes:
+    """Decompress exactly one zstd frame that must declare `size` bytes of content.
+
+    With `prefix`, the frame was compressed with those bytes as a raw-content
+    dictionary (`patch`)."""
     try:
         declared = zstd.frame_content_size(frame)
         if declared != size:
             raise BadFrame(f"zstd frame declares {declared} bytes, expected {size}")
+        if prefix is not None:
+            params = zstd.get_frame_parameters(frame)
+            if params.dict_id:
+                raise BadFrame(f"patch frame names dictionary {params.dict_id}; it must name none")
+            d = zstd.ZstdCompressionDict(bytes(prefix), dict_type=zstd.DICT_TYPE_RAWCONTENT)
+            return zstd.ZstdDecompressor(dict_data=d).decompress(frame, allow_extra_data=False)
         return _decompressor().decompress(frame, allow_extra_data=False)
     except zstd.ZstdError as exc:
         raise BadFrame(f"bad zstd frame: {exc}") from None

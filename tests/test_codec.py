@@ -14,7 +14,8 @@ import zstandard as zstd
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fabric.codec import Encoded, Encoding, decode, decode_verified, encode, encode_as
+from fabric.codec import (REFERENCING, Encoded, Encoding, body_reference, decode, decode_body, decode_verified,
+                          encode, encode_as)
 from fabric.digest import digest
 from fabric.errors import (
     BadFrame, CorruptChunk, FabricError, InvalidInput, PayloadTooLarge, ReferenceMismatch,
@@ -93,10 +94,11 @@ def round_trip(enc: Encoded, data: bytes, reference: bytes | None = None) -> Non
 
 def test_tags_and_names_are_stable():
     assert [(e.value, e.name.lower()) for e in Encoding] == [
-        (0, "raw"), (1, "zstd"), (2, "bytegroup"), (3, "xor")]
+        (0, "raw"), (1, "zstd"), (2, "bytegroup"), (3, "xor"), (4, "patch")]
     assert Encoding.parse(3) is Encoding.XOR
     assert Encoding.parse("bytegroup") is Encoding.BYTEGROUP
-    for bad in (4, -1, "lz4"):
+    assert Encoding.parse(4) is Encoding.PATCH
+    for bad in (5, -1, "lz4"):
         with pytest.raises(UnknownEncoding):
             Encoding.parse(bad)
 
@@ -237,7 +239,7 @@ def test_decode_verified_catches_a_wrong_chunk_id(xor_case):
 def small_payloads() -> list[tuple[Encoded, bytes, bytes | None]]:
     data = bf16_of(weights_f32(300)).tobytes() + b"\x09"
     reference = perturbed(data, 2)
-    return [(encode_as(e, data, dtype="BF16", reference=reference if e is Encoding.XOR else None),
+    return [(encode_as(e, data, dtype="BF16", reference=reference if e in REFERENCING else None),
              data, reference) for e in Encoding]
 
 
@@ -355,7 +357,7 @@ def test_property_encode_decode_is_lossless(chunk, allow_entropy, level):
     enc = encode(data, dtype=dtype, reference=reference, level=level, allow_entropy=allow_entropy)
     event(enc.name)
     assert len(enc.payload) <= len(data) + 6
-    assert (enc.reference_id is not None) == (enc.encoding is Encoding.XOR)
+    assert (enc.reference_id is not None) == (enc.encoding in REFERENCING)
     args = dict(chunk_id=digest(data), raw_size=len(data), reference=reference)
     assert decode_verified(enc, **args) == data
 
@@ -379,7 +381,7 @@ def doc_examples() -> dict[str, dict[str, bytes]]:
 
 def test_the_documented_examples_decode():
     examples = doc_examples()
-    assert set(examples) == {"bytegroup-stored", "bytegroup-zstd", "xor"}
+    assert set(examples) == {"bytegroup-stored", "bytegroup-zstd", "xor", "patch"}
     for name, blobs in examples.items():
         tag = blobs["payload"][1]
         args = dict(raw_size=len(blobs["data"]), reference=blobs.get("reference"))
@@ -393,3 +395,65 @@ def test_the_documented_examples_are_what_this_encoder_writes():
     xor = examples["xor"]
     enc = encode_as(Encoding.XOR, xor["data"], dtype="BF16", reference=xor["reference"])
     assert enc.payload == xor["payload"]
+
+
+# --- patch: zstd with the reference as prefix (byte chunks: text, CDC) -------------------
+
+def jsonl(rng, rows: int, start: int = 0) -> bytes:
+    words = np.array("the of model layer token train data loss river city music".split())
+    return b"".join(b'{"id":%d,"text":"%s"}\n' % (start + i, " ".join(rng.choice(words, 12)).encode())
+                    for i in range(rows))
+
+
+def test_selector_picks_patch_for_an_edited_byte_chunk_and_it_is_tiny():
+    rng = np.random.default_rng(5)
+    before = jsonl(rng, 800)
+    after = before[:20_000] + b"EDITED" + before[20_003:]  # an edit shifts everything after it
+    enc = encode(after, reference=before)
+    assert enc.encoding is Encoding.PATCH and enc.reference_id == digest(before)
+    assert len(enc.payload) < 200 < len(encode(after).payload) // 10
+    round_trip(enc, after, before)
+    assert encode(after, dtype="BF16", reference=before).encoding is not Encoding.PATCH  # planes: xor's job
+
+
+def test_patch_round_trips_against_any_reference():
+    rng = np.random.default_rng(6)
+    data = jsonl(rng, 50)
+    for reference in (b"", b"x", data[:10], data + b"more", rng.bytes(3000)):
+        enc = encode_as(Encoding.PATCH, data, reference=reference)
+        round_trip(enc, data, reference)
+        assert decode_body(enc.encoding, enc.body, raw_size=len(data), reference=reference) == data
+        assert body_reference(enc.tag, enc.body) == digest(reference)
+
+
+def test_patch_refuses_a_missing_or_wrong_reference_and_a_frame_with_a_dictionary_id():
+    rng = np.random.default_rng(7)
+    before = jsonl(rng, 100)
+    after = before[:500] + b"!" + before[500:]
+    enc = encode_as(Encoding.PATCH, after, reference=before)
+    with pytest.raises(ReferenceMismatch):
+        decode(enc, raw_size=len(after))
+    with pytest.raises(ReferenceMismatch):
+        decode(enc, raw_size=len(after), reference=before[:-1] + b"?")
+    samples = [jsonl(np.random.default_rng(i), 20) for i in range(200)]
+    trained = zstd.train_dictionary(4096, samples)  # a real dictionary, with an id
+    named = zstd.ZstdCompressor(dict_data=trained).compress(after)
+    assert zstd.get_frame_parameters(named).dict_id == trained.dict_id() != 0
+    head = len(enc.payload) - len(enc.body) + 5 + len(enc.reference_id)
+    with pytest.raises(BadFrame, match="dictionary"):
+        decode((4, enc.payload[:head] + named), raw_size=len(after), reference=before)
+
+
+def test_decode_body_is_decode_without_the_header():
+    for name, (data, dtype) in BUFFERS.items():
+        reference = perturbed(data, 1)
+        for encoding in Encoding:
+            ref = reference if encoding in REFERENCING else None
+            enc = encode_as(encoding, data, dtype=dtype, reference=ref)
+            assert bytes(enc.body) == enc.payload[6:]
+            assert decode_body(encoding, enc.body, raw_size=len(data), reference=ref) == data, (name, encoding)
+            assert body_reference(encoding, enc.body) == enc.reference_id
+    with pytest.raises(BadFrame):
+        body_reference(Encoding.XOR, b"\x01\x00")
+    with pytest.raises(UnknownEncoding):
+        decode_body(9, b"", raw_size=0)
