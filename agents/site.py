@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
-from fabric import gc as gc_mod
+from fabric import delta, gc as gc_mod
 from fabric import wire
 from fabric.auth import TokenTable
 from fabric.client import OriginClient
@@ -202,7 +202,8 @@ class SiteAgent:
         artifact = ch.artifact
         async with self._deploy_lock:
             ch.syncing, ch.error = version, None
-            manifest = await self.origin.manifest(artifact, version)
+            base = await asyncio.to_thread(delta.manifest_base, self.store, artifact, version)
+            manifest = await self.origin.manifest(artifact, version, base)
             await self._fetch(ch, manifest)
             await asyncio.to_thread(self.registry.commit, manifest)
             folder = self.layout.version_dir(artifact, version)
@@ -239,10 +240,11 @@ class SiteAgent:
         if self.metrics:
             self.metrics.sync_total.labels(ch.artifact).set(ch.bytes_total)
         o = self.cfg.sync
+        fields = await asyncio.to_thread(delta.request_fields, self.store, manifest)
         stats = await fetch_chunks(sizes, self.store, self.sources, connections=o.connections,
                                    max_rate=o.max_rate, stall_timeout=o.stall_timeout,
                                    give_up_after=o.give_up_after, inflight=self.inflight, progress=progress,
-                                   prefer=self.owner)
+                                   prefer=self.owner, delta_fields=fields)
         ch.bytes_done = ch.bytes_total
         if self.metrics:
             for src, n in stats.bytes_by_source.items():

@@ -14,12 +14,13 @@ import asyncio
 import json
 import ssl
 import threading
+import time
 from typing import Any, AsyncIterator, Coroutine
 
 import aiohttp
 
-from . import digest, wire
-from .errors import (ArtifactNotFound, ChannelNotFound, FabricError, InvalidManifest,
+from . import delta, digest, wire
+from .errors import (ArtifactNotFound, BadFrame, ChannelNotFound, FabricError, InvalidManifest,
                      TransferError, from_code)
 from .manifest import Manifest
 from .registry import Channel, _channel_from
@@ -38,6 +39,7 @@ class OriginClient:
         self._connections = connections
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self.upload_encodings: list[str] | None = None  # what the server decodes (its `has` answer)
 
     def __repr__(self) -> str:
         return f"OriginClient({self.url})"
@@ -62,13 +64,13 @@ class OriginClient:
 
     # --- plumbing --------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, **kw) -> bytes:
+    async def _request(self, method: str, path: str, *, with_headers: bool = False, **kw):
         try:
             async with self.session.request(method, self.url + path, **kw) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
                     raise error_from(resp.status, body)
-                return body
+                return (body, resp.content_type, resp.headers) if with_headers else body
         except aiohttp.ClientError as e:
             raise TransferError(f"{method} {self.url}{path}: {e}") from None
         except asyncio.TimeoutError:
@@ -89,8 +91,17 @@ class OriginClient:
     async def versions(self, artifact: str) -> list[dict]:
         return (await self._json("GET", f"{wire.API}/artifacts/{artifact}/versions"))["versions"]
 
-    async def manifest(self, artifact: str, version: str) -> Manifest:
-        body = await self._request("GET", f"{wire.API}/artifacts/{artifact}/versions/{version}")
+    async def manifest(self, artifact: str, version: str, base: delta.ManifestBase | None = None) -> Manifest:
+        """The manifest; with `base` (one we hold), fetched as a patch against it."""
+        path = f"{wire.API}/artifacts/{artifact}/versions/{version}"
+        body, ctype, headers = await self._request("GET", path, with_headers=True,
+                                                   params={"base": base.version} if base else None)
+        try:
+            body = delta.read_manifest_body(body, ctype, headers, base)
+        except BadFrame:
+            if base is None:
+                raise
+            return await self.manifest(artifact, version)  # the patch did not check out: plain JSON
         m = Manifest.from_bytes(body)
         if digest.digest(body) != m.id:
             raise InvalidManifest(f"{self.url} sent {artifact}@{version} in a non-canonical form")
@@ -149,8 +160,10 @@ class OriginClient:
     async def missing(self, ids: list[str]) -> list[str]:
         out: list[str] = []
         for i in range(0, len(ids), wire.MAX_IDS):
-            body = await self._json("POST", f"{wire.API}/chunks/has", json={"ids": ids[i:i + wire.MAX_IDS]})
-            out += body["missing"]
+            body, _, headers = await self._request("POST", f"{wire.API}/chunks/has", with_headers=True,
+                                                   json={"ids": ids[i:i + wire.MAX_IDS]})
+            out += json.loads(body)["missing"]
+            self.upload_encodings = delta.parse_encodings(headers.get(delta.ENCODINGS_HEADER))
         return out
 
     async def upload(self, chunks: list[tuple[str, int, int, bytes]]) -> int:
@@ -225,15 +238,24 @@ class SyncOrigin:
 class RemoteTarget:
     """A publish `Target` on an origin: ask what it lacks, upload only that."""
 
+    accepts_dtypes = True  # publish passes each chunk's tensor dtype to offer()
+
     def __init__(self, origin: SyncOrigin):
         self.origin = origin
+        self.encoder = delta.UploadEncoder()
 
-    def offer(self, chunks: list[tuple[str, bytes]]) -> list[int]:
+    def offer(self, chunks: list[tuple[str, bytes]], dtypes: list[str | None] | None = None) -> list[int]:
         missing = set(self.origin.missing([cid for cid, _ in chunks]))
-        todo = [(cid, data) for cid, data in chunks if cid in missing]
+        todo = [(cid, data, dtype) for (cid, data), dtype in zip(chunks, dtypes or [None] * len(chunks))
+                if cid in missing]
+        sent: dict[str, int] = {}
         if todo:
-            self.origin.upload([(cid, 0, len(data), data) for cid, data in todo])
-        return [len(data) if cid in missing else 0 for cid, data in chunks]
+            frames = self.encoder.frames(todo, self.origin.client.upload_encodings)
+            t0 = time.perf_counter()
+            self.origin.upload(frames)
+            sent = {cid: len(payload) for cid, _, _, payload in frames}
+            self.encoder.uploaded(sum(sent.values()), time.perf_counter() - t0)
+        return [sent.get(cid, 0) for cid, _ in chunks]
 
     def flush(self) -> None:
         pass

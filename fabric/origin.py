@@ -28,7 +28,7 @@ import time
 
 from aiohttp import web
 
-from . import wire
+from . import delta, wire
 from .auth import TokenTable
 from .errors import BadFrame, Forbidden, InvalidInput, InvalidManifest
 from .events import EventLog, sse_handler
@@ -94,12 +94,9 @@ async def get_manifest(request: web.Request) -> web.Response:
     artifact = _artifact(request, "pull")
     version = check_name("version", request.match_info["version"])
     reg: Registry = request.app[REGISTRY]
-
-    def load():
-        mid = reg.manifest_id(artifact, version)
-        return mid, reg.store.get_manifest_bytes(mid)
-    mid, body = await asyncio.to_thread(load)
-    return web.Response(body=body, content_type="application/json", headers={"X-Fabric-Manifest-Id": mid})
+    base = request.query.get("base")  # a version the client holds: answer with a patch against it
+    body, ctype, headers = await asyncio.to_thread(delta.serve_manifest, reg.store, artifact, version, base)
+    return web.Response(body=body, content_type=ctype, headers=headers)
 
 
 async def commit_manifest(request: web.Request) -> web.Response:
@@ -175,7 +172,11 @@ async def upload_chunks(request: web.Request) -> web.Response:
     async for frame in wire.FrameReader(request.content.readexactly):
         if frame.kind != wire.FRAME_CHUNK:
             raise BadFrame("an upload may contain only chunk frames")
-        data = await asyncio.to_thread(wire.decode_frame, frame)
+        if frame.encoding in delta.CODEC_TAGS:  # byte-grouped floats from a publisher (docs/encodings.md)
+            data = await asyncio.to_thread(delta.decode_chunk, store, frame.chunk_id, frame.encoding,
+                                           frame.raw_size, frame.payload)
+        else:
+            data = await asyncio.to_thread(wire.decode_frame, frame)
         await asyncio.to_thread(store.put_chunk, frame.chunk_id, data, verified=True)
         stored += 1
         received += len(frame.payload)

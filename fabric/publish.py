@@ -265,7 +265,7 @@ def _publish_file(rel: str, path: Path, target: Target, pool: ThreadPoolExecutor
             header, batches = _safetensors_batches(f, size, rel)
         else:
             header, batches = None, _cdc_batches(f, size, rel)
-        chunks, segments = _hash_and_offer(batches, target, pool, scan, progress)
+        chunks, segments = _hash_and_offer(batches, target, pool, scan, progress, _dtypes(header))
         if f.read(1) or _changed(before, os.fstat(f.fileno())):
             raise SourceChanged(f"{rel} changed while it was being published; publish again")
     mode = stat.S_IMODE(before.st_mode) & 0o777
@@ -299,7 +299,7 @@ def _publish_source(rel: str, src: Source, target: Target, pool: ThreadPoolExecu
             header, batches = _safetensors_batches(f, src.size, rel)
         else:
             header, batches = None, _cdc_batches(f, src.size, rel)
-        chunks, segments = _hash_and_offer(batches, target, pool, scan, progress)
+        chunks, segments = _hash_and_offer(batches, target, pool, scan, progress, _dtypes(header))
         if f.read(1):
             raise SourceChanged(f"{rel} grew while it was being published; publish again")
     src.check_unchanged()
@@ -366,7 +366,7 @@ def _cdc_batches(f, size: int, rel: str) -> Iterator[Batch]:
 
 
 def _hash_and_offer(batches: Iterator[Batch], target: Target, pool: ThreadPoolExecutor,
-                    scan: _Scan, progress: Progress | None):
+                    scan: _Scan, progress: Progress | None, dtypes: dict[str, str]):
     chunks: list[tuple[str, int]] = []
     segments: list[tuple[chunking.Piece | None, str]] = []
     pending: deque[tuple[Batch, Future]] = deque()
@@ -382,7 +382,7 @@ def _hash_and_offer(batches: Iterator[Batch], target: Target, pool: ThreadPoolEx
                 scan.written += written
 
     for batch in batches:
-        pending.append((batch, pool.submit(_work, batch, target, scan)))
+        pending.append((batch, pool.submit(_work, batch, target, scan, dtypes)))
         if progress:
             progress(sum(len(v) for _, v in batch))
         if len(pending) >= _IN_FLIGHT:
@@ -392,16 +392,25 @@ def _hash_and_offer(batches: Iterator[Batch], target: Target, pool: ThreadPoolEx
     return chunks, segments
 
 
-def _work(batch: Batch, target: Target, scan: _Scan) -> list[tuple[str, int, bool]]:
+def _dtypes(header: chunking.SafetensorsHeader | None) -> dict[str, str]:
+    return {t.name: t.dtype for t in header.tensors} if header else {}
+
+
+def _work(batch: Batch, target: Target, scan: _Scan, dtypes: dict[str, str]) -> list[tuple[str, int, bool]]:
     """Hash each chunk of a batch and offer the ones new to this publish. Runs in a thread."""
     ids = [digest.digest(view) for _, view in batch]
     fresh: dict[str, bytes] = {}
+    kinds: list[str | None] = []  # each fresh chunk's tensor dtype, for targets that encode by it
     with scan.lock:
-        for cid, (_, view) in zip(ids, batch):
+        for cid, (piece, view) in zip(ids, batch):
             if cid not in scan.seen:
                 scan.seen.add(cid)
                 fresh[cid] = view
-    written = dict(zip(fresh, target.offer(list(fresh.items())))) if fresh else {}
+                kinds.append(dtypes.get(piece.tensor) if piece is not None and piece.tensor else None)
+    if fresh and getattr(target, "accepts_dtypes", False):
+        written = dict(zip(fresh, target.offer(list(fresh.items()), kinds)))
+    else:
+        written = dict(zip(fresh, target.offer(list(fresh.items())))) if fresh else {}
     out = []
     for cid in ids:  # a chunk repeated within the batch counts once
         w = written.pop(cid, 0)

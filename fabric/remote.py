@@ -13,9 +13,12 @@ import asyncio
 import os
 import time
 
+from . import delta
 from .client import OriginClient
+from .errors import FabricError
 from .manifest import Manifest
 from .pull import Assembly, PullResult
+from .registry import Registry
 from .store import Store
 from .transfer import sync
 
@@ -27,13 +30,18 @@ async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: s
     """Fetch `artifact` (at `version`, or `channel`'s version, or the latest) into `dest`."""
     t0 = time.monotonic()
     version = await client.resolve(artifact, version, channel)
-    manifest = await client.manifest(artifact, version)
+    base = await asyncio.to_thread(delta.manifest_base, store, artifact, version)
+    manifest = await client.manifest(artifact, version, base)
     assembly = await asyncio.to_thread(Assembly, manifest, dest, overwrite=overwrite)
     try:
         stats = await sync(manifest, store, sources or [client], progress=progress, on_chunk=assembly.write,
                            **sync_options)
         await asyncio.to_thread(assembly.fill_from_store, store)  # the chunks the store already held
         await asyncio.to_thread(assembly.commit)
+        try:  # the store holds the whole version now: later pulls may ask for deltas against it
+            await asyncio.to_thread(Registry(store).commit, manifest)
+        except FabricError:
+            pass
     except BaseException:
         await asyncio.to_thread(assembly.abort)
         raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -26,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import digest, wire
+from . import delta, digest, wire
 from .auth import Principal, TokenTable
 from .errors import ChunkNotFound, FabricError, InvalidInput, PayloadTooLarge
 from .logs import get_logger
@@ -180,33 +181,46 @@ def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: 
         ids = read_ids(await read_json(request))
         store: Store = request.app[STORE]
         missing = await asyncio.to_thread(store.missing, ids)
-        return web.json_response({"missing": missing})
+        return web.json_response({"missing": missing}, headers={delta.ENCODINGS_HEADER: ",".join(delta.ENCODINGS)})
 
     async def fetch(request: web.Request) -> web.StreamResponse:
         _require_any(request, "pull")
-        ids = read_ids(await read_json(request))
+        body = await read_json(request)
+        ids = read_ids(body)
         if prepare:
             await prepare(request, ids)
+        # delta fields (docs/encodings.md, Negotiation): encode per chunk; else stored forms
+        p, store = principal(request), request.app[STORE]
+        plan = await delta.plan_for_request(store, body, may=lambda a: p.may("pull", a))
+        policy = delta.policy_for((p.name, request.remote), workers=min(_READ_AHEAD, os.cpu_count() or 1)) if plan else None
+        read = delta.serving_getter(get, store, plan, policy) if plan else get
         metrics: Metrics = request.app[METRICS]
         resp = web.StreamResponse(headers={"Content-Type": wire.CHUNK_STREAM})
-        length = await _stream_length(request.app[STORE], ids) if prepare is None else None
+        length = await _stream_length(store, ids) if prepare is None and plan is None else None
         if length is not None:
             resp.content_length = length  # no chunked encoding: frames go out as they are
         await resp.prepare(request)
         await resp.write(wire.MAGIC)
-        reads = [asyncio.ensure_future(get(cid)) for cid in ids[:_READ_AHEAD]]
+        reads = [asyncio.ensure_future(read(cid)) for cid in ids[:_READ_AHEAD]]
         try:
             for i, cid in enumerate(ids):
                 stored = await reads[i]
                 if i + _READ_AHEAD < len(ids):
-                    reads.append(asyncio.ensure_future(get(ids[i + _READ_AHEAD])))
+                    reads.append(asyncio.ensure_future(read(ids[i + _READ_AHEAD])))
                 if stored is None:
                     metrics.chunks_missing.inc()
                     await resp.write(wire.missing_frame(cid))
                     continue
-                tag, payload = stored[0], memoryview(stored)[1:]
-                await resp.write(wire.chunk_header(cid, tag, _raw_size(tag, payload), len(payload)))
+                if plan:
+                    tag, raw_size, payload = stored
+                else:
+                    tag, payload = stored[0], memoryview(stored)[1:]
+                    raw_size = _raw_size(tag, payload)
+                t0 = time.perf_counter()
+                await resp.write(wire.chunk_header(cid, tag, raw_size, len(payload)))
                 await resp.write(payload)
+                if plan:
+                    policy.wrote(len(payload), time.perf_counter() - t0)
                 metrics.chunks_out.inc()
                 metrics.bytes_out.inc(len(payload))
             await resp.write(wire.end_frame(len(ids)))

@@ -28,9 +28,9 @@ from typing import Callable
 
 import aiohttp
 
-from . import wire
+from . import delta, wire
 from .client import OriginClient, error_from
-from .errors import FabricError, IntegrityError, StoreFull, TransferError
+from .errors import FabricError, IntegrityError, InvalidInput, ReferenceMismatch, StoreFull, TransferError
 from .logs import get_logger
 from .manifest import Manifest
 from .store import Store
@@ -148,6 +148,8 @@ async def sync(manifest: Manifest, store: Store, sources: list[OriginClient], **
     Raises:
         TransferError: some chunks could not be fetched from any source in time.
     """
+    if "delta_fields" not in options:  # which versions we hold, so sources can send deltas
+        options["delta_fields"] = await asyncio.to_thread(delta.request_fields, store, manifest)
     return await fetch_chunks(manifest.unique_chunks(), store, sources, **options)
 
 
@@ -157,7 +159,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
                        inflight: Inflight | None = None, preclaimed: bool = False,
                        on_chunk: Callable[[str, bytes], None] | None = None,
                        prefer: Callable[[str], OriginClient | None] | None = None,
-                       progress: Progress | None = None) -> SyncStats:
+                       delta_fields: dict | None = None, progress: Progress | None = None) -> SyncStats:
     """Fetch the chunks in `sizes` (id -> size, or None if unknown) that `store` lacks.
 
     With `inflight`, chunks another fetcher is already getting are awaited, not fetched
@@ -166,6 +168,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     called (in a worker thread) with each fetched chunk's verified bytes, e.g. to write
     them straight into the files being assembled. `prefer` names, per chunk, a source
     to ask before the usual order (sibling relays splitting one uplink by chunk owner).
+    `delta_fields` (`fabric.delta.request_fields`) go into every fetch request.
     """
     if not sources:
         raise TransferError("no sources to fetch from")
@@ -180,7 +183,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
         owned, foreign = inflight.claim(missing) if inflight else (missing, [])
     engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, stall_timeout,
                      give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress, inflight,
-                     on_chunk)
+                     on_chunk, delta_fields)
     try:
         for batch in engine.batches(owned, batch_bytes, prefer):
             engine.queue.put_nowait(batch)
@@ -192,7 +195,8 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     if failed:  # the other fetcher gave up on these: try them ourselves, once
         again = await fetch_chunks({c: sizes[c] for c in failed}, store, sources, connections=connections,
                                    stall_timeout=stall_timeout, give_up_after=give_up_after,
-                                   max_bad=max_bad, on_chunk=on_chunk, progress=progress)
+                                   max_bad=max_bad, on_chunk=on_chunk, delta_fields=delta_fields,
+                                   progress=progress)
         stats.chunks_fetched += again.chunks_fetched
         stats.bytes_received += again.bytes_received
         stats.bytes_raw += again.bytes_raw
@@ -216,9 +220,11 @@ def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[l
 
 class _Engine:
     def __init__(self, store, sizes, sources, stats, stall_timeout, give_up_after, max_bad, limit, progress,
-                 inflight, on_chunk):
+                 inflight, on_chunk, delta_fields=None):
         self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
         self.inflight, self.on_chunk = inflight, on_chunk
+        self.delta_fields = delta_fields
+        self.standalone: set[str] = set()  # chunks whose reference we lack: asked for without one
         self.preferred: dict[str, SourceState] = {}
         self.refusal: FabricError | None = None  # a 401/403 from a source, reported if all else fails
         self.stall_timeout, self.give_up_after, self.max_bad = stall_timeout, give_up_after, max_bad
@@ -302,9 +308,10 @@ class _Engine:
     async def _fetch(self, source: SourceState, ids: list[str], batch: _Batch) -> list[str]:
         """Fetch `ids` from `source`; return the ids still missing afterwards."""
         done: set[str] = set()
+        retry: set[str] = set()  # reference mismatches: asked for again, standalone
+        body = delta.fetch_body(ids, self.delta_fields, self.standalone)
         try:
-            async with source.client.session.post(f"{source.url}{wire.API}/chunks/fetch",
-                                                  json={"ids": ids}) as resp:
+            async with source.client.session.post(f"{source.url}{wire.API}/chunks/fetch", json=body) as resp:
                 if resp.status in (401, 403):  # retrying will not help: drop the source, say why
                     self._refused(source, error_from(resp.status, await resp.read()))
                     return list(ids)
@@ -314,7 +321,7 @@ class _Engine:
                 receiving: set[asyncio.Task] = set()
                 try:
                     async for frame in reader:  # read the next frame while earlier ones are stored
-                        receiving.add(asyncio.create_task(self._receive(source, frame, batch, done)))
+                        receiving.add(asyncio.create_task(self._receive(source, frame, batch, done, retry)))
                         if len(receiving) >= _RECEIVE_AHEAD:
                             finished, receiving = await asyncio.wait(receiving, return_when=asyncio.FIRST_COMPLETED)
                             for t in finished:
@@ -324,7 +331,7 @@ class _Engine:
                         await t
             source.failures = 0
             for cid in ids:  # a complete answer that skipped an id counts as "missing" for it
-                if cid not in done:
+                if cid not in done and cid not in retry:
                     batch.excluded.setdefault(cid, set()).add(source.url)
         except StoreFull:
             raise
@@ -342,7 +349,8 @@ class _Engine:
                 raise TransferError(f"source stalled for {self.stall_timeout:.0f}s") from None
         return guarded
 
-    async def _receive(self, source: SourceState, frame: wire.Frame, batch: _Batch, done: set[str]) -> None:
+    async def _receive(self, source: SourceState, frame: wire.Frame, batch: _Batch, done: set[str],
+                       retry: set[str]) -> None:
         cid = frame.chunk_id
         if cid not in self.sizes:
             raise wire.BadFrame(f"{source.url} sent chunk {cid}, which was not asked for")
@@ -353,7 +361,15 @@ class _Engine:
             await self.limit.take(len(frame.payload))
         try:
             size = await asyncio.to_thread(self._store_frame, frame)
-        except (IntegrityError, wire.BadFrame) as e:
+        except ReferenceMismatch as e:
+            self.stats.bytes_received += len(frame.payload)
+            if cid in self.standalone:  # asked for it standalone, got a reference again
+                self._bad_chunk(source, cid, batch, e)
+            else:
+                self.standalone.add(cid)
+                retry.add(cid)
+            return
+        except (IntegrityError, InvalidInput) as e:  # corrupt, bad frame, unknown encoding
             self._bad_chunk(source, cid, batch, e)
             return
         done.add(cid)
@@ -369,7 +385,11 @@ class _Engine:
             self.progress(size)
 
     def _store_frame(self, frame: wire.Frame) -> int:
-        data = wire.decode_frame(frame, self.sizes[frame.chunk_id])
+        if frame.encoding in delta.CODEC_TAGS:  # bytegroup, xor, patch (docs/encodings.md); 0, 1: stored forms
+            data = delta.decode_chunk(self.store, frame.chunk_id, frame.encoding, frame.raw_size, frame.payload,
+                                      expected_size=self.sizes[frame.chunk_id])
+        else:
+            data = wire.decode_frame(frame, self.sizes[frame.chunk_id])
         self.store.put_chunk(frame.chunk_id, data, verified=True)
         if self.on_chunk:
             self.on_chunk(frame.chunk_id, data)
