@@ -203,7 +203,8 @@ def wait_all(check, names: Sequence[str], t0: float, timeout: float, what: str) 
 
 def metrics_by_source(lab: Lab, site: str) -> dict[str, float]:
     """The agent's fabric_agent_bytes_by_source_total, keyed by node name."""
-    r = lab.run(site, ["curl", "-sSf", "-m", "5", f"{lab.url(site)}/metrics"], timeout=15)
+    r = lab.run(site, ["curl", "-sSf", "-m", "5", "-H", f"Authorization: Bearer {secret(site)}",
+                       f"{lab.url(site)}/metrics"], timeout=15)
     names = {lab.url(n): n for n in lab.nodes}
     out: dict[str, float] = {}
     for line in r.stdout.splitlines():

@@ -744,9 +744,9 @@ def _serving(worker: Node) -> str | None:
 def _fetch_counters(d: Demo) -> dict[str, float]:
     """Chunk payload bytes so far: the origin's and each site's sent ("origin", "SITE|sent"), and each
     site's fetched for its deploys, by source ("SITE|SOURCE-URL")."""
-    out = {"origin": _metrics(d.origin.url).get("fabric_bytes_sent_total", 0.0)}
+    out = {"origin": _metrics(d.origin.url, d.secrets["admin"]).get("fabric_bytes_sent_total", 0.0)}
     for s in d.sites.values():
-        for key, value in _metrics(s.url).items():
+        for key, value in _metrics(s.url, d.secrets["admin"]).items():
             m = re.fullmatch(r'fabric_agent_bytes_by_source_total\{source="(.*)"\}', key)
             if m:
                 out[f"{s.name}|{m.group(1)}"] = value
@@ -861,9 +861,9 @@ def _http(url: str, method: str, path: str, token: str | None = None, timeout: f
         conn.close()
 
 
-def _metrics(url: str) -> dict[str, float]:
+def _metrics(url: str, token: str) -> dict[str, float]:
     """Prometheus text → {"name{labels}": value}."""
-    status, body = _http(url, "GET", "/metrics")
+    status, body = _http(url, "GET", "/metrics", token=token)
     out = {}
     for line in body.decode().splitlines() if status == 200 else []:
         m = re.match(r"^(\S+?(?:\{.*\})?)\s+(\S+)$", line)

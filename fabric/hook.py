@@ -186,6 +186,10 @@ async def checkpoints(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    try:
+        check_token(request.app[CONFIG].token, request.headers.get("Authorization"))
+    except Unauthorized as e:
+        return _error(e)
     m = request.app[METRICS]
     stats = await asyncio.to_thread(request.app[QUEUE].stats, time.time())
     m.depth.set(stats["depth"])

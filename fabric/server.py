@@ -34,7 +34,7 @@ from .logs import get_logger
 from .store import TAG_ZSTD, Store
 
 log = get_logger("server")
-PUBLIC = {"/livez", "/readyz", "/metrics"}
+PUBLIC = {"/livez", "/readyz"}  # the health probes; everything else, /metrics too, needs a token
 _READ_AHEAD = 3  # stored chunks read ahead of the one being sent
 
 

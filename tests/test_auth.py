@@ -121,10 +121,12 @@ def test_token_file_round_trip_with_hashed_secret(tmp_path):
 
 # --- over HTTP -------------------------------------------------------------------------------------
 
-def test_probes_need_no_token(origin):
-    for path in ("/livez", "/readyz", "/metrics"):
+def test_probes_need_no_token_but_metrics_do(origin):
+    for path in ("/livez", "/readyz"):
         assert _status(origin, "GET", path).status == 200, path
     assert _status(origin, "GET", "/readyz").json() == {"ready": True}
+    assert _status(origin, "GET", "/metrics").status == 401
+    assert request(origin.url, "GET", "/metrics", token=PULL_SECRET).status == 200
 
 
 @pytest.mark.parametrize("headers", [

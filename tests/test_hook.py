@@ -90,7 +90,7 @@ def queued_events(tmp_path: Path) -> list[tuple]:
 
 
 def metrics(hook: HookServer) -> dict[str, float]:
-    return parse_metrics(request(hook.url, "GET", "/metrics").body.decode())
+    return parse_metrics(request(hook.url, "GET", "/metrics", token=TOKEN).body.decode())
 
 
 def aws_event(bucket: str, key: str, etag: str | None, size: int = 1, seq: str = "00A1") -> dict:

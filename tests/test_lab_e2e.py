@@ -130,7 +130,8 @@ class Tree:
 
     def by_source(self, site: str) -> dict[str, float]:
         """The agent's fabric_agent_bytes_by_source_total counters, keyed by source node name."""
-        r = self.lab.run(site, ["curl", "-sSf", "-m", "5", f"{self.lab.url(site)}/metrics"], timeout=15)
+        r = self.lab.run(site, ["curl", "-sSf", "-m", "5", "-H", f"Authorization: Bearer {SECRETS[site]}",
+                                f"{self.lab.url(site)}/metrics"], timeout=15)
         assert r.returncode == 0, r.stderr
         names = {self.lab.url(n): n for n in self.lab.nodes}
         out = {}

@@ -104,7 +104,8 @@ class AgentProcess:
         return r.json()
 
     def metrics(self) -> dict[str, float]:
-        return parse_metrics(request(self.url, "GET", "/metrics", timeout=5).body.decode())
+        token = SITE_SECRETS.get(self.site, SITE_SECRETS["solo"])
+        return parse_metrics(request(self.url, "GET", "/metrics", token=token, timeout=5).body.decode())
 
     def wait_active(self, artifact: str, version: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

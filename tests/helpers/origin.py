@@ -145,8 +145,8 @@ class OriginProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def metrics(self) -> dict[str, float]:
-        r = request(self.url, "GET", "/metrics")
+    def metrics(self, token: str = ADMIN_SECRET) -> dict[str, float]:
+        r = request(self.url, "GET", "/metrics", token=token)
         assert r.status == 200, r
         return parse_metrics(r.body.decode())
 
