@@ -29,6 +29,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fabric.config import Checker, resolve_path
 from fabric.errors import ConfigError
 from fabric.manifest import check_name
 from fabric.origin import parse_listen
@@ -84,7 +85,7 @@ class SiteConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config", base: Path = Path(".")) -> "SiteConfig":
-        c = _Checker(raw, where)
+        c = Checker(raw, where)
         c.known(_TOP)
         site = c.string("site")
         try:
@@ -98,14 +99,14 @@ class SiteConfig:
             c.fail("listen", "must be HOST:PORT")
         return cls(
             site=site,
-            data=_resolve(base, c.string("data")),
+            data=resolve_path(base, c.string("data")),
             listen=listen,
             origin=c.url("origin"),
             token=_token(c, base),
             follow=_follow(c),
-            topology=_resolve(base, c.string("topology")) if "topology" in raw else None,
+            topology=resolve_path(base, c.string("topology")) if "topology" in raw else None,
             upstreams=tuple(c.urls("upstreams")),
-            tokens=_resolve(base, c.string("tokens")) if "tokens" in raw else None,
+            tokens=resolve_path(base, c.string("tokens")) if "tokens" in raw else None,
             retention=_retention(c.table("retention"), f"{where}: retention"),
             sync=_sync(c.table("sync"), f"{where}: sync"),
             log_level=c.string("log_level", "info"),
@@ -113,61 +114,12 @@ class SiteConfig:
         )
 
 
-class _Checker:
-    def __init__(self, raw: dict, where: str):
-        self.raw, self.where = raw, where
-
-    def fail(self, key: str, why: str):
-        raise ConfigError(f"{self.where}: {key}: {why}")
-
-    def known(self, keys: set[str]) -> None:
-        for key in self.raw:
-            if key not in keys:
-                self.fail(key, f"unknown key (known: {', '.join(sorted(keys))})")
-
-    def string(self, key: str, default: str | None = None) -> str:
-        value = self.raw.get(key, default)
-        if not isinstance(value, str) or not value:
-            self.fail(key, "missing or not a non-empty string")
-        return value
-
-    def url(self, key: str) -> str:
-        value = self.string(key)
-        if not value.startswith(("http://", "https://")):
-            self.fail(key, f"must be an http(s) URL, got {value!r}")
-        return value.rstrip("/")
-
-    def urls(self, key: str) -> list[str]:
-        value = self.raw.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
-                                                  for u in value):
-            self.fail(key, "must be a list of http(s) URLs")
-        return [u.rstrip("/") for u in value]
-
-    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
-        value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            self.fail(key, f"must be a number >= {minimum}")
-        return float(value)
-
-    def table(self, key: str) -> "_Checker":
-        value = self.raw.get(key, {})
-        if not isinstance(value, dict):
-            self.fail(key, "must be a table")
-        return _Checker(value, f"{self.where}: {key}")
-
-
-def _resolve(base: Path, value: str) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else (base / p).resolve()
-
-
-def _token(c: _Checker, base: Path) -> str:
+def _token(c: Checker, base: Path) -> str:
     if ("token" in c.raw) == ("token_file" in c.raw):
         c.fail("token", "give exactly one of token or token_file")
     if "token" in c.raw:
         return c.string("token")
-    path = _resolve(base, c.string("token_file"))
+    path = resolve_path(base, c.string("token_file"))
     try:
         token = path.read_text().strip()
     except OSError as e:
@@ -177,7 +129,7 @@ def _token(c: _Checker, base: Path) -> str:
     return token
 
 
-def _follow(c: _Checker) -> tuple[tuple[str, str], ...]:
+def _follow(c: Checker) -> tuple[tuple[str, str], ...]:
     value = c.raw.get("follow")
     if not isinstance(value, list) or not value:
         c.fail("follow", 'must be a non-empty list like ["llama-8b:prod"]')
@@ -199,7 +151,7 @@ def _follow(c: _Checker) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _retention(c: _Checker, where: str) -> Retention:
+def _retention(c: Checker, where: str) -> Retention:
     c.known(_RETENTION)
     keep = c.raw.get("keep", 3)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -211,7 +163,7 @@ def _retention(c: _Checker, where: str) -> Retention:
     return Retention(keep, high, low)
 
 
-def _sync(c: _Checker, where: str) -> SyncOptions:
+def _sync(c: Checker, where: str) -> SyncOptions:
     c.known(_SYNC)
     rate = c.raw.get("max_rate", "0")
     try:

@@ -1,4 +1,6 @@
-"""Client configuration: the one place that reads environment variables.
+"""Configuration: the client's settings, and the checker every daemon's TOML uses.
+
+This is the one place that reads environment variables.
 
 `ClientConfig` holds what CLI commands need when a flag is not given: the store
 folder, the origin URL and the token. Precedence: command-line flag, then the
@@ -13,6 +15,7 @@ environment (`FABRIC_STORE`, `FABRIC_ORIGIN`, `FABRIC_TOKEN`), then the config f
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,3 +60,95 @@ def _read_file(path: Path) -> dict:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: {key!r} must be a string")
     return data
+
+
+# --- checking a daemon's TOML (agents.config, fabric.hook_config) ------------------------
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: object) -> float:
+    """"30s", "2m", "500ms", "1h", "1d" or a number of seconds → seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    m = _DURATION.match(str(text).strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like '30s', '2m' or '500ms'")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def resolve_path(base: Path, value: str) -> Path:
+    """`value` as an absolute path; relative paths are relative to the config file's folder."""
+    p = Path(value)
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+class Checker:
+    """Typed reads from one TOML table; every failure names the file, table and key."""
+
+    def __init__(self, raw: dict, where: str):
+        self.raw, self.where = raw, where
+
+    def fail(self, key: str, why: str):
+        raise ConfigError(f"{self.where}: {key}: {why}")
+
+    def known(self, keys: set[str]) -> None:
+        for key in self.raw:
+            if key not in keys:
+                self.fail(key, f"unknown key (known: {', '.join(sorted(keys))})")
+
+    def string(self, key: str, default: str | None = None) -> str:
+        value = self.raw.get(key, default)
+        if not isinstance(value, str) or not value:
+            self.fail(key, "missing or not a non-empty string")
+        return value
+
+    def optional(self, key: str) -> str | None:
+        return self.string(key) if key in self.raw else None
+
+    def strings(self, key: str) -> list[str]:
+        value = self.raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.fail(key, "must be a list of strings")
+        return value
+
+    def url(self, key: str) -> str:
+        value = self.string(key)
+        if not value.startswith(("http://", "https://")):
+            self.fail(key, f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    def urls(self, key: str) -> list[str]:
+        value = self.raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
+                                                  for u in value):
+            self.fail(key, "must be a list of http(s) URLs")
+        return [u.rstrip("/") for u in value]
+
+    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            self.fail(key, f"must be a number >= {minimum}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(key, "must be true or false")
+        return value
+
+    def duration(self, key: str, default: float, minimum: float = 0.0) -> float:
+        try:
+            value = parse_duration(self.raw.get(key, default))
+        except ValueError as e:
+            self.fail(key, str(e))
+        if value < minimum:
+            self.fail(key, f"must be at least {minimum}s")
+        return value
+
+    def table(self, key: str) -> "Checker":
+        value = self.raw.get(key, {})
+        if not isinstance(value, dict):
+            self.fail(key, "must be a table")
+        return Checker(value, f"{self.where}: {key}")

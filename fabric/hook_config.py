@@ -33,6 +33,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import Checker, parse_duration, resolve_path
 from .errors import ConfigError
 from .manifest import check_name
 from .origin import parse_listen
@@ -44,8 +45,6 @@ _SNS = {"verify", "cert_dir", "topics"}
 _RULE = {"bucket", "prefix", "artifact", "version", "channel", "complete"}
 COMPLETIONS = ("dcp", "safetensors-index", "megatron", "marker:NAME", "quiet:DURATION")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ class HookConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "hook.toml", base: Path = Path(".")) -> "HookConfig":
-        c = _Checker(raw, where)
+        c = Checker(raw, where)
         c.known(_TOP)
         listen = c.string("listen")
         try:
@@ -152,29 +151,19 @@ class HookConfig:
             listen=listen,
             token=c.string("token"),
             rules=tuple(_rule(c, i, r) for i, r in enumerate(rules)),
-            queue=_resolve(base, c.string("queue", "hook-queue.db")),
+            queue=resolve_path(base, c.string("queue", "hook-queue.db")),
             origin=origin.rstrip("/") if origin else None,
             origin_token=c.optional("origin_token"),
-            store=store if not store or store.startswith("s3://") else str(_resolve(base, store)),
+            store=store if not store or store.startswith("s3://") else str(resolve_path(base, store)),
             rescan_interval=c.duration("rescan_interval", 60.0),
             retry_max=c.duration("retry_max", 60.0, minimum=0.1),
             log_level=c.string("log_level", "info"),
             s3=S3Settings(s3.optional("endpoint"), s3.optional("access_key"), s3.optional("secret_key"),
                           s3.optional("region")),
             sns=SnsSettings(sns.boolean("verify", True),
-                            _resolve(base, sns.string("cert_dir")) if "cert_dir" in sns.raw else None,
+                            resolve_path(base, sns.string("cert_dir")) if "cert_dir" in sns.raw else None,
                             tuple(sns.strings("topics"))),
         )
-
-
-def parse_duration(text: object) -> float:
-    """"30s", "2m", "500ms", "1h", "1d" or a number of seconds → seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    m = _DURATION.match(str(text).strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a duration like '30s', '2m' or '500ms'")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def compile_prefix(pattern: str) -> tuple[re.Pattern, list[str]]:
@@ -195,10 +184,10 @@ def compile_prefix(pattern: str) -> tuple[re.Pattern, list[str]]:
     return re.compile("".join(out)), names
 
 
-def _rule(top: "_Checker", i: int, raw: object) -> Rule:
+def _rule(top: "Checker", i: int, raw: object) -> Rule:
     if not isinstance(raw, dict):
         top.fail(f"rule[{i}]", "must be a table")
-    c = _Checker(raw, f"{top.where}: rule[{i}]")
+    c = Checker(raw, f"{top.where}: rule[{i}]")
     c.known(_RULE)
     prefix = c.string("prefix")
     if prefix.startswith("/") or not prefix.endswith("/"):
@@ -241,57 +230,3 @@ def _rule(top: "_Checker", i: int, raw: object) -> Rule:
     return Rule(index=i, bucket=c.string("bucket"), prefix=prefix, artifact=templates["artifact"],
                 version=templates["version"], channel=channel, complete=kind, marker=marker,
                 quiet=quiet, regex=regex)
-
-
-class _Checker:
-    def __init__(self, raw: dict, where: str):
-        self.raw, self.where = raw, where
-
-    def fail(self, key: str, why: str):
-        raise ConfigError(f"{self.where}: {key}: {why}")
-
-    def known(self, keys: set[str]) -> None:
-        for key in self.raw:
-            if key not in keys:
-                self.fail(key, f"unknown key (known: {', '.join(sorted(keys))})")
-
-    def string(self, key: str, default: str | None = None) -> str:
-        value = self.raw.get(key, default)
-        if not isinstance(value, str) or not value:
-            self.fail(key, "missing or not a non-empty string")
-        return value
-
-    def optional(self, key: str) -> str | None:
-        return self.string(key) if key in self.raw else None
-
-    def strings(self, key: str) -> list[str]:
-        value = self.raw.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            self.fail(key, "must be a list of strings")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(key, "must be true or false")
-        return value
-
-    def duration(self, key: str, default: float, minimum: float = 0.0) -> float:
-        try:
-            value = parse_duration(self.raw.get(key, default))
-        except ValueError as e:
-            self.fail(key, str(e))
-        if value < minimum:
-            self.fail(key, f"must be at least {minimum}s")
-        return value
-
-    def table(self, key: str) -> "_Checker":
-        value = self.raw.get(key, {})
-        if not isinstance(value, dict):
-            self.fail(key, "must be a table")
-        return _Checker(value, f"{self.where}: {key}")
-
-
-def _resolve(base: Path, value: str) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else (base / p).resolve()

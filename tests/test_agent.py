@@ -23,7 +23,7 @@ from fabric.manifest import Manifest
 from fabric.publish import publish
 from fabric.store import open_store
 
-from helpers.agent import SITE_SECRETS, SITE_TOKENS, AgentProcess, write_config
+from helpers.agent import SITE_TOKENS, AgentProcess, write_config
 from helpers.origin import ADMIN_SECRET, DEFAULT_TOKENS, PUBLISH_SECRET, start_origin, tree_digest, write_token_file
 
 ALL_TOKENS = DEFAULT_TOKENS + SITE_TOKENS

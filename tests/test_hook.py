@@ -22,7 +22,8 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 
 from fabric.errors import ConfigError
-from fabric.hook_config import HookConfig, parse_duration
+from fabric.config import parse_duration
+from fabric.hook_config import HookConfig
 from fabric.registry import Registry
 from fabric.store import open_store
 from fabric.pull import materialize
