@@ -279,10 +279,24 @@ class SiteAgent:
         return kept
 
     def prune(self) -> gc_mod.GcReport:
-        """Drop versions beyond retention, then chunks nothing kept needs. Runs in a thread."""
-        keep = self.cfg.retention.keep
-        if self.layout.disk_usage() > self.cfg.retention.high_watermark:
-            keep = 1  # under pressure: keep only the active and pinned versions
+        """Drop versions beyond retention, then chunks nothing kept needs. Runs in a thread.
+
+        Above the high watermark of disk use, keep fewer versions, one step at a time,
+        until use falls below the low watermark (or only active and pinned ones remain).
+        """
+        r = self.cfg.retention
+        keep = r.keep
+        report = self._prune_to(keep, grace=300)
+        if self.layout.disk_usage() > r.high_watermark:
+            while keep > 1 and self.layout.disk_usage() > r.low_watermark:
+                keep -= 1
+                report = self._prune_to(keep, grace=0)
+            log.info("disk above high watermark: pruned", keep=keep, disk_used=round(self.layout.disk_usage(), 3))
+        if self.metrics:
+            self.metrics.disk.set(self.layout.disk_usage())
+        return report
+
+    def _prune_to(self, keep: int, grace: float) -> gc_mod.GcReport:
         for artifact in set(self.registry.artifacts()) | set(self.channels):
             kept = self.kept_versions(artifact, keep)
             for version in set(self.layout.materialised(artifact)) - kept:
@@ -290,10 +304,7 @@ class SiteAgent:
                 log.info("version pruned", artifact=artifact, version=version)
             for version in set(self.registry.versions(artifact)) - kept:
                 self.registry.delete_version(artifact, version)
-        report = gc_mod.gc(self.store, keep=10 ** 9, grace=0 if keep == 1 else 300)
-        if self.metrics:
-            self.metrics.disk.set(self.layout.disk_usage())
-        return report
+        return gc_mod.gc(self.store, keep=10 ** 9, grace=grace)
 
     # --- HTTP: relay, status, pins ---------------------------------------------------------
 
