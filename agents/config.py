@@ -19,6 +19,10 @@
     stall_timeout = 30
     give_up_after = 120
     resync_interval = 60                      # seconds between full re-syncs (missed events)
+    [workers]
+    canary_timeout = 600                      # the canary must report within this (seconds)
+    load_timeout = 600                        # any other worker: past this it is marked failed
+    forget_after = 600                        # dead workers leave the status after this
 
 Every problem names the key: `site.toml: retention.keep: must be an integer >= 1`.
 """
@@ -34,10 +38,13 @@ from fabric.errors import ConfigError
 from fabric.manifest import check_name
 from fabric.origin import parse_listen
 
+from .rollout import RolloutOptions
+
 _TOP = {"site", "data", "listen", "origin", "token", "token_file", "follow", "topology",
-        "upstreams", "tokens", "retention", "sync", "log_level", "report_interval"}
+        "upstreams", "tokens", "retention", "sync", "workers", "log_level", "report_interval"}
 _RETENTION = {"keep", "high_watermark", "low_watermark"}
 _SYNC = {"connections", "max_rate", "stall_timeout", "give_up_after", "resync_interval"}
+_WORKERS = {"canary_timeout", "load_timeout", "forget_after"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class SiteConfig:
     sync: SyncOptions = field(default_factory=SyncOptions)
     log_level: str = "info"
     report_interval: float = 5.0
+    workers: RolloutOptions = field(default_factory=RolloutOptions)
 
     @classmethod
     def load(cls, path: str | Path) -> "SiteConfig":
@@ -111,6 +119,7 @@ class SiteConfig:
             sync=_sync(c.table("sync"), f"{where}: sync"),
             log_level=c.string("log_level", "info"),
             report_interval=c.number("report_interval", 5.0, minimum=0.1),
+            workers=_workers(c.table("workers")),
         )
 
 
@@ -175,6 +184,14 @@ def _sync(c: Checker, where: str) -> SyncOptions:
         c.fail("connections", "must be an integer from 1 to 64")
     return SyncOptions(connections, max_rate, c.number("stall_timeout", 30.0, 0.1),
                        c.number("give_up_after", 120.0, 0.1), c.number("resync_interval", 60.0, 0.1))
+
+
+def _workers(c: Checker) -> RolloutOptions:
+    c.known(_WORKERS)
+    d = RolloutOptions()
+    return RolloutOptions(canary_timeout=c.number("canary_timeout", d.canary_timeout, 0.1),
+                          load_timeout=c.number("load_timeout", d.load_timeout, 0.1),
+                          forget_after=c.number("forget_after", d.forget_after, 0.1))
 
 
 def _rate(value: object) -> float | None:

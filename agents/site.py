@@ -103,7 +103,7 @@ class SiteAgent:
         self._deploy_lock = asyncio.Lock()
         self.ready = False
         self.metrics: AgentMetrics | None = None
-        self.rollout = Rollout(self)  # hot-load: workers, canary, rollback (agents/rollout.py)
+        self.rollout = Rollout(self, cfg.workers)  # hot-load: workers, canary, rollback (agents/rollout.py)
 
     # --- sources -----------------------------------------------------------------
 
@@ -246,15 +246,19 @@ class SiteAgent:
                                    give_up_after=o.give_up_after, inflight=self.inflight, progress=progress,
                                    prefer=self.owner, delta_fields=fields)
         ch.bytes_done = ch.bytes_total
+        self._count_sources(stats)
+        log.info("version fetched", artifact=ch.artifact, version=manifest.version,
+                 chunks_fetched=stats.chunks_fetched, chunks_reused=stats.chunks_reused,
+                 bytes_received=stats.bytes_received, by_source=stats.bytes_by_source,
+                 bad_chunks=stats.bad_chunks_by_source, seconds=round(stats.seconds, 3))
+
+    def _count_sources(self, stats) -> None:
+        """Bytes and bad chunks by source, for our own deploys and for pull-through alike."""
         if self.metrics:
             for src, n in stats.bytes_by_source.items():
                 self.metrics.by_source.labels(src).inc(n)
             for src, n in stats.bad_chunks_by_source.items():
                 self.metrics.bad_chunks.labels(src).inc(n)
-        log.info("version fetched", artifact=ch.artifact, version=manifest.version,
-                 chunks_fetched=stats.chunks_fetched, chunks_reused=stats.chunks_reused,
-                 bytes_received=stats.bytes_received, by_source=stats.bytes_by_source,
-                 bad_chunks=stats.bad_chunks_by_source, seconds=round(stats.seconds, 3))
 
     def _count(self, outcome: str) -> None:
         if self.metrics:
@@ -335,9 +339,11 @@ class SiteAgent:
     async def _pull_through(self, ids: list[str]) -> None:
         o = self.cfg.sync
         try:
-            await fetch_chunks({c: None for c in ids}, self.store, self.sources, connections=o.connections,
-                               stall_timeout=o.stall_timeout, give_up_after=o.give_up_after,
-                               inflight=self.inflight, preclaimed=True, prefer=self.owner)
+            stats = await fetch_chunks({c: None for c in ids}, self.store, self.sources,
+                                       connections=o.connections, stall_timeout=o.stall_timeout,
+                                       give_up_after=o.give_up_after, inflight=self.inflight, preclaimed=True,
+                                       prefer=self.owner)
+            self._count_sources(stats)
         except FabricError as e:
             log.warning("pull-through failed", chunks=len(ids), error=e.message)
 
