@@ -43,6 +43,7 @@ EVENTS = web.AppKey("events", EventLog)
 REGISTRY = web.AppKey("registry", Registry)
 SITES = web.AppKey("sites", dict)
 _MAX_SITES = 10_000
+_UPLOAD_AHEAD = 4  # uploaded chunks being verified and stored while the next is read
 
 
 def create_app(store: Store, tokens: TokenTable) -> web.Application:
@@ -164,25 +165,40 @@ async def list_sites(request: web.Request) -> web.Response:
 
 
 async def upload_chunks(request: web.Request) -> web.Response:
-    """Receive a chunk stream; verify each chunk against its id before storing it."""
+    """Receive a chunk stream; verify each chunk against its id before storing it.
+
+    A few chunks are decoded, verified and stored in threads while the next frames
+    are read (on an S3 store each put is a round trip).
+    """
     principal(request).require("publish")
     store: Store = request.app[STORE]
     metrics = request.app[METRICS]
-    stored = received = 0
-    async for frame in wire.FrameReader(request.content.readexactly):
-        if frame.kind != wire.FRAME_CHUNK:
-            raise BadFrame("an upload may contain only chunk frames")
-        if frame.encoding in delta.CODEC_TAGS:  # byte-grouped floats from a publisher (docs/encodings.md)
-            data = await asyncio.to_thread(delta.decode_chunk, store, frame.chunk_id, frame.encoding,
-                                           frame.raw_size, frame.payload)
-        else:
-            data = await asyncio.to_thread(wire.decode_frame, frame)
-        await asyncio.to_thread(store.put_chunk, frame.chunk_id, data, verified=True)
-        stored += 1
-        received += len(frame.payload)
-        metrics.chunks_in.inc()
-        metrics.bytes_in.inc(len(frame.payload))
-    return web.json_response({"stored": stored, "bytes": received})
+    sizes: list[int] = []  # payload bytes of each chunk stored
+    storing: set[asyncio.Task] = set()
+    try:
+        async for frame in wire.FrameReader(request.content.readexactly):
+            if frame.kind != wire.FRAME_CHUNK:
+                raise BadFrame("an upload may contain only chunk frames")
+            storing.add(asyncio.create_task(asyncio.to_thread(_store_upload, store, frame)))
+            if len(storing) >= _UPLOAD_AHEAD:
+                done, storing = await asyncio.wait(storing, return_when=asyncio.FIRST_COMPLETED)
+                sizes += [t.result() for t in done]
+    finally:
+        for t in asyncio.as_completed(storing):
+            sizes.append(await t)
+        metrics.chunks_in.inc(len(sizes))
+        metrics.bytes_in.inc(sum(sizes))
+    return web.json_response({"stored": len(sizes), "bytes": sum(sizes)})
+
+
+def _store_upload(store: Store, frame: wire.Frame) -> int:
+    """Decode an uploaded frame, check it against its id, store it; its payload size. In a thread."""
+    if frame.encoding in delta.CODEC_TAGS:  # byte-grouped floats from a publisher (docs/encodings.md)
+        data = delta.decode_chunk(store, frame.chunk_id, frame.encoding, frame.raw_size, frame.payload)
+    else:
+        data = wire.decode_frame(frame)
+    store.put_chunk(frame.chunk_id, data, verified=True)
+    return len(frame.payload)
 
 
 async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
