@@ -55,7 +55,7 @@ from typing import Sequence
 import numpy as np
 
 from bench import machine, md_table
-from fabric.demo import TensorSpec, write_safetensors
+from fabric.safetensors_io import TensorSpec, write_safetensors
 from fabric.topology import ORIGIN, Topology, parse_rate
 
 ROOT = Path(__file__).resolve().parents[1]

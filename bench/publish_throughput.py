@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from bench import GB, Run, cached_fraction, md_table, run_timed, tree_size
-from fabric.demo import TensorSpec, write_safetensors
+from fabric.safetensors_io import TensorSpec, write_safetensors
 
 SHARD = 1 << 30  # bytes of tensor data per safetensors shard, at most
 PIECE = 8 << 20  # the generator writes and holds this much at a time

@@ -50,7 +50,7 @@ import numpy as np
 
 from bench import machine, md_table, tree_size
 from bench import netns
-from fabric.demo import TensorSpec, write_safetensors
+from fabric.safetensors_io import TensorSpec, write_safetensors
 
 COMMAND = "python -m bench.pull_throughput"
 MB = 1e6
