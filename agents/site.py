@@ -36,7 +36,7 @@ from fabric.client import OriginClient
 from fabric.errors import FabricError, NotFound
 from fabric.logs import get_logger
 from fabric.manifest import Manifest, check_name
-from fabric.pull import materialize
+from fabric.pull import Assembly
 from fabric.registry import Registry
 from fabric.server import METRICS, base_app, chunk_routes, principal, read_json
 from fabric.origin import run_until_signalled
@@ -204,13 +204,20 @@ class SiteAgent:
             ch.syncing, ch.error = version, None
             base = await asyncio.to_thread(delta.manifest_base, self.store, artifact, version)
             manifest = await self.origin.manifest(artifact, version, base)
-            await self._fetch(ch, manifest)
-            await asyncio.to_thread(self.registry.commit, manifest)
             folder = self.layout.version_dir(artifact, version)
-            if folder.is_dir():
+            if folder.is_dir():  # materialised before (a rollback, or a restart after it was built)
+                await self._fetch(ch, manifest, None)
                 await asyncio.to_thread(verify_tree, manifest, folder)
-            else:
-                await asyncio.to_thread(materialize, self.store, manifest, folder)
+            else:  # build the folder as chunks arrive; the ones the store held are copied after
+                assembly = await asyncio.to_thread(Assembly, manifest, folder)
+                try:
+                    await self._fetch(ch, manifest, assembly.write)
+                    await asyncio.to_thread(assembly.fill_from_store, self.store)
+                    await asyncio.to_thread(assembly.commit)
+                except BaseException:
+                    await asyncio.to_thread(assembly.abort)
+                    raise
+            await asyncio.to_thread(self.registry.commit, manifest)
             if ch.target != version:
                 log.info("newer version wanted; not activating", artifact=artifact, version=version,
                          wanted=ch.target)
@@ -229,7 +236,7 @@ class SiteAgent:
             await self.rollout.on_activated(artifact, version, previous)
             await asyncio.to_thread(self.prune)
 
-    async def _fetch(self, ch: ChannelStatus, manifest: Manifest) -> None:
+    async def _fetch(self, ch: ChannelStatus, manifest: Manifest, on_chunk) -> None:
         sizes = manifest.unique_chunks()
         ch.bytes_total, ch.bytes_done = sum(sizes.values()), 0
 
@@ -244,12 +251,13 @@ class SiteAgent:
         stats = await fetch_chunks(sizes, self.store, self.sources, connections=o.connections,
                                    max_rate=o.max_rate, stall_timeout=o.stall_timeout,
                                    give_up_after=o.give_up_after, inflight=self.inflight, progress=progress,
-                                   prefer=self.owner, delta_fields=fields)
+                                   prefer=self.owner, delta_fields=fields, on_chunk=on_chunk)
         ch.bytes_done = ch.bytes_total
         self._count_sources(stats)
         log.info("version fetched", artifact=ch.artifact, version=manifest.version,
                  chunks_fetched=stats.chunks_fetched, chunks_reused=stats.chunks_reused,
-                 bytes_received=stats.bytes_received, by_source=stats.bytes_by_source,
+                 bytes_received=stats.bytes_received, bytes_raw=stats.bytes_raw,
+                 wire_ratio=stats.to_json()["wire_ratio"], by_source=stats.bytes_by_source,
                  bad_chunks=stats.bad_chunks_by_source, seconds=round(stats.seconds, 3))
 
     def _count_sources(self, stats) -> None:

@@ -219,7 +219,8 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
                 materialize(s, m, dest, overwrite=force, progress=progress)
             report = {"artifact": artifact, "version": version, "manifest_id": m.id, "dest": dest,
                       "files": len(m.files), "bytes": m.size, "chunks_fetched": 0,
-                      "chunks_reused": len(m.unique_chunks()), "bytes_received": 0,
+                      "chunks_reused": len(m.unique_chunks()), "bytes_received": 0, "bytes_raw": 0,
+                      "wire_ratio": None,
                       "seconds": round(time.monotonic() - t0, 3)}
         _emit(report, as_json, lambda: out.print(
             f"pulled [bold]{artifact}@{report['version']}[/bold] into {dest}: {report['files']} files, "

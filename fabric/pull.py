@@ -34,11 +34,17 @@ class PullResult:
     bytes: int
     chunks_fetched: int = 0
     chunks_reused: int = 0
-    bytes_received: int = 0
+    bytes_received: int = 0  # payload bytes on the wire
+    bytes_raw: int = 0  # decoded bytes of the chunks fetched
     seconds: float = 0.0
 
+    @property
+    def wire_ratio(self) -> float | None:
+        """Payload bytes on the wire per raw byte fetched."""
+        return round(self.bytes_received / self.bytes_raw, 6) if self.bytes_raw else None
+
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return dict(self.__dict__, wire_ratio=self.wire_ratio)
 
 
 def check_dest(dest: Path, overwrite: bool) -> None:

@@ -48,7 +48,7 @@ async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: s
     result = PullResult(
         artifact=artifact, version=version, manifest_id=manifest.id, dest=str(dest),
         files=len(manifest.files), bytes=manifest.size, chunks_fetched=stats.chunks_fetched,
-        chunks_reused=stats.chunks_reused, bytes_received=stats.bytes_received,
+        chunks_reused=stats.chunks_reused, bytes_received=stats.bytes_received, bytes_raw=stats.bytes_raw,
         seconds=time.monotonic() - t0,
     )
     return result, manifest
