@@ -63,11 +63,11 @@ class LocalTarget:
         self.registry = Registry(store)
 
     def offer(self, chunks: list[tuple[str, bytes]]) -> list[int]:
-        return [0 if self.store.has_chunk(cid) else self.store.put_chunk(cid, data, verified=True)
+        return [0 if self.store.has_chunk(cid) else self.store.put_chunk(cid, data, verified=True, defer=True)
                 for cid, data in chunks]
 
     def flush(self) -> None:
-        pass
+        self.store.flush()  # the chunks are durable before the manifest that names them
 
     def parent_for(self, artifact: str, channel: str | None) -> str | None:
         if channel:
@@ -155,12 +155,14 @@ def publish(src: str | os.PathLike | Sequence[Source], *, artifact: str, target:
         files = sorted(((_check_rel(s.rel), s) for s in src), key=lambda f: f[0])
     scan = _Scan()
     entries, tensors = [], []
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fabric-hash") as pool:
-        for rel, path in files:
-            entry, file_tensors = _publish_file(rel, path, target, pool, scan, progress)
-            entries.append(entry)
-            tensors += file_tensors
-    target.flush()
+    try:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fabric-hash") as pool:
+            for rel, path in files:
+                entry, file_tensors = _publish_file(rel, path, target, pool, scan, progress)
+                entries.append(entry)
+                tensors += file_tensors
+    finally:
+        target.flush()  # stored chunks are kept even if this publish fails: a retry reuses them
     parent = target.parent_for(artifact, channel)
     manifest = Manifest(
         artifact=artifact, version=version, parent=parent if parent != version else None,

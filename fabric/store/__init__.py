@@ -85,17 +85,31 @@ class Store:
             return [cid for cid, h in zip(unique, held) if not h]
         return [cid for cid in unique if not self.has_chunk(cid)]
 
-    def put_chunk(self, chunk_id: str, data: bytes | memoryview, *, verified: bool = False) -> int:
-        """Store a chunk; return the bytes written. Verifies `data` unless the caller just did."""
+    def put_chunk(self, chunk_id: str, data: bytes | memoryview, *, verified: bool = False,
+                  defer: bool = False) -> int:
+        """Store a chunk; return the bytes written. Verifies `data` unless the caller just did.
+
+        With `defer`, a local store makes the chunk durable and visible only at `flush()`
+        (a publish writes many chunks, then flushes once before it commits).
+        """
         if not verified:
             digest.verify(chunk_id, data)
         payload, tag = self._maybe_compress(data)
         put_parts = getattr(self.backend, "put_parts", None)
         if put_parts is not None:  # a local file: write tag and payload without joining them
-            put_parts(chunk_key(chunk_id), [bytes([tag]), payload])
+            if defer:
+                put_parts(chunk_key(chunk_id), [bytes([tag]), payload], durable=False)
+            else:
+                put_parts(chunk_key(chunk_id), [bytes([tag]), payload])
         else:
             self.backend.put(chunk_key(chunk_id), bytes([tag]) + payload)
         return len(payload) + 1
+
+    def flush(self) -> None:
+        """Make chunks stored with `defer` durable and visible."""
+        flush = getattr(self.backend, "flush", None)
+        if flush is not None:
+            flush()
 
     def get_chunk(self, chunk_id: str) -> bytes:
         """The chunk's raw bytes, checked against its id."""
