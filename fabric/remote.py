@@ -34,8 +34,11 @@ async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: s
     manifest = await client.manifest(artifact, version, base)
     assembly = await asyncio.to_thread(Assembly, manifest, dest, overwrite=overwrite)
     try:
-        stats = await sync(manifest, store, sources or [client], progress=progress, on_chunk=assembly.write,
-                           **sync_options)
+        try:
+            stats = await sync(manifest, store, sources or [client], progress=progress, on_chunk=assembly.write,
+                               defer_store=True, **sync_options)
+        finally:
+            await asyncio.to_thread(store.flush)  # one syncfs for the cache, not one fsync per chunk
         await asyncio.to_thread(assembly.fill_from_store, store)  # the chunks the store already held
         await asyncio.to_thread(assembly.commit)
         try:  # the store holds the whole version now: later pulls may ask for deltas against it

@@ -159,7 +159,8 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
                        inflight: Inflight | None = None, preclaimed: bool = False,
                        on_chunk: Callable[[str, bytes], None] | None = None,
                        prefer: Callable[[str], OriginClient | None] | None = None,
-                       delta_fields: dict | None = None, progress: Progress | None = None) -> SyncStats:
+                       delta_fields: dict | None = None, defer_store: bool = False,
+                       progress: Progress | None = None) -> SyncStats:
     """Fetch the chunks in `sizes` (id -> size, or None if unknown) that `store` lacks.
 
     With `inflight`, chunks another fetcher is already getting are awaited, not fetched
@@ -168,7 +169,9 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     called (in a worker thread) with each fetched chunk's verified bytes, e.g. to write
     them straight into the files being assembled. `prefer` names, per chunk, a source
     to ask before the usual order (sibling relays splitting one uplink by chunk owner).
-    `delta_fields` (`fabric.delta.request_fields`) go into every fetch request.
+    `delta_fields` (`fabric.delta.request_fields`) go into every fetch request. With
+    `defer_store`, chunks become durable and visible in the store only at its `flush()`,
+    which the caller runs (right for a private cache; a relay's store serves at once).
     """
     if not sources:
         raise TransferError("no sources to fetch from")
@@ -183,7 +186,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
         owned, foreign = inflight.claim(missing) if inflight else (missing, [])
     engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, stall_timeout,
                      give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress, inflight,
-                     on_chunk, delta_fields)
+                     on_chunk, delta_fields, defer_store)
     try:
         for batch in engine.batches(owned, batch_bytes, prefer):
             engine.queue.put_nowait(batch)
@@ -196,7 +199,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
         again = await fetch_chunks({c: sizes[c] for c in failed}, store, sources, connections=connections,
                                    stall_timeout=stall_timeout, give_up_after=give_up_after,
                                    max_bad=max_bad, on_chunk=on_chunk, delta_fields=delta_fields,
-                                   progress=progress)
+                                   defer_store=defer_store, progress=progress)
         stats.chunks_fetched += again.chunks_fetched
         stats.bytes_received += again.bytes_received
         stats.bytes_raw += again.bytes_raw
@@ -220,10 +223,10 @@ def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[l
 
 class _Engine:
     def __init__(self, store, sizes, sources, stats, stall_timeout, give_up_after, max_bad, limit, progress,
-                 inflight, on_chunk, delta_fields=None):
+                 inflight, on_chunk, delta_fields=None, defer_store=False):
         self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
         self.inflight, self.on_chunk = inflight, on_chunk
-        self.delta_fields = delta_fields
+        self.delta_fields, self.defer_store = delta_fields, defer_store
         self.standalone: set[str] = set()  # chunks whose reference we lack: asked for without one
         self.preferred: dict[str, SourceState] = {}
         self.refusal: FabricError | None = None  # a 401/403 from a source, reported if all else fails
@@ -390,7 +393,7 @@ class _Engine:
                                       expected_size=self.sizes[frame.chunk_id])
         else:
             data = wire.decode_frame(frame, self.sizes[frame.chunk_id])
-        self.store.put_chunk(frame.chunk_id, data, verified=True)
+        self.store.put_chunk(frame.chunk_id, data, verified=True, defer=self.defer_store)
         if self.on_chunk:
             self.on_chunk(frame.chunk_id, data)
         return len(data)

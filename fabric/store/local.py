@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +36,7 @@ class LocalBackend:
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._pending: list[tuple[Path, Path]] = []  # deferred writes: (temp file, final path)
         self._pending_bytes = 0
+        self._pending_since = 0.0
         self._pending_lock = threading.Lock()
 
     def describe(self) -> str:
@@ -87,9 +89,12 @@ class LocalBackend:
                 os.close(fd)
             if not durable:
                 with self._pending_lock:
+                    if not self._pending:
+                        self._pending_since = time.monotonic()
                     self._pending.append((tmp, path))
                     self._pending_bytes += sum(len(p) for p in parts)
-                    full = self._pending_bytes >= _FLUSH_EVERY
+                    full = (self._pending_bytes >= _FLUSH_BYTES
+                            or time.monotonic() - self._pending_since >= _FLUSH_SECONDS)
                 if full:  # bound what a crash can lose: a killed publish resumes from here
                     self.flush()
                 return
@@ -155,7 +160,8 @@ def _lock_path(path: Path) -> Path:
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
-_FLUSH_EVERY = 256 << 20  # deferred bytes that trigger a flush
+_FLUSH_BYTES = 256 << 20  # deferred bytes that trigger a flush
+_FLUSH_SECONDS = 2.0  # ... or the age of the oldest deferred write: what a crash can lose
 
 
 def _syncfs(path: Path) -> None:
