@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "every run is listed, because "
         "this VM's disk swings between runs. `vs cp` = throughput / `cp -r` throughput (above 1 is "
         "faster than cp). Peak RSS is the command's own (GNU time `%M`); the publish child is a Python interpreter that imports Fabric.",
-        "Fabric hashes with BLAKE3 and writes each chunk to a temp file, fsyncs and renames it; "
+        "Fabric hashes with BLAKE3 and writes each chunk to a temp file, makes them durable with one syncfs per 256 MiB, then renames them; "
         "with compression on, each chunk is first test-compressed (64 KiB sample, zstd-1), which "
         "on incompressible data costs little and stores it raw. zstd -1 runs single-threaded.",
     ]

@@ -420,9 +420,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"{m['nproc']} CPUs ({m['cpu']}).",
         "`seconds` = child start → child exit → `sync` done; `MB/s` is artifact bytes over that. "
         "`MB/s to exit` leaves out the final sync (curl and aria2c leave data in the page cache; "
-        "Fabric fsyncs every chunk and file itself). `MB/s inside` is the time the fabric child reports "
+        "Fabric makes its cache and DEST durable itself). `MB/s inside` is the time the fabric child reports "
         "for its own work (no interpreter start-up).",
-        "fabric pull writes every byte twice (into its store, then DEST); curl and aria2c write once.",
+        "fabric pull writes every byte twice (into its chunk cache, `--store`, and into DEST, as each chunk arrives); curl and aria2c write once.",
         f"Fastest of {args.repeat} run(s) per method. Took {time.monotonic() - t_start:.0f}s.",
     ]
     report = md_table(HEADERS, table_rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
