@@ -124,6 +124,11 @@ class Store:
         except NotFound:
             raise ChunkNotFound(f"chunk {chunk_id} is not in {self}") from None
 
+    def chunk_path(self, chunk_id: str):
+        """The file holding a stored chunk, for a local store (else None): to send it with sendfile."""
+        path = getattr(self.backend, "path", None)
+        return None if path is None else path(chunk_key(chunk_id))
+
     def stored_sizes(self, chunk_ids: list[str]) -> list[int | None] | None:
         """Stored size (tag byte + payload) of each chunk, None where absent; None if unknowable cheaply."""
         size = getattr(self.backend, "size", None)

@@ -53,6 +53,9 @@ class LocalBackend:
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    def path(self, key: str) -> Path:
+        return self._path(key)
+
     def size(self, key: str) -> int | None:
         try:
             return os.stat(self._path(key)).st_size
