@@ -29,12 +29,10 @@ Every problem names the key: `site.toml: retention.keep: must be an integer >= 1
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fabric.config import Checker, resolve_path
-from fabric.errors import ConfigError
+from fabric.config import Checker, read_toml, resolve_path
 from fabric.manifest import check_name
 from fabric.origin import parse_listen
 
@@ -83,13 +81,7 @@ class SiteConfig:
     @classmethod
     def load(cls, path: str | Path) -> "SiteConfig":
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read agent config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        return cls.from_dict(raw, path.name, base=path.parent)
+        return cls.from_dict(read_toml(path, "agent config"), path.name, base=path.parent)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config", base: Path = Path(".")) -> "SiteConfig":

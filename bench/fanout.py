@@ -55,6 +55,7 @@ from typing import Sequence
 import numpy as np
 
 from bench import machine, md_table
+from bench.pull_throughput import nginx_config
 from fabric.safetensors_io import TensorSpec, write_safetensors
 from fabric.topology import ORIGIN, Topology, parse_rate
 
@@ -287,35 +288,8 @@ def run_fabric(lab: Lab, work: Path, src: Path, tokens: Path, topo_file: Path | 
     return Outcome(makespan, egress, done, identical), report, per_site
 
 
-def nginx_conf(work: Path, root: Path, host: str, port: int) -> Path:
-    prefix = work / "nginx"
-    (prefix / "temp").mkdir(parents=True, exist_ok=True)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    conf = prefix / "nginx.conf"
-    temps = "\n".join(f"    {k}_temp_path {prefix}/temp/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    conf.write_text(f"""{user}daemon off;
-worker_processes 2;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    default_type application/octet-stream;
-{temps}
-    server {{
-        listen {host}:{port};
-        root {root};
-        location / {{ }}
-    }}
-}}
-""")
-    return conf
-
-
 def run_direct(lab: Lab, work: Path, src: Path, tool: str, timeout: float) -> Outcome:
-    ngx = lab.exec(ORIGIN, ["nginx", "-c", nginx_conf(work, src.parent, lab.addr(ORIGIN), NGINX_PORT)])
+    ngx = lab.exec(ORIGIN, ["nginx", "-c", nginx_config(work, src.parent, lab.addr(ORIGIN), NGINX_PORT)])
     url = f"{lab.url(ORIGIN, NGINX_PORT)}/{src.name}"
     lab.wait_http(ORIGIN, url, proc=ngx, timeout=15)
     dirs = {e: work / "direct" / e for e in EDGES}

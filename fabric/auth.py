@@ -18,10 +18,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import read_toml
 from .errors import ConfigError, Forbidden, Unauthorized
 
 SCOPES = ("pull", "publish", "admin")
@@ -57,13 +57,7 @@ class TokenTable:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TokenTable":
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read token file {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"token file {path}: {e}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_toml(path, "token file"), str(path))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "tokens") -> "TokenTable":

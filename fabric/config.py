@@ -47,13 +47,20 @@ def load_client_config(*, store: str | None = None, origin: str | None = None,
     )
 
 
+def read_toml(path: str | Path, what: str) -> dict:
+    """Parse a TOML file; a missing, unreadable or malformed file is a ConfigError naming it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path}: {e}") from None
+
+
 def _read_file(path: Path) -> dict:
     if not path.exists():
         return {}
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+    data = read_toml(path, "config file")
     for key, value in data.items():
         if key not in _KEYS:
             raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(_KEYS))})")

@@ -29,12 +29,10 @@ Every problem names the key: `hook.toml: rule[0].complete: unknown completion 'd
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Checker, parse_duration, resolve_path
-from .errors import ConfigError
+from .config import Checker, parse_duration, read_toml, resolve_path
 from .manifest import check_name
 from .origin import parse_listen
 
@@ -113,12 +111,7 @@ class HookConfig:
     @classmethod
     def load(cls, path: str | Path, *, listen: str | None = None) -> "HookConfig":
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read hook config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        raw = read_toml(path, "hook config")
         if listen:
             raw["listen"] = listen
         return cls.from_dict(raw, path.name, base=path.parent)

@@ -17,10 +17,10 @@ carries each chunk once per version, and a dead relay costs its children only a 
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import read_toml
 from .errors import ConfigError
 
 ORIGIN = "origin"
@@ -63,13 +63,7 @@ class Topology:
 
     @classmethod
     def load(cls, path: str | Path) -> "Topology":
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read topology {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"topology {path}: {e}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_toml(path, "topology"), str(path))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "topology") -> "Topology":
