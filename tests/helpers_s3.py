@@ -30,6 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from fabric.store.s3 import S3Options, make_client
+from helpers.process import ServerProcess
 
 WEED = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
 ACCESS_KEY, SECRET_KEY = "fabric-test-key", "fabric-test-secret-7c1e"
@@ -328,55 +329,10 @@ def hook_config(tmp: Path, *, port: int, bucket: str, endpoint: str, store: Path
     return path
 
 
-class HookProcess:
+class HookProcess(ServerProcess):
     """`fabric hook --config PATH` as a real process, logging to hook-process.log beside the config."""
 
     def __init__(self, config: Path, port: int):
-        self.config, self.port = Path(config), port
-        self.log_path = self.config.parent / "hook-process.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> "HookProcess":
-        from helpers.http import request
-        from helpers.origin import FABRIC, clean_env
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(FABRIC + ["hook", "--config", str(self.config)], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"hook exited rc={self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if request(self.url, "GET", "/readyz", timeout=2).status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"hook did not come up:\n{self.log_text()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> "HookProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        self.config = Path(config)
+        super().__init__(["hook", "--config", str(self.config)], port, self.config.parent / "hook-process.log",
+                         name="hook", probe="/readyz")

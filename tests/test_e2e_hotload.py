@@ -7,8 +7,6 @@ it), `fabric rollback` moving every worker back, and a canary killed mid-load.
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,30 +20,25 @@ from fabric.worker_demo import fixed_input, make_weights, model_from
 
 from helpers.agent import SITE_SECRETS, SITE_TOKENS, AgentProcess
 from helpers.http import Session, request
-from helpers.origin import (ADMIN_SECRET, DEFAULT_TOKENS, FABRIC, PUBLISH_SECRET, clean_env, fabric, fabric_json,
-                            free_port, start_origin)
+from helpers.origin import ADMIN_SECRET, DEFAULT_TOKENS, PUBLISH_SECRET, fabric, fabric_json, free_port, start_origin
+from helpers.process import ServerProcess
 
 ARTIFACT = "demo-mlp"
 TOKEN = SITE_SECRETS["solo"]
 
 
-class WorkerProcess:
+class WorkerProcess(ServerProcess):
     """`fabric worker demo` serving on a free loopback port."""
 
     def __init__(self, root: Path, wid: str, agent_url: str, *, mode: str = "in-place", slow_load: float = 0.0):
-        self.wid, self.port = wid, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / f"worker-{wid}.log"
-        self.cmd = FABRIC + ["worker", "demo", "--agent", agent_url, "--artifact", ARTIFACT, "--channel", "prod",
-                             "--listen", f"127.0.0.1:{self.port}", "--mode", mode, "--worker-id", wid,
-                             "--token", TOKEN, "--poll", "0.5", "--slow-load", str(slow_load)]
-        self.proc: subprocess.Popen | None = None
+        self.wid, port = wid, free_port()
+        super().__init__(["worker", "demo", "--agent", agent_url, "--artifact", ARTIFACT, "--channel", "prod",
+                          "--listen", f"127.0.0.1:{port}", "--mode", mode, "--worker-id", wid,
+                          "--token", TOKEN, "--poll", "0.5", "--slow-load", str(slow_load)],
+                         port, root / f"worker-{wid}.log", name=f"worker {wid}")
 
     def start(self) -> "WorkerProcess":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=clean_env())
-        return self
+        return self.spawn()  # it answers only once it serves a version: callers wait for that
 
     def status(self) -> dict | None:
         try:
@@ -70,20 +63,7 @@ class WorkerProcess:
         return [(r["version"], r["ok"]) for r in self.status()["loads"] if r["tensors_changed"] or not r["ok"]]
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=15)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        return self.log_text()
 
 
 class Lab:

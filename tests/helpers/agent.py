@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 from .http import request
-from .origin import FABRIC, clean_env, free_port, parse_metrics
+from .origin import free_port, parse_metrics
+from .process import ServerProcess
 
 SITE_SECRETS = {  # each site's own token (pull scope); long and distinctive for log scans
     "hub": "hub-token-6d2f0a9c81e4b357",
@@ -35,7 +35,7 @@ def write_config(path: Path, settings: dict, retention: dict | None = None, sync
     return path
 
 
-class AgentProcess:
+class AgentProcess(ServerProcess):
     """`fabric agent --config PATH`; the config is written from keyword settings."""
 
     def __init__(self, root: Path, site: str, origin_url: str, *, follow: list[str], tokens: Path | None = None,
@@ -56,42 +56,8 @@ class AgentProcess:
             settings["topology"] = str(topology)
         sync = {"resync_interval": 2, "stall_timeout": 5, "give_up_after": 20, **(sync or {})}
         self.config = write_config(self.root / f"{site}.toml", settings, retention, sync)
-        self.log_path = self.root / f"{site}.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> "AgentProcess":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(FABRIC + ["agent", "--config", str(self.config)], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent {self.site} exited rc={self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if request(self.url, "GET", "/livez", timeout=2).status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"agent {self.site} did not come up:\n{self.log_text()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        super().__init__(["agent", "--config", str(self.config)], self.port, self.root / f"{site}.log",
+                         name=f"agent {site}")
 
     def active(self, artifact: str) -> str | None:
         link = self.data / "current" / artifact
@@ -117,12 +83,3 @@ class AgentProcess:
             time.sleep(0.1)
         raise AssertionError(f"{self.site}: {artifact} active={self.active(artifact)}, wanted {version}\n"
                              f"{self.log_text()[-3000:]}")
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
