@@ -258,7 +258,7 @@ class RemoteTarget:
         return [sent.get(cid, 0) for cid, _ in chunks]
 
     def flush(self) -> None:
-        pass
+        """Nothing to do: every `offer` has uploaded its chunks before returning."""
 
     def parent_for(self, artifact: str, channel: str | None) -> str | None:
         if channel:
