@@ -200,9 +200,17 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
          force: bool = typer.Option(False, "--force", help="Replace a non-empty DEST."),
          connections: int = typer.Option(4, help="Parallel connections (with --origin)."),
          max_rate: Optional[str] = typer.Option(None, "--max-rate", help="Bandwidth cap, e.g. 100M (bytes/s)."),
+         copy: bool = typer.Option(False, "--copy", help="With --origin: the store keeps its own copy of "
+                                   "each fetched chunk instead of sharing DEST's files (hard links)."),
          store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
          token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
-    """Write a version's files into DEST, byte for byte (fetching missing chunks from --origin)."""
+    """Write a version's files into DEST, byte for byte (fetching missing chunks from --origin).
+
+    With --origin, each fetched chunk is written once, into DEST, and the store shares
+    DEST's files through hard links (packs) where it is on the same file system, so a
+    later pull reuses them. A program that then rewrites a DEST file in place spoils the
+    store's copy: Fabric detects that and fetches those chunks again.
+    """
     with _errors(as_json):
         t0 = time.monotonic()
         cfg = load_client_config(store=store, origin=origin, token=token)
@@ -210,7 +218,7 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
         artifact, version, channel = parse_ref(ref)
         if origin or cfg.origin:
             report = _pull_remote(cfg, s, artifact, version, channel, dest, force, connections,
-                                  _parse_rate(max_rate), as_json)
+                                  _parse_rate(max_rate), copy, as_json)
         else:
             reg = Registry(s)
             version = reg.resolve(artifact, version=version, channel=channel)
@@ -220,7 +228,7 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
             report = {"artifact": artifact, "version": version, "manifest_id": m.id, "dest": dest,
                       "files": len(m.files), "bytes": m.size, "chunks_fetched": 0,
                       "chunks_reused": len(m.unique_chunks()), "bytes_received": 0, "bytes_raw": 0,
-                      "wire_ratio": None,
+                      "wire_ratio": None, "packed": False,
                       "seconds": round(time.monotonic() - t0, 3)}
         _emit(report, as_json, lambda: out.print(
             f"pulled [bold]{artifact}@{report['version']}[/bold] into {dest}: {report['files']} files, "
@@ -228,14 +236,15 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
             f"({_size(report['bytes_received'])} on the wire), reused {report['chunks_reused']}"))
 
 
-def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, max_rate, quiet) -> dict:
+def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, max_rate, copy, quiet) -> dict:
     async def run():
         async with OriginClient(cfg.origin, cfg.token, connections=connections) as client:
             v = await client.resolve(artifact, version, channel)
             m = await client.manifest(artifact, v)
             with _progress(m.size, f"pull {artifact}@{v}", quiet) as progress:
                 result, _ = await pull_remote(client, s, artifact, dest, version=v, overwrite=force,
-                                              progress=progress, connections=connections, max_rate=max_rate)
+                                              progress=progress, connections=connections, max_rate=max_rate,
+                                              copy=copy)
             return result.to_json()
     return asyncio.run(run())
 
@@ -354,7 +363,8 @@ def gc(keep: int = typer.Option(..., "--keep", help="Versions to keep per artifa
         r = gc_mod.gc(_store(store), keep=keep, grace=grace, dry_run=dry_run)
         _emit(r.to_json(), as_json, lambda: out.print(
             f"{'would delete' if dry_run else 'deleted'} {len(r.versions_deleted)} versions, "
-            f"{r.manifests_deleted} manifests, {r.chunks_deleted} chunks ({_size(r.bytes_freed)})"))
+            f"{r.manifests_deleted} manifests, {r.chunks_deleted} chunks, {r.packs_deleted} packs "
+            f"({_size(r.bytes_freed)})"))
 
 
 @app.command()

@@ -11,13 +11,17 @@ contexts are per thread and the heavy work (zstd, numpy, blake3) releases the GI
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Iterable
 
-import numpy as np
+# The codecs shuffle bytes and never call BLAS; OpenBLAS's idle worker threads would
+# still spin on the cores the transfer needs. (No effect if numpy is already loaded.)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
 import zstandard as zstd
 
 from .digest import check_id, digest, verify

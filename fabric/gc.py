@@ -4,7 +4,9 @@ Per artifact, the `keep` newest versions survive, and so does every version a
 channel points at now or could roll back to, and every pinned version. Then a
 mark-and-sweep deletes manifests and chunks that no surviving version references.
 Chunks younger than `grace` seconds are spared: a publish in progress may have
-stored them before committing the manifest that references them.
+stored them before committing the manifest that references them. Last, a pack
+(`fabric.store.packs`) goes once no chunk reference points into it and it has not
+been written for `grace` seconds (a pull in progress writes into its packs).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class GcReport:
     versions_deleted: list[str] = field(default_factory=list)
     manifests_deleted: int = 0
     chunks_deleted: int = 0
+    packs_deleted: int = 0
     bytes_freed: int = 0
 
     def to_json(self) -> dict:
@@ -85,3 +88,16 @@ def _sweep(store: Store, live_manifests: set[str], live_chunks: set[str], grace:
             report.bytes_freed += info.size
             if not dry_run:
                 store.delete_chunk(cid)
+    _sweep_packs(store, cutoff, dry_run, report)
+
+
+def _sweep_packs(store: Store, cutoff: float, dry_run: bool, report: GcReport) -> None:
+    # In a dry run the chunks that would go still point into their packs, so those
+    # packs are not counted: the report errs on the side of what stays.
+    used = {ref.pack for _, ref in store.pack_refs()}
+    for info in list(store.iter_packs()):
+        if info.key not in used and info.mtime < cutoff:
+            report.packs_deleted += 1
+            report.bytes_freed += info.size
+            if not dry_run:
+                store.delete_pack(info.key)

@@ -7,10 +7,18 @@ order they come — straight from the network as each chunk is verified
 already held (`fill_from_store`). `commit` fsyncs the files and renames the folder
 into place, so a reader never sees a half-written version, and a failed pull
 leaves DEST as it was. Each byte is written once and hashed once.
+
+Given a store to pack into, each file is also hard-linked into that store as a pack
+(`fabric.store.packs`) the moment it is created, and `keep` records each fetched
+chunk there as a reference to its place in the file: the store holds the chunk
+without a second copy, and a pull that is killed resumes from the references it
+made durable. Where linking is impossible (store not local, another file system),
+`packed` is False and the caller stores chunks itself.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -19,9 +27,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DestinationExists, InvalidManifest, MissingChunks, StoreFull
+from .errors import ChunkNotFound, CorruptChunk, DestinationExists, InvalidManifest, MissingChunks, StoreFull
+from .logs import get_logger
 from .manifest import Manifest
 from .store import Store
+from .store.packs import PackRef
+
+log = get_logger("pull")
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -36,6 +49,7 @@ class PullResult:
     chunks_reused: int = 0
     bytes_received: int = 0  # payload bytes on the wire
     bytes_raw: int = 0  # decoded bytes of the chunks fetched
+    packed: bool = False  # the store shares DEST's files (hard links) instead of keeping copies
     seconds: float = 0.0
 
     @property
@@ -56,12 +70,17 @@ def check_dest(dest: Path, overwrite: bool) -> None:
 class Assembly:
     """The files of `manifest`, being written under a staging folder next to `dest`."""
 
-    def __init__(self, manifest: Manifest, dest: str | os.PathLike, *, overwrite: bool = False):
+    def __init__(self, manifest: Manifest, dest: str | os.PathLike, *, overwrite: bool = False,
+                 pack_into: Store | None = None):
         self.manifest = manifest
         self.dest = Path(dest).absolute()
         check_dest(self.dest, overwrite)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.staging = self.dest.parent / f".{self.dest.name}.fabric-{uuid.uuid4().hex[:8]}"
+        self.store = pack_into
+        self.packed = pack_into is not None
+        self._packs: dict[Path, str] = {}  # file -> its pack in the store
+        self._referenced: set[Path] = set()  # files whose pack a chunk reference points into
         self._places: dict[str, list[tuple[Path, int]]] = {}
         self._written: set[str] = set()
         self._lock = threading.Lock()
@@ -75,20 +94,47 @@ class Assembly:
             if not path.resolve().is_relative_to(root):
                 raise InvalidManifest(f"file path {entry.path!r} escapes the destination")
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
-                f.truncate(entry.size)
+            _create(path, entry.size)
+            if entry.chunks:
+                self._link(path)
             offset = 0
             for cid, size in entry.chunks:
                 self._places.setdefault(cid, []).append((path, offset))
                 offset += size
 
-    def write(self, chunk_id: str, data: bytes | memoryview) -> None:
-        """Write a verified chunk at every place the version uses it. Thread-safe."""
+    def _link(self, path: Path) -> None:
+        if not self.packed:
+            return
+        key = self.store.link_pack(path)
+        if key is not None:
+            self._packs[path] = key
+            return
+        self.packed = False  # not here: the caller stores its own copies; drop the empty packs
+        for key in self._packs.values():
+            self.store.delete_pack(key)
+        self._packs.clear()
+
+    def write(self, chunk_id: str, data: bytes | memoryview) -> bool:
+        """Write a verified chunk at every place the version uses it. Thread-safe.
+
+        False if there was nothing to do: the chunk is not in this version, or is written.
+        """
         with self._lock:
             if chunk_id in self._written or chunk_id not in self._places:
-                return
+                return False
             self._written.add(chunk_id)
         self._guard(self._pwrite_all, chunk_id, data)
+        return True
+
+    def keep(self, chunk_id: str, data: bytes | memoryview) -> None:
+        """Write a fetched, verified chunk into the files and record it in the store as a
+        reference into its pack (durable at the store's next flush). For `packed` only."""
+        if chunk_id not in self._places:  # not ours: stored the usual way
+            self.store.put_chunk(chunk_id, data, verified=True, defer=True)
+        elif self.write(chunk_id, data):
+            path, offset = self._places[chunk_id][0]
+            self._referenced.add(path)
+            self.store.put_packed(chunk_id, PackRef(self._packs[path], offset, len(data)), defer=True)
 
     def _pwrite_all(self, chunk_id: str, data) -> None:
         for path, offset in self._places[chunk_id]:
@@ -98,18 +144,33 @@ class Assembly:
             finally:
                 os.close(fd)
 
-    def fill_from_store(self, store: Store, progress=None) -> int:
-        """Write every chunk not written yet from `store` (verified as read); returns how many."""
+    def fill_from_store(self, store: Store, progress=None, *, refetch: list[str] | None = None) -> int:
+        """Write every chunk not written yet from `store` (verified as read); returns how many.
+
+        With `refetch`, a chunk the store cannot give back intact (a pack spoiled by an
+        edit in place, say) is deleted from the store and its id appended to `refetch`
+        instead of raising: the caller fetches it again and calls this once more.
+        """
         todo = [cid for cid in self._places if cid not in self._written]
         missing = store.missing(todo)
         if missing:
             raise MissingChunks(f"the store lacks {len(missing)} chunk(s) of this version, e.g. {missing[0]}")
+        done = 0
         for cid in todo:
-            data = store.get_chunk(cid)
+            try:
+                data = store.get_chunk(cid)
+            except (CorruptChunk, ChunkNotFound) as e:
+                if refetch is None:
+                    raise
+                log.warning("stored chunk unreadable; fetching it again", chunk=cid, error=e.message)
+                store.delete_chunk(cid)
+                refetch.append(cid)
+                continue
             self.write(cid, data)
+            done += 1
             if progress:
                 progress(len(data) * len(self._places[cid]))
-        return len(todo)
+        return done
 
     def commit(self) -> None:
         """Make the files durable and move the folder into place as DEST."""
@@ -123,7 +184,11 @@ class Assembly:
         self._guard(finish)
 
     def abort(self) -> None:
+        """Remove the staging folder. Packs that chunks refer to stay: a retry resumes from them."""
         shutil.rmtree(self.staging, ignore_errors=True)
+        for path, key in self._packs.items():
+            if path not in self._referenced:
+                self.store.delete_pack(key)
 
     def _guard(self, fn, *args) -> None:
         """Run `fn`; on any failure remove the staging folder; a full disk is StoreFull."""
@@ -153,6 +218,17 @@ def materialize(store: Store, manifest: Manifest, dest: str | os.PathLike, *,
     except BaseException:
         assembly.abort()
         raise
+
+
+def _create(path: Path, size: int) -> None:
+    """An empty file of `size` bytes, its blocks allocated up front where the file system
+    can (chunks then land in place at full speed, and a full disk shows before any fetch)."""
+    with open(path, "wb") as f:
+        if size and _LIBC.fallocate(f.fileno(), 0, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(err, os.strerror(err), str(path))
+            f.truncate(size)  # no fallocate here (it is not emulated: that would write every block)
 
 
 def _swap_into_place(staging: Path, dest: Path) -> None:

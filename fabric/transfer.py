@@ -158,6 +158,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
                        stall_timeout: float = 30.0, give_up_after: float = 120.0, max_bad: int = 3,
                        inflight: Inflight | None = None, preclaimed: bool = False,
                        on_chunk: Callable[[str, bytes], None] | None = None,
+                       keep: Callable[[str, bytes], None] | None = None,
                        prefer: Callable[[str], OriginClient | None] | None = None,
                        delta_fields: dict | None = None, defer_store: bool = False,
                        progress: Progress | None = None) -> SyncStats:
@@ -167,7 +168,10 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     again, and the chunks this call fetches are announced to later askers. With
     `preclaimed`, the caller has already claimed every id in `sizes`. `on_chunk` is
     called (in a worker thread) with each fetched chunk's verified bytes, e.g. to write
-    them straight into the files being assembled. `prefer` names, per chunk, a source
+    them straight into the files being assembled. `keep`, if given, is called instead of
+    storing each fetched chunk (and instead of `on_chunk`): it must put the chunk in the
+    store itself, as `fabric.pull.Assembly.keep` does with one write for DEST and store
+    both. `prefer` names, per chunk, a source
     to ask before the usual order (sibling relays splitting one uplink by chunk owner).
     `delta_fields` (`fabric.delta.request_fields`) go into every fetch request. With
     `defer_store`, chunks become durable and visible in the store only at its `flush()`,
@@ -186,7 +190,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
         owned, foreign = inflight.claim(missing) if inflight else (missing, [])
     engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, stall_timeout,
                      give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress, inflight,
-                     on_chunk, delta_fields, defer_store)
+                     on_chunk, keep, delta_fields, defer_store)
     try:
         for batch in engine.batches(owned, batch_bytes, prefer):
             engine.queue.put_nowait(batch)
@@ -198,7 +202,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     if failed:  # the other fetcher gave up on these: try them ourselves, once
         again = await fetch_chunks({c: sizes[c] for c in failed}, store, sources, connections=connections,
                                    stall_timeout=stall_timeout, give_up_after=give_up_after,
-                                   max_bad=max_bad, on_chunk=on_chunk, delta_fields=delta_fields,
+                                   max_bad=max_bad, on_chunk=on_chunk, keep=keep, delta_fields=delta_fields,
                                    defer_store=defer_store, progress=progress)
         stats.chunks_fetched += again.chunks_fetched
         stats.bytes_received += again.bytes_received
@@ -223,9 +227,9 @@ def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[l
 
 class _Engine:
     def __init__(self, store, sizes, sources, stats, stall_timeout, give_up_after, max_bad, limit, progress,
-                 inflight, on_chunk, delta_fields=None, defer_store=False):
+                 inflight, on_chunk, keep=None, delta_fields=None, defer_store=False):
         self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
-        self.inflight, self.on_chunk = inflight, on_chunk
+        self.inflight, self.on_chunk, self.keep = inflight, on_chunk, keep
         self.delta_fields, self.defer_store = delta_fields, defer_store
         self.standalone: set[str] = set()  # chunks whose reference we lack: asked for without one
         self.preferred: dict[str, SourceState] = {}
@@ -393,6 +397,9 @@ class _Engine:
                                       expected_size=self.sizes[frame.chunk_id])
         else:
             data = wire.decode_frame(frame, self.sizes[frame.chunk_id])
+        if self.keep:
+            self.keep(frame.chunk_id, data)
+            return len(data)
         self.store.put_chunk(frame.chunk_id, data, verified=True, defer=self.defer_store)
         if self.on_chunk:
             self.on_chunk(frame.chunk_id, data)

@@ -7,6 +7,7 @@ Layout (specified in docs/formats.md, "Store layout"):
     manifests/<hex[:2]>/<hex>.json       canonical manifest JSON
     refs/<artifact>/versions/<version>   the manifest id, as text
     refs/<artifact>/channels/<channel>   channel JSON (current version and history)
+    packs/<hh>/<32 hex>                  files shared with a pulled folder (`fabric.store.packs`)
 
 An S3 store (`s3://bucket/prefix`, `fabric.store.s3`) holds the same keys as objects.
 Chunks are verified against their id when written and again when read. A chunk may
@@ -19,22 +20,25 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import TYPE_CHECKING, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
 import zstandard
 
 from .. import digest
 from ..errors import Conflict, CorruptChunk, ChunkNotFound, InvalidInput, NotFound
+from . import packs
 from .backend import Backend, ObjectInfo
 from .local import LocalBackend
 
 if TYPE_CHECKING:
     from .s3 import S3Options
 
-__all__ = ["Store", "open_store", "Backend", "ObjectInfo", "LocalBackend"]
+__all__ = ["Store", "StoredFile", "open_store", "Backend", "ObjectInfo", "LocalBackend"]
 
 STORE_FORMAT = "fabric.store/1"
 TAG_RAW, TAG_ZSTD = 0, 1
+_PACKED = bytes([packs.TAG_PACKED])
 _SAMPLE = 64 << 10
 _PAYS = 0.9  # store compressed only when it saves at least 10%
 _MAX_CHUNK = 64 << 20
@@ -51,6 +55,15 @@ def _zstd_c() -> zstandard.ZstdCompressor:
 def _zstd_d() -> zstandard.ZstdDecompressor:
     _zstd_c()
     return _local.d
+
+
+@dataclass
+class StoredFile:
+    """Where a chunk's stored payload lies in a local file (`Store.open_stored`)."""
+    file: BinaryIO
+    tag: int  # the payload's stored encoding: 0 raw, 1 zstd
+    offset: int
+    size: int
 
 
 def chunk_key(chunk_id: str) -> str:
@@ -113,26 +126,120 @@ class Store:
 
     def get_chunk(self, chunk_id: str) -> bytes:
         """The chunk's raw bytes, checked against its id."""
-        data = self.decode_stored(chunk_id, self.get_chunk_stored(chunk_id))
+        stored = self._get_chunk_object(chunk_id)
+        if stored[:1] == _PACKED:
+            data = self._read_packed(chunk_id, stored)
+        else:
+            data = self.decode_stored(chunk_id, stored)
         digest.verify(chunk_id, data)
         return data
 
     def get_chunk_stored(self, chunk_id: str) -> bytes:
-        """The chunk as stored (tag byte + payload), unverified: for forwarding as is."""
+        """The chunk in a stored form (tag byte + payload), unverified: for forwarding as is.
+
+        A packed chunk comes back as tag 0 and its raw bytes: pack references stay home.
+        """
+        stored = self._get_chunk_object(chunk_id)
+        if stored[:1] == _PACKED:
+            return bytes([TAG_RAW]) + self._read_packed(chunk_id, stored)
+        return stored
+
+    def _get_chunk_object(self, chunk_id: str) -> bytes:
         try:
             return self.backend.get(chunk_key(chunk_id))
         except NotFound:
             raise ChunkNotFound(f"chunk {chunk_id} is not in {self}") from None
 
-    def chunk_path(self, chunk_id: str):
-        """The file holding a stored chunk, for a local store (else None): to send it with sendfile."""
-        path = getattr(self.backend, "path", None)
-        return None if path is None else path(chunk_key(chunk_id))
+    @property
+    def local(self) -> bool:
+        """Whether chunks are files on this machine (`open_stored` works)."""
+        return hasattr(self.backend, "path")
+
+    def open_stored(self, chunk_id: str) -> StoredFile | None:
+        """The open file and byte range holding a chunk's stored payload, or None if absent.
+
+        For a local store only: a server sends the range with sendfile. The caller closes
+        `file`. The bytes are not verified.
+        """
+        try:
+            f = open(self.backend.path(chunk_key(chunk_id)), "rb")
+        except FileNotFoundError:
+            return None
+        size = os.fstat(f.fileno()).st_size
+        tag = os.pread(f.fileno(), 1, 0)
+        if tag != _PACKED or size > packs.REF_MAX:
+            return StoredFile(f, tag[0] if tag else -1, 1, max(0, size - 1))
+        with f:
+            ref = packs.parse(chunk_id, os.pread(f.fileno(), size, 0))
+        try:
+            pack = open(self.backend.path(ref.pack), "rb")
+        except FileNotFoundError:
+            return None
+        if os.fstat(pack.fileno()).st_size < ref.offset + ref.size:
+            pack.close()
+            return None
+        return StoredFile(pack, TAG_RAW, ref.offset, ref.size)
 
     def stored_sizes(self, chunk_ids: list[str]) -> list[int | None] | None:
-        """Stored size (tag byte + payload) of each chunk, None where absent; None if unknowable cheaply."""
+        """Size of each chunk's stored form (tag byte + payload), None where absent;
+        None if unknowable cheaply. A packed chunk counts as its tag-0 form."""
         size = getattr(self.backend, "size", None)
-        return None if size is None else [size(chunk_key(cid)) for cid in chunk_ids]
+        if size is None:
+            return None
+        sizes = [size(chunk_key(cid)) for cid in chunk_ids]
+        for i, (cid, n) in enumerate(zip(chunk_ids, sizes)):
+            if n is not None and n <= packs.REF_MAX:
+                ref = self._pack_ref(cid)
+                if ref is not None:  # absent, too, if its pack is gone or short
+                    held = size(ref.pack)
+                    sizes[i] = 1 + ref.size if held is not None and held >= ref.offset + ref.size else None
+        return sizes
+
+    # --- packs (fabric.store.packs) ------------------------------------------
+
+    def link_pack(self, path: str | os.PathLike) -> str | None:
+        """Hard-link the file at `path` into the store as a new pack; its key, or None
+        where this store cannot (not local, or another file system)."""
+        link_in = getattr(self.backend, "link_in", None)
+        if link_in is None:
+            return None
+        key = packs.new_pack_key()
+        return key if link_in(key, path) else None
+
+    def put_packed(self, chunk_id: str, ref: packs.PackRef, *, defer: bool = False) -> None:
+        """Record that `chunk_id`'s raw bytes are at `ref` in a pack. The caller wrote them
+        there and checked them against the id; with `defer`, as `put_chunk`."""
+        self.backend.put_parts(chunk_key(chunk_id), [ref.encode()], durable=not defer)
+
+    def pack_refs(self) -> Iterator[tuple[str, packs.PackRef]]:
+        """Every packed chunk and its reference."""
+        for cid, info in self.iter_chunks():
+            if info.size <= packs.REF_MAX:
+                ref = self._pack_ref(cid)
+                if ref is not None:
+                    yield cid, ref
+
+    def iter_packs(self) -> Iterator[ObjectInfo]:
+        return (i for i in self.backend.list("packs/") if packs.is_pack_key(i.key))
+
+    def delete_pack(self, key: str) -> None:
+        if not packs.is_pack_key(key):
+            raise InvalidInput(f"{key!r} is not a pack")
+        self.backend.delete(key)
+
+    def _pack_ref(self, chunk_id: str) -> packs.PackRef | None:
+        try:
+            stored = self.backend.get(chunk_key(chunk_id))
+        except NotFound:
+            return None
+        try:
+            return packs.parse(chunk_id, stored) if stored[:1] == _PACKED else None
+        except ChunkNotFound:
+            return None
+
+    def _read_packed(self, chunk_id: str, stored: bytes) -> bytes:
+        ref = packs.parse(chunk_id, stored)
+        return packs.read(chunk_id, self.backend.path(ref.pack), ref)
 
     @staticmethod
     def decode_stored(chunk_id: str, stored: bytes) -> bytes:

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from . import packs
 from ..errors import Conflict, NotFound, StoreFull
 from .backend import ObjectInfo
 
@@ -61,6 +62,12 @@ class LocalBackend:
             return os.stat(self._path(key)).st_size
         except FileNotFoundError:
             return None
+
+    def link_in(self, key: str, src: str | os.PathLike) -> bool:
+        """Hard-link the file `src` under `key`; False where the file system cannot."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return packs.link(src, path)
 
     def has(self, key: str) -> bool:
         return self._path(key).is_file()
