@@ -422,7 +422,7 @@ class EncodePolicy:
 
         max(codec s/B ÷ workers, link s/B × the mode's wire ratio)
 
-    and `choose` picks the cheapest (ties: the smaller ratio). A write that does not
+    and `choose` picks the cheapest (ties: the smaller ratio, then the less codec time). A write that does not
     wait measures a link faster than the chunks arrive, which makes `STORED` (no codec
     time) the cheapest: on such a link a sync runs as fast as it did before encodings.
     A slow link makes writes wait, which makes the compact modes cheapest again. Before
@@ -465,8 +465,9 @@ class EncodePolicy:
     def _best(self) -> Mode:
         if self._link is None or self._ratio[Mode.FULL] is None:
             return Mode.FULL
-        known = [(p, self._ratio[m], m) for m in Mode if (p := self.predicted(m)) is not None]
-        return min(known)[2]
+        # ties (a codec that gains nothing: incompressible data) go to the least codec time
+        known = [(p, self._ratio[m], self._codec[m], m) for m in Mode if (p := self.predicted(m)) is not None]
+        return min(known)[3]
 
     def encoded(self, mode: Mode, raw: int, wire: int, seconds: float, *, stored: int | None = None) -> None:
         """One chunk: `raw` bytes became `wire` bytes in `seconds` of codec time (stored size if known)."""

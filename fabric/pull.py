@@ -35,6 +35,7 @@ from .store.packs import PackRef
 
 log = get_logger("pull")
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_WRITE_SLICE = 1 << 20
 
 
 @dataclass
@@ -137,10 +138,15 @@ class Assembly:
             self.store.put_packed(chunk_id, PackRef(self._packs[path], offset, len(data)), defer=True)
 
     def _pwrite_all(self, chunk_id: str, data) -> None:
+        view = memoryview(data).cast("B")
         for path, offset in self._places[chunk_id]:
             fd = os.open(path, os.O_WRONLY)
             try:
-                os.pwrite(fd, data, offset)
+                # In slices: one huge write into preallocated blocks is several times slower
+                # on Linux ext4 (measured: 8 MiB writes 0.6-1.3 GB/s, 1 MiB writes 8-10 GB/s).
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:done + _WRITE_SLICE], offset + done)
             finally:
                 os.close(fd)
 

@@ -50,6 +50,9 @@ class Metrics:
         self.bytes_out = Counter("fabric_bytes_sent", "Chunk payload bytes sent", registry=r)
         self.bytes_in = Counter("fabric_bytes_received", "Chunk payload bytes received", registry=r)
         self.chunks_out = Counter("fabric_chunks_served", "Chunks served", registry=r)
+        self.fetches = Counter("fabric_fetch_responses", "Chunk fetch responses, by how they were sent "
+                               "(sendfile: stored forms, zero-copy; stored; encoded: per the encode policy)",
+                               ["path"], registry=r)
         self.chunks_missing = Counter("fabric_chunks_missing", "Chunks asked for but not held", registry=r)
         self.chunks_in = Counter("fabric_chunks_received", "Chunks received and stored", registry=r)
 
@@ -204,8 +207,10 @@ def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: 
         await resp.prepare(request)
         await resp.write(wire.MAGIC)
         if length is not None and store.local:
+            metrics.fetches.labels("sendfile").inc()
             await _sendfile_frames(request, resp, store, ids, metrics, policy)  # stored forms, zero-copy
         else:
+            metrics.fetches.labels("encoded" if plan else "stored").inc()
             await _send_frames(resp, ids, read, plan, policy, metrics)
         await resp.write(wire.end_frame(len(ids)))
         await resp.write_eof()

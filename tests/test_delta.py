@@ -479,14 +479,14 @@ def test_serving_getter_encodes_and_reports_to_the_policy(origin_and_site):
 # --- rate control ----------------------------------------------------------------------------------
 
 def feed(policy: EncodePolicy, chunks: int, *, link_s_per_byte: float, codec_s_per_byte: float = 1e-9,
-         ratio: float = 0.4) -> list[Mode]:
+         ratio: float = 0.4, light_ratio: float = 0.6) -> list[Mode]:
     """Simulate a response: each chunk is 8 MiB, encoded in the mode chosen, then written."""
     modes = []
     raw = 8 << 20
     for _ in range(chunks):
         mode = policy.choose()
         modes.append(mode)
-        wire = raw if mode == Mode.STORED else int(raw * (ratio if mode == Mode.FULL else 0.6))
+        wire = raw if mode == Mode.STORED else int(raw * (ratio if mode == Mode.FULL else light_ratio))
         seconds = 0.0 if mode == Mode.STORED else raw * codec_s_per_byte * (1 if mode == Mode.FULL else 0.5)
         policy.encoded(mode, raw, wire, seconds, stored=raw)
         policy.wrote(wire, wire * link_s_per_byte)
@@ -510,6 +510,13 @@ def test_policy_picks_light_when_it_is_the_fastest():
     modes = feed(EncodePolicy(), 96, link_s_per_byte=1.6e-9, codec_s_per_byte=2e-9)
     # FULL: max(2, 0.64) = 2 ns/B; LIGHT: max(1, 0.96) = 1 ns/B; STORED: 1.6 ns/B
     assert modes[-32:].count(Mode.LIGHT) >= 28
+
+
+def test_policy_sends_incompressible_data_stored_even_on_a_slow_link():
+    # the codec gains nothing (ratio 1): every mode waits on the link alike, and the tie
+    # goes to the one that spends no codec time
+    modes = feed(EncodePolicy(), 64, link_s_per_byte=1e-8, ratio=1.0, light_ratio=1.0)
+    assert modes[-16:].count(Mode.STORED) >= 14
 
 
 def test_policy_per_peer():
