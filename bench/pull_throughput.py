@@ -422,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         "`MB/s to exit` leaves out the final sync (curl and aria2c leave data in the page cache; "
         "Fabric makes its cache and DEST durable itself). `MB/s inside` is the time the fabric child reports "
         "for its own work (no interpreter start-up).",
-        "fabric pull writes every byte twice (into its chunk cache, `--store`, and into DEST, as each chunk arrives); curl and aria2c write once.",
+        "fabric pull writes each byte once, into DEST as each chunk arrives, and its chunk cache (`--store`) "
+        "shares DEST's files through hard links (packs); `fabric sync` writes one file per chunk into a store.",
         f"Fastest of {args.repeat} run(s) per method. Took {time.monotonic() - t_start:.0f}s.",
     ]
     report = md_table(HEADERS, table_rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)

@@ -77,15 +77,27 @@ def _errors(as_json: bool):
 
 
 @contextmanager
-def _progress(total: int, label: str, quiet: bool):
+def _progress(total: int | None, label: str, quiet: bool):
     if quiet or not err.is_terminal:  # a bar drawn into a pipe or log is noise (and a stray blank line)
         yield None
         return
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+        yield _Bar(bar, bar.add_task(label, total=total))
+
+
+class _Bar:
+    """A progress callback: `bar(n)` advances by n bytes; `set_total` sizes it once known."""
+
+    def __init__(self, bar: Progress, task):
+        self.bar, self.task = bar, task
+
+    def __call__(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+    def set_total(self, total: int) -> None:
+        self.bar.update(self.task, total=total)
 
 
 def _store(store: Optional[str], create: bool = False, s3=None):
@@ -239,12 +251,12 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
 def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, max_rate, copy, quiet) -> dict:
     async def run():
         async with OriginClient(cfg.origin, cfg.token, connections=connections) as client:
-            v = await client.resolve(artifact, version, channel)
-            m = await client.manifest(artifact, v)
-            with _progress(m.size, f"pull {artifact}@{v}", quiet) as progress:
-                result, _ = await pull_remote(client, s, artifact, dest, version=v, overwrite=force,
-                                              progress=progress, connections=connections, max_rate=max_rate,
-                                              copy=copy)
+            label = f"pull {artifact}" + (f"@{version}" if version else f":{channel}" if channel else "")
+            with _progress(None, label, quiet) as progress:
+                result, _ = await pull_remote(client, s, artifact, dest, version=version, channel=channel,
+                                              overwrite=force, progress=progress, connections=connections,
+                                              max_rate=max_rate, copy=copy,
+                                              on_manifest=progress and (lambda m: progress.set_total(m.size)))
             return result.to_json()
     return asyncio.run(run())
 

@@ -16,12 +16,10 @@ import struct
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-# The codecs shuffle bytes and never call BLAS; OpenBLAS's idle worker threads would
-# still spin on the cores the transfer needs. (No effect if numpy is already loaded.)
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-import numpy as np  # noqa: E402
+if TYPE_CHECKING:
+    import numpy as np
 import zstandard as zstd
 
 from .digest import check_id, digest, verify
@@ -282,6 +280,17 @@ def _group(data, width: int, flags: tuple[bool, ...]) -> list:
     return [*descriptors, *blobs, tail]
 
 
+def _numpy():
+    """numpy, imported on first use (a transfer of stored forms never needs it).
+
+    The codecs shuffle bytes and never call BLAS; OpenBLAS's idle worker threads would
+    still spin on the cores a transfer needs. (No effect if numpy is loaded already.)
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import numpy
+    return numpy
+
+
 def _plane_blob(plane: np.ndarray) -> tuple[int, bytes | np.ndarray]:
     """The plane compressed, unless that turns out not to shrink it."""
     blob = _compressor(None).compress(plane)
@@ -290,6 +299,7 @@ def _plane_blob(plane: np.ndarray) -> tuple[int, bytes | np.ndarray]:
 
 def _split(data, width: int) -> tuple[np.ndarray, bytes]:
     """Byte planes (row i = byte i of every whole element) and the tail bytes."""
+    np = _numpy()
     n = len(data) // width
     elements = np.frombuffer(data, np.uint8, count=n * width).reshape(n, width)
     return elements.T.copy(), bytes(data[n * width:])
@@ -297,12 +307,14 @@ def _split(data, width: int) -> tuple[np.ndarray, bytes]:
 
 def _xor_prefix(data, reference) -> np.ndarray:
     """`data` XOR `reference` over their common prefix; the rest of `data` as is."""
+    np = _numpy()
     out = np.frombuffer(data, np.uint8).copy()
     _xor_into(out, reference)
     return out
 
 
 def _xor_into(out: np.ndarray, reference) -> None:
+    np = _numpy()
     m = min(len(out), len(reference))
     np.bitwise_xor(out[:m], np.frombuffer(reference, np.uint8, count=m), out=out[:m])
 
@@ -429,6 +441,7 @@ def _read_group(reader: _Reader, raw_size: int) -> np.ndarray:
         raise BadFrame("element width is 0")
     n, tail = divmod(raw_size, width)
     descriptors = [reader.unpack(_PLANE, "plane descriptor") for _ in range(width)]
+    np = _numpy()
     out = np.empty(raw_size, np.uint8)
     elements = out[:n * width].reshape(n, width)
     for i, (flag, length) in enumerate(descriptors):
@@ -439,6 +452,7 @@ def _read_group(reader: _Reader, raw_size: int) -> np.ndarray:
 
 
 def _read_plane(blob: memoryview, flag: int, n: int) -> np.ndarray:
+    np = _numpy()
     if flag == _STORED and len(blob) == n:
         return np.frombuffer(blob, np.uint8)
     if flag == _COMPRESSED:

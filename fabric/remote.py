@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Callable
 
 from . import delta
 from .client import OriginClient
@@ -26,17 +27,21 @@ from .transfer import SyncStats, fetch_chunks, sync
 async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: str | os.PathLike, *,
                       version: str | None = None, channel: str | None = None, overwrite: bool = False,
                       sources: list[OriginClient] | None = None, progress=None, copy: bool = False,
+                      on_manifest: Callable[[Manifest], None] | None = None,
                       **sync_options) -> tuple[PullResult, Manifest]:
     """Fetch `artifact` (at `version`, or `channel`'s version, or the latest) into `dest`.
 
     Each fetched chunk is written once, into DEST, whose files the store shares as
     packs (`fabric.store.packs`); with `copy`, or where the store cannot share them,
-    the store keeps a copy of its own.
+    the store keeps a copy of its own. `on_manifest` sees the manifest once it is known
+    (to size a progress bar); `progress` then gets byte counts.
     """
     t0 = time.monotonic()
     version = await client.resolve(artifact, version, channel)
     base = await asyncio.to_thread(delta.manifest_base, store, artifact, version)
     manifest = await client.manifest(artifact, version, base)
+    if on_manifest:
+        on_manifest(manifest)
     assembly = await asyncio.to_thread(Assembly, manifest, dest, overwrite=overwrite,
                                        pack_into=None if copy else store)
     keeping = dict(keep=assembly.keep) if assembly.packed else dict(on_chunk=assembly.write, defer_store=True)
