@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gb", type=float, default=2.0, help="artifact size for the loopback part (default 2)")
     p.add_argument("--shaped-gb", type=float, default=1.0, help="artifact size on the shaped link (default 1)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is kept (default 1)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per method; the fastest is kept (default 3)")
     p.add_argument("--connections", type=int, default=4, help="fabric pull --connections (default 4, its default)")
     p.add_argument("--layout", choices=["safetensors", "plain"], default="safetensors",
                    help="random U8 safetensors shards (8 MiB segment chunks) or plain files (FastCDC chunks)")

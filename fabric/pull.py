@@ -29,13 +29,13 @@ from pathlib import Path
 
 from .errors import ChunkNotFound, CorruptChunk, DestinationExists, InvalidManifest, MissingChunks, StoreFull
 from .logs import get_logger
+from .fileio import pwrite_all
 from .manifest import Manifest
 from .store import Store
 from .store.packs import PackRef
 
 log = get_logger("pull")
 _LIBC = ctypes.CDLL(None, use_errno=True)
-_WRITE_SLICE = 1 << 20
 
 
 @dataclass
@@ -83,6 +83,7 @@ class Assembly:
         self._packs: dict[Path, str] = {}  # file -> its pack in the store
         self._referenced: set[Path] = set()  # files whose pack a chunk reference points into
         self._places: dict[str, list[tuple[Path, int]]] = {}
+        self._file_locks: dict[Path, threading.Lock] = {}
         self._written: set[str] = set()
         self._lock = threading.Lock()
         self._guard(self._create_files)
@@ -96,6 +97,7 @@ class Assembly:
                 raise InvalidManifest(f"file path {entry.path!r} escapes the destination")
             path.parent.mkdir(parents=True, exist_ok=True)
             _create(path, entry.size)
+            self._file_locks[path] = threading.Lock()
             if entry.chunks:
                 self._link(path)
             offset = 0
@@ -141,12 +143,11 @@ class Assembly:
         view = memoryview(data).cast("B")
         for path, offset in self._places[chunk_id]:
             fd = os.open(path, os.O_WRONLY)
+            # One writer per file at a time: the kernel serialises writes to a file anyway,
+            # and its lock spins where ours sleeps (seen as 15% of a pull's CPU on 2 cores).
             try:
-                # In slices: one huge write into preallocated blocks is several times slower
-                # on Linux ext4 (measured: 8 MiB writes 0.6-1.3 GB/s, 1 MiB writes 8-10 GB/s).
-                done = 0
-                while done < len(view):
-                    done += os.pwrite(fd, view[done:done + _WRITE_SLICE], offset + done)
+                with self._file_locks[path]:
+                    pwrite_all(fd, view, offset)
             finally:
                 os.close(fd)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import packs
+from ..fileio import write_all
 from ..errors import Conflict, NotFound, StoreFull
 from .backend import ObjectInfo
 
@@ -92,7 +93,7 @@ class LocalBackend:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                _write_all(fd, parts)
+                write_all(fd, parts)
                 if durable:
                     os.fsync(fd)
             finally:
@@ -182,13 +183,3 @@ def _syncfs(path: Path) -> None:
             os.sync()
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if views:
-            views[0] = views[0][n:]

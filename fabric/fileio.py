@@ -1,0 +1,33 @@
+"""Writing big buffers into files: in slices of 64 KiB.
+
+Linux's page cache sizes the folios it allocates for a write by the write's length, so
+one 8 MiB `write` asks for large folios, and on a VM whose host reclaims freed guest
+memory (free page reporting, as on the machines these benchmarks run on) large
+folios tend to come from memory the host must fault in again: the copy into the page
+cache then ran at 0.6-1.3 GB/s with seconds of system time, where 64 KiB writes ran at
+5-10 GB/s (`python -m bench.pull_throughput`). The extra system calls cost about
+30 ms per 2 GB.
+"""
+
+from __future__ import annotations
+
+import os
+
+WRITE_SLICE = 64 << 10
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` of the open file `fd`."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + WRITE_SLICE], offset + done)
+
+
+def write_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> None:
+    """Write the concatenation of `parts` at the current position of `fd`."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:done + WRITE_SLICE])
