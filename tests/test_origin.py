@@ -249,11 +249,15 @@ def test_truncated_upload_stores_nothing_partial_and_origin_stays_healthy(origin
     body = wire.MAGIC + wire.chunk_frame(whole_id, 0, len(whole), whole) + partial
     head = (f"POST /v1/chunks/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {PUBLISH_SECRET}\r\n"
             f"Content-Type: {wire.CHUNK_STREAM}\r\nContent-Length: {len(body) + 500_000}\r\n\r\n").encode()
+    uploads = _upload_requests(origin)
     raw_exchange("127.0.0.1", origin.port, head + body, read=False)  # connection closed mid-body
     assert_healthy(origin)
-    deadline = time.monotonic() + 30  # an fsync can take seconds while the disk flushes other tests' data
-    while _tmp_files(origin) and time.monotonic() < deadline:  # let the handler wind down
+    # the handler ends (and is counted) only once its store threads are done; an fsync can
+    # take seconds while the disk flushes other tests' data
+    deadline = time.monotonic() + 60
+    while _upload_requests(origin) == uploads and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert _upload_requests(origin) == uploads + 1
     assert not stored(origin, cut_id)
     assert _tmp_files(origin) == []
     assert s.request("POST", "/v1/chunks/has", {"ids": [cut_id]}).json() == {"missing": [cut_id]}
@@ -262,6 +266,11 @@ def test_truncated_upload_stores_nothing_partial_and_origin_stays_healthy(origin
         assert fetch_one(origin, whole_id) == whole
     report = fabric_json("fsck", "--store", origin.store)
     assert report["ok"] and report["bad_chunks"] == []
+
+
+def _upload_requests(origin) -> float:
+    return sum(v for k, v in origin.metrics().items()
+               if k.startswith('fabric_http_requests_total{route="/v1/chunks/upload"'))
 
 
 def test_truncated_json_body_leaves_origin_healthy(origin):

@@ -4,7 +4,7 @@ A pull writes each fetched chunk once, straight into the file being assembled in
 DEST. For the store to hold that chunk too without a second copy, the file is
 hard-linked into the store as a *pack* (`packs/<hh>/<32 hex>`), and the chunk's
 object under `chunks/` is a small *pack reference* (tag 2) naming the pack, the
-offset and the length of the chunk's raw bytes in it (docs/formats.md, "Packs").
+offset and the length of the chunk's raw bytes in it (docs/formats.md, `packs/`).
 
 A pack is the same inode as the DEST file: a program that rewrites that file in place
 spoils the store's copy too. Every read of a packed chunk is checked against its id
