@@ -154,6 +154,8 @@ class Assembly:
     def fill_from_store(self, store: Store, progress=None, *, refetch: list[str] | None = None) -> int:
         """Write every chunk not written yet from `store` (verified as read); returns how many.
 
+        When packing into `store`, the store's references move to this version's files
+        (durable at its next flush), so the packs of older versions can go with them.
         With `refetch`, a chunk the store cannot give back intact (a pack spoiled by an
         edit in place, say) is deleted from the store and its id appended to `refetch`
         instead of raising: the caller fetches it again and calls this once more.
@@ -173,7 +175,10 @@ class Assembly:
                 store.delete_chunk(cid)
                 refetch.append(cid)
                 continue
-            self.write(cid, data)
+            if self.packed and store is self.store:
+                self.keep(cid, data)  # refer to this version's file now: older packs can go sooner
+            else:
+                self.write(cid, data)
             done += 1
             if progress:
                 progress(len(data) * len(self._places[cid]))

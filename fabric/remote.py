@@ -56,6 +56,7 @@ async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: s
         if refetch:
             await _refetch(refetch, manifest, store, sources, stats, progress=progress, **keeping, **sync_options)
             await asyncio.to_thread(assembly.fill_from_store, store)
+        await asyncio.to_thread(store.flush)  # references moved by the fill
         await asyncio.to_thread(assembly.commit)
         try:  # the store holds the whole version now: later pulls may ask for deltas against it
             await asyncio.to_thread(Registry(store).commit, manifest)

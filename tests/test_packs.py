@@ -192,3 +192,29 @@ def test_gc_deletes_a_pack_once_nothing_points_into_it(lab):
     assert report.packs_deleted == len(packs) and not list(store.iter_packs())
     assert tree_digest(dest) == tree_digest(lab.root / "src")  # DEST keeps its files: only the links went
     assert (dest / "model.safetensors").stat().st_nlink == 1
+
+
+def test_a_newer_pull_takes_over_the_shared_chunks_so_old_packs_can_go(lab):
+    v1 = make_model(lab.root / "r1", tensors=6, tensor_bytes=4 << 20, seed=7)
+    v2 = make_model(lab.root / "r2", tensors=6, tensor_bytes=4 << 20, seed=8, changed=(2,))
+    lab.publish(v1, "r", "v1")
+    lab.publish(v2, "r", "v2")
+    site = lab.root / "site-g"
+    fabric_json(*lab.pull_args("r@v1", lab.root / "dest-g1", site))
+    old_packs = {p.key for p in open_store(site, create=False).iter_packs()}
+    second = fabric_json(*lab.pull_args("r@v2", lab.root / "dest-g2", site))
+    assert second["chunks_reused"] > second["chunks_fetched"] > 0
+    store = open_store(site, create=False)
+    v2_chunks = Registry(store).manifest("r", "v2").unique_chunks()
+    refs = dict(store.pack_refs())
+    assert {refs[c].pack for c in v2_chunks}.isdisjoint(old_packs)  # all of v2 lives in v2's files
+    assert {refs[c].pack for c in set(refs) - set(v2_chunks)} <= old_packs  # v1's changed tensor stays
+    assert fabric_json("fsck", "--store", site)["ok"]
+
+    Registry(store).delete_version("r", "v1")
+    report = gc(store, keep=1, grace=0)
+    assert report.packs_deleted == len(old_packs)
+    assert {p.key for p in store.iter_packs()}.isdisjoint(old_packs)
+    third = fabric_json(*lab.pull_args("r@v2", lab.root / "dest-g3", site))
+    assert third["chunks_fetched"] == 0
+    assert tree_digest(lab.root / "dest-g3") == tree_digest(v2)
