@@ -89,7 +89,8 @@ def test_a_spoiled_pack_is_corruption_and_a_missing_one_is_absence(tmp_path):
 
 
 @pytest.mark.parametrize("ref", [b"\x02packs/ab/../../../etc/passwd 0 10", b"\x02packs/ab/cd 0 10",
-                                 b"\x02packs/ab/ab" + b"0" * 30 + b" -1 10", b"\x02" + b"x" * 300])
+                                 b"\x02packs/ab/ab" + b"0" * 30 + b" -1 10", b"\x02" + b"x" * 300,
+                                 b"\x02packs/ab/ab" + b"0" * 30 + b" 0 9999999999"])
 def test_a_malformed_reference_is_refused(tmp_path, ref):
     store = open_store(tmp_path / "store")
     cid = digest.digest(b"hello")

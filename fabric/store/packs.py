@@ -26,6 +26,7 @@ from ..errors import ChunkNotFound
 
 TAG_PACKED = 2  # a stored form only: never on the wire
 REF_MAX = 128  # a pack reference is never longer: stored objects this small may be one
+MAX_SIZE = 64 << 20  # the largest chunk a manifest may list
 _KEY = re.compile(r"packs/([0-9a-f]{2})/\1[0-9a-f]{30}")
 _REF = re.compile(rb"\x02(packs/[0-9a-f]{2}/[0-9a-f]{32}) (0|[1-9][0-9]{0,15}) ([1-9][0-9]{0,9})")
 # A hard link cannot be made here (other file system, no link support, too many links).
@@ -54,7 +55,7 @@ def is_pack_key(key: str) -> bool:
 def parse(chunk_id: str, stored: bytes) -> PackRef:
     """The pack reference in a stored object that starts with tag 2."""
     m = _REF.fullmatch(stored)
-    if m is None or not is_pack_key(m.group(1).decode()):
+    if m is None or not is_pack_key(m.group(1).decode()) or int(m.group(3)) > MAX_SIZE:
         raise ChunkNotFound(f"chunk {chunk_id}: malformed pack reference in the store")
     return PackRef(m.group(1).decode(), int(m.group(2)), int(m.group(3)))
 
