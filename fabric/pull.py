@@ -18,7 +18,6 @@ made durable. Where linking is impossible (store not local, another file system)
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -28,14 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChunkNotFound, CorruptChunk, DestinationExists, InvalidManifest, MissingChunks, StoreFull
+from .fileio import create_sized, pwrite_all
 from .logs import get_logger
-from .fileio import pwrite_all
 from .manifest import Manifest
 from .store import Store
 from .store.packs import PackRef
 
 log = get_logger("pull")
-_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -96,7 +94,7 @@ class Assembly:
             if not path.resolve().is_relative_to(root):
                 raise InvalidManifest(f"file path {entry.path!r} escapes the destination")
             path.parent.mkdir(parents=True, exist_ok=True)
-            _create(path, entry.size)
+            create_sized(path, entry.size)
             self._file_locks[path] = threading.Lock()
             if entry.chunks:
                 self._link(path)
@@ -230,17 +228,6 @@ def materialize(store: Store, manifest: Manifest, dest: str | os.PathLike, *,
     except BaseException:
         assembly.abort()
         raise
-
-
-def _create(path: Path, size: int) -> None:
-    """An empty file of `size` bytes, its blocks allocated up front where the file system
-    can (chunks then land in place at full speed, and a full disk shows before any fetch)."""
-    with open(path, "wb") as f:
-        if size and _LIBC.fallocate(f.fileno(), 0, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.ENOSPC, errno.EDQUOT):
-                raise OSError(err, os.strerror(err), str(path))
-            f.truncate(size)  # no fallocate here (it is not emulated: that would write every block)
 
 
 def _swap_into_place(staging: Path, dest: Path) -> None:
