@@ -170,7 +170,9 @@ class Store:
         if tag != _PACKED or size > packs.REF_MAX:
             return StoredFile(f, tag[0] if tag else -1, 1, max(0, size - 1))
         with f:
-            ref = packs.parse(chunk_id, os.pread(f.fileno(), size, 0))
+            ref = self._parse_ref(chunk_id, os.pread(f.fileno(), size, 0))
+        if ref is None:
+            return None
         try:
             pack = open(self.backend.path(ref.pack), "rb")
         except FileNotFoundError:
@@ -189,9 +191,14 @@ class Store:
         sizes = [size(chunk_key(cid)) for cid in chunk_ids]
         for i, (cid, n) in enumerate(zip(chunk_ids, sizes)):
             if n is not None and n <= packs.REF_MAX:
-                ref = self._pack_ref(cid)
-                if ref is not None:  # absent, too, if its pack is gone or short
-                    held = size(ref.pack)
+                try:
+                    stored = self.backend.get(chunk_key(cid))
+                except NotFound:
+                    sizes[i] = None
+                    continue
+                if stored[:1] == _PACKED:  # as `open_stored` will find it: absent if damaged
+                    ref = self._parse_ref(cid, stored)
+                    held = size(ref.pack) if ref else None
                     sizes[i] = 1 + ref.size if held is not None and held >= ref.offset + ref.size else None
         return sizes
 
@@ -228,12 +235,17 @@ class Store:
         self.backend.delete(key)
 
     def _pack_ref(self, chunk_id: str) -> packs.PackRef | None:
+        """The chunk's pack reference, or None if it is not a (well-formed) one."""
         try:
             stored = self.backend.get(chunk_key(chunk_id))
         except NotFound:
             return None
+        return self._parse_ref(chunk_id, stored) if stored[:1] == _PACKED else None
+
+    @staticmethod
+    def _parse_ref(chunk_id: str, stored: bytes) -> packs.PackRef | None:
         try:
-            return packs.parse(chunk_id, stored) if stored[:1] == _PACKED else None
+            return packs.parse(chunk_id, stored)
         except ChunkNotFound:
             return None
 

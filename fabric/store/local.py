@@ -25,9 +25,9 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from . import packs
-from ..fileio import write_all
 from ..errors import Conflict, NotFound, StoreFull
+from ..fileio import write_all
+from . import packs
 from .backend import ObjectInfo
 
 
