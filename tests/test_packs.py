@@ -221,3 +221,19 @@ def test_a_newer_pull_takes_over_the_shared_chunks_so_old_packs_can_go(lab):
     third = fabric_json(*lab.pull_args("r@v2", lab.root / "dest-g3", site))
     assert third["chunks_fetched"] == 0
     assert tree_digest(lab.root / "dest-g3") == tree_digest(v2)
+
+
+def test_pull_over_the_same_dest_with_force(lab):
+    v1 = make_model(lab.root / "s1", tensors=4, tensor_bytes=4 << 20, seed=11)
+    v2 = make_model(lab.root / "s2", tensors=4, tensor_bytes=4 << 20, seed=12, changed=(0,))
+    lab.publish(v1, "s", "v1")
+    lab.publish(v2, "s", "v2")
+    site, dest = lab.root / "site-h", lab.root / "dest-h"
+    fabric_json(*lab.pull_args("s@v1", dest, site))
+    report = fabric_json(*lab.pull_args("s@v2", dest, site, "--force"))  # reads v1's packs = the old DEST
+    assert report["packed"] is True and report["chunks_reused"] > 0
+    assert tree_digest(dest) == tree_digest(v2)
+    assert (dest / "model.safetensors").stat().st_nlink == 2
+    assert fabric_json("fsck", "--store", site)["ok"]
+    again = fabric_json(*lab.pull_args("s@v1", dest, site, "--force"))  # v1 back, from the store alone
+    assert again["chunks_fetched"] == 0 and tree_digest(dest) == tree_digest(v1)
