@@ -12,12 +12,14 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from fabric.errors import Conflict
 from fabric.publish import LocalTarget, publish
 from fabric.pull import materialize
 from fabric.registry import Registry
@@ -174,3 +176,24 @@ def cli_json(*args, store: Path | None = None, env: dict | None = None, expect_r
     p = run_cli(*args, "--json", store=store, env=env)
     assert p.returncode == expect_rc, f"rc={p.returncode}\nstdout={p.stdout}\nstderr={p.stderr}"
     return json.loads(p.stdout)
+
+
+def count_up_concurrently(get, cas, *, threads: int, per_thread: int) -> int:
+    """Increment a counter from `threads` threads, `per_thread` times each, by
+    compare-and-swap (`cas(new, expected)` raises Conflict on a lost race); return
+    the final value read with `get()`. A CAS that loses nothing gives threads × per_thread."""
+    def bump():
+        for _ in range(per_thread):
+            while True:
+                cur = get()
+                try:
+                    cas(str(int(cur) + 1).encode(), cur)
+                    break
+                except Conflict:
+                    continue
+    ts = [threading.Thread(target=bump) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return int(get())

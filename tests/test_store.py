@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import uuid
 
 import pytest
@@ -16,7 +15,7 @@ from fabric.errors import (ChunkNotFound, Conflict, CorruptChunk, InvalidChunkId
 from fabric.fsck import fsck
 from fabric.store import TAG_RAW, TAG_ZSTD, chunk_key, manifest_key, open_store
 
-from conftest import chunk_files, random_bytes
+from conftest import chunk_files, count_up_concurrently, random_bytes
 
 
 def _put(store, data: bytes) -> str:
@@ -197,22 +196,9 @@ def test_list_matches_string_prefixes(store):
 def test_concurrent_cas_increments_lose_nothing(store):
     key, threads, per_thread = "counter/channels/c", 6, 40
     store.cas_ref(key, b"0", None)
-
-    def bump():
-        for _ in range(per_thread):
-            while True:
-                cur = store.get_ref(key)
-                try:
-                    store.cas_ref(key, str(int(cur) + 1).encode(), cur)
-                    break
-                except Conflict:
-                    continue
-    ts = [threading.Thread(target=bump) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert int(store.get_ref(key)) == threads * per_thread
+    final = count_up_concurrently(lambda: store.get_ref(key), lambda new, cur: store.cas_ref(key, new, cur),
+                                  threads=threads, per_thread=per_thread)
+    assert final == threads * per_thread
 
 
 # --- atomicity under failure ---------------------------------------------------------------------

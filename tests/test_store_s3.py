@@ -22,7 +22,7 @@ from fabric.registry import Registry, now_rfc3339
 from fabric.store import Store, chunk_key, open_store
 from fabric.store.s3 import S3Backend, S3Options
 
-from conftest import random_bytes
+from conftest import count_up_concurrently, random_bytes
 from helpers_s3 import ThrottlingProxy, Weed
 
 BUCKET = "fabric-suite"
@@ -106,22 +106,9 @@ def test_list_by_prefix(backend):
 def test_concurrent_compare_and_swap_loses_nothing(backend):
     key, threads, per_thread = "refs/counter", 4, 15
     backend.put_if(key, b"0", None)
-
-    def bump():
-        for _ in range(per_thread):
-            while True:
-                cur = backend.get(key)
-                try:
-                    backend.put_if(key, str(int(cur) + 1).encode(), cur)
-                    break
-                except Conflict:
-                    continue
-    ts = [threading.Thread(target=bump) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert int(backend.get(key)) == threads * per_thread
+    final = count_up_concurrently(lambda: backend.get(key), lambda new, cur: backend.put_if(key, new, cur),
+                                  threads=threads, per_thread=per_thread)
+    assert final == threads * per_thread
 
 
 # --- chunks and manifests ----------------------------------------------------------------------
