@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from fabric import codec
-from fabric.digest import digest
+from fabric.core import codec
+from fabric.core.digest import digest
 
 SEGMENT = 8 << 20
 REPEAT = 10

@@ -57,7 +57,7 @@ import numpy as np
 from bench import machine, md_table
 from bench.pull_throughput import nginx_config
 from fabric.safetensors_io import TensorSpec, write_safetensors
-from fabric.topology import ORIGIN, Topology, parse_rate
+from fabric.core.topology import ORIGIN, Topology, parse_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `topology` is a folder of the repo, not an installed package

@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     from helpers.agent import AgentProcess
     from helpers.http import request
     from helpers.origin import OriginProcess
-    from helpers_s3 import HookProcess, Weed, free_port, hook_config, wait_until
+    from helpers.s3 import HookProcess, Weed, free_port, hook_config, wait_until
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fabric-hook-bench-"))
     if work.exists() and args.workdir:
@@ -144,7 +144,7 @@ def _throughput(weed, s3, work: Path, prefix: str, repeat: int) -> dict[str, flo
     """Best seconds of: boto3 download_file of every object; fabric publish from s3://; from the local copy."""
     from fabric.publish import LocalTarget, publish
     from fabric.s3source import list_sources
-    from fabric.store import open_store
+    from fabric.store.store import open_store
 
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=prefix)["Contents"]]
     best = {DOWNLOAD: float("inf"), STREAMED: float("inf"), FROM_COPY: float("inf")}

@@ -8,7 +8,7 @@ swaps the live module from v1 to the successor and back, `--repeat` times each w
 (after one unmeasured round trip),
 while a client thread runs requests against it without pause:
 
-* `in-place` and `double-buffered`: `agents.worker.LiveModule.load` with the
+* `in-place` and `double-buffered`: `agents.worker.hotloader.LiveModule.load` with the
   versions' manifests (reads and verifies only the changed tensors);
 * `load_file, locked`: `safetensors.torch.load_file` + `load_state_dict` with the
   request lock held (the plain way to never serve a mix);
@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from agents.worker import LiveModule, _RWLock
+from agents.worker.hotloader import LiveModule, _RWLock
 from bench import md_table
-from fabric.manifest import Manifest
+from fabric.core.manifest import Manifest
 from fabric.publish import publish
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ tensors changed), then measures, side by side:
   (1 GiB, `copy_(non_blocking=True)`), the ceiling for any loader;
 * `safetensors.torch.load_file(device="cuda")` of the whole file, and the same followed
   by `load_state_dict` into a live module (the plain reload);
-* `agents.worker.LiveModule.load` in both modes, with and without verifying the chunk
+* `agents.worker.hotloader.LiveModule.load` in both modes, with and without verifying the chunk
   digests: swap time, its rate over the changed bytes, the copy stage's own rate, and
   the pause (in-place: the write lock; double-buffered: the reference swap).
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from safetensors.torch import load_file
 
-    from agents.worker import LiveModule
+    from agents.worker.hotloader import LiveModule
     from bench.hotload import Weights
 
     folder = Path(args.dir)

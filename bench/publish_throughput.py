@@ -81,7 +81,7 @@ def generate(src: Path, size: int, seed: int = 0) -> list[Path]:
 def publish_child(src: str, store: str, compress: bool) -> None:
     """Runs in the child: publish `src` into a new store, print the result as JSON."""
     from fabric.publish import LocalTarget, publish
-    from fabric.store import open_store
+    from fabric.store.store import open_store
 
     r = publish(src, artifact="bench", version="v1", target=LocalTarget(open_store(store, compress=compress)))
     print(json.dumps(r.to_json()))

@@ -50,6 +50,7 @@ import numpy as np
 
 from bench import machine, md_table, tree_size
 from bench import netns
+from fabric.cli import fabric_command
 from fabric.safetensors_io import TensorSpec, write_safetensors
 
 COMMAND = "python -m bench.pull_throughput"
@@ -61,8 +62,7 @@ SHARD_TENSORS = 8  # tensors per safetensors shard: 256 MiB shards
 PLAIN_FILE = 256 << 20  # bytes per file with --layout plain
 PIECE = 8 << 20  # the generator holds this much at a time
 TOKEN = "bench-pull-token-0123456789abcdef"
-BIN = Path(sys.executable).parent
-FABRIC = str(BIN / "fabric") if (BIN / "fabric").exists() else None
+FABRIC = fabric_command()[0] if len(fabric_command()) == 1 else None
 
 
 # --- the artifact ------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def subset(files: list[Path], size: int, root: Path) -> list[Path]:
 
 def publish_into(store: Path, src: Path, artifact: str) -> dict:
     from fabric.publish import LocalTarget, publish
-    from fabric.store import open_store
+    from fabric.store.store import open_store
 
     r = publish(src, artifact=artifact, version="v1", target=LocalTarget(open_store(store, compress=False)))
     return r.to_json()
@@ -351,8 +351,8 @@ def _origin_cmd(store: Path, tokens: Path, listen: str) -> list[str]:
 
 def sync_child(origin: str, artifact: str, store: str, connections: int) -> None:
     """Runs in a child: fetch, verify and store every chunk of artifact@v1; print the stats as JSON."""
-    from fabric.client import OriginClient
-    from fabric.store import open_store
+    from fabric.wire.client import OriginClient
+    from fabric.store.store import open_store
     from fabric.transfer import sync
 
     async def run() -> dict:

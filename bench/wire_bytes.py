@@ -9,7 +9,7 @@ and an edit); it is built once and cached under --root. For each version pair
 
 * **Fabric**: both versions are published into a sender store; a receiver store holds
   the old version (its chunks and its committed manifest). The receiver asks for the
-  chunks it lacks with the fields of `fabric.delta.request_fields` (batches of at most
+  chunks it lacks with the fields of `fabric.wire.delta.request_fields` (batches of at most
   16 MiB and 4096 ids, as the sync engine cuts them); the sender plans and encodes each
   chunk (`plan_request`, `encode_chunk`); the receiver decodes and verifies each one
   against its own store (`decode_chunk`) and stores it. Counted: the manifest (its
@@ -48,11 +48,13 @@ import zstandard
 
 from bench import md_table
 from bench.corpus import Corpus, Params, build
-from fabric import chunking, codec, delta
-from fabric.manifest import Manifest
+from fabric.core import chunking
+from fabric.core import codec
+from fabric.wire import delta
+from fabric.core.manifest import Manifest
 from fabric.publish import LocalTarget, publish
-from fabric.registry import Registry
-from fabric.store import Store, open_store
+from fabric.store.registry import Registry
+from fabric.store.store import Store, open_store
 
 BATCH_BYTES = 16 << 20
 MAX_IDS = 4096

@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from fabric.errors import ConfigError
 
 _KEYS = {"store", "origin", "token"}
 
@@ -69,7 +69,7 @@ def _read_file(path: Path) -> dict:
     return data
 
 
-# --- checking a daemon's TOML (agents.config, fabric.hook_config) ------------------------
+# --- checking a daemon's TOML (agents.site.config, fabric.hook.config) ------------------------
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}

@@ -11,10 +11,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import FabricError
-from .manifest import Manifest
-from .registry import Registry
-from .store import Store
+from fabric.errors import FabricError
+from fabric.core.manifest import Manifest
+from fabric.store.registry import Registry
+from fabric.store.store import Store
 
 
 @dataclass

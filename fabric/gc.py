@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .errors import InvalidInput
-from .manifest import Manifest
-from .registry import Registry
-from .store import Store
+from fabric.errors import InvalidInput
+from fabric.core.manifest import Manifest
+from fabric.store.registry import Registry
+from fabric.store.store import Store
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """Publishing: read a folder once, cut it into chunks, hash them, keep the new ones.
 
 Each file is read sequentially, exactly once. The reading thread cuts the bytes
-(`fabric.chunking`) and hands batches of chunks to two worker threads that hash them
+(`fabric.core.chunking`) and hands batches of chunks to two worker threads that hash them
 and offer them to a `Target`, which stores the ones it lacks. At most a few batches
 are in flight, so memory stays bounded whatever the model's size. When every file is
 done, the manifest is committed: chunks first, then the manifest, then the version
 ref, so a publish killed at any point leaves no half version.
 
 A `Target` is where a version goes: a local store (`LocalTarget`) or an origin over
-HTTP (`fabric.client`). Both answer the same few calls.
+HTTP (`fabric.wire.client`). Both answer the same few calls.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
-from . import chunking, digest
-from .errors import ChannelNotFound, InvalidInput, InvalidManifest, SourceChanged, SourceError
-from .manifest import FileEntry, Manifest, TensorEntry, check_name, check_path
-from .registry import Registry, now_rfc3339
-from .store import Store
+from fabric.core import chunking
+
+from fabric.core import digest
+from fabric.errors import ChannelNotFound, InvalidInput, InvalidManifest, SourceChanged, SourceError
+from fabric.core.manifest import FileEntry, Manifest, TensorEntry, check_name, check_path
+from fabric.store.registry import Registry, now_rfc3339
+from fabric.store.store import Store
 
 _WINDOW = 8 << 20  # bytes read per CDC window
 _IN_FLIGHT = 4  # batches being hashed/stored at once (bounds memory)

@@ -26,12 +26,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ChunkNotFound, CorruptChunk, DestinationExists, InvalidManifest, MissingChunks, StoreFull
-from .fileio import create_sized, pwrite_all
-from .logs import get_logger
-from .manifest import Manifest
-from .store import Store
-from .store.packs import PackRef
+from fabric.errors import ChunkNotFound, CorruptChunk, DestinationExists, InvalidManifest, MissingChunks, StoreFull
+from fabric.fileio import create_sized, pwrite_all
+from fabric.logs import get_logger
+from fabric.core.manifest import Manifest
+from fabric.store.store import Store
+from fabric.store.packs import PackRef
 
 log = get_logger("pull")
 

@@ -14,14 +14,14 @@ import os
 import time
 from typing import Callable
 
-from . import delta
-from .client import OriginClient
-from .errors import FabricError
-from .manifest import Manifest
-from .pull import Assembly, PullResult
-from .registry import Registry
-from .store import Store
-from .transfer import SyncStats, fetch_chunks, sync
+from fabric.wire import delta
+from fabric.wire.client import OriginClient
+from fabric.errors import FabricError
+from fabric.core.manifest import Manifest
+from fabric.pull import Assembly, PullResult
+from fabric.store.registry import Registry
+from fabric.store.store import Store
+from fabric.transfer import SyncStats, fetch_chunks, sync
 
 
 async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: str | os.PathLike, *,

@@ -16,8 +16,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import Conflict, NotFound, SourceChanged, SourceError
-from .store.s3 import S3Options, make_client, parse_url, translate
+from fabric.errors import Conflict, NotFound, SourceChanged, SourceError
+from fabric.store.s3 import S3Options, make_client, parse_url, translate
 
 PART = 8 << 20
 AHEAD = 4

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .chunking import DTYPE_SIZES
+from fabric.core.chunking import DTYPE_SIZES
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,14 @@ from typing import Callable
 
 import aiohttp
 
-from . import delta, wire
-from .client import OriginClient, error_from
-from .errors import FabricError, IntegrityError, InvalidInput, ReferenceMismatch, StoreFull, TransferError
-from .logs import get_logger
-from .manifest import Manifest
-from .store import Store
+from fabric.wire import delta
+
+from fabric.wire import frames as wire
+from fabric.wire.client import OriginClient, error_from
+from fabric.errors import FabricError, IntegrityError, InvalidInput, ReferenceMismatch, StoreFull, TransferError
+from fabric.logs import get_logger
+from fabric.core.manifest import Manifest
+from fabric.store.store import Store
 
 log = get_logger("transfer")
 BATCH_BYTES = 16 << 20
@@ -173,7 +175,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     store itself, as `fabric.pull.Assembly.keep` does with one write for DEST and store
     both. `prefer` names, per chunk, a source
     to ask before the usual order (sibling relays splitting one uplink by chunk owner).
-    `delta_fields` (`fabric.delta.request_fields`) go into every fetch request. With
+    `delta_fields` (`fabric.wire.delta.request_fields`) go into every fetch request. With
     `defer_store`, chunks become durable and visible in the store only at its `flush()`,
     which the caller runs (right for a private cache; a relay's store serves at once).
     """

@@ -22,11 +22,11 @@ from safetensors.numpy import save_file
 from fabric.errors import Conflict
 from fabric.publish import LocalTarget, publish
 from fabric.pull import materialize
-from fabric.registry import Registry
-from fabric.store import open_store
+from fabric.store.registry import Registry
+from fabric.store.store import open_store
+from fabric.cli import fabric_command
 
-BIN = Path(sys.executable).parent
-FABRIC = [str(BIN / "fabric")] if (BIN / "fabric").exists() else [sys.executable, "-m", "fabric.cli"]
+FABRIC = fabric_command()
 
 _NP_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
               np.dtype("int32"): "I32", np.dtype("int64"): "I64", np.dtype("uint8"): "U8",

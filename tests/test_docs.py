@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fabric import chunking, digest
-from fabric.manifest import MAX_CHUNK_SIZE, Manifest, _NAME_RE, canonical_json
+from fabric.core import chunking
+
+from fabric.core import digest
+from fabric.core.manifest import MAX_CHUNK_SIZE, Manifest, _NAME_RE, canonical_json
 from fabric.publish import LocalTarget, chunking_params, publish
-from fabric.registry import Channel, Registry
-from fabric.store import STORE_FORMAT, open_store
+from fabric.store.registry import Channel, Registry
+from fabric.store.store import STORE_FORMAT, open_store
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
 TEXT = DOC.read_text(encoding="utf-8")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `topology` is a folder of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from fabric.topology import ORIGIN, Topology  # noqa: E402
+from fabric.core.topology import ORIGIN, Topology  # noqa: E402
 from topology import lab as lab_mod  # noqa: E402
 from topology.lab import (Lab, LabError, cleanup_stale, fabric_command, lab_available, list_namespaces,  # noqa: E402
                           make_plan)

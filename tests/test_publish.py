@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fabric.chunking import CDC_MAX, SEGMENT_SIZE
+from fabric.core.chunking import CDC_MAX, SEGMENT_SIZE
 from fabric.errors import (InvalidName, InvalidSafetensors, SourceChanged, SourceError,
                            VersionExists)
-from fabric.manifest import diff
-from fabric.registry import Registry
+from fabric.core.manifest import diff
+from fabric.store.registry import Registry
 
 from conftest import (assert_same_tree, chunk_files, header_len, publish_local, pull_local,
                       random_bytes, random_tensors, safetensors_bytes, write_safetensors,

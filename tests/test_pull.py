@@ -10,8 +10,8 @@ import pytest
 from fabric.errors import (ArtifactNotFound, ChannelNotFound, CorruptChunk, DestinationExists,
                            MissingChunks, VersionNotFound)
 from fabric.pull import materialize
-from fabric.registry import Registry
-from fabric.store import chunk_key
+from fabric.store.registry import Registry
+from fabric.store.store import chunk_key
 
 from conftest import assert_same_tree, publish_local, pull_local, random_bytes, read_tree, write_tree
 

@@ -52,7 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from fabric.topology import ORIGIN, Topology, parse_rate
+from fabric import cli
+from fabric.core.topology import ORIGIN, Topology, parse_rate
 
 PREFIX = "fab-"
 _LINK_BASE = int(ipaddress.IPv4Address("10.77.0.0"))
@@ -332,10 +333,9 @@ def lab_available() -> tuple[bool, str]:
 
 def fabric_command() -> list[str]:
     """The `fabric` console script of this interpreter's venv (or of the repo's .venv)."""
-    for cand in (Path(sys.executable).parent / "fabric", _REPO / ".venv" / "bin" / "fabric"):
-        if cand.exists():
-            return [str(cand)]
-    return [sys.executable, "-m", "fabric.cli"]
+    repo_binary = _REPO / ".venv" / "bin" / "fabric"
+    command = cli.fabric_command()
+    return [str(repo_binary)] if command[0] == sys.executable and repo_binary.exists() else command
 
 
 def _toml(value) -> str:

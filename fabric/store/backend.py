@@ -11,7 +11,7 @@ compare-and-swap for the few mutable objects (channels, version refs):
     list(prefix)           -> iterator of ObjectInfo
     delete(key)            -> None               (absent is fine)
 
-Keys are `/`-separated, relative, and made only by `fabric.store` itself.
+Keys are `/`-separated, relative, and made only by `fabric.store.store` itself.
 """
 
 from __future__ import annotations

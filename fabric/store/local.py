@@ -25,10 +25,10 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import Conflict, NotFound, StoreFull
-from ..fileio import write_all
-from . import packs
-from .backend import ObjectInfo
+from fabric.errors import Conflict, NotFound, StoreFull
+from fabric.fileio import write_all
+from fabric.store import packs
+from fabric.store.backend import ObjectInfo
 
 
 class LocalBackend:

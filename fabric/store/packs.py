@@ -22,7 +22,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from ..errors import ChunkNotFound
+from fabric.errors import ChunkNotFound
 
 TAG_PACKED = 2  # a stored form only: never on the wire
 REF_MAX = 128  # a pack reference is never longer: stored objects this small may be one

@@ -38,8 +38,8 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from ..errors import Conflict, Forbidden, InvalidInput, NotFound, TransferError
-from .backend import ObjectInfo
+from fabric.errors import Conflict, Forbidden, InvalidInput, NotFound, TransferError
+from fabric.store.backend import ObjectInfo
 
 _ETAG_CACHE = 4096  # refs whose last-read ETag we remember
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}

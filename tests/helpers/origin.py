@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from .http import request
+from fabric.cli import fabric_command
 
-BIN = Path(sys.executable).parent
-FABRIC = [str(BIN / "fabric")] if (BIN / "fabric").exists() else [sys.executable, "-m", "fabric.cli"]
+FABRIC = fabric_command()
 
 # Tokens every wire test may use. Secrets are long and distinctive so a log scan can find them.
 PUBLISH_SECRET = "pub-secret-4f1c9a7e2b6d8053"

@@ -1,6 +1,6 @@
 """Chunk sources that misbehave on purpose: real aiohttp servers on 127.0.0.1.
 
-Each speaks the chunk-stream protocol of `POST /v1/chunks/fetch` (see fabric.wire),
+Each speaks the chunk-stream protocol of `POST /v1/chunks/fetch` (see fabric.wire.frames),
 serving chunks from a real `Store`, but:
 
 * ``lie``      — every chunk frame carries the right id and size but wrong bytes
@@ -21,10 +21,13 @@ import json
 
 from aiohttp import web
 
-from fabric import digest, wire
-from fabric.auth import TokenTable
-from fabric.origin import bound_port, create_app, serve
-from fabric.store import Store
+from fabric.core import digest
+
+from fabric.wire import frames as wire
+from fabric.wire.auth import TokenTable
+from fabric.origin.app import create_app
+from fabric.wire.server import bound_port, serve
+from fabric.store.store import Store
 
 MODES = ("lie", "missing", "stall", "omit", "foreign")
 

@@ -1,0 +1,119 @@
+"""A site's data folder: what lives where, and the atomic pointer flip.
+
+    <data>/store/                         the site's chunk store (fabric.store.store layout)
+    <data>/versions/<artifact>/<version>/ materialised, verified versions
+    <data>/current/<artifact>             symlink to the active version's folder
+    <data>/state.json                     activation history, pins, bad versions
+
+A version folder appears only by rename from a staging folder, so it is complete
+or absent. `activate` flips `current/<artifact>` with a rename of a new symlink over
+the old one: a reader resolving the link sees the old version or the new one, never
+a mix. `state.json` is rewritten with temp file, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fabric.core import digest
+from fabric.errors import IntegrityError
+from fabric.core.manifest import Manifest
+
+
+@dataclass
+class SiteState:
+    history: dict[str, list[str]] = field(default_factory=dict)  # artifact -> versions, oldest first
+    pins: set[str] = field(default_factory=set)  # "artifact@version"
+    bad: dict[str, list[str]] = field(default_factory=dict)  # artifact -> versions marked bad here
+
+    def to_json(self) -> dict:
+        return {"history": self.history, "pins": sorted(self.pins), "bad": self.bad}
+
+
+class Layout:
+    def __init__(self, data: Path):
+        self.data = Path(data)
+        self.store_dir = self.data / "store"
+        self.versions = self.data / "versions"
+        self.current = self.data / "current"
+        self.state_file = self.data / "state.json"
+        for d in (self.versions, self.current):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def version_dir(self, artifact: str, version: str) -> Path:
+        return self.versions / artifact / version
+
+    def active(self, artifact: str) -> str | None:
+        link = self.current / artifact
+        try:
+            return Path(os.readlink(link)).name
+        except (FileNotFoundError, OSError):
+            return None
+
+    def activate(self, artifact: str, version: str) -> None:
+        """Point current/<artifact> at the version's folder, atomically."""
+        target = os.path.relpath(self.version_dir(artifact, version), self.current)
+        tmp = self.current / f".{artifact}.{uuid.uuid4().hex[:8]}"
+        os.symlink(target, tmp)
+        os.replace(tmp, self.current / artifact)
+        _fsync_dir(self.current)
+
+    def materialised(self, artifact: str) -> list[str]:
+        folder = self.versions / artifact
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if folder.is_dir() else []
+
+    def remove_version(self, artifact: str, version: str) -> None:
+        shutil.rmtree(self.version_dir(artifact, version), ignore_errors=True)
+
+    def sweep_staging(self) -> None:
+        """Remove staging folders and temp links left by a crash."""
+        for folder in self.versions.glob("*/.*"):
+            shutil.rmtree(folder, ignore_errors=True)
+        for link in self.current.glob(".*"):
+            link.unlink(missing_ok=True)
+
+    # --- state ---------------------------------------------------------------------
+
+    def load_state(self) -> SiteState:
+        try:
+            raw = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return SiteState()
+        return SiteState(history=raw.get("history", {}), pins=set(raw.get("pins", [])), bad=raw.get("bad", {}))
+
+    def save_state(self, state: SiteState) -> None:
+        tmp = self.state_file.with_name(f".state.{uuid.uuid4().hex[:8]}")
+        with open(tmp, "w") as f:
+            json.dump(state.to_json(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_file)
+
+    def disk_usage(self) -> float:
+        st = os.statvfs(self.data)
+        return 1.0 - st.f_bavail / st.f_blocks if st.f_blocks else 0.0
+
+
+def verify_tree(manifest: Manifest, folder: Path) -> None:
+    """Re-read a materialised version and check every chunk against its id."""
+    for entry in manifest.files:
+        path = folder / entry.path
+        if not path.is_file() or path.stat().st_size != entry.size:
+            raise IntegrityError(f"{path}: missing or wrong size")
+        with open(path, "rb") as f:
+            for cid, size in entry.chunks:
+                digest.verify(cid, f.read(size))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,206 @@
+"""The origin server: where versions live and every site ultimately fetches from.
+
+Routes (all JSON unless noted; docs/protocol.md has the full list with examples):
+
+    GET  /v1/artifacts                                   artifacts the token may see
+    GET  /v1/artifacts/{a}/versions                      versions, oldest first
+    GET  /v1/artifacts/{a}/versions/{v}                  the manifest (canonical JSON)
+    PUT  /v1/artifacts/{a}/versions/{v}                  commit a manifest (publish)
+    GET  /v1/artifacts/{a}/channels                      channels with history
+    GET  /v1/artifacts/{a}/channels/{c}                  one channel
+    POST /v1/artifacts/{a}/channels/{c}                  {"action": "promote", "version": v} | {"action": "rollback"}
+    POST /v1/chunks/has                                  {"ids": [...]} -> {"missing": [...]}
+    POST /v1/chunks/fetch                                {"ids": [...]} -> chunk stream (binary)
+    POST /v1/chunks/upload                               chunk stream -> {"stored": n, "bytes": b}
+    GET  /v1/events?after=SEQ                            server-sent events: new versions, channel moves
+    POST /v1/sites/{site}                                a site agent reports its state
+    GET  /v1/sites                                       every site's last report (fabric status)
+
+Blocking store work runs in threads; handlers only parse, check and move bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+
+from aiohttp import web
+
+from fabric.wire import delta
+
+from fabric.wire import frames as wire
+from fabric.wire.auth import TokenTable
+from fabric.errors import BadFrame, Forbidden, InvalidInput, InvalidManifest
+from fabric.wire.events import EventLog, sse_handler
+from fabric.logs import get_logger
+from fabric.core.manifest import Manifest, check_name
+from fabric.store.registry import Registry
+from fabric.wire.server import METRICS, STORE, base_app, chunk_routes, principal, read_json, run_until_signalled
+from fabric.store.store import Store
+
+log = get_logger("origin")
+EVENTS = web.AppKey("events", EventLog)
+REGISTRY = web.AppKey("registry", Registry)
+SITES = web.AppKey("sites", dict)
+_MAX_SITES = 10_000
+_UPLOAD_AHEAD = 4  # uploaded chunks being verified and stored while the next is read
+
+
+def create_app(store: Store, tokens: TokenTable) -> web.Application:
+    app = base_app(store=store, tokens=tokens)
+    app[REGISTRY] = Registry(store)
+    app[EVENTS] = EventLog()
+    app.on_shutdown.append(lambda a: a[EVENTS].close())
+    app[SITES] = {}
+    chunk_routes(app)
+    r = app.router
+    r.add_get(f"{wire.API}/artifacts", list_artifacts)
+    r.add_get(f"{wire.API}/artifacts/{{artifact}}/versions", list_versions)
+    r.add_get(f"{wire.API}/artifacts/{{artifact}}/versions/{{version}}", get_manifest)
+    r.add_put(f"{wire.API}/artifacts/{{artifact}}/versions/{{version}}", commit_manifest)
+    r.add_get(f"{wire.API}/artifacts/{{artifact}}/channels", list_channels)
+    r.add_get(f"{wire.API}/artifacts/{{artifact}}/channels/{{channel}}", get_channel)
+    r.add_post(f"{wire.API}/artifacts/{{artifact}}/channels/{{channel}}", move_channel)
+    r.add_post(f"{wire.API}/chunks/upload", upload_chunks)
+    r.add_get(f"{wire.API}/sites", list_sites)
+    r.add_post(f"{wire.API}/sites/{{site}}", report_site)
+    r.add_get(f"{wire.API}/events", sse_handler(EVENTS, require=lambda req: principal(req).require("pull"),
+                                                  visible=lambda req, e: principal(req).may("pull", e.get("artifact"))))
+    return app
+
+
+def _artifact(request: web.Request, scope: str) -> str:
+    artifact = check_name("artifact", request.match_info["artifact"])
+    principal(request).require(scope, artifact)
+    return artifact
+
+
+async def list_artifacts(request: web.Request) -> web.Response:
+    p = principal(request)
+    names = await asyncio.to_thread(request.app[REGISTRY].artifacts)
+    return web.json_response({"artifacts": [a for a in names if p.may("pull", a)]})
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "pull")
+    reg: Registry = request.app[REGISTRY]
+
+    def load():
+        return [{"version": v, "manifest_id": reg.manifest_id(artifact, v),
+                 "created": reg.manifest(artifact, v).created} for v in reg.versions(artifact)]
+    return web.json_response({"artifact": artifact, "versions": await asyncio.to_thread(load)})
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "pull")
+    version = check_name("version", request.match_info["version"])
+    reg: Registry = request.app[REGISTRY]
+    base = request.query.get("base")  # a version the client holds: answer with a patch against it
+    body, ctype, headers = await asyncio.to_thread(delta.serve_manifest, reg.store, artifact, version, base)
+    return web.Response(body=body, content_type=ctype, headers=headers)
+
+
+async def commit_manifest(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "publish")
+    version = check_name("version", request.match_info["version"])
+    manifest = Manifest.from_bytes(await request.read())
+    if (manifest.artifact, manifest.version) != (artifact, version):
+        raise InvalidManifest(f"manifest is for {manifest.artifact}@{manifest.version}, URL says {artifact}@{version}")
+    mid = await asyncio.to_thread(request.app[REGISTRY].commit, manifest)
+    log.info("version committed", artifact=artifact, version=version, manifest_id=mid,
+             by=principal(request).name)
+    request.app[EVENTS].append({"type": "version", "artifact": artifact, "version": version, "manifest_id": mid})
+    return web.json_response({"artifact": artifact, "version": version, "manifest_id": mid}, status=201)
+
+
+async def list_channels(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "pull")
+    chans = await asyncio.to_thread(request.app[REGISTRY].channels, artifact)
+    return web.json_response({"artifact": artifact, "channels": [c.to_json() for c in chans]})
+
+
+async def get_channel(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "pull")
+    ch = await asyncio.to_thread(request.app[REGISTRY].channel, artifact, request.match_info["channel"])
+    return web.json_response(ch.to_json())
+
+
+async def move_channel(request: web.Request) -> web.Response:
+    artifact = _artifact(request, "publish")
+    channel = check_name("channel", request.match_info["channel"])
+    body = await read_json(request)
+    reg: Registry = request.app[REGISTRY]
+    action = body.get("action")
+    if action == "promote":
+        version = check_name("version", body.get("version"))
+        ch = await asyncio.to_thread(reg.promote, artifact, version, channel)
+    elif action == "rollback":
+        ch = await asyncio.to_thread(reg.rollback, artifact, channel)
+    else:
+        raise InvalidInput("'action' must be 'promote' or 'rollback'")
+    log.info("channel moved", artifact=artifact, channel=channel, version=ch.version, action=action,
+             by=principal(request).name)
+    request.app[EVENTS].append({"type": "channel", "artifact": artifact, "channel": channel,
+                                "version": ch.version, "action": action})
+    return web.json_response(ch.to_json())
+
+
+async def report_site(request: web.Request) -> web.Response:
+    """A site agent's status report; a site may report only under its own token's name."""
+    site = check_name("site", request.match_info["site"])
+    p = principal(request)
+    if p.name != site and not p.may("admin"):
+        raise Forbidden(f"token {p.name!r} may not report for site {site!r}")
+    body = await read_json(request)
+    sites: dict = request.app[SITES]
+    if site not in sites and len(sites) >= _MAX_SITES:
+        raise InvalidInput("too many sites")
+    sites[site] = dict(body, site=site, received=time.time())
+    return web.json_response({"ok": True})
+
+
+async def list_sites(request: web.Request) -> web.Response:
+    principal(request).require("pull")
+    return web.json_response({"sites": sorted(request.app[SITES].values(), key=lambda s: s["site"])})
+
+
+async def upload_chunks(request: web.Request) -> web.Response:
+    """Receive a chunk stream; verify each chunk against its id before storing it.
+
+    A few chunks are decoded, verified and stored in threads while the next frames
+    are read (on an S3 store each put is a round trip).
+    """
+    principal(request).require("publish")
+    store: Store = request.app[STORE]
+    metrics = request.app[METRICS]
+    sizes: list[int] = []  # payload bytes of each chunk stored
+    storing: set[asyncio.Task] = set()
+    try:
+        async for frame in wire.FrameReader(request.content.readexactly):
+            if frame.kind != wire.FRAME_CHUNK:
+                raise BadFrame("an upload may contain only chunk frames")
+            storing.add(asyncio.create_task(asyncio.to_thread(_store_upload, store, frame)))
+            if len(storing) >= _UPLOAD_AHEAD:
+                done, storing = await asyncio.wait(storing, return_when=asyncio.FIRST_COMPLETED)
+                sizes += [t.result() for t in done]
+    finally:
+        for t in asyncio.as_completed(storing):
+            sizes.append(await t)
+        metrics.chunks_in.inc(len(sizes))
+        metrics.bytes_in.inc(sum(sizes))
+    return web.json_response({"stored": len(sizes), "bytes": sum(sizes)})
+
+
+def _store_upload(store: Store, frame: wire.Frame) -> int:
+    """Decode an uploaded frame, check it against its id, store it; its payload size. In a thread."""
+    if frame.encoding in delta.CODEC_TAGS:  # byte-grouped floats from a publisher (docs/encodings.md)
+        data = delta.decode_chunk(store, frame.chunk_id, frame.encoding, frame.raw_size, frame.payload)
+    else:
+        data = wire.decode_frame(frame)
+    store.put_chunk(frame.chunk_id, data, verified=True)
+    return len(frame.payload)
+
+
+def run_origin(*, store: Store, listen: str, tokens: TokenTable, tls: ssl.SSLContext | None = None) -> None:
+    asyncio.run(run_until_signalled(create_app(store, tokens), listen, tls, "origin"))

@@ -1,0 +1,230 @@
+"""The registry: artifacts, their versions, and channels.
+
+A version is an immutable name for a manifest: `refs/<artifact>/versions/<version>`
+holds the manifest id and is created once (compare-and-swap from absent). Publishing
+the same content under the same version again is a no-op; different content is a
+`VersionExists` error.
+
+A channel (`prod`, `latest`) is the one mutable pointer. It keeps its history; the
+current version is the top of a stack that `promote` pushes and `rollback` pops, so
+repeated rollbacks walk back through earlier promotions. Every move is a
+compare-and-swap, so two writers cannot lose each other's update.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from fabric.errors import (ArtifactNotFound, ChannelNotFound, Conflict, FabricError, InvalidInput,
+                     MissingChunks, VersionExists, VersionNotFound)
+from fabric.core.manifest import Manifest, check_name
+from fabric.store.store import Store
+
+_CAS_TRIES = 30
+
+
+@dataclass(frozen=True)
+class Channel:
+    artifact: str
+    name: str
+    history: tuple[dict, ...]  # {"action": "promote"|"rollback", "version", "at"}
+
+    @property
+    def stack(self) -> list[str]:
+        out: list[str] = []
+        for entry in self.history:
+            if entry["action"] == "promote":
+                out.append(entry["version"])
+            elif out:
+                out.pop()
+        return out
+
+    @property
+    def version(self) -> str | None:
+        s = self.stack
+        return s[-1] if s else None
+
+    def to_json(self) -> dict:
+        return {"artifact": self.artifact, "channel": self.name, "version": self.version,
+                "history": list(self.history)}
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Registry:
+    def __init__(self, store: Store):
+        self.store = store
+
+    # --- versions ------------------------------------------------------------
+
+    def commit(self, manifest: Manifest) -> str:
+        """Record `manifest` as a version. Every chunk must already be stored."""
+        manifest.validate()
+        missing = self.store.missing(manifest.chunk_ids())
+        if missing:
+            raise MissingChunks(
+                f"{manifest.artifact}@{manifest.version} names {len(missing)} chunk(s) the store "
+                f"lacks, e.g. {missing[0]}: upload them before committing"
+            )
+        key = _version_key(manifest.artifact, manifest.version)
+        existing = self.store.get_ref(key)
+        if existing is not None:
+            return self._same_content(manifest, existing)
+        canonical, mid = manifest.canonical(), manifest.id
+        self.store.put_manifest(mid, canonical)
+        try:
+            self.store.cas_ref(key, mid.encode(), None)
+        except Conflict:
+            existing = self.store.get_ref(key)
+            if existing is None:
+                raise Conflict(f"{manifest.artifact}@{manifest.version} changed concurrently; try again") from None
+            return self._same_content(manifest, existing)
+        return mid
+
+    def _same_content(self, manifest: Manifest, existing: bytes) -> str:
+        """The id of the committed version if it holds what `manifest` holds, else VersionExists.
+
+        A re-publish gets a new `created` time (and maybe another parent), so ids differ
+        even for the same files; compare everything but those two fields.
+        """
+        mid = existing.decode()
+        try:
+            old = Manifest.from_bytes(self.store.get_manifest_bytes(mid))
+        except FabricError:
+            old = None
+        if old is None or _content(old) != _content(manifest):
+            raise VersionExists(
+                f"{manifest.artifact}@{manifest.version} already exists with different content"
+            )
+        return mid
+
+    def manifest_id(self, artifact: str, version: str) -> str:
+        ref = self.store.get_ref(_version_key(artifact, version))
+        if ref is None:
+            if not self.versions(artifact):
+                raise ArtifactNotFound(f"no artifact named {artifact!r}")
+            raise VersionNotFound(f"{artifact} has no version {version!r}")
+        return ref.decode()
+
+    def manifest(self, artifact: str, version: str) -> Manifest:
+        data = self.store.get_manifest_bytes(self.manifest_id(artifact, version))
+        m = Manifest.from_bytes(data)
+        if (m.artifact, m.version) != (artifact, version):
+            raise VersionNotFound(f"ref {artifact}@{version} points at a manifest of {m.artifact}@{m.version}")
+        return m
+
+    def artifacts(self) -> list[str]:
+        return sorted({k.split("/", 1)[0] for k in self.store.list_refs("")})
+
+    def versions(self, artifact: str) -> list[str]:
+        """Version names of `artifact`, oldest first (by the manifests' `created`)."""
+        check_name("artifact", artifact)
+        prefix = f"{artifact}/versions/"
+        names = [k[len(prefix):] for k in self.store.list_refs(prefix)]
+        return sorted(names, key=lambda v: (self.manifest(artifact, v).created, v))
+
+    def latest(self, artifact: str) -> str | None:
+        vs = self.versions(artifact)
+        return vs[-1] if vs else None
+
+    def delete_version(self, artifact: str, version: str) -> str:
+        mid = self.manifest_id(artifact, version)
+        self.store.delete_ref(_version_key(artifact, version))
+        return mid
+
+    def resolve(self, artifact: str, *, version: str | None = None, channel: str | None = None) -> str:
+        """The version a `name@version`, `name:channel` or bare `name` refers to."""
+        if version:
+            self.manifest_id(artifact, version)
+            return version
+        if channel:
+            v = self.channel(artifact, channel).version
+            if v is None:
+                raise ChannelNotFound(f"channel {artifact}:{channel} points at no version")
+            return v
+        latest = self.latest(artifact)
+        if latest is None:
+            raise ArtifactNotFound(f"no artifact named {artifact!r}")
+        return latest
+
+    # --- channels --------------------------------------------------------------
+
+    def channel(self, artifact: str, name: str) -> Channel:
+        raw = self.store.get_ref(_channel_key(artifact, name))
+        if raw is None:
+            raise ChannelNotFound(f"no channel {artifact}:{name}")
+        return _channel_from(artifact, name, raw)
+
+    def channels(self, artifact: str) -> list[Channel]:
+        prefix = f"{check_name('artifact', artifact)}/channels/"
+        return [self.channel(artifact, k[len(prefix):]) for k in self.store.list_refs(prefix)]
+
+    def promote(self, artifact: str, version: str, channel: str) -> Channel:
+        self.manifest_id(artifact, version)  # the version must exist
+        return self._move(artifact, channel, lambda ch: {"action": "promote", "version": version})
+
+    def rollback(self, artifact: str, channel: str) -> Channel:
+        def step(ch: Channel | None) -> dict:
+            if ch is None or len(ch.stack) < 2:
+                raise InvalidInput(f"channel {artifact}:{channel} has no earlier version to roll back to")
+            return {"action": "rollback", "version": ch.stack[-2]}
+        return self._move(artifact, channel, step)
+
+    def _move(self, artifact: str, channel: str, step) -> Channel:
+        check_name("channel", channel)
+        key = _channel_key(artifact, channel)
+        for attempt in range(_CAS_TRIES):
+            raw = self.store.get_ref(key)
+            current = _channel_from(artifact, channel, raw) if raw else None
+            entry = dict(step(current), at=now_rfc3339())
+            history = (current.history if current else ()) + (entry,)
+            new = Channel(artifact, channel, history)
+            try:
+                self.store.cas_ref(key, json.dumps(new.to_json(), sort_keys=True).encode(), raw)
+                return new
+            except Conflict:
+                # exponential back-off with jitter: writers that collided must not retry in lockstep
+                time.sleep(random.uniform(0, min(0.1, 0.002 * 2 ** attempt)))
+        raise Conflict(f"channel {artifact}:{channel} kept changing; gave up after {_CAS_TRIES} tries")
+
+
+def _content(m: Manifest) -> dict:
+    obj = m.to_json()
+    del obj["created"], obj["parent"]
+    return obj
+
+
+def _version_key(artifact: str, version: str) -> str:
+    return f"{check_name('artifact', artifact)}/versions/{check_name('version', version)}"
+
+
+def _channel_key(artifact: str, channel: str) -> str:
+    return f"{check_name('artifact', artifact)}/channels/{check_name('channel', channel)}"
+
+
+def _channel_from(artifact: str, name: str, raw: bytes) -> Channel:
+    try:
+        obj = json.loads(raw)
+        history = tuple(
+            {"action": e["action"], "version": e["version"], "at": e["at"]} for e in obj["history"]
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidInput(f"channel {artifact}:{name} is unreadable ({e})") from None
+    return Channel(artifact, name, history)
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """Split `name`, `name@version` or `name:channel` into (artifact, version, channel)."""
+    if "@" in ref:
+        artifact, version = ref.split("@", 1)
+        return check_name("artifact", artifact), check_name("version", version), None
+    if ":" in ref:
+        artifact, channel = ref.split(":", 1)
+        return check_name("artifact", artifact), None, check_name("channel", channel)
+    return check_name("artifact", ref), None, None

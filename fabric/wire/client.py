@@ -1,0 +1,320 @@
+"""The client side of Fabric's HTTP protocol: talk to an origin or a relay.
+
+`OriginClient` is async (aiohttp) and used by the sync engine and agents.
+`SyncOrigin` wraps it with a private event loop in a background thread, for the
+CLI and for `publish`, whose worker threads call `RemoteTarget.offer` directly.
+
+A server's JSON error body becomes the matching typed `FabricError`
+(`errors.from_code`); a refused or broken connection becomes `TransferError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import threading
+import time
+from typing import Any, AsyncIterator, Coroutine
+
+import aiohttp
+
+from fabric.wire import delta
+
+from fabric.core import digest
+
+from fabric.wire import frames as wire
+from fabric.errors import (ArtifactNotFound, BadFrame, ChannelNotFound, FabricError, InvalidManifest,
+                     TransferError, from_code)
+from fabric.core.manifest import Manifest
+from fabric.store.registry import Channel, _channel_from
+
+_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
+_READ_BUFFER = 4 << 20  # read big chunk frames in few large pieces, not 64 KiB ones
+
+
+class OriginClient:
+    def __init__(self, url: str, token: str | None = None, *, connections: int = 8,
+                 ssl_context: ssl.SSLContext | bool | None = None, headers: dict | None = None):
+        self.url = url.rstrip("/")
+        self._headers = dict(headers or {})
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._connections = connections
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        self.upload_encodings: list[str] | None = None  # what the server decodes (its `has` answer)
+
+    def __repr__(self) -> str:
+        return f"OriginClient({self.url})"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=_TIMEOUT, connector=connector,
+                                                  read_bufsize=_READ_BUFFER)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    # --- plumbing --------------------------------------------------------------
+
+    async def _request(self, method: str, path: str, *, with_headers: bool = False, **kw):
+        try:
+            async with self.session.request(method, self.url + path, **kw) as resp:
+                body = await resp.read()
+                if resp.status >= 400:
+                    raise error_from(resp.status, body)
+                return (body, resp.content_type, resp.headers) if with_headers else body
+        except aiohttp.ClientError as e:
+            raise TransferError(f"{method} {self.url}{path}: {e}") from None
+        except asyncio.TimeoutError:
+            raise TransferError(f"{method} {self.url}{path}: timed out") from None
+
+    async def _json(self, method: str, path: str, **kw) -> Any:
+        return json.loads(await self._request(method, path, **kw))
+
+    async def call(self, method: str, path: str, body: dict | None = None) -> Any:
+        """A JSON request to any endpoint (site agent APIs, tools)."""
+        return await self._json(method, path, json=body)
+
+    # --- registry ----------------------------------------------------------------
+
+    async def artifacts(self) -> list[str]:
+        return (await self._json("GET", f"{wire.API}/artifacts"))["artifacts"]
+
+    async def versions(self, artifact: str) -> list[dict]:
+        return (await self._json("GET", f"{wire.API}/artifacts/{artifact}/versions"))["versions"]
+
+    async def manifest(self, artifact: str, version: str, base: delta.ManifestBase | None = None) -> Manifest:
+        """The manifest; with `base` (one we hold), fetched as a patch against it."""
+        path = f"{wire.API}/artifacts/{artifact}/versions/{version}"
+        body, ctype, headers = await self._request("GET", path, with_headers=True,
+                                                   params={"base": base.version} if base else None)
+        try:
+            body = delta.read_manifest_body(body, ctype, headers, base)
+        except BadFrame:
+            if base is None:
+                raise
+            return await self.manifest(artifact, version)  # the patch did not check out: plain JSON
+        m = Manifest.from_bytes(body)
+        if digest.digest(body) != m.id:
+            raise InvalidManifest(f"{self.url} sent {artifact}@{version} in a non-canonical form")
+        if (m.artifact, m.version) != (artifact, version):
+            raise InvalidManifest(f"{self.url} answered {artifact}@{version} with {m.artifact}@{m.version}")
+        return m
+
+    async def commit(self, manifest: Manifest) -> str:
+        path = f"{wire.API}/artifacts/{manifest.artifact}/versions/{manifest.version}"
+        body = await self._json("PUT", path, data=manifest.canonical(),
+                                headers={"Content-Type": "application/json"})
+        return body["manifest_id"]
+
+    async def channels(self, artifact: str) -> list[Channel]:
+        body = await self._json("GET", f"{wire.API}/artifacts/{artifact}/channels")
+        return [_channel_from(artifact, c["channel"], json.dumps(c).encode()) for c in body["channels"]]
+
+    async def channel(self, artifact: str, channel: str) -> Channel:
+        body = await self._request("GET", f"{wire.API}/artifacts/{artifact}/channels/{channel}")
+        return _channel_from(artifact, channel, body)
+
+    async def move_channel(self, artifact: str, channel: str, action: dict) -> Channel:
+        body = await self._request("POST", f"{wire.API}/artifacts/{artifact}/channels/{channel}", json=action)
+        return _channel_from(artifact, channel, body)
+
+    async def promote(self, artifact: str, version: str, channel: str) -> Channel:
+        return await self.move_channel(artifact, channel, {"action": "promote", "version": version})
+
+    async def rollback(self, artifact: str, channel: str) -> Channel:
+        return await self.move_channel(artifact, channel, {"action": "rollback"})
+
+    async def resolve(self, artifact: str, version: str | None, channel: str | None) -> str:
+        """The version that `artifact@version`, `artifact:channel` or bare `artifact` names."""
+        if version:
+            return version
+        if channel:
+            ch = await self.channel(artifact, channel)
+            if ch.version is None:
+                raise ChannelNotFound(f"channel {artifact}:{channel} points at no version")
+            return ch.version
+        versions = await self.versions(artifact)
+        if not versions:
+            raise ArtifactNotFound(f"no artifact named {artifact!r} at {self.url}")
+        return versions[-1]["version"]
+
+    # --- sites ---------------------------------------------------------------------
+
+    async def report_site(self, site: str, status: dict) -> None:
+        await self._request("POST", f"{wire.API}/sites/{site}", json=status)
+
+    async def sites(self) -> list[dict]:
+        return (await self._json("GET", f"{wire.API}/sites"))["sites"]
+
+    # --- chunks ------------------------------------------------------------------
+
+    async def missing(self, ids: list[str]) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(ids), wire.MAX_IDS):
+            body, _, headers = await self._request("POST", f"{wire.API}/chunks/has", with_headers=True,
+                                                   json={"ids": ids[i:i + wire.MAX_IDS]})
+            out += json.loads(body)["missing"]
+            self.upload_encodings = delta.parse_encodings(headers.get(delta.ENCODINGS_HEADER))
+        return out
+
+    async def upload(self, chunks: list[tuple[str, int, int, bytes]]) -> int:
+        """Upload (id, encoding, raw size, payload) chunks in one stream; returns payload bytes sent."""
+        frames = [wire.chunk_frame(cid, enc, size, payload) for cid, enc, size, payload in chunks]
+        await self._request("POST", f"{wire.API}/chunks/upload", data=wire.encode_stream(frames),
+                            headers={"Content-Type": wire.CHUNK_STREAM})
+        return sum(len(p) for *_, p in chunks)
+
+    async def events(self, after: int = 0) -> AsyncIterator[tuple[str, dict]]:
+        """Server-sent events as (event type, data); ends when the connection does."""
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
+        try:
+            async with self.session.get(f"{self.url}{wire.API}/events", params={"after": after},
+                                        timeout=timeout) as resp:
+                if resp.status >= 400:
+                    raise error_from(resp.status, await resp.read())
+                event, data = "message", ""
+                async for raw in resp.content:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
+                    elif not line and data:
+                        yield event, json.loads(data)
+                        event, data = "message", ""
+        except aiohttp.ClientError as e:
+            raise TransferError(f"event stream from {self.url}: {e}") from None
+        except asyncio.TimeoutError:
+            raise TransferError(f"event stream from {self.url}: timed out") from None
+
+
+def error_from(status: int, body: bytes) -> FabricError:
+    """The typed error a server's JSON error body names (or a TransferError)."""
+    try:
+        obj = json.loads(body)
+        return from_code(obj["code"], obj["message"])
+    except (ValueError, KeyError, TypeError):
+        return TransferError(f"HTTP {status}: {body[:200]!r}")
+
+
+class SyncOrigin:
+    """Blocking calls to an `OriginClient`, run on a private loop in a daemon thread."""
+
+    def __init__(self, url: str, token: str | None = None, **kw):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fabric-client", daemon=True)
+        self._thread.start()
+        self.client = OriginClient(url, token, **kw)
+
+    def run(self, coro: Coroutine):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        self.run(self.client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getattr__(self, name: str):
+        """`sync.versions("m")` runs `client.versions("m")` and waits for it."""
+        method = getattr(self.client, name)
+        return lambda *a, **kw: self.run(method(*a, **kw))
+
+
+class RemoteTarget:
+    """A publish `Target` on an origin: ask what it lacks, upload only that."""
+
+    accepts_dtypes = True  # publish passes each chunk's tensor dtype to offer()
+
+    def __init__(self, origin: SyncOrigin):
+        self.origin = origin
+        self.encoder = delta.UploadEncoder()
+
+    def offer(self, chunks: list[tuple[str, bytes]], dtypes: list[str | None] | None = None) -> list[int]:
+        missing = set(self.origin.missing([cid for cid, _ in chunks]))
+        todo = [(cid, data, dtype) for (cid, data), dtype in zip(chunks, dtypes or [None] * len(chunks))
+                if cid in missing]
+        sent: dict[str, int] = {}
+        if todo:
+            frames = self.encoder.frames(todo, self.origin.client.upload_encodings)
+            t0 = time.perf_counter()
+            self.origin.upload(frames)
+            sent = {cid: len(payload) for cid, _, _, payload in frames}
+            self.encoder.uploaded(sum(sent.values()), time.perf_counter() - t0)
+        return [sent.get(cid, 0) for cid, _ in chunks]
+
+    def flush(self) -> None:
+        """Nothing to do: every `offer` has uploaded its chunks before returning."""
+
+    def parent_for(self, artifact: str, channel: str | None) -> str | None:
+        if channel:
+            try:
+                v = self.origin.channel(artifact, channel).version
+                if v:
+                    return v
+            except ChannelNotFound:
+                pass
+        try:
+            versions = self.origin.versions(artifact)
+        except ArtifactNotFound:
+            return None
+        return versions[-1]["version"] if versions else None
+
+    def commit(self, manifest: Manifest) -> str:
+        return self.origin.commit(manifest)
+
+    def promote(self, artifact: str, version: str, channel: str) -> None:
+        self.origin.promote(artifact, version, channel)
+
+
+class RemoteRegistry:
+    """The `Registry` calls the CLI makes (ls, show, promote, rollback), answered by an origin."""
+
+    def __init__(self, origin: SyncOrigin):
+        self.origin = origin
+
+    def artifacts(self) -> list[str]:
+        return self.origin.artifacts()
+
+    def versions(self, artifact: str) -> list[str]:
+        return [v["version"] for v in self.origin.versions(artifact)]
+
+    def latest(self, artifact: str) -> str | None:
+        vs = self.versions(artifact)
+        return vs[-1] if vs else None
+
+    def manifest(self, artifact: str, version: str) -> Manifest:
+        return self.origin.manifest(artifact, version)
+
+    def channels(self, artifact: str) -> list[Channel]:
+        return self.origin.channels(artifact)
+
+    def channel(self, artifact: str, channel: str) -> Channel:
+        return self.origin.channel(artifact, channel)
+
+    def promote(self, artifact: str, version: str, channel: str) -> Channel:
+        return self.origin.promote(artifact, version, channel)
+
+    def rollback(self, artifact: str, channel: str) -> Channel:
+        return self.origin.rollback(artifact, channel)
+
+    def resolve(self, artifact: str, *, version: str | None = None, channel: str | None = None) -> str:
+        return self.origin.resolve(artifact, version, channel)

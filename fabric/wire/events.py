@@ -1,0 +1,111 @@
+"""Events: what changed, announced so followers need not poll.
+
+An `EventLog` keeps the last few thousand events in memory, each with a sequence
+number that grows by one. Followers read them as server-sent events
+(`GET /v1/events?after=SEQ`, or the `Last-Event-ID` header on reconnect). Every
+stream opens with a `hello` event naming the log's `epoch`, which changes when the
+server restarts: a follower that sees a new epoch, or that asks for events older
+than the log holds, re-syncs from scratch instead of trusting the sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import deque
+from typing import Callable
+
+from aiohttp import web
+
+from fabric.errors import InvalidInput
+
+_KEEP = 4096
+_KEEPALIVE = 15.0  # seconds between comment lines on an idle stream
+
+
+class EventLog:
+    def __init__(self, keep: int = _KEEP):
+        self.epoch = uuid.uuid4().hex[:12]
+        self.seq = 0
+        self.closed = False
+        self._events: deque[dict] = deque(maxlen=keep)
+        self._changed = asyncio.Condition()
+
+    def append(self, event: dict) -> dict:
+        self.seq += 1
+        event = dict(event, seq=self.seq, at=time.time())
+        self._events.append(event)
+        asyncio.get_running_loop().create_task(self._notify())
+        return event
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def since(self, after: int) -> tuple[list[dict], bool]:
+        """Events with seq > after, and whether the log still held all of them."""
+        complete = not self._events or self._events[0]["seq"] <= after + 1
+        return [e for e in self._events if e["seq"] > after], complete
+
+    async def close(self) -> None:
+        """End every open stream (at server shutdown, so it need not wait for them)."""
+        self.closed = True
+        await self._notify()
+
+    async def wait(self, after: int, timeout: float) -> None:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.seq > after or self.closed), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+
+def sse_handler(key: web.AppKey, require: Callable[[web.Request], None],
+                visible: Callable[[web.Request, dict], bool] = lambda request, event: True):
+    """A handler streaming the app's EventLog at `key` as server-sent events.
+
+    `require` checks the caller may follow at all; `visible` filters events per caller
+    (a token sees only the artifacts its patterns allow).
+    """
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        require(request)
+        log: EventLog = request.app[key]
+        after = _after(request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        events, complete = log.since(after)
+        await _send(resp, "hello", {"epoch": log.epoch, "seq": log.seq, "complete": complete})
+        while not log.closed:
+            for e in events:
+                if visible(request, e):
+                    await _send(resp, e["type"], e, event_id=e["seq"])
+                after = e["seq"]
+            await log.wait(after, _KEEPALIVE)
+            events, _ = log.since(after)
+            if not events and not log.closed:
+                await resp.write(b": keepalive\n\n")
+        return resp
+
+    return handler
+
+
+def _after(request: web.Request) -> int:
+    raw = request.query.get("after") or request.headers.get("Last-Event-ID") or "0"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"'after' must be an integer event sequence, got {raw[:40]!r}") from None
+    if value < 0:
+        raise InvalidInput("'after' must not be negative")
+    return value
+
+
+async def _send(resp: web.StreamResponse, event: str, data: dict, event_id: int | None = None) -> None:
+    lines = f"event: {event}\n"
+    if event_id is not None:
+        lines += f"id: {event_id}\n"
+    lines += f"data: {json.dumps(data)}\n\n"
+    await resp.write(lines.encode())

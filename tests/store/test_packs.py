@@ -1,0 +1,239 @@
+"""Packs (fabric.store.packs): a pull writes each chunk once, into DEST, and the store
+shares DEST's files through hard links.
+
+Store level: references read back verified, a spoiled or missing pack is found and never
+served as good, gc and fsck handle packs. End to end, with a real `fabric origin` and
+the CLI: DEST's files are the store's packs; later pulls reuse them; an origin serving a
+pulled store sends packed chunks (sendfile) byte for byte; a DEST file edited in place
+is found at the next pull and its chunks fetched again; `--copy` and a store on another
+file system keep copies instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fabric.core import digest
+from fabric.errors import ChunkNotFound, CorruptChunk
+from fabric.fsck import fsck
+from fabric.gc import gc
+from fabric.store.registry import Registry
+from fabric.store.store import chunk_key, open_store
+from fabric.store.packs import REF_MAX, PackRef
+
+from helpers.origin import (PULL_SECRET, OriginProcess, fabric_json, start_origin, tree_digest,
+                            write_token_file)
+from test_e2e_wire import Lab, make_model, unique_chunks
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def packed_store(tmp_path: Path, parts: list[bytes]):
+    """A store holding `parts` as packed chunks of one file (linked into it as a pack)."""
+    store = open_store(tmp_path / "store")
+    f = tmp_path / "file.bin"
+    f.write_bytes(b"".join(parts))
+    key = store.link_pack(f)
+    assert key is not None
+    ids, offset = [], 0
+    for part in parts:
+        cid = digest.digest(part)
+        store.put_packed(cid, PackRef(key, offset, len(part)))
+        ids.append(cid)
+        offset += len(part)
+    return store, f, key, ids
+
+
+# --- the store -------------------------------------------------------------------------------
+
+def test_packed_chunks_read_back_verified_in_every_form(tmp_path):
+    parts = [os.urandom(5000), os.urandom(300), b"x" * 70]
+    store, f, key, ids = packed_store(tmp_path, parts)
+    assert os.stat(f).st_nlink == 2 and (store.backend.root / key).samefile(f)
+    for cid, part in zip(ids, parts):
+        assert store.has_chunk(cid)
+        assert store.get_chunk(cid) == part
+        assert store.get_chunk_stored(cid) == b"\x00" + part  # tag 0 on the wire: references stay home
+        opened = store.open_stored(cid)
+        with opened.file:
+            assert (opened.tag, opened.size) == (0, len(part))
+            assert os.pread(opened.file.fileno(), opened.size, opened.offset) == part
+    assert store.stored_sizes(ids) == [1 + len(p) for p in parts]
+    assert dict(store.pack_refs()) == {cid: PackRef(key, off, len(p))
+                                       for cid, off, p in zip(ids, [0, 5000, 5300], parts)}
+
+
+def test_a_spoiled_pack_is_corruption_and_a_missing_one_is_absence(tmp_path):
+    parts = [os.urandom(4000), os.urandom(4000)]
+    store, f, key, ids = packed_store(tmp_path, parts)
+    with open(f, "r+b") as w:  # an edit in place, as `save_file` over DEST would do
+        w.write(b"\0" * 10)
+    with pytest.raises(CorruptChunk):
+        store.get_chunk(ids[0])
+    assert store.get_chunk(ids[1]) == parts[1]
+    report = fsck(store, repair=True)
+    assert report.bad_chunks == [ids[0]] and not store.has_chunk(ids[0]) and store.has_chunk(ids[1])
+
+    os.truncate(f, 4500)  # shorter than the second reference says
+    with pytest.raises(ChunkNotFound):
+        store.get_chunk(ids[1])
+    assert store.stored_sizes([ids[1]]) == [None] and store.open_stored(ids[1]) is None
+    os.unlink(f)
+    os.unlink(store.backend.root / key)
+    with pytest.raises(ChunkNotFound, match="gone"):
+        store.get_chunk(ids[1])
+
+
+@pytest.mark.parametrize("ref", [b"\x02packs/ab/../../../etc/passwd 0 10", b"\x02packs/ab/cd 0 10",
+                                 b"\x02packs/ab/ab" + b"0" * 30 + b" -1 10", b"\x02" + b"x" * 300,
+                                 b"\x02packs/ab/ab" + b"0" * 30 + b" 0 9999999999"])
+def test_a_malformed_reference_is_refused(tmp_path, ref):
+    store = open_store(tmp_path / "store")
+    cid = digest.digest(b"hello")
+    store.backend.put(chunk_key(cid), ref)
+    with pytest.raises(ChunkNotFound):
+        store.get_chunk(cid)
+    assert list(store.pack_refs()) == []
+    if len(ref) <= REF_MAX:  # a server sends "missing" (longer: tag 2 on the wire, which receivers refuse)
+        assert store.open_stored(cid) is None and store.stored_sizes([cid]) == [None]
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packs")
+    o = start_origin(root)
+    lab = Lab(root, o)
+    src = make_model(root / "src", tensors=6, tensor_bytes=4 << 20, seed=3)
+    lab.publish(src, "m", "v1")
+    yield lab
+    o.stop()
+
+
+def test_pull_writes_once_and_the_store_shares_dest(lab):
+    site, dest = lab.root / "site-a", lab.root / "dest-a"
+    report = fabric_json(*lab.pull_args("m@v1", dest, site))
+    assert report["packed"] is True and report["chunks_fetched"] == len(unique_chunks(lab.manifest("m", "v1")))
+    assert tree_digest(dest) == tree_digest(lab.root / "src")
+    weights = dest / "model.safetensors"
+    assert weights.stat().st_nlink == 2  # DEST's file is also the store's pack
+    packs = [p for p in (site / "packs").rglob("*") if p.is_file()]
+    assert any(p.samefile(weights) for p in packs)
+    assert fabric_json("fsck", "--store", site)["ok"]
+
+    again = fabric_json(*lab.pull_args("m@v1", lab.root / "dest-a2", site))
+    assert (again["chunks_fetched"], again["bytes_received"]) == (0, 0)
+    assert tree_digest(lab.root / "dest-a2") == tree_digest(lab.root / "src")
+    # the store keeps its chunks when DEST goes
+    shutil.rmtree(dest)
+    shutil.rmtree(lab.root / "dest-a2")
+    assert fabric_json("fsck", "--store", site)["ok"]
+    third = fabric_json(*lab.pull_args("m@v1", lab.root / "dest-a3", site))
+    assert third["chunks_fetched"] == 0
+    assert tree_digest(lab.root / "dest-a3") == tree_digest(lab.root / "src")
+
+
+def test_an_origin_serves_a_pulled_store_byte_for_byte(lab):
+    site = lab.root / "site-b"
+    fabric_json(*lab.pull_args("m@v1", lab.root / "dest-b", site))
+    tokens = write_token_file(lab.root / "served-tokens.toml")
+    with OriginProcess(site, tokens, lab.root / "served.log") as served:  # packed chunks, sendfile
+        report = fabric_json("pull", "m@v1", lab.root / "dest-b2", "--origin", served.url, "--token", PULL_SECRET,
+                             "--store", lab.root / "site-b2")
+    assert report["chunks_fetched"] == len(unique_chunks(lab.manifest("m", "v1")))
+    assert tree_digest(lab.root / "dest-b2") == tree_digest(lab.root / "src")
+
+
+def test_a_dest_file_edited_in_place_is_fetched_again(lab):
+    site, dest = lab.root / "site-c", lab.root / "dest-c"
+    fabric_json(*lab.pull_args("m@v1", dest, site))
+    with open(dest / "model.safetensors", "r+b") as f:  # rewrite part of a tensor in place
+        f.seek(5 << 20)
+        f.write(os.urandom(1 << 20))
+    report = fabric_json(*lab.pull_args("m@v1", lab.root / "dest-c2", site))
+    assert report["chunks_fetched"] == 1  # the one 8 MiB segment the edit spoiled
+    assert tree_digest(lab.root / "dest-c2") == tree_digest(lab.root / "src")
+    assert fabric_json("fsck", "--store", site)["ok"]
+
+
+def test_copy_and_another_file_system_keep_copies(lab):
+    site, dest = lab.root / "site-d", lab.root / "dest-d"
+    report = fabric_json(*lab.pull_args("m@v1", dest, site, "--copy"))
+    assert report["packed"] is False and (dest / "model.safetensors").stat().st_nlink == 1
+    assert not (site / "packs").exists() or not any((site / "packs").rglob("*"))
+    assert tree_digest(dest) == tree_digest(lab.root / "src")
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(lab.root).st_dev:
+        pytest.skip("no tmpfs on another file system here")
+    other = shm / f"fabric-test-store-{os.getpid()}"
+    try:
+        report = fabric_json(*lab.pull_args("m@v1", lab.root / "dest-e", other))
+        assert report["packed"] is False and report["chunks_fetched"] > 0
+        assert tree_digest(lab.root / "dest-e") == tree_digest(lab.root / "src")
+        assert fabric_json("fsck", "--store", other)["ok"]
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_gc_deletes_a_pack_once_nothing_points_into_it(lab):
+    site, dest = lab.root / "site-f", lab.root / "dest-f"
+    fabric_json(*lab.pull_args("m@v1", dest, site))
+    store = open_store(site, create=False)
+    packs = list(store.iter_packs())
+    assert Registry(store).versions("m") == ["v1"] and packs
+    assert gc(store, keep=1, grace=0).packs_deleted == 0  # v1's chunks point into them
+
+    Registry(store).delete_version("m", "v1")
+    assert gc(store, keep=1, grace=3600).packs_deleted == 0  # young: a pull may be writing them
+    report = gc(store, keep=1, grace=0)
+    assert report.packs_deleted == len(packs) and not list(store.iter_packs())
+    assert tree_digest(dest) == tree_digest(lab.root / "src")  # DEST keeps its files: only the links went
+    assert (dest / "model.safetensors").stat().st_nlink == 1
+
+
+def test_a_newer_pull_takes_over_the_shared_chunks_so_old_packs_can_go(lab):
+    v1 = make_model(lab.root / "r1", tensors=6, tensor_bytes=4 << 20, seed=7)
+    v2 = make_model(lab.root / "r2", tensors=6, tensor_bytes=4 << 20, seed=8, changed=(2,))
+    lab.publish(v1, "r", "v1")
+    lab.publish(v2, "r", "v2")
+    site = lab.root / "site-g"
+    fabric_json(*lab.pull_args("r@v1", lab.root / "dest-g1", site))
+    old_packs = {p.key for p in open_store(site, create=False).iter_packs()}
+    second = fabric_json(*lab.pull_args("r@v2", lab.root / "dest-g2", site))
+    assert second["chunks_reused"] > second["chunks_fetched"] > 0
+    store = open_store(site, create=False)
+    v2_chunks = Registry(store).manifest("r", "v2").unique_chunks()
+    refs = dict(store.pack_refs())
+    assert {refs[c].pack for c in v2_chunks}.isdisjoint(old_packs)  # all of v2 lives in v2's files
+    assert {refs[c].pack for c in set(refs) - set(v2_chunks)} <= old_packs  # v1's changed tensor stays
+    assert fabric_json("fsck", "--store", site)["ok"]
+
+    Registry(store).delete_version("r", "v1")
+    report = gc(store, keep=1, grace=0)
+    assert report.packs_deleted == len(old_packs)
+    assert {p.key for p in store.iter_packs()}.isdisjoint(old_packs)
+    third = fabric_json(*lab.pull_args("r@v2", lab.root / "dest-g3", site))
+    assert third["chunks_fetched"] == 0
+    assert tree_digest(lab.root / "dest-g3") == tree_digest(v2)
+
+
+def test_pull_over_the_same_dest_with_force(lab):
+    v1 = make_model(lab.root / "s1", tensors=4, tensor_bytes=4 << 20, seed=11)
+    v2 = make_model(lab.root / "s2", tensors=4, tensor_bytes=4 << 20, seed=12, changed=(0,))
+    lab.publish(v1, "s", "v1")
+    lab.publish(v2, "s", "v2")
+    site, dest = lab.root / "site-h", lab.root / "dest-h"
+    fabric_json(*lab.pull_args("s@v1", dest, site))
+    report = fabric_json(*lab.pull_args("s@v2", dest, site, "--force"))  # reads v1's packs = the old DEST
+    assert report["packed"] is True and report["chunks_reused"] > 0
+    assert tree_digest(dest) == tree_digest(v2)
+    assert (dest / "model.safetensors").stat().st_nlink == 2
+    assert fabric_json("fsck", "--store", site)["ok"]
+    again = fabric_json(*lab.pull_args("s@v1", dest, site, "--force"))  # v1 back, from the store alone
+    assert again["chunks_fetched"] == 0 and tree_digest(dest) == tree_digest(v1)
