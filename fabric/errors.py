@@ -71,6 +71,19 @@ class PayloadTooLarge(InvalidInput):
     http_status = 413
 
 
+class MalformedEvent(InvalidInput):
+    """A storage event sent to the push hook is not JSON (`fabric.hook.envelopes`)."""
+
+    code = "malformed_event"
+    http_status = 400
+
+
+class TensorMismatch(InvalidInput):
+    """A version's tensors do not fit the live module (name, shape or dtype)."""
+
+    code = "tensor_mismatch"
+
+
 # --- state of the store or registry ------------------------------------------
 
 class NotFound(FabricError, FileNotFoundError):
@@ -130,6 +143,20 @@ class ReferenceMismatch(IntegrityError):
     """A delta-encoded chunk names a reference the decoder does not hold (or holds other bytes)."""
 
     code = "reference_mismatch"
+
+
+class HealthCheckFailed(FabricError):
+    """New weights failed (or did not finish) a worker's health check; the old ones serve.
+
+    `report` is the worker's `LoadReport` of the failed load, when there is one.
+    """
+
+    code = "health_check_failed"
+    http_status = 422
+
+    def __init__(self, message: str, report: object | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 class UnknownEncoding(InvalidInput):

@@ -38,7 +38,8 @@ import torch
 
 from fabric.core import digest
 from fabric.core.chunking import SEGMENT_SIZE
-from fabric.errors import CorruptChunk, FabricError, IntegrityError, InvalidInput
+from fabric.errors import (CorruptChunk, FabricError, HealthCheckFailed, IntegrityError, InvalidInput,
+                           TensorMismatch)
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest, TensorEntry
 
@@ -56,23 +57,6 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
         DTYPES[_name] = getattr(torch, _attr)
 MODES = ("in-place", "double-buffered")
 HealthCheck = Callable[[torch.nn.Module], Any]  # raise or return False to fail
-
-
-class TensorMismatch(InvalidInput):
-    """A version's tensors do not fit the module (name, shape or dtype)."""
-
-    code = "tensor_mismatch"
-
-
-class HealthCheckFailed(FabricError):
-    """The new weights failed (or did not finish) the health check; the old ones serve."""
-
-    code = "health_check_failed"
-    http_status = 422
-
-    def __init__(self, message: str, report: "LoadReport | None" = None):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass

@@ -16,7 +16,7 @@ recorded bodies):
 
 `parse(body)` returns an `Envelope`: the object-created events worth acting on, and
 the ones ignored with a reason (deletes, folders, multipart parts, system paths, other
-event kinds). Malformed JSON raises `MalformedEvent`; an unknown shape is an envelope
+event kinds). Malformed JSON raises `fabric.errors.MalformedEvent`; an unknown shape is an envelope
 of kind "unknown" with nothing in it.
 """
 
@@ -28,14 +28,9 @@ import json
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-from fabric.errors import InvalidInput
+from fabric.errors import MalformedEvent
 
 SEAWEED_BUCKETS = "/buckets/"
-
-
-class MalformedEvent(InvalidInput):
-    code = "malformed_event"
-    http_status = 400
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fabric.hook.envelopes import MalformedEvent, ObjectEvent, parse
+from fabric.errors import MalformedEvent
+from fabric.hook.envelopes import ObjectEvent, parse
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 
