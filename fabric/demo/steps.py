@@ -28,9 +28,10 @@ then SIGKILL; on Linux the children also get SIGTERM if the demo itself is kille
 The demo is a list of steps (`STEPS`), each a function of the shared `Demo` state.
 Part 1 calls the library; part 2 runs the `fabric` CLI, as an operator would.
 
-Its moving parts (processes, the request stream, the tables) are in
-`fabric.demo.sites`; the streaming safetensors writer it shares with the benchmarks is
-`fabric.safetensors_io`.
+Its moving parts are beside it: `fabric.demo.state` (the `Demo` every step fills in),
+`fabric.demo.processes` (starting, waiting for and talking to processes),
+`fabric.demo.stream` (the request stream) and `fabric.demo.report` (the tables). The
+streaming safetensors writer it shares with the benchmarks is `fabric.safetensors_io`.
 """
 
 from __future__ import annotations
@@ -50,17 +51,18 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fabric.demo.sites import (CHANNEL, DEFAULT_TOPOLOGY, RATE, SERVED, START_TIMEOUT, SWAP_TIMEOUT, WARM, WORKER_PORT,
-                         Demo, DemoFailed, Node, Processes, RequestStream, _active, _expected_outputs,
-                         _fetch_counters, _finish_publish, _http, _identical, _last_load, _listen, _loopback_url,
-                         _mb, _publish_args, _publish_served, _serving, _show_replication, _show_workers, _shown,
-                         _wait, _wait_live, _write_toml)
 from fabric.core.manifest import diff
+from fabric.core.topology import ORIGIN, Topology
+from fabric.demo.processes import Processes, http_request, listen, loopback_url, wait, wait_live, write_toml
+from fabric.demo.report import (active, fetch_counters, finish_publish, identical, last_load, mb, publish_args,
+                                publish_served, serving, show_replication, show_workers)
+from fabric.demo.state import (CHANNEL, DEFAULT_TOPOLOGY, RATE, SERVED, START_TIMEOUT, SWAP_TIMEOUT, WARM, WORKER_PORT,
+                               Demo, DemoFailed, Node, shown)
+from fabric.demo.stream import RequestStream, expected_outputs
 from fabric.publish import LocalTarget, publish
 from fabric.pull import materialize
 from fabric.safetensors_io import TensorSpec, tensor_ranges, write_safetensors
 from fabric.store.store import open_store
-from fabric.core.topology import ORIGIN, Topology
 
 ARTIFACT = "demo-llm"
 SEED = 20261127
@@ -126,8 +128,8 @@ def step_local(d: Demo) -> None:
         for name in CHANGED:
             f.seek(ranges[name][0])
             f.write(bf16_values(by_name[name], rng))
-    d.console.print(f"wrote {_shown(d, v1)} ({len(specs)} bf16 tensors, {_mb(size)}, config.json, vocab.txt) "
-                    f"and {_shown(d, v2)} (v1 with {len(CHANGED)} tensors changed)")
+    d.console.print(f"wrote {shown(d, v1)} ({len(specs)} bf16 tensors, {mb(size)}, config.json, vocab.txt) "
+                    f"and {shown(d, v2)} (v1 with {len(CHANGED)} tensors changed)")
 
     d.store = open_store(d.root / "store")
     for version in ("v1", "v2"):
@@ -135,15 +137,15 @@ def step_local(d: Demo) -> None:
                                      target=LocalTarget(d.store),
                                      metadata={"step": str(1000 * int(version[1:]))})
     t = Table("version", "size", "chunks", "new (chunks)", "stored", "dedup", "time",
-              title=f"publishes into {_shown(d, d.root / 'store')}")
+              title=f"publishes into {shown(d, d.root / 'store')}")
     for v, x in d.results.items():
-        t.add_row(v, _mb(x.bytes), str(x.chunks), f"{_mb(x.new_bytes)} ({x.new_chunks})",
-                  _mb(x.written_bytes), f"{x.dedup_ratio:.1%}", f"{x.seconds:.2f}s")
+        t.add_row(v, mb(x.bytes), str(x.chunks), f"{mb(x.new_bytes)} ({x.new_chunks})",
+                  mb(x.written_bytes), f"{x.dedup_ratio:.1%}", f"{x.seconds:.2f}s")
     d.console.print(t)
     new = d.registry.manifest(ARTIFACT, "v2")
     delta = diff(d.registry.manifest(ARTIFACT, "v1"), new)
     d.console.print(f"v2 vs v1: {len(delta.tensors_changed)} tensors changed, {delta.new_chunks} new chunks "
-                    f"({_mb(delta.new_bytes)}); the other {len(new.unique_chunks()) - delta.new_chunks} "
+                    f"({mb(delta.new_bytes)}); the other {len(new.unique_chunks()) - delta.new_chunks} "
                     f"chunks are shared. {CHANNEL} → v2")
 
 
@@ -155,10 +157,10 @@ def step_pull(d: Demo) -> None:
     t0 = time.monotonic()
     materialize(d.store, m, dest)
     seconds = time.monotonic() - t0
-    if not _identical(d.src / version, dest):
+    if not identical(d.src / version, dest):
         raise DemoFailed(f"pulled files differ from {d.src / version}")
-    d.console.print(f"pulled {ARTIFACT}:{CHANNEL} (= {version}, {_mb(m.size)}) into {_shown(d, dest)} in "
-                    f"{seconds:.2f}s: [green]byte-identical[/green] with {_shown(d, d.src / version)}")
+    d.console.print(f"pulled {ARTIFACT}:{CHANNEL} (= {version}, {mb(m.size)}) into {shown(d, dest)} in "
+                    f"{seconds:.2f}s: [green]byte-identical[/green] with {shown(d, d.src / version)}")
 
 
 # --- part 2: origin, site agents, workers -----------------------------------------------------
@@ -170,18 +172,18 @@ def step_start_sites(d: Demo) -> None:
     if not topo.origin_url or not all(s.url for s in topo.sites.values()):
         raise DemoFailed("the topology must give the origin and every site a url")
     taken: set[int] = set()
-    origin_url = _loopback_url(topo.origin_url, taken)
+    origin_url = loopback_url(topo.origin_url, taken)
     d.origin = Node(ORIGIN, origin_url, "origin")
     hubs = {s.upstream for s in topo.sites.values()}
     for s in topo.sites.values():
-        d.sites[s.name] = Node(s.name, _loopback_url(s.url, taken), "hub" if s.name in hubs else "edge",
+        d.sites[s.name] = Node(s.name, loopback_url(s.url, taken), "hub" if s.name in hubs else "edge",
                                upstream=s.upstream)
     if not d.edges():
         raise DemoFailed("the topology has no edge site (a site no other site names as upstream)")
     raw.setdefault("origin", {})["url"] = origin_url
     for s in raw.get("site", []):
         s["url"] = d.sites[s["name"]].url
-    _write_toml(d.root / "topology.toml", raw,
+    write_toml(d.root / "topology.toml", raw,
                 "# Written by `python -m fabric.demo`: the demo topology with the ports actually used.\n")
 
     # One token file for the origin and every relay: an admin token (publishes, reads status)
@@ -189,7 +191,7 @@ def step_start_sites(d: Demo) -> None:
     d.secrets = {name: secrets.token_hex(16) for name in ["admin", *d.sites]}
     entries = [{"name": "admin", "secret": d.secrets["admin"], "scopes": ["admin", "publish", "pull"]}]
     entries += [{"name": s, "secret": d.secrets[s], "scopes": ["pull"]} for s in d.sites]
-    _write_toml(d.root / "tokens.toml", {"token": entries}, "# The demo's tokens (generated secrets).\n")
+    write_toml(d.root / "tokens.toml", {"token": entries}, "# The demo's tokens (generated secrets).\n")
     (d.root / "tokens").mkdir()
     for name, secret in d.secrets.items():
         path = d.root / "tokens" / name
@@ -199,19 +201,19 @@ def step_start_sites(d: Demo) -> None:
 
     d.procs = Processes(d)
     d.origin.proc = d.procs.start("origin", ["origin", "--store", d.root / "origin" / "store",
-                                             "--listen", _listen(origin_url), "--tokens", d.root / "tokens.toml"])
-    _wait_live(d, [d.origin])
+                                             "--listen", listen(origin_url), "--tokens", d.root / "tokens.toml"])
+    wait_live(d, [d.origin])
     (d.root / "sites").mkdir()
     for site in d.sites.values():
         config = d.root / "sites" / f"{site.name}.toml"
-        _write_toml(config, {
-            "site": site.name, "data": site.name, "listen": _listen(site.url), "origin": origin_url,
+        write_toml(config, {
+            "site": site.name, "data": site.name, "listen": listen(site.url), "origin": origin_url,
             "token_file": f"../tokens/{site.name}", "follow": [f"{SERVED}:{CHANNEL}"],
             "topology": "../topology.toml", "tokens": "../tokens.toml", "report_interval": 0.5,
             "retention": {"keep": 3}, "sync": {"connections": 4, "stall_timeout": 10, "give_up_after": 30}})
         site.proc = d.procs.start(site.name, ["agent", "--config", config])
-    _wait_live(d, list(d.sites.values()))
-    sites = _shown(d, d.root / "sites")
+    wait_live(d, list(d.sites.values()))
+    sites = shown(d, d.root / "sites")
     d.console.print(f"sites (config {sites}/SITE.toml, data {sites}/SITE/), each following {SERVED}:{CHANNEL}:")
     for site in d.sites.values():
         d.console.print(f"  {site.name:<12} {site.url}  {site.kind}, fetches from {site.upstream}")
@@ -221,39 +223,39 @@ def step_v1(d: Demo) -> None:
     """A worker per edge; the model's two versions; v1 published and served everywhere."""
     taken = {urlsplit(n.url).port for n in [d.origin, *d.sites.values()]}
     for i, site in enumerate(d.edges()):
-        url = _loopback_url(f"http://127.0.0.1:{WORKER_PORT + i}", taken)
+        url = loopback_url(f"http://127.0.0.1:{WORKER_PORT + i}", taken)
         w = Node(f"{site.name}-w1", url, "worker", site=site.name)
         w.proc = d.procs.start(w.name, ["worker", "demo", "--agent", site.url, "--artifact", SERVED,
-                                        "--channel", CHANNEL, "--listen", _listen(url), "--worker-id", w.name,
+                                        "--channel", CHANNEL, "--listen", listen(url), "--worker-id", w.name,
                                         "--poll", "2"], token=site.name)
         d.workers[w.name] = w
     weights = d.root / "weights"
     d.procs.run("make-weights-v1", ["worker", "demo", "--make-weights", weights / "v1", "--seed", "1"])
     d.procs.run("make-weights-v2", ["worker", "demo", "--make-weights", weights / "v2", "--seed", "2",
                                     "--base", weights / "v1", "--change", "0.25"])
-    d.expected = _expected_outputs(weights)
-    _wait_live(d, list(d.workers.values()))
+    d.expected = expected_outputs(weights)
+    wait_live(d, list(d.workers.values()))
 
     t0 = time.monotonic()
-    _publish_served(d, "v1")
-    _wait(d, "every site active on v1 and every worker serving it",
-          lambda: all(_active(d, s) == "v1" for s in d.sites.values())
-          and all(_serving(w) == "v1" for w in d.workers.values()), START_TIMEOUT)
+    publish_served(d, "v1")
+    wait(d, "every site active on v1 and every worker serving it",
+          lambda: all(active(d, s) == "v1" for s in d.sites.values())
+          and all(serving(w) == "v1" for w in d.workers.values()), START_TIMEOUT)
     d.console.print(f"every site is active on v1 and every worker serves it, {time.monotonic() - t0:.1f}s "
                     "after the publish started")
 
 
 def step_v2(d: Demo) -> None:
     """Publish v2 while every worker answers a request stream; follow v2 to every site and worker."""
-    before = _fetch_counters(d)
+    before = fetch_counters(d)
     d.stream = RequestStream({w.name: w.url for w in d.workers.values()}, d.expected)
     d.stream.start()
-    _wait(d, f"{WARM} answers from every worker",
+    wait(d, f"{WARM} answers from every worker",
           lambda: all(d.stream.answered(w) >= WARM for w in d.workers), START_TIMEOUT)
     d.console.print(f"request stream running: POST /infer to {len(d.workers)} workers, {RATE:.0f}/s each")
 
     t0 = time.monotonic()
-    publisher = d.procs.start("publish-v2", _publish_args(d, "v2"), token="admin", capture=True)
+    publisher = d.procs.start("publish-v2", publish_args(d, "v2"), token="admin", capture=True)
     reached: dict[str, float] = {}
     swapped: dict[str, float] = {}
     deadline = t0 + SWAP_TIMEOUT
@@ -261,17 +263,17 @@ def step_v2(d: Demo) -> None:
                                            or publisher.poll() is None):
         d.procs.check()
         if publisher.poll() not in (None, 0):
-            break  # _finish_publish says why
+            break  # finish_publish says why
         now = time.monotonic() - t0
         for s in d.sites.values():
-            if s.name not in reached and _active(d, s) == "v2":
+            if s.name not in reached and active(d, s) == "v2":
                 reached[s.name] = now
         for w in d.workers.values():
-            if w.name not in swapped and _serving(w) == "v2":
+            if w.name not in swapped and serving(w) == "v2":
                 swapped[w.name] = now
         time.sleep(0.05)
-    _finish_publish(d, "v2", publisher)
-    _wait(d, f"{WARM} v2 answers from every worker", lambda: all(
+    finish_publish(d, "v2", publisher)
+    wait(d, f"{WARM} v2 answers from every worker", lambda: all(
         d.stream.answered(w, "v2") >= WARM for w in swapped), 10.0, fail=False)
     d.stream.stop()
 
@@ -280,27 +282,27 @@ def step_v2(d: Demo) -> None:
         if s.name in reached:
             d.console.print(f"  {s.name} reached v2 after {reached[s.name]:.2f}s")
         else:
-            d.problems.append(f"{s.name} did not reach v2 within {SWAP_TIMEOUT:.0f}s (active: {_active(d, s)})")
+            d.problems.append(f"{s.name} did not reach v2 within {SWAP_TIMEOUT:.0f}s (active: {active(d, s)})")
     for w in d.workers.values():
         if w.name in swapped:
-            load = _last_load(w, "v2")
-            how = (f": loaded {load['tensors_changed']} changed tensors ({_mb(load['bytes_read'])} read), "
+            load = last_load(w, "v2")
+            how = (f": loaded {load['tensors_changed']} changed tensors ({mb(load['bytes_read'])} read), "
                    f"paused {load['pause_ms']:.1f} ms" if load else "")
             d.console.print(f"  {w.name} swapped to v2 after {swapped[w.name]:.2f}s{how}")
         else:
             d.problems.append(f"{w.name} did not swap to v2 within {SWAP_TIMEOUT:.0f}s")
-    _show_replication(d, before, _fetch_counters(d))
-    _show_workers(d)
+    show_replication(d, before, fetch_counters(d))
+    show_workers(d)
 
 
 def step_status(d: Demo) -> None:
     """What the origin knows: `fabric status`, once every site has reported v2."""
     def reported() -> bool:
-        status, body = _http(d.origin.url, "GET", "/v1/sites", token=d.secrets["admin"])
+        status, body = http_request(d.origin.url, "GET", "/v1/sites", token=d.secrets["admin"])
         sites = {s["site"]: s for s in json.loads(body)["sites"]} if status == 200 else {}
         return all(s in sites and all(c.get("active") == "v2" for c in sites[s]["channels"])
                    and all(w.get("serving") == "v2" for w in sites[s].get("workers", [])) for s in d.sites)
-    _wait(d, "every site's report of v2", reported, 10.0, fail=False)
+    wait(d, "every site's report of v2", reported, 10.0, fail=False)
     p = d.procs.run("status", ["status", "--origin", d.origin.url], token="admin",
                     env={"COLUMNS": str(max(d.console.width, 100))})
     d.console.print(p.stdout.rstrip(), markup=False, highlight=False, crop=False, soft_wrap=True)
@@ -321,11 +323,11 @@ def run(root: Path, console: Console | None = None,
         topology: str | None = None) -> Demo:
     """Wipe `root`, then run each step in order; every process started is stopped at the end."""
     console = console or Console()
-    shown = str(root)
+    as_given = str(root)
     root = root.resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    d = Demo(root=root, console=console, shown_root=shown, topology_text=topology or DEFAULT_TOPOLOGY.read_text())
+    d = Demo(root=root, console=console, shown_root=as_given, topology_text=topology or DEFAULT_TOPOLOGY.read_text())
     t0 = time.monotonic()
     try:
         for i, (title, step) in enumerate(steps, 1):
