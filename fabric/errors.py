@@ -195,6 +195,14 @@ class StoreFull(FabricError, OSError):
     http_status = 507
 
 
+
+# --- the demo ------------------------------------------------------------------
+
+class DemoFailed(FabricError):
+    """A step of `python -m fabric.demo` could not do its job; the message says what and where to look."""
+
+    code = "demo_failed"
+
 _BY_CODE: dict[str, type[FabricError]] = {}
 
 
