@@ -20,7 +20,8 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from fabric.cli import fabric_command
-from fabric.demo.state import START_TIMEOUT, Demo, DemoFailed, Node, shown
+from fabric.errors import DemoFailed
+from fabric.demo.state import START_TIMEOUT, Demo, Node, shown
 
 FABRIC = fabric_command()
 

@@ -15,7 +15,8 @@ from rich.table import Table
 
 from fabric.core.topology import ORIGIN
 from fabric.demo.processes import http_request, metrics
-from fabric.demo.state import CHANNEL, SERVED, Demo, DemoFailed, Node
+from fabric.errors import DemoFailed
+from fabric.demo.state import CHANNEL, SERVED, Demo, Node
 from fabric.store.registry import Registry
 from fabric.store.store import open_store
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rich.console import Console
 
-from fabric.errors import DemoFailed
 from fabric.publish import PublishResult
 from fabric.store.registry import Registry
 from fabric.store.store import Store
@@ -34,8 +33,6 @@ MAX_REQUESTS = 1000  # per worker
 MAX_STREAM_S = 60.0
 START_TIMEOUT = 60.0  # a process serving /livez; every site and worker on v1
 SWAP_TIMEOUT = 45.0  # every site and worker on v2
-
-__all__ = ["DemoFailed"]  # re-exported: the demo's modules import it from here
 
 
 # --- the demo's state ----------------------------------------------------------------------

@@ -56,8 +56,9 @@ from fabric.core.topology import ORIGIN, Topology
 from fabric.demo.processes import Processes, http_request, listen, loopback_url, wait, wait_live, write_toml
 from fabric.demo.report import (active, fetch_counters, finish_publish, identical, last_load, mb, publish_args,
                                 publish_served, serving, show_replication, show_workers)
+from fabric.errors import DemoFailed
 from fabric.demo.state import (CHANNEL, DEFAULT_TOPOLOGY, RATE, SERVED, START_TIMEOUT, SWAP_TIMEOUT, WARM, WORKER_PORT,
-                               Demo, DemoFailed, Node, shown)
+                               Demo, Node, shown)
 from fabric.demo.stream import RequestStream, expected_outputs
 from fabric.publish import LocalTarget, publish
 from fabric.pull import materialize
