@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from fabric.core.chunking import DTYPE_SIZES
+from fabric.core.dtypes import item_size
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        return math.prod(self.shape) * item_size(self.dtype)
 
 
 def safetensors_header(specs: Sequence[TensorSpec], metadata: dict | None = None) -> bytes:

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fabric.core import chunking
-
-from fabric.core import digest
+from fabric.core import chunking, digest, dtypes
 from fabric.core.manifest import MAX_CHUNK_SIZE, Manifest, _NAME_RE, canonical_json
 from fabric.publish import LocalTarget, chunking_params, publish
 from fabric.store.registry import Channel, Registry
@@ -150,7 +148,14 @@ def test_the_dtype_list_is_the_code_s():
     listed = re.search(r"one of `([^`]*)`", line).group(1).split()
     sizes = next(line for line in TEXT.splitlines() if "(element sizes" in line)
     stated = [int(x) for x in re.search(r"element sizes ([\d ]+)\)", sizes).group(1).split()]
-    assert dict(zip(listed, stated)) == chunking.DTYPE_SIZES
+    assert dict(zip(listed, stated)) == {name: d.size for name, d in dtypes.DTYPES.items()}
+
+
+def test_the_encoder_s_width_rule_is_the_dtype_table_s():
+    rule = (DOC.parent / "encodings.md").read_text(encoding="utf-8").split("1. **Width.**", 1)[1].split("2. **", 1)[0]
+    stated = {name: int(width) for width, names in re.findall(r"(\d) for ((?:`\w+`,?\s*)+)", rule)
+              for name in re.findall(r"`(\w+)`", names)}
+    assert stated == {name: d.planes for name, d in dtypes.DTYPES.items() if d.planes > 1}
 
 
 def _masks_from_doc() -> tuple[int, int]:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from fabric.core import digest
+from fabric.core import digest, dtypes
 from fabric.core.chunking import SEGMENT_SIZE
 from fabric.errors import (CorruptChunk, FabricError, HealthCheckFailed, IntegrityError, InvalidInput,
                            TensorMismatch)
@@ -46,15 +46,15 @@ from fabric.core.manifest import Manifest, TensorEntry
 
 log = get_logger("worker")
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "C64": torch.complex64,
+_TORCH_NAMES = {  # every dtype of fabric.core.dtypes, by its torch name
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu", "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
+    "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
+    "C64": "complex64",
 }
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-                     ("F8_E5M2", "float8_e5m2"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E8M0", "float8_e8m0fnu")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
+assert _TORCH_NAMES.keys() == dtypes.DTYPES.keys(), "agents.worker.live: torch names out of step with fabric.core.dtypes"
+DTYPES: dict[str, torch.dtype] = {  # those this torch build has (older ones lack uint16 and the float8s)
+    name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items() if hasattr(torch, attr)}
 MODES = ("in-place", "double-buffered")
 HealthCheck = Callable[[torch.nn.Module], Any]  # raise or return False to fail
 

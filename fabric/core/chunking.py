@@ -22,18 +22,12 @@ from dataclasses import dataclass
 
 from pyfastcdc import FastCDC
 
+from fabric.core.dtypes import DTYPES
 from fabric.errors import InvalidSafetensors
 
 SEGMENT_SIZE = 8 << 20  # tensor segment size (bytes); recorded in each manifest
 CDC_MIN, CDC_AVG, CDC_MAX = 16 << 10, 64 << 10, 256 << 10
 MAX_HEADER = (64 << 20) - 8  # the header is one chunk, and a chunk is at most 64 MiB
-
-DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}
 
 
 @dataclass(frozen=True)
@@ -110,7 +104,7 @@ def _tensor_info(name: str, spec: object, start: int, data_len: int) -> TensorIn
     if not isinstance(spec, dict):
         raise InvalidSafetensors(f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidSafetensors(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise InvalidSafetensors(f"tensor {name!r}: shape must be a list of non-negative integers")
@@ -121,7 +115,7 @@ def _tensor_info(name: str, spec: object, start: int, data_len: int) -> TensorIn
         raise InvalidSafetensors(
             f"tensor {name!r}: data_offsets [{begin}, {end}] out of range (data is {data_len} bytes)"
         )
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    expected = math.prod(shape) * DTYPES[dtype].size
     if end - begin != expected:
         raise InvalidSafetensors(
             f"tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} (want {expected})"

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from fabric.core import digest
-from fabric.core.chunking import DTYPE_SIZES
+from fabric.core.dtypes import DTYPES
 from fabric.errors import InvalidManifest, InvalidName
 
 FORMAT = "fabric.manifest/1"
@@ -162,7 +162,7 @@ class Manifest:
                 raise InvalidManifest(f"tensor {t.name!r} names unknown file {t.file!r}")
             if t.offset + t.length > sizes[t.file]:
                 raise InvalidManifest(f"tensor {t.name!r} lies beyond the end of {t.file!r}")
-            if t.length != math.prod(t.shape) * DTYPE_SIZES[t.dtype]:
+            if t.length != math.prod(t.shape) * DTYPES[t.dtype].size:
                 raise InvalidManifest(f"tensor {t.name!r}: {t.length} bytes for shape {list(t.shape)} of {t.dtype}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
             raise InvalidManifest("metadata must map strings to strings")
@@ -254,7 +254,7 @@ def _tensor_from_json(t: object) -> TensorEntry:
     if not isinstance(name, str):
         raise InvalidManifest("a tensor has no name")
     dtype = t.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidManifest(f"tensor {name!r}: unknown dtype {dtype!r}")
     shape = t.get("shape")
     if not isinstance(shape, list):
