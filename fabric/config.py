@@ -36,6 +36,19 @@ def config_path() -> Path:
     return Path(os.environ.get("FABRIC_CONFIG") or Path.home() / ".config" / "fabric" / "config.toml")
 
 
+def systemd_notify_env() -> tuple[str | None, float | None]:
+    """systemd's `NOTIFY_SOCKET`, and the watchdog interval in seconds (`WATCHDOG_USEC`).
+
+    The interval is None when unset or meant for another process (`WATCHDOG_PID`, as in
+    sd_watchdog_enabled(3)); both are None outside a `Type=notify` unit.
+    """
+    address = os.environ.get("NOTIFY_SOCKET") or None
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    mine = not pid or (pid.isdigit() and int(pid) == os.getpid())
+    interval = int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 and mine else None
+    return address, interval
+
+
 def load_client_config(*, store: str | None = None, origin: str | None = None,
                        token: str | None = None) -> ClientConfig:
     """Merge flags, environment and config file (in that order of precedence)."""

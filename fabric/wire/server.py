@@ -356,7 +356,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 async def run_until_signalled(app: web.Application, listen: str, tls: ssl.SSLContext | None,
                               what: str) -> None:
-    """Serve `app` until SIGINT or SIGTERM, logging where it listens."""
+    """Serve `app` until SIGINT or SIGTERM, logging where it listens.
+
+    Under a systemd `Type=notify` unit it sends READY=1 once the socket is bound,
+    WATCHDOG=1 from this loop while it runs, and STOPPING=1 on the way out
+    (`fabric.wire.systemd`; nothing without `$NOTIFY_SOCKET`).
+    """
+    from fabric.wire.systemd import Notifier
     host, port = parse_listen(listen)
     runner = await serve(app, host, port, tls)
     get_logger(what).info(f"{what} listening", host=host, port=bound_port(runner), tls=tls is not None)
@@ -364,8 +370,13 @@ async def run_until_signalled(app: web.Application, listen: str, tls: ssl.SSLCon
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    notifier = Notifier.from_env()
+    notifier.notify("READY=1", f"STATUS={what} listening on {host}:{bound_port(runner)}")
+    watchdog = asyncio.create_task(notifier.watchdog())
     try:
         await stop.wait()
     finally:
         get_logger(what).info(f"{what} stopping")
+        notifier.notify("STOPPING=1")
+        watchdog.cancel()
         await runner.cleanup()
