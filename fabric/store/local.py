@@ -28,10 +28,14 @@ from typing import Iterator
 from fabric.errors import Conflict, NotFound, StoreFull
 from fabric.fileio import write_all
 from fabric.store import packs
-from fabric.store.backend import ObjectInfo
+from fabric.store.backend import Capabilities, ObjectInfo
 
 
 class LocalBackend:
+    """The Backend protocol on a folder: objects are files, so it can do everything."""
+
+    capabilities = Capabilities(parts=True, deferred=True, size=True, files=True, link=True, temp_files=True)
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self._tmp = self.root / "tmp"

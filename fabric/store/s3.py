@@ -39,7 +39,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from fabric.errors import Conflict, Forbidden, InvalidInput, NotFound, TransferError
-from fabric.store.backend import ObjectInfo
+from fabric.store.backend import Capabilities, ObjectInfo
 
 _ETAG_CACHE = 4096  # refs whose last-read ETag we remember
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -121,7 +121,9 @@ def translate(what: str):
 
 
 class S3Backend:
-    """The Backend protocol on `s3://bucket/prefix`."""
+    """The Backend protocol on `s3://bucket/prefix`: remote objects, asked about in parallel."""
+
+    capabilities = Capabilities(parallel_has=True)
 
     def __init__(self, bucket: str, prefix: str = "", *, client=None, options: S3Options | None = None):
         if prefix and not prefix.endswith("/"):

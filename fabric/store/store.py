@@ -10,6 +10,10 @@ Layout (specified in docs/formats.md, "Store layout"):
     packs/<hh>/<32 hex>                  files shared with a pulled folder (`fabric.store.packs`)
 
 An S3 store (`s3://bucket/prefix`, `fabric.store.s3`) holds the same keys as objects.
+What a backend can do beyond the five verbs is declared in its `capabilities`
+(`fabric.store.backend.Capabilities`); the store uses only what is declared: parallel
+existence checks (S3), writes without joining and deferred durability, sizes without
+reads, files for sendfile and packs (local).
 Chunks are verified against their id when written and again when read. A chunk may
 be stored zstd-compressed when a sample shows it pays. Everything here is blocking
 I/O: async callers run it in a thread.
@@ -28,13 +32,14 @@ import zstandard
 from fabric.core import digest
 from fabric.errors import Conflict, CorruptChunk, ChunkNotFound, InvalidInput, NotFound
 from fabric.store import packs
-from fabric.store.backend import Backend, ObjectInfo
+from fabric.store.backend import Backend, Capabilities, ObjectInfo
 from fabric.store.local import LocalBackend
 
 if TYPE_CHECKING:
     from fabric.store.s3 import S3Options
 
-__all__ = ["Store", "StoredFile", "open_store", "Backend", "ObjectInfo", "LocalBackend"]
+__all__ = ["Store", "StoredFile", "open_store", "chunk_key", "manifest_key", "Backend", "Capabilities",
+           "ObjectInfo", "LocalBackend"]
 
 STORE_FORMAT = "fabric.store/1"
 TAG_RAW, TAG_ZSTD = 0, 1
@@ -80,6 +85,7 @@ class Store:
     def __init__(self, backend: Backend, *, compress: bool = True):
         self.backend = backend
         self.compress = compress
+        self.capabilities: Capabilities = backend.capabilities
 
     def __repr__(self) -> str:
         return f"Store({self.backend.describe()})"
@@ -92,9 +98,8 @@ class Store:
     def missing(self, chunk_ids: Iterable[str]) -> list[str]:
         """The ids among `chunk_ids` this store lacks, each once, in first-seen order."""
         unique = list(dict.fromkeys(chunk_ids))
-        has_many = getattr(self.backend, "has_many", None)  # a remote backend asks in parallel
-        if has_many is not None:
-            held = has_many([chunk_key(cid) for cid in unique])
+        if self.capabilities.parallel_has:  # a remote backend asks in parallel
+            held = self.backend.has_many([chunk_key(cid) for cid in unique])
             return [cid for cid, h in zip(unique, held) if not h]
         return [cid for cid in unique if not self.has_chunk(cid)]
 
@@ -108,21 +113,24 @@ class Store:
         if not verified:
             digest.verify(chunk_id, data)
         payload, tag = self._maybe_compress(data)
-        put_parts = getattr(self.backend, "put_parts", None)
-        if put_parts is not None:  # a local file: write tag and payload without joining them
-            if defer:
-                put_parts(chunk_key(chunk_id), [bytes([tag]), payload], durable=False)
-            else:
-                put_parts(chunk_key(chunk_id), [bytes([tag]), payload])
-        else:
-            self.backend.put(chunk_key(chunk_id), bytes([tag]) + payload)
+        self._write(chunk_key(chunk_id), [bytes([tag]), payload], defer=defer)
         return len(payload) + 1
+
+    def _write(self, key: str, parts: list[bytes | memoryview], *, defer: bool) -> None:
+        """Write the concatenation of `parts`: without joining them where the backend can,
+        and made durable only at `flush()` with `defer` where it can defer."""
+        caps = self.capabilities
+        if caps.deferred and defer:
+            self.backend.put_parts(key, parts, durable=False)
+        elif caps.parts:
+            self.backend.put_parts(key, parts)
+        else:
+            self.backend.put(key, b"".join(parts))
 
     def flush(self) -> None:
         """Make chunks stored with `defer` durable and visible."""
-        flush = getattr(self.backend, "flush", None)
-        if flush is not None:
-            flush()
+        if self.capabilities.deferred:
+            self.backend.flush()
 
     def get_chunk(self, chunk_id: str) -> bytes:
         """The chunk's raw bytes, checked against its id."""
@@ -153,7 +161,7 @@ class Store:
     @property
     def local(self) -> bool:
         """Whether chunks are files on this machine (`open_stored` works)."""
-        return hasattr(self.backend, "path")
+        return self.capabilities.files
 
     def open_stored(self, chunk_id: str) -> StoredFile | None:
         """The open file and byte range holding a chunk's stored payload, or None if absent.
@@ -161,6 +169,8 @@ class Store:
         For a local store only: a server sends the range with sendfile. The caller closes
         `file`. The bytes are not verified.
         """
+        if not self.capabilities.files:
+            raise InvalidInput(f"{self} holds no files: open_stored is for local stores (see `local`)")
         try:
             f = open(self.backend.path(chunk_key(chunk_id)), "rb")
         except FileNotFoundError:
@@ -185,9 +195,9 @@ class Store:
     def stored_sizes(self, chunk_ids: list[str]) -> list[int | None] | None:
         """Size of each chunk's stored form (tag byte + payload), None where absent;
         None if unknowable cheaply. A packed chunk counts as its tag-0 form."""
-        size = getattr(self.backend, "size", None)
-        if size is None:
+        if not self.capabilities.size:
             return None
+        size = self.backend.size
         sizes = [size(chunk_key(cid)) for cid in chunk_ids]
         for i, (cid, n) in enumerate(zip(chunk_ids, sizes)):
             if n is not None and n <= packs.REF_MAX:
@@ -207,16 +217,15 @@ class Store:
     def link_pack(self, path: str | os.PathLike) -> str | None:
         """Hard-link the file at `path` into the store as a new pack; its key, or None
         where this store cannot (not local, or another file system)."""
-        link_in = getattr(self.backend, "link_in", None)
-        if link_in is None:
+        if not self.capabilities.link:
             return None
         key = packs.new_pack_key()
-        return key if link_in(key, path) else None
+        return key if self.backend.link_in(key, path) else None
 
     def put_packed(self, chunk_id: str, ref: packs.PackRef, *, defer: bool = False) -> None:
         """Record that `chunk_id`'s raw bytes are at `ref` in a pack. The caller wrote them
         there and checked them against the id; with `defer`, as `put_chunk`."""
-        self.backend.put_parts(chunk_key(chunk_id), [ref.encode()], durable=not defer)
+        self._write(chunk_key(chunk_id), [ref.encode()], defer=defer)
 
     def pack_refs(self) -> Iterator[tuple[str, packs.PackRef]]:
         """Every packed chunk and its reference."""
@@ -251,6 +260,8 @@ class Store:
 
     def _read_packed(self, chunk_id: str, stored: bytes) -> bytes:
         ref = packs.parse(chunk_id, stored)
+        if not self.capabilities.files:  # packs are files shared with a pulled folder: local only
+            raise ChunkNotFound(f"chunk {chunk_id}: a pack reference in {self}, which holds no files")
         return packs.read(chunk_id, self.backend.path(ref.pack), ref)
 
     @staticmethod

@@ -23,7 +23,7 @@ from fabric.errors import (BadFrame, Conflict, CorruptChunk, InvalidInput, Inval
 from fabric.core.manifest import FileEntry, Manifest, TensorEntry
 from fabric.publish import LocalTarget, publish
 from fabric.store.registry import Registry
-from fabric.store.store import ObjectInfo, Store, chunk_key, open_store
+from fabric.store.store import Capabilities, ObjectInfo, Store, chunk_key, open_store
 
 from conftest import safetensors_bytes
 
@@ -33,6 +33,8 @@ RNG = np.random.default_rng(42)
 # --- an in-memory store, and versions built chunk by chunk ------------------------------------
 
 class MemoryBackend:
+    capabilities = Capabilities()  # the five verbs only
+
     def __init__(self):
         self.objects: dict[str, bytes] = {}
 

@@ -27,7 +27,7 @@ from fabric.store.packs import REF_MAX, PackRef
 
 from helpers.origin import (PULL_SECRET, OriginProcess, fabric_json, start_origin, tree_digest,
                             write_token_file)
-from test_e2e_wire import Lab, make_model, unique_chunks
+from e2e.test_e2e_wire import Lab, make_model, unique_chunks
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -1,21 +1,35 @@
-"""fabric.store.store: the local content-addressed store (atomic writes, CAS, compression, checks)."""
+"""fabric.store: one store suite, run against every backend (a local folder and a real SeaweedFS bucket).
+
+Every test that takes `store` runs once per backend: `local` (a folder in tmp_path) and
+`s3` (a fresh prefix in the bucket of the session's one `weed mini`, `suite_weed`;
+skipped only where the `weed` binary is absent). Where backends differ (temp files,
+hard-linked packs, files for sendfile) the test asks the declared
+`store.capabilities`, as the store itself does. Opening a local folder and a full disk
+are local by nature; the S3-only cases (opening a prefix, conditional writes,
+multipart, throttling, the ETag cache) are in test_store_s3.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import threading
 import uuid
 
 import pytest
 
 from fabric.core import digest
+from fabric.core.manifest import FileEntry, Manifest
 from fabric.errors import (ChunkNotFound, Conflict, CorruptChunk, InvalidChunkId, InvalidInput,
-                           NotFound, StoreFull)
+                           NotFound, StoreFull, VersionExists)
 from fabric.fsck import fsck
-from fabric.store.store import TAG_RAW, TAG_ZSTD, chunk_key, manifest_key, open_store
+from fabric.gc import gc
+from fabric.store import Capabilities, LocalBackend, Registry, Store, chunk_key, manifest_key, open_store
+from fabric.store.registry import now_rfc3339
+from fabric.store.store import TAG_RAW, TAG_ZSTD
 
-from conftest import chunk_files, count_up_concurrently, random_bytes
+from conftest import SUITE_BUCKET, chunk_files, count_up_concurrently, random_bytes
 
 
 def _put(store, data: bytes) -> str:
@@ -24,7 +38,34 @@ def _put(store, data: bytes) -> str:
     return cid
 
 
-# --- opening -------------------------------------------------------------------------------
+# --- one fixture per backend ------------------------------------------------------------------
+
+@pytest.fixture(params=["local", "s3"])
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def make_store(kind, tmp_path, request):
+    """Open (creating on first use) this test's store on the backend under test."""
+    if kind == "local":
+        return lambda **kw: open_store(tmp_path / "store", **kw)
+    weed = request.getfixturevalue("suite_weed")
+    url = f"s3://{SUITE_BUCKET}/{uuid.uuid4().hex[:12]}"
+    return lambda **kw: open_store(url, s3=weed.options, **kw)
+
+
+@pytest.fixture
+def store(make_store) -> Store:
+    return make_store()
+
+
+@pytest.fixture
+def backend(store):
+    return store.backend
+
+
+# --- opening (a local folder) ----------------------------------------------------------------
 
 def test_open_creates_a_marked_store(store_dir):
     open_store(store_dir)
@@ -54,6 +95,87 @@ def test_open_refuses_what_is_not_a_store(tmp_path):
     assert (tmp_path / "a-file").read_bytes() == b"x"
 
 
+# --- declared capabilities ---------------------------------------------------------------------
+
+def test_every_declared_capability_is_implemented(store, kind):
+    caps = store.capabilities
+    assert caps is store.backend.capabilities
+    for name in caps.declared():
+        for verb in Capabilities.VERBS[name]:
+            assert callable(getattr(store.backend, verb, None)), f"{kind} declares {name} but lacks {verb}()"
+    assert store.local == caps.files
+    assert set(Capabilities.VERBS) == {f for f in Capabilities.__dataclass_fields__}
+
+
+class _Undeclared:
+    """A local backend that declares nothing: it has every extra verb, but the store must not use one."""
+
+    capabilities = Capabilities()
+
+    def __init__(self, inner: LocalBackend):
+        self._inner = inner
+        self.used: list[str] = []
+
+    def __getattr__(self, name):
+        if name in ("has_many", "put_parts", "flush", "size", "path", "link_in", "sweep_temp"):
+            self.used.append(name)
+        return getattr(self._inner, name)
+
+
+def test_the_store_uses_only_declared_capabilities(tmp_path):
+    inner = open_store(tmp_path / "store").backend
+    b = _Undeclared(inner)
+    store = Store(b)
+    cid = _put(store, b"plain")
+    store.put_chunk(digest.digest(b"later"), b"later", defer=True)
+    store.flush()
+    assert store.missing([cid, digest.digest(b"none")] * 3) == [digest.digest(b"none")]
+    assert store.get_chunk(cid) == b"plain" and store.get_chunk(digest.digest(b"later")) == b"later"
+    assert store.stored_sizes([cid]) is None and not store.local
+    (tmp_path / "f").write_bytes(b"pack me")
+    assert store.link_pack(tmp_path / "f") is None
+    assert fsck(store, repair=True).ok
+    assert b.used == []
+
+
+# --- the backend protocol ----------------------------------------------------------------------
+
+def test_has_get_put_delete(backend):
+    assert not backend.has("x/one")
+    with pytest.raises(NotFound) as e:
+        backend.get("x/one")
+    assert isinstance(e.value, FileNotFoundError)
+    backend.put("x/one", b"1")
+    backend.put("x/two", memoryview(b"22"))
+    assert backend.has("x/one") and backend.get("x/one") == b"1" and backend.get("x/two") == b"22"
+    backend.put("x/one", b"one again")  # put replaces
+    assert backend.get("x/one") == b"one again"
+    backend.delete("x/one")
+    backend.delete("x/one")  # absent is fine
+    assert not backend.has("x/one") and backend.has("x/two")
+
+
+def test_empty_object_round_trips(backend):
+    backend.put("x/empty", b"")
+    assert backend.has("x/empty") and backend.get("x/empty") == b""
+
+
+def test_list_matches_string_prefixes(store):
+    b = store.backend
+    for k in ("l/a/1", "l/a/2", "l/ab", "l/b/1", "other/1"):
+        b.put(k, k.encode())
+    assert sorted(i.key for i in b.list("l/a/")) == ["l/a/1", "l/a/2"]
+    assert sorted(i.key for i in b.list("l/a")) == ["l/a/1", "l/a/2", "l/ab"]
+    infos = {i.key: i for i in b.list("l/")}
+    assert sorted(infos) == ["l/a/1", "l/a/2", "l/ab", "l/b/1"]
+    assert infos["l/ab"].size == 4 and infos["l/ab"].mtime > 0
+    assert {i.key: i.size for i in b.list("l/ab")} == {"l/ab": 4}
+    assert list(b.list("nothing/")) == [] and list(b.list("l/zz")) == []
+    store.cas_ref("art/versions/v1", b"x", None)
+    store.cas_ref("artifact/versions/v1", b"y", None)
+    assert store.list_refs("art/") == ["art/versions/v1"]  # not "artifact/…"
+
+
 # --- chunks --------------------------------------------------------------------------------
 
 def test_chunk_round_trip_and_layout(store, store_dir, rng):
@@ -63,33 +185,38 @@ def test_chunk_round_trip_and_layout(store, store_dir, rng):
     written = store.put_chunk(cid, data)
     assert store.has_chunk(cid) and store.get_chunk(cid) == data
     h = cid.split(":")[1]
-    stored = (store_dir / "chunks" / h[:2] / h).read_bytes()
     assert chunk_key(cid) == f"chunks/{h[:2]}/{h}"
+    stored = store.backend.get(chunk_key(cid))
+    if store.capabilities.files:  # the key is the file's path under the store's folder
+        assert (store_dir / "chunks" / h[:2] / h).read_bytes() == stored
     assert stored[0] == TAG_RAW and stored[1:] == data  # random bytes do not compress
     assert written == len(stored) == len(data) + 1
     assert [c for c, _ in store.iter_chunks()] == [cid]
 
 
-def test_compressible_chunk_is_stored_smaller_and_round_trips(store, store_dir):
+def test_compressible_chunk_is_stored_smaller_and_round_trips(store):
     data = (b"fabric " * 200_000)[:1_000_000]
     cid = _put(store, data)
-    stored = (store_dir / chunk_key(cid)).read_bytes()
+    stored = store.backend.get(chunk_key(cid))
     assert stored[0] == TAG_ZSTD
     assert len(stored) < len(data) // 10
+    assert store.get_chunk_stored(cid) == stored
     assert store.get_chunk(cid) == data
 
 
-def test_store_without_compression_keeps_chunks_raw(store_dir):
-    s = open_store(store_dir, compress=False)
+def test_store_without_compression_keeps_chunks_raw(make_store):
+    s = make_store(compress=False)
     cid = _put(s, bytes(10_000))
-    assert (store_dir / chunk_key(cid)).read_bytes() == b"\x00" + bytes(10_000)
+    assert s.backend.get(chunk_key(cid)) == b"\x00" + bytes(10_000)
 
 
 def test_put_refuses_bytes_that_do_not_match_the_id(store, store_dir):
     cid = digest.digest(b"right")
     with pytest.raises(CorruptChunk, match="does not match"):
         store.put_chunk(cid, b"wrong")
-    assert chunk_files(store_dir) == []
+    assert list(store.backend.list("chunks/")) == []
+    if store.capabilities.files:
+        assert chunk_files(store_dir) == []
     with pytest.raises(InvalidChunkId):
         store.put_chunk("sha1:abcd", b"x", verified=True)  # a key is never made from a bad id
     with pytest.raises(InvalidChunkId):
@@ -102,6 +229,25 @@ def test_missing_lists_each_absent_id_once_in_order(store):
     assert store.missing([b, have, a, b, a]) == [b, a]
 
 
+def test_missing_asks_about_many_chunks(store):
+    ids = []
+    for i in range(40):
+        blob = f"chunk {i}".encode()
+        ids.append(digest.digest(blob))
+        if i % 3 == 0:
+            store.put_chunk(ids[-1], blob)
+    assert store.missing(ids + ids) == [c for i, c in enumerate(ids) if i % 3]
+
+
+def test_deferred_chunks_are_there_after_flush(store):
+    cids = [digest.digest(f"deferred {i}".encode()) for i in range(5)]
+    for i, cid in enumerate(cids):
+        store.put_chunk(cid, f"deferred {i}".encode(), defer=True)
+    store.flush()
+    assert store.missing(cids) == []
+    assert [store.get_chunk(c) for c in cids] == [f"deferred {i}".encode() for i in range(5)]
+
+
 def test_get_absent_chunk_is_chunk_not_found(store):
     with pytest.raises(ChunkNotFound) as e:
         store.get_chunk(digest.digest(b"nothing"))
@@ -109,12 +255,12 @@ def test_get_absent_chunk_is_chunk_not_found(store):
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "bad-tag", "bad-zstd"])
-def test_damaged_chunk_is_detected_on_read_and_by_fsck(store, store_dir, rng, damage):
+def test_damaged_chunk_is_detected_on_read_and_by_fsck(store, rng, damage):
     data = random_bytes(rng, 5000) if damage != "bad-zstd" else bytes(5000)
     cid = _put(store, data)
     good = _put(store, b"an intact neighbour")
-    path = store_dir / chunk_key(cid)
-    raw = bytearray(path.read_bytes())
+    key = chunk_key(cid)
+    raw = bytearray(store.backend.get(key))
     if damage == "flip":
         raw[100] ^= 0x01
     elif damage == "truncate":
@@ -125,21 +271,32 @@ def test_damaged_chunk_is_detected_on_read_and_by_fsck(store, store_dir, rng, da
         raw[0] = 7
     else:
         raw[5:15] = b"\xff" * 10
-    path.write_bytes(bytes(raw))
+    store.backend.put(key, bytes(raw))
     with pytest.raises(CorruptChunk):
         store.get_chunk(cid)
     report = fsck(store)
     assert report.bad_chunks == [cid] and not report.ok
-    assert path.exists()  # no repair without asking
+    assert store.backend.has(key)  # no repair without asking
     report = fsck(store, repair=True)
-    assert report.removed == 1 and not path.exists()
+    assert report.removed == 1 and not store.backend.has(key)
     assert fsck(store).ok
     assert store.get_chunk(good) == b"an intact neighbour"
 
 
+def test_packs_are_hard_linked_only_where_declared(store, tmp_path):
+    src = tmp_path / "shard.bin"
+    src.write_bytes(b"pulled bytes")
+    key = store.link_pack(src)
+    if not store.capabilities.link:
+        assert key is None and list(store.iter_packs()) == []
+        return
+    assert key is not None and [i.key for i in store.iter_packs()] == [key]
+    assert os.path.samefile(store.backend.path(key), src)
+
+
 # --- manifests -----------------------------------------------------------------------------
 
-def test_manifest_objects_are_checked_against_their_id(store, store_dir):
+def test_manifest_objects_are_checked_against_their_id(store):
     body = b'{"format":"fabric.manifest/1"}'
     mid = digest.digest(body)
     with pytest.raises(CorruptChunk):
@@ -148,7 +305,7 @@ def test_manifest_objects_are_checked_against_their_id(store, store_dir):
         store.get_manifest_bytes(mid)
     store.put_manifest(mid, body)
     assert store.has_manifest(mid) and store.get_manifest_bytes(mid) == body
-    (store_dir / manifest_key(mid)).write_bytes(body + b" ")
+    store.backend.put(manifest_key(mid), body + b" ")
     with pytest.raises(CorruptChunk):
         store.get_manifest_bytes(mid)
 
@@ -167,6 +324,9 @@ def test_cas_ref_semantics(store):
     store.cas_ref("a/versions/v1", b"two", b"one")
     assert store.get_ref("a/versions/v1") == b"two"
     assert store.list_refs("a/") == ["a/versions/v1"]  # lock files are not objects
+    store.delete_ref("a/versions/v1")
+    store.cas_ref("a/versions/v1", b"three", None)           # deleted: creatable again
+    assert store.get_ref("a/versions/v1") == b"three"
 
 
 def test_lock_files_never_shadow_objects(store):
@@ -179,20 +339,6 @@ def test_lock_files_never_shadow_objects(store):
     assert store.get_ref("a/versions/v1.lock") == b"other"
 
 
-def test_list_matches_string_prefixes(store):
-    b = store.backend
-    for k in ("l/a/1", "l/a/2", "l/ab", "l/b/1", "other/1"):
-        b.put(k, k.encode())
-    assert sorted(i.key for i in b.list("l/a/")) == ["l/a/1", "l/a/2"]
-    assert sorted(i.key for i in b.list("l/a")) == ["l/a/1", "l/a/2", "l/ab"]
-    assert sorted(i.key for i in b.list("l/")) == ["l/a/1", "l/a/2", "l/ab", "l/b/1"]
-    assert {i.key: i.size for i in b.list("l/ab")} == {"l/ab": 4}
-    assert list(b.list("nothing/")) == [] and list(b.list("l/zz")) == []
-    store.cas_ref("art/versions/v1", b"x", None)
-    store.cas_ref("artifact/versions/v1", b"y", None)
-    assert store.list_refs("art/") == ["art/versions/v1"]  # not "artifact/…"
-
-
 def test_concurrent_cas_increments_lose_nothing(store):
     key, threads, per_thread = "counter/channels/c", 6, 40
     store.cas_ref(key, b"0", None)
@@ -201,7 +347,84 @@ def test_concurrent_cas_increments_lose_nothing(store):
     assert final == threads * per_thread
 
 
-# --- atomicity under failure ---------------------------------------------------------------------
+# --- the registry, gc and fsck on top ----------------------------------------------------------
+
+def _commit(reg: Registry, version: str, payload: bytes) -> str:
+    cid = digest.digest(payload)
+    reg.store.put_chunk(cid, payload)
+    m = Manifest(artifact="m", version=version, created=now_rfc3339(),
+                 files=(FileEntry("f.bin", len(payload), 0o644, ((cid, len(payload)),)),))
+    return reg.commit(m)
+
+
+def test_registry_commit_promote_rollback(store):
+    reg = Registry(store)
+    mids = [_commit(reg, f"v{i}", f"weights {i}".encode()) for i in range(3)]
+    assert reg.versions("m") == ["v0", "v1", "v2"] and reg.manifest_id("m", "v1") == mids[1]
+    assert _commit(reg, "v1", b"weights 1") == mids[1]  # same content again: no-op
+    with pytest.raises(VersionExists):
+        _commit(reg, "v1", b"other weights")
+    for v in ("v0", "v1", "v2"):
+        reg.promote("m", v, "prod")
+    assert reg.rollback("m", "prod").version == "v1"
+    assert reg.rollback("m", "prod").version == "v0"
+    assert [c.name for c in reg.channels("m")] == ["prod"]
+
+
+def test_concurrent_promotes_through_two_stores_lose_no_update(store, make_store):
+    """Two handles on one store (two origins on one folder or bucket) move one channel concurrently."""
+    other = make_store()
+    assert other is not store and other.backend is not store.backend
+    regs = [Registry(store), Registry(other)]
+    for i in range(2):
+        for j in range(6):
+            _commit(regs[0], f"r{i}-{j}", f"w{i}.{j}".encode())
+    errors = []
+
+    def worker(i):
+        try:
+            for j in range(6):
+                regs[i].promote("m", f"r{i}-{j}", "prod")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []
+    history = regs[1].channel("m", "prod").history
+    assert sorted(e["version"] for e in history) == sorted(f"r{i}-{j}" for i in range(2) for j in range(6))
+
+
+def test_gc_and_fsck_work_on_every_store(store):
+    reg = Registry(store)
+    for i in range(3):
+        _commit(reg, f"v{i}", f"gc weights {i}".encode())
+    reg.promote("m", "v2", "prod")
+    assert fsck(store).ok and fsck(store).versions == 3
+    report = gc(store, keep=1, grace=0)
+    assert sorted(report.versions_deleted) == ["m@v0", "m@v1"] and report.chunks_deleted == 2
+    assert reg.versions("m") == ["v2"] and fsck(store).ok
+    bad = digest.digest(b"soon damaged")
+    store.put_chunk(bad, b"soon damaged")
+    store.backend.put(chunk_key(bad), b"\x00damaged!")
+    assert fsck(store).bad_chunks == [bad]
+    assert fsck(store, repair=True).removed == 1 and fsck(store).ok
+
+
+def test_leftover_temp_files_are_swept_by_fsck_repair(store, store_dir):
+    if not store.capabilities.temp_files:
+        pytest.skip("this backend writes no temp files (its puts are atomic at the server)")
+    cid = _put(store, b"kept")
+    (store_dir / "tmp" / f"{uuid.uuid4().hex}.tmp").write_bytes(b"half a chunk")
+    assert fsck(store).temp_swept == 0
+    assert fsck(store, repair=True).temp_swept == 1
+    assert os.listdir(store_dir / "tmp") == []
+    assert store.get_chunk(cid) == b"kept"
+
+
+# --- atomicity under failure (a local folder on a full disk) -------------------------------------
 
 @pytest.fixture
 def tiny_fs(tmp_path):
@@ -236,12 +459,3 @@ def test_full_disk_leaves_no_torn_chunk(tiny_fs, rng):
     for cid in on_disk:
         assert store.get_chunk(cid)  # every chunk file matches its id
     assert fsck(store).ok
-
-
-def test_leftover_temp_files_are_swept_by_fsck_repair(store, store_dir):
-    cid = _put(store, b"kept")
-    (store_dir / "tmp" / f"{uuid.uuid4().hex}.tmp").write_bytes(b"half a chunk")
-    assert fsck(store).temp_swept == 0
-    assert fsck(store, repair=True).temp_swept == 1
-    assert os.listdir(store_dir / "tmp") == []
-    assert store.get_chunk(cid) == b"kept"
