@@ -52,14 +52,13 @@ class Weights(torch.nn.Module):
 class _ManifestOnly:
     """A publish target that stores nothing: we only want the manifest (chunk ids per tensor)."""
 
-    def offer(self, chunks):
+    registry = None  # it keeps no versions, so the manifest has no parent
+
+    def offer(self, chunks, dtypes=None):
         return [0] * len(chunks)
 
     def flush(self):
         """Nothing was stored, so nothing to make durable."""
-
-    def parent_for(self, artifact, channel):
-        return None
 
     def commit(self, manifest: Manifest) -> str:
         self.manifest = manifest

@@ -8,7 +8,9 @@ done, the manifest is committed: chunks first, then the manifest, then the versi
 ref, so a publish killed at any point leaves no half version.
 
 A `Target` is where a version goes: a local store (`LocalTarget`) or an origin over
-HTTP (`fabric.wire.client`). Both answer the same few calls.
+HTTP (`fabric.wire.client.RemoteTarget`). Both answer the same few calls and carry a
+`registry` that reads what they hold; `parent_version` picks the new version's parent
+through it, the same way for both.
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
-from fabric.core import chunking
-
-from fabric.core import digest
-from fabric.errors import ChannelNotFound, InvalidInput, InvalidManifest, SourceChanged, SourceError
+from fabric.core import chunking, digest
+from fabric.errors import ArtifactNotFound, ChannelNotFound, InvalidInput, InvalidManifest, SourceChanged, SourceError
 from fabric.core.manifest import FileEntry, Manifest, TensorEntry, check_name, check_path
-from fabric.store.registry import Registry, now_rfc3339
+from fabric.store.registry import Channel, Registry, now_rfc3339
 from fabric.store.store import Store
 
 _WINDOW = 8 << 20  # bytes read per CDC window
@@ -39,45 +39,64 @@ _IN_FLIGHT = 4  # batches being hashed/stored at once (bounds memory)
 Progress = Callable[[int], None]
 
 
+class VersionReads(Protocol):
+    """A target's versions as publish reads them: a `Registry`, or an origin's `RemoteRegistry`."""
+
+    def channel(self, artifact: str, name: str) -> Channel: ...  # ChannelNotFound if none
+
+    def latest(self, artifact: str) -> str | None: ...  # an origin may raise ArtifactNotFound
+
+
 class Target(Protocol):
-    def offer(self, chunks: list[tuple[str, bytes]]) -> list[int]:
+    """Where a version goes: chunks first (`offer`, then `flush`), then the manifest
+    (`commit`), then the channel (`promote`)."""
+
+    registry: VersionReads | None  # what the target holds; None: it keeps no versions (a dry run)
+
+    def offer(self, chunks: list[tuple[str, bytes]], dtypes: list[str | None]) -> list[int]:
         """Store each chunk unless already held; per chunk, the bytes written or sent (0 if held).
 
         Called from worker threads with the new chunks of one batch (one tensor
         segment, or one window of CDC chunks), so a remote target can ask "which do
-        you lack" and upload once per batch.
+        you lack" and upload once per batch. `dtypes` gives each chunk's tensor dtype
+        (None outside tensors), for a target that encodes by it.
         """
 
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Make every offered chunk durable (before the manifest that names them)."""
 
-    def parent_for(self, artifact: str, channel: str | None) -> str | None: ...
-
-    def commit(self, manifest: Manifest) -> str: ...
+    def commit(self, manifest: Manifest) -> str: ...  # the manifest's id
 
     def promote(self, artifact: str, version: str, channel: str) -> None: ...
 
 
+def parent_version(registry: VersionReads | None, artifact: str, channel: str | None) -> str | None:
+    """The version a new one descends from: the channel's current version if it has
+    one, else the artifact's latest, else None (the first version, or no registry)."""
+    if registry is None:
+        return None
+    if channel:
+        with contextlib.suppress(ChannelNotFound):
+            if version := registry.channel(artifact, channel).version:
+                return version
+    with contextlib.suppress(ArtifactNotFound):
+        return registry.latest(artifact)
+    return None
+
+
 class LocalTarget:
-    """Publish into a store on this machine."""
+    """Publish into a store on this machine. It keeps chunks as they are, so `offer` ignores dtypes."""
 
     def __init__(self, store: Store):
         self.store = store
         self.registry = Registry(store)
 
-    def offer(self, chunks: list[tuple[str, bytes]]) -> list[int]:
+    def offer(self, chunks: list[tuple[str, bytes]], dtypes: list[str | None] | None = None) -> list[int]:
         return [0 if self.store.has_chunk(cid) else self.store.put_chunk(cid, data, verified=True, defer=True)
                 for cid, data in chunks]
 
     def flush(self) -> None:
         self.store.flush()  # the chunks are durable before the manifest that names them
-
-    def parent_for(self, artifact: str, channel: str | None) -> str | None:
-        if channel:
-            try:
-                return self.registry.channel(artifact, channel).version
-            except ChannelNotFound:
-                pass
-        return self.registry.latest(artifact)
 
     def commit(self, manifest: Manifest) -> str:
         return self.registry.commit(manifest)
@@ -165,7 +184,7 @@ def publish(src: str | os.PathLike | Sequence[Source], *, artifact: str, target:
                 tensors += file_tensors
     finally:
         target.flush()  # stored chunks are kept even if this publish fails: a retry reuses them
-    parent = target.parent_for(artifact, channel)
+    parent = parent_version(target.registry, artifact, channel)
     manifest = Manifest(
         artifact=artifact, version=version, parent=parent if parent != version else None,
         created=now_rfc3339(), files=tuple(entries), tensors=tuple(tensors),
@@ -411,10 +430,7 @@ def _work(batch: Batch, target: Target, scan: _Scan, dtypes: dict[str, str]) -> 
                 scan.seen.add(cid)
                 fresh[cid] = view
                 kinds.append(dtypes.get(piece.tensor) if piece is not None and piece.tensor else None)
-    if fresh and getattr(target, "accepts_dtypes", False):
-        written = dict(zip(fresh, target.offer(list(fresh.items()), kinds)))
-    else:
-        written = dict(zip(fresh, target.offer(list(fresh.items())))) if fresh else {}
+    written = dict(zip(fresh, target.offer(list(fresh.items()), kinds))) if fresh else {}
     out = []
     for cid in ids:  # a chunk repeated within the batch counts once
         w = written.pop(cid, 0)

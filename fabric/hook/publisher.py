@@ -374,8 +374,6 @@ class Worker:
 
 def _channel_version(target, artifact: str, channel: str) -> str | None:
     try:
-        if hasattr(target, "origin"):
-            return target.origin.channel(artifact, channel).version
-        return target.registry.channel(artifact, channel).version
+        return target.registry.channel(artifact, channel).version  # the store's, or the origin's
     except ChannelNotFound:
         return None

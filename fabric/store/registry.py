@@ -139,19 +139,10 @@ class Registry:
         return mid
 
     def resolve(self, artifact: str, *, version: str | None = None, channel: str | None = None) -> str:
-        """The version a `name@version`, `name:channel` or bare `name` refers to."""
+        """The version a `name@version`, `name:channel` or bare `name` refers to (`resolve_ref`)."""
         if version:
-            self.manifest_id(artifact, version)
-            return version
-        if channel:
-            v = self.channel(artifact, channel).version
-            if v is None:
-                raise ChannelNotFound(f"channel {artifact}:{channel} points at no version")
-            return v
-        latest = self.latest(artifact)
-        if latest is None:
-            raise ArtifactNotFound(f"no artifact named {artifact!r}")
-        return latest
+            self.manifest_id(artifact, version)  # it must exist
+        return resolve_ref(self, artifact, version=version, channel=channel)
 
     # --- channels --------------------------------------------------------------
 
@@ -228,3 +219,24 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
         artifact, channel = ref.split(":", 1)
         return check_name("artifact", artifact), None, check_name("channel", channel)
     return check_name("artifact", ref), None, None
+
+
+def resolve_ref(registry, artifact: str, *, version: str | None = None, channel: str | None = None,
+                where: str = "") -> str:
+    """The version `artifact@version`, `artifact:channel` or bare `artifact` names, read
+    through any registry with `channel(artifact, name)` and `latest(artifact)`: this
+    store's `Registry` or an origin's (`fabric.wire.client.RemoteRegistry`). A version
+    is returned as given (the caller checks it exists, or lets the manifest read fail);
+    `where` ends the not-found message (" at http://origin:7000").
+    """
+    if version:
+        return version
+    if channel:
+        v = registry.channel(artifact, channel).version
+        if v is None:
+            raise ChannelNotFound(f"channel {artifact}:{channel} points at no version")
+        return v
+    latest = registry.latest(artifact)
+    if latest is None:
+        raise ArtifactNotFound(f"no artifact named {artifact!r}{where}")
+    return latest
