@@ -353,12 +353,12 @@ def sync_child(origin: str, artifact: str, store: str, connections: int) -> None
     """Runs in a child: fetch, verify and store every chunk of artifact@v1; print the stats as JSON."""
     from fabric.wire.client import OriginClient
     from fabric.store.store import open_store
-    from fabric.transfer import sync
+    from fabric.transfer import FetchOptions, sync
 
     async def run() -> dict:
         async with OriginClient(origin, TOKEN, connections=connections) as client:
             manifest = await client.manifest(artifact, "v1")
-            stats = await sync(manifest, open_store(store), [client], connections=connections)
+            stats = await sync(manifest, open_store(store), [client], FetchOptions(connections=connections))
             return stats.to_json()
 
     print(json.dumps(asyncio.run(run())))

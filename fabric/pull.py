@@ -1,9 +1,20 @@
-"""Materialising a version: write its files into a folder, atomically.
+"""The one pull path: a version's files written into a folder, atomically.
+
+    result = await pull(store, manifest, Sink.folder(dest), upstream=Upstream([origin]))
+
+Every pull runs the same steps (`pull`): the manifest (`fetch_manifest`, sent as a
+patch against the newest version the store holds), an `Assembly` of its files, the
+chunks the store lacks fetched from the upstream's sources (`fabric.transfer`; none
+for a purely local pull, `materialize`), the rest filled from the store, the commit
+and the version recorded in the store's registry. The `Sink` says where the files
+land and how they are committed: a DEST folder swapped into place (`fabric pull`), or
+a site's `versions/<artifact>/<version>/` folder, which the site agent activates
+afterwards.
 
 An `Assembly` builds a version's files in a hidden sibling folder of DEST: every file
 is created at its final size, then chunks are written at their offsets in whatever
 order they come — straight from the network as each chunk is verified
-(`fabric.transfer` calls `Assembly.write`), or from the store for the chunks it
+(`fabric.transfer` hands it to `Assembly.write`), or from the store for the chunks it
 already held (`fill_from_store`). `commit` fsyncs the files and renames the folder
 into place, so a reader never sees a half-written version, and a failed pull
 leaves DEST as it was. Each byte is written once and hashed once.
@@ -18,20 +29,29 @@ made durable. Where linking is impossible (store not local, another file system)
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from fabric.errors import ChunkNotFound, CorruptChunk, DestinationExists, InvalidManifest, MissingChunks, StoreFull
+from fabric.core import digest
+from fabric.core.manifest import Manifest
+from fabric.errors import (ChunkNotFound, CorruptChunk, DestinationExists, FabricError, IntegrityError,
+                           InvalidManifest, MissingChunks, StoreFull)
 from fabric.fileio import create_sized, pwrite_all
 from fabric.logs import get_logger
-from fabric.core.manifest import Manifest
-from fabric.store.store import Store
 from fabric.store.packs import PackRef
+from fabric.store.registry import Registry
+from fabric.store.store import Store
+from fabric.transfer import ChunkSink, FetchOptions, Inflight, Progress, SyncStats, fetch_chunks, store_sink
+from fabric.wire.client import OriginClient
+from fabric.wire.negotiate import manifest_base, request_fields
 
 log = get_logger("pull")
 
@@ -215,19 +235,192 @@ class Assembly:
             raise
 
 
-def materialize(store: Store, manifest: Manifest, dest: str | os.PathLike, *,
-                overwrite: bool = False, progress=None) -> None:
-    """Write every file of `manifest` under `dest` from `store`, atomically."""
-    missing = store.missing(manifest.chunk_ids())
-    if missing:
-        raise MissingChunks(f"the store lacks {len(missing)} chunk(s) of this version, e.g. {missing[0]}")
-    assembly = Assembly(manifest, dest, overwrite=overwrite)
+@dataclass(frozen=True)
+class Sink:
+    """Where a pulled version's files land, and how they are committed.
+
+    Make one with `Sink.folder` (`fabric pull`) or `Sink.site_version` (a site agent).
+    """
+
+    dest: Path
+    overwrite: bool = False  # replace a DEST that exists and is not empty (`--force`)
+    pack: bool = False  # the store shares the files (hard links) instead of keeping copies
+    private: bool = True  # the store is a private cache: chunks durable at its next flush
+    reuse: bool = False  # a folder already at `dest` is this version, built before: verify, keep
+    must_record: bool = False  # failing to record the version in the registry fails the pull
+
+    @classmethod
+    def folder(cls, dest: str | os.PathLike, *, overwrite: bool = False, pack: bool = False) -> "Sink":
+        """A DEST folder, swapped into place; the store, a cache later pulls reuse."""
+        return cls(Path(dest), overwrite=overwrite, pack=pack)
+
+    @classmethod
+    def site_version(cls, folder: str | os.PathLike) -> "Sink":
+        """A site's `versions/<artifact>/<version>/` folder (complete or absent), which
+        the agent activates afterwards. The site's store serves other sites at once, and
+        its registry is what they (and its workers) read, so recording the version must
+        succeed."""
+        return cls(Path(folder), private=False, reuse=True, must_record=True)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a pull fetches the chunks its store lacks: `sources` in preference order."""
+
+    sources: list[OriginClient]
+    options: FetchOptions = field(default_factory=FetchOptions)
+    inflight: Inflight | None = None  # shared with other fetchers of the same store (a relay)
+    prefer: Callable[[str], OriginClient | None] | None = None  # a chunk's owner, asked first
+
+
+async def fetch_manifest(store: Store, client: OriginClient, artifact: str, version: str) -> Manifest:
+    """`artifact@version`'s manifest from `client`, sent as a patch against the newest
+    version of the artifact the store holds (if any)."""
+    base = await asyncio.to_thread(manifest_base, store, artifact, version)
+    return await client.manifest(artifact, version, base)
+
+
+async def pull(store: Store, manifest: Manifest, sink: Sink, *, upstream: Upstream | None = None,
+               progress: Progress | None = None,
+               on_fetched: Callable[[SyncStats], None] | None = None) -> PullResult:
+    """Write `manifest`'s files into `sink`, fetching what `store` lacks from `upstream`.
+
+    Args:
+        upstream: where missing chunks come from; without one, the store must hold
+            every chunk, and the version is not recorded again.
+        progress: gets byte counts: of the chunks fetched (with an upstream), or of the
+            files written (without).
+        on_fetched: sees the fetch's statistics once every chunk is in the store.
+
+    Raises:
+        MissingChunks: (no upstream) the store lacks some chunk of the version.
+        TransferError: some chunks could not be fetched from any source in time.
+        DestinationExists: DEST exists and is not empty, and the sink may not overwrite it.
+        StoreFull: no space left to write the files.
+    """
+    t0 = time.monotonic()
+    if upstream is None:
+        missing = await asyncio.to_thread(store.missing, manifest.chunk_ids())
+        if missing:
+            raise MissingChunks(f"the store lacks {len(missing)} chunk(s) of this version, e.g. {missing[0]}")
+    packed = False
+    if sink.reuse and await asyncio.to_thread(sink.dest.is_dir):  # a rollback, or a restart after the build
+        stats = await _fetch(store, manifest, sink, upstream, store_sink(store, defer=sink.private), progress)
+        if on_fetched:
+            on_fetched(stats)
+        await asyncio.to_thread(verify_tree, manifest, sink.dest)
+    else:  # build the folder as chunks arrive; the ones the store held are copied after
+        assembly = await asyncio.to_thread(Assembly, manifest, sink.dest, overwrite=sink.overwrite,
+                                           pack_into=store if sink.pack else None)
+        try:
+            stats = await _assemble(store, manifest, sink, assembly, upstream, progress, on_fetched)
+            await asyncio.to_thread(assembly.commit)
+        except BaseException:
+            await asyncio.to_thread(assembly.abort)
+            raise
+        packed = assembly.packed
+    if upstream is not None:  # the store holds the whole version now: later pulls may ask for deltas against it
+        try:
+            await asyncio.to_thread(Registry(store).commit, manifest)
+        except FabricError:
+            if sink.must_record:
+                raise
+    return PullResult(
+        artifact=manifest.artifact, version=manifest.version, manifest_id=manifest.id, dest=str(sink.dest),
+        files=len(manifest.files), bytes=manifest.size, chunks_fetched=stats.chunks_fetched,
+        chunks_reused=stats.chunks_reused, bytes_received=stats.bytes_received, bytes_raw=stats.bytes_raw,
+        packed=packed, seconds=time.monotonic() - t0,
+    )
+
+
+async def _assemble(store: Store, manifest: Manifest, sink: Sink, assembly: Assembly, upstream: Upstream | None,
+                    progress: Progress | None, on_fetched: Callable[[SyncStats], None] | None) -> SyncStats:
+    """Fetch into `assembly` what the store lacks, then fill the rest of it from the store."""
+    if upstream is None:
+        await asyncio.to_thread(assembly.fill_from_store, store, progress)
+        sizes = manifest.unique_chunks()
+        return SyncStats(chunks_total=len(sizes), chunks_reused=len(sizes))
+    chunk_sink = assembly.keep if assembly.packed else store_sink(store, defer=sink.private, then=assembly.write)
+    stats = await _fetch(store, manifest, sink, upstream, chunk_sink, progress)
+    if on_fetched:
+        on_fetched(stats)
+    refetch: list[str] = []  # stored chunks found spoiled (a pack edited in place): fetched again
+    await asyncio.to_thread(assembly.fill_from_store, store, refetch=refetch)
+    if refetch:
+        sizes = manifest.unique_chunks()
+        again = await _fetch(store, manifest, sink, upstream, chunk_sink, progress,
+                             sizes={c: sizes[c] for c in refetch}, standalone=True)
+        stats.chunks_fetched += again.chunks_fetched
+        stats.chunks_reused -= again.chunks_fetched
+        stats.bytes_received += again.bytes_received
+        stats.bytes_raw += again.bytes_raw
+        await asyncio.to_thread(assembly.fill_from_store, store)
+    if sink.private:
+        await asyncio.to_thread(store.flush)  # references moved by the fill
+    return stats
+
+
+async def _fetch(store: Store, manifest: Manifest, sink: Sink, upstream: Upstream | None, chunk_sink: ChunkSink,
+                 progress: Progress | None, *, sizes: dict[str, int] | None = None,
+                 standalone: bool = False) -> SyncStats:
+    """Fetch the chunks of `manifest` (or just `sizes`) the store lacks, into `chunk_sink`.
+
+    The requests name the versions the store holds, so sources may send deltas against
+    them; `standalone` ones do not (a refetch: what a delta would refer to may be as
+    spoiled as the chunks being fetched again).
+    """
+    sizes = manifest.unique_chunks() if sizes is None else sizes
+    if upstream is None:
+        return SyncStats(chunks_total=len(sizes), chunks_reused=len(sizes))
+    fields = None if standalone else await asyncio.to_thread(request_fields, store, manifest)
     try:
-        assembly.fill_from_store(store, progress)
-        assembly.commit()
-    except BaseException:
-        assembly.abort()
-        raise
+        return await fetch_chunks(sizes, store, upstream.sources, upstream.options, sink=chunk_sink,
+                                  progress=progress, delta_fields=fields, prefer=upstream.prefer,
+                                  inflight=upstream.inflight)
+    finally:
+        if sink.private:
+            await asyncio.to_thread(store.flush)  # one syncfs, not one fsync per chunk
+
+
+def materialize(store: Store, manifest: Manifest, dest: str | os.PathLike, *,
+                overwrite: bool = False, progress: Progress | None = None) -> None:
+    """Write every file of `manifest` under `dest` from `store`, atomically (blocking:
+    `pull` without an upstream, for code that runs no event loop)."""
+    asyncio.run(pull(store, manifest, Sink.folder(dest, overwrite=overwrite), progress=progress))
+
+
+async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: str | os.PathLike, *,
+                      version: str | None = None, channel: str | None = None, overwrite: bool = False,
+                      copy: bool = False, options: FetchOptions = FetchOptions(), progress: Progress | None = None,
+                      on_manifest: Callable[[Manifest], None] | None = None) -> tuple[PullResult, Manifest]:
+    """`fabric pull --origin`: `artifact` (at `version`, or `channel`'s version, or the
+    latest) from `client` into `dest`.
+
+    Each fetched chunk is written once, into DEST, whose files the store shares as
+    packs (`fabric.store.packs`); with `copy`, or where the store cannot share them,
+    the store keeps a copy of its own. `on_manifest` sees the manifest once it is known
+    (to size a progress bar); `progress` then gets byte counts.
+    """
+    t0 = time.monotonic()
+    version = await client.resolve(artifact, version, channel)
+    manifest = await fetch_manifest(store, client, artifact, version)
+    if on_manifest:
+        on_manifest(manifest)
+    result = await pull(store, manifest, Sink.folder(dest, overwrite=overwrite, pack=not copy),
+                        upstream=Upstream([client], options), progress=progress)
+    result.dest, result.seconds = str(dest), time.monotonic() - t0
+    return result, manifest
+
+
+def verify_tree(manifest: Manifest, folder: Path) -> None:
+    """Re-read a materialised version and check every chunk against its id."""
+    for entry in manifest.files:
+        path = folder / entry.path
+        if not path.is_file() or path.stat().st_size != entry.size:
+            raise IntegrityError(f"{path}: missing or wrong size")
+        with open(path, "rb") as f:
+            for cid, size in entry.chunks:
+                digest.verify(cid, f.read(size))
 
 
 def _swap_into_place(staging: Path, dest: Path) -> None:

@@ -1,12 +1,15 @@
 """The sync engine: bring a store up to a manifest, fetching only what it lacks.
 
-    stats = await sync(manifest, store, [relay, origin], connections=4)
+    stats = await sync(manifest, store, [relay, origin], FetchOptions(connections=4))
 
 The missing chunks are grouped into batches (many small chunks per request, a few
 MiB each) and a pool of workers fetches batches in parallel over several
 connections. Each worker asks the first healthy source in the caller's order (relay
 first, origin last). Every chunk is decoded and checked against its id in a thread,
-then stored; so a transfer that is killed resumes from what it stored.
+then handed to the caller's *sink* (by default: put in the store); so a transfer that
+is killed resumes from what it stored. `FetchOptions` holds the knobs (connections,
+batch size, rate, patience); the rest of a call says where chunks go and who else is
+fetching them.
 
 Faults, and what happens:
 * a connection error, HTTP error, malformed stream or a read that stalls longer than
@@ -28,10 +31,10 @@ from typing import Callable
 
 import aiohttp
 
-from fabric.wire import delta
-
 from fabric.wire import frames as wire
 from fabric.wire.client import OriginClient, error_from
+from fabric.wire.negotiate import fetch_body, request_fields
+from fabric.wire.protocol import CHUNKS_FETCH, MAX_IDS
 from fabric.errors import FabricError, IntegrityError, InvalidInput, ReferenceMismatch, StoreFull, TransferError
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest
@@ -41,6 +44,32 @@ log = get_logger("transfer")
 BATCH_BYTES = 16 << 20
 _RECEIVE_AHEAD = 2  # chunks of one response being verified and stored while the next is read
 Progress = Callable[[int], None]
+ChunkSink = Callable[[str, bytes], None]  # (chunk id, verified bytes): make the chunk the store's
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How a fetch behaves, whatever it fetches."""
+
+    connections: int = 4  # batches in flight at once
+    batch_bytes: int = BATCH_BYTES  # about this many bytes of chunks per request
+    max_rate: float | None = None  # bytes per second, all connections together
+    stall_timeout: float = 30.0  # a read making no progress this long benches its source
+    give_up_after: float = 120.0  # TransferError after this long without any progress
+    max_bad: int = 3  # chunks failing verification before a source is dropped
+
+
+def store_sink(store: Store, *, defer: bool = False, then: ChunkSink | None = None) -> ChunkSink:
+    """The usual sink: put each fetched chunk in `store`, then hand it to `then` (if any).
+
+    With `defer`, chunks become durable and visible in the store only at its `flush()`,
+    which the caller runs (right for a private cache; a relay's store serves at once).
+    """
+    def sink(chunk_id: str, data: bytes) -> None:
+        store.put_chunk(chunk_id, data, verified=True, defer=defer)
+        if then is not None:
+            then(chunk_id, data)
+    return sink
 
 
 @dataclass
@@ -142,46 +171,48 @@ class Inflight:
             self.resolve(cid, False)
 
 
-async def sync(manifest: Manifest, store: Store, sources: list[OriginClient], **options) -> SyncStats:
+async def sync(manifest: Manifest, store: Store, sources: list[OriginClient],
+               options: FetchOptions = FetchOptions(), **hooks) -> SyncStats:
     """Fetch every chunk of `manifest` that `store` lacks from `sources` (in preference order).
 
-    Options are those of `fetch_chunks`.
+    `hooks` are the keyword arguments of `fetch_chunks`; without `delta_fields`, the
+    versions the store holds are named, so sources can send deltas against them.
 
     Raises:
         TransferError: some chunks could not be fetched from any source in time.
     """
-    if "delta_fields" not in options:  # which versions we hold, so sources can send deltas
-        options["delta_fields"] = await asyncio.to_thread(delta.request_fields, store, manifest)
-    return await fetch_chunks(manifest.unique_chunks(), store, sources, **options)
+    if "delta_fields" not in hooks:
+        hooks["delta_fields"] = await asyncio.to_thread(request_fields, store, manifest)
+    return await fetch_chunks(manifest.unique_chunks(), store, sources, options, **hooks)
 
 
-async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list[OriginClient], *,
-                       connections: int = 4, batch_bytes: int = BATCH_BYTES, max_rate: float | None = None,
-                       stall_timeout: float = 30.0, give_up_after: float = 120.0, max_bad: int = 3,
-                       inflight: Inflight | None = None, preclaimed: bool = False,
-                       on_chunk: Callable[[str, bytes], None] | None = None,
-                       keep: Callable[[str, bytes], None] | None = None,
+async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list[OriginClient],
+                       options: FetchOptions = FetchOptions(), *, sink: ChunkSink | None = None,
+                       progress: Progress | None = None, delta_fields: dict | None = None,
                        prefer: Callable[[str], OriginClient | None] | None = None,
-                       delta_fields: dict | None = None, defer_store: bool = False,
-                       progress: Progress | None = None) -> SyncStats:
+                       inflight: Inflight | None = None, preclaimed: bool = False) -> SyncStats:
     """Fetch the chunks in `sizes` (id -> size, or None if unknown) that `store` lacks.
 
-    With `inflight`, chunks another fetcher is already getting are awaited, not fetched
-    again, and the chunks this call fetches are announced to later askers. With
-    `preclaimed`, the caller has already claimed every id in `sizes`. `on_chunk` is
-    called (in a worker thread) with each fetched chunk's verified bytes, e.g. to write
-    them straight into the files being assembled. `keep`, if given, is called instead of
-    storing each fetched chunk (and instead of `on_chunk`): it must put the chunk in the
-    store itself, as `fabric.pull.Assembly.keep` does with one write for DEST and store
-    both. `prefer` names, per chunk, a source
-    to ask before the usual order (sibling relays splitting one uplink by chunk owner).
-    `delta_fields` (`fabric.wire.delta.request_fields`) go into every fetch request. With
-    `defer_store`, chunks become durable and visible in the store only at its `flush()`,
-    which the caller runs (right for a private cache; a relay's store serves at once).
+    Args:
+        options: connections, batch size, rate and patience.
+        sink: called (in a worker thread) with each fetched chunk's verified bytes; it
+            must make the chunk the store's, as `store_sink` (the default) does, or
+            `fabric.pull.Assembly.keep` with one write for the files and the store both.
+        progress: called with the decoded size of each chunk fetched.
+        delta_fields: (`fabric.wire.negotiate.request_fields`) go into every fetch request.
+        prefer: names, per chunk, a source to ask before the usual order (sibling relays
+            splitting one uplink by chunk owner).
+        inflight: chunks another fetcher is already getting are awaited, not fetched
+            again, and the chunks this call fetches are announced to later askers.
+        preclaimed: the caller has already claimed every id in `sizes` in `inflight`.
+
+    Raises:
+        TransferError: some chunks could not be fetched from any source in time.
     """
     if not sources:
         raise TransferError("no sources to fetch from")
     t0 = time.monotonic()
+    sink = sink or store_sink(store)
     missing = await asyncio.to_thread(store.missing, list(sizes))
     stats = SyncStats(chunks_total=len(sizes), chunks_reused=len(sizes) - len(missing))
     if preclaimed:
@@ -190,22 +221,19 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
             inflight.resolve(cid, True)
     else:
         owned, foreign = inflight.claim(missing) if inflight else (missing, [])
-    engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, stall_timeout,
-                     give_up_after, max_bad, RateLimit(max_rate) if max_rate else None, progress, inflight,
-                     on_chunk, keep, delta_fields, defer_store)
+    engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, options, sink, progress,
+                     inflight, delta_fields)
     try:
-        for batch in engine.batches(owned, batch_bytes, prefer):
+        for batch in engine.batches(owned, options.batch_bytes, prefer):
             engine.queue.put_nowait(batch)
-        await engine.run(max(1, connections))
+        await engine.run(max(1, options.connections))
     finally:
         if inflight:
             inflight.release(owned)
     failed = [cid for cid, fut in foreign if not await fut]
     if failed:  # the other fetcher gave up on these: try them ourselves, once
-        again = await fetch_chunks({c: sizes[c] for c in failed}, store, sources, connections=connections,
-                                   stall_timeout=stall_timeout, give_up_after=give_up_after,
-                                   max_bad=max_bad, on_chunk=on_chunk, keep=keep, delta_fields=delta_fields,
-                                   defer_store=defer_store, progress=progress)
+        again = await fetch_chunks({c: sizes[c] for c in failed}, store, sources, options, sink=sink,
+                                   progress=progress, delta_fields=delta_fields)
         stats.chunks_fetched += again.chunks_fetched
         stats.bytes_received += again.bytes_received
         stats.bytes_raw += again.bytes_raw
@@ -217,7 +245,7 @@ def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[l
     out, current, total = [], [], 0
     for cid in ids:
         size = sizes[cid] or BATCH_BYTES // 8  # unknown size: assume a large-ish chunk
-        if current and (total + size > limit or len(current) >= wire.MAX_IDS):
+        if current and (total + size > limit or len(current) >= MAX_IDS):
             out.append(current)
             current, total = [], 0
         current.append(cid)
@@ -228,16 +256,18 @@ def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[l
 
 
 class _Engine:
-    def __init__(self, store, sizes, sources, stats, stall_timeout, give_up_after, max_bad, limit, progress,
-                 inflight, on_chunk, keep=None, delta_fields=None, defer_store=False):
+    def __init__(self, store: Store, sizes: dict[str, int | None], sources: list[SourceState], stats: SyncStats,
+                 options: FetchOptions, sink: ChunkSink, progress: Progress | None, inflight: Inflight | None,
+                 delta_fields: dict | None):
         self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
-        self.inflight, self.on_chunk, self.keep = inflight, on_chunk, keep
-        self.delta_fields, self.defer_store = delta_fields, defer_store
+        self.inflight, self.sink, self.delta_fields = inflight, sink, delta_fields
         self.standalone: set[str] = set()  # chunks whose reference we lack: asked for without one
         self.preferred: dict[str, SourceState] = {}
         self.refusal: FabricError | None = None  # a 401/403 from a source, reported if all else fails
-        self.stall_timeout, self.give_up_after, self.max_bad = stall_timeout, give_up_after, max_bad
-        self.limit, self.progress = limit, progress
+        self.stall_timeout, self.give_up_after = options.stall_timeout, options.give_up_after
+        self.max_bad = options.max_bad
+        self.limit = RateLimit(options.max_rate) if options.max_rate else None
+        self.progress = progress
         self.queue: asyncio.Queue[_Batch] = asyncio.Queue()
         self.last_progress = time.monotonic()
         self.failure: FabricError | None = None
@@ -318,9 +348,9 @@ class _Engine:
         """Fetch `ids` from `source`; return the ids still missing afterwards."""
         done: set[str] = set()
         retry: set[str] = set()  # reference mismatches: asked for again, standalone
-        body = delta.fetch_body(ids, self.delta_fields, self.standalone)
+        body = fetch_body(ids, self.delta_fields, self.standalone)
         try:
-            async with source.client.session.post(f"{source.url}{wire.API}/chunks/fetch", json=body) as resp:
+            async with source.client.session.post(f"{source.url}{CHUNKS_FETCH}", json=body) as resp:
                 if resp.status in (401, 403):  # retrying will not help: drop the source, say why
                     self._refused(source, error_from(resp.status, await resp.read()))
                     return list(ids)
@@ -394,17 +424,8 @@ class _Engine:
             self.progress(size)
 
     def _store_frame(self, frame: wire.Frame) -> int:
-        if frame.encoding in delta.CODEC_TAGS:  # bytegroup, xor, patch (docs/encodings.md); 0, 1: stored forms
-            data = delta.decode_chunk(self.store, frame.chunk_id, frame.encoding, frame.raw_size, frame.payload,
-                                      expected_size=self.sizes[frame.chunk_id])
-        else:
-            data = wire.decode_frame(frame, self.sizes[frame.chunk_id])
-        if self.keep:
-            self.keep(frame.chunk_id, data)
-            return len(data)
-        self.store.put_chunk(frame.chunk_id, data, verified=True, defer=self.defer_store)
-        if self.on_chunk:
-            self.on_chunk(frame.chunk_id, data)
+        data = wire.decode_frame(frame, self.sizes[frame.chunk_id], references=wire.store_references(self.store))
+        self.sink(frame.chunk_id, data)
         return len(data)
 
     def _bad_chunk(self, source: SourceState, cid: str, batch: _Batch, e: Exception) -> None:

@@ -8,11 +8,16 @@
 A version folder appears only by rename from a staging folder, so it is complete
 or absent. `activate` flips `current/<artifact>` with a rename of a new symlink over
 the old one: a reader resolving the link sees the old version or the new one, never
-a mix. `state.json` is rewritten with temp file, fsync, rename.
+a mix. `state.json` is rewritten with temp file, fsync, rename (`StateFile` does it
+in a thread, one write at a time, each of a snapshot taken on the event loop).
+
+Everything in `Layout` is blocking file I/O: coroutines call it in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import os
 import shutil
@@ -20,9 +25,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fabric.core import digest
-from fabric.errors import IntegrityError
-from fabric.core.manifest import Manifest
 
 
 @dataclass
@@ -100,15 +102,24 @@ class Layout:
         return 1.0 - st.f_bavail / st.f_blocks if st.f_blocks else 0.0
 
 
-def verify_tree(manifest: Manifest, folder: Path) -> None:
-    """Re-read a materialised version and check every chunk against its id."""
-    for entry in manifest.files:
-        path = folder / entry.path
-        if not path.is_file() or path.stat().st_size != entry.size:
-            raise IntegrityError(f"{path}: missing or wrong size")
-        with open(path, "rb") as f:
-            for cid, size in entry.chunks:
-                digest.verify(cid, f.read(size))
+class StateFile:
+    """The site's state, changed on the event loop and saved from a thread.
+
+    `save` writes a snapshot taken when its turn comes, and saves run one at a time, so
+    the file ends with the newest state whatever the threads' timing.
+    """
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.state = layout.load_state()
+        self._turn = asyncio.Lock()
+
+    async def save(self) -> None:
+        async with self._turn:
+            await asyncio.to_thread(self.layout.save_state, copy.deepcopy(self.state))
+
+    def snapshot(self) -> SiteState:
+        return copy.deepcopy(self.state)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,11 +16,11 @@ import pytest
 from safetensors.numpy import save_file
 
 from agents.site.config import SiteConfig
-from agents.site.layout import verify_tree
 from fabric.wire.client import RemoteTarget, SyncOrigin
 from fabric.errors import ConfigError
 from fabric.core.manifest import Manifest
 from fabric.publish import publish
+from fabric.pull import verify_tree
 from fabric.store.store import open_store
 
 from helpers.agent import SITE_TOKENS, AgentProcess, write_config

@@ -21,7 +21,7 @@ from fabric.fsck import fsck
 from fabric.pull import materialize
 from fabric.store.registry import Registry
 from fabric.store.store import Store, open_store
-from fabric.transfer import RateLimit, sync
+from fabric.transfer import FetchOptions, RateLimit, sync
 
 from conftest import assert_same_tree, publish_local, random_bytes, write_tree
 from helpers.origin import free_port
@@ -77,7 +77,7 @@ async def _run(lab: Lab, kinds: list[str], *, good: int = 0, timeout: float = 60
                 url = await fakes[kind].start()
             urls[kind] = url
             clients.append(OriginClient(url, SECRET))
-        stats = await asyncio.wait_for(sync(lab.manifest, lab.site, clients, **opts), timeout)
+        stats = await asyncio.wait_for(sync(lab.manifest, lab.site, clients, FetchOptions(**opts)), timeout)
         return stats, fakes, urls
     finally:
         for c in clients:

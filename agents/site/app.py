@@ -1,0 +1,88 @@
+"""The site agent's HTTP app and entry point: routes, background tasks, `run_agent`.
+
+    GET    /v1/chunks/...                       the chunk API, as at the origin (relay, pull-through)
+    GET    /v1/site                             this site's status (`pull` scope)
+    POST   /v1/site/pins                        pin a materialised version (`admin` scope)
+    DELETE /v1/site/pins/{artifact}/{version}   unpin it (`admin` scope)
+    ...    /v1/site/workers, /v1/site/manifests the hot-load API (`agents.site.rollout`)
+
+Plus the probes and `/metrics` of `fabric.wire.server.base_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from fabric.wire.auth import TokenTable
+from fabric.wire.chunks import chunk_routes
+from fabric.wire.protocol import SITE, SITE_PINS
+from fabric.wire.server import METRICS, base_app, principal, read_json, run_until_signalled
+
+from agents.site.agent import SiteAgent
+from agents.site.config import SiteConfig
+
+AGENT = web.AppKey("agent", SiteAgent)
+
+
+def create_app(agent: SiteAgent) -> web.Application:
+    tokens = TokenTable.from_file(agent.cfg.tokens) if agent.cfg.tokens else _own_token(agent.cfg)
+
+    async def ready() -> bool:
+        return agent.ready
+
+    app = base_app(store=agent.store, tokens=tokens, ready=ready)
+    app[AGENT] = agent
+    agent.metrics.register(app[METRICS].registry)
+    chunk_routes(app, get=agent.relay.get, prepare=agent.relay.prepare)
+    agent.rollout.add_routes(app)
+    app.router.add_get(SITE, _status)
+    app.router.add_post(SITE_PINS, _pin)
+    app.router.add_delete(f"{SITE_PINS}/{{artifact}}/{{version}}", _unpin)
+    app.cleanup_ctx.append(_background)
+    return app
+
+
+def _own_token(cfg: SiteConfig) -> TokenTable:
+    """Without a token file, the relay trusts only the site's own token (pull and admin)."""
+    return TokenTable.from_dict({"token": [{"name": cfg.site, "secret": cfg.token, "scopes": ["pull", "admin"]}]})
+
+
+async def _status(request: web.Request) -> web.Response:
+    principal(request).require("pull")
+    return web.json_response(request.app[AGENT].status())
+
+
+async def _pin(request: web.Request) -> web.Response:
+    principal(request).require("admin")
+    body = await read_json(request)
+    agent = request.app[AGENT]
+    await agent.pin(body.get("artifact"), body.get("version"), True)
+    return web.json_response({"pins": sorted(agent.state.pins)})
+
+
+async def _unpin(request: web.Request) -> web.Response:
+    principal(request).require("admin")
+    agent = request.app[AGENT]
+    await agent.pin(request.match_info["artifact"], request.match_info["version"], False)
+    return web.json_response({"pins": sorted(agent.state.pins)})
+
+
+async def _background(app: web.Application):
+    agent = app[AGENT]
+    tasks = [asyncio.create_task(coro) for coro in agent.tasks()]
+    agent.ready = True
+    yield
+    agent.ready = False
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await agent.close()
+
+
+def run_agent(cfg: SiteConfig) -> None:
+    async def main():
+        agent = SiteAgent(cfg)
+        await run_until_signalled(create_app(agent), cfg.listen, None, f"agent {cfg.site}")
+    asyncio.run(main())

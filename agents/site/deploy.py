@@ -1,0 +1,134 @@
+"""Deploying: bring a followed artifact's active version to its channel's target.
+
+One deploy loop per artifact waits to be woken (`agents.site.follow`), and deploys the
+target unless it is active already or was rejected here. A deploy
+
+1. fetches the manifest from the origin and pulls the version through the one pull
+   path (`fabric.pull.pull`): the missing chunks from the site's planned sources
+   (upstream relay, peers, origin last), the files materialised under
+   `versions/<artifact>/<version>/`, the manifest recorded in the site's registry;
+2. only then, and only if the channel still wants that version (newest wins), flips
+   `current/<artifact>`, records the activation in `state.json`, starts the rollout
+   to the workers (`agents.site.rollout`) and prunes (`agents.site.retention`).
+
+Deploys and rejections run one at a time (`lock`). A failed deploy leaves the active
+version serving; the loop retries with backoff. File I/O runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from fabric.errors import FabricError
+from fabric.logs import get_logger
+from fabric.pull import Sink, fetch_manifest, pull
+from fabric.transfer import SyncStats
+
+from agents.site.follow import ChannelStatus
+
+if TYPE_CHECKING:
+    from agents.site.agent import SiteAgent
+
+log = get_logger("agent")
+
+
+class Deployer:
+    """The deploy loops, deploys and rejections of one site."""
+
+    def __init__(self, site: SiteAgent):
+        self.site = site
+        self.lock = asyncio.Lock()
+        self._wake = {a: asyncio.Event() for a in site.channels}
+
+    def wake(self, artifact: str) -> None:
+        self._wake[artifact].set()
+
+    async def loop(self, artifact: str) -> None:
+        """Keep the artifact's active version equal to its channel's target (newest wins)."""
+        ch, backoff = self.site.channels[artifact], 1.0
+        while True:
+            await self._wake[artifact].wait()
+            self._wake[artifact].clear()
+            target = ch.target
+            if target is None or target == ch.active or target in self.site.statefile.state.bad.get(artifact, []):
+                continue
+            try:
+                await self.deploy(ch, target)
+                backoff = 1.0
+            except Exception as e:  # noqa: BLE001 - a failed deploy must never stop the loop
+                if not isinstance(e, FabricError):
+                    log.error("unexpected deploy error", artifact=artifact, error=repr(e))
+                    e = FabricError(repr(e))
+                ch.error = f"{e.code}: {e.message}"
+                self.site.metrics.count_deploy("failed")
+                log.error("deploy failed; the active version keeps serving", artifact=artifact,
+                          version=target, active=ch.active, error=e.message, code=e.code, retry_in_s=backoff)
+                asyncio.get_running_loop().call_later(backoff, self._wake[artifact].set)
+                backoff = min(backoff * 2, 60.0)
+            finally:
+                ch.syncing = None
+
+    async def deploy(self, ch: ChannelStatus, version: str) -> None:
+        site, artifact = self.site, ch.artifact
+        async with self.lock:
+            ch.syncing, ch.error = version, None
+            manifest = await fetch_manifest(site.store, site.origin, artifact, version)
+            ch.bytes_total, ch.bytes_done = sum(manifest.unique_chunks().values()), 0
+            site.metrics.sync_total.labels(artifact).set(ch.bytes_total)
+
+            def progress(n: int) -> None:
+                ch.bytes_done += n
+                site.metrics.sync_done.labels(artifact).set(ch.bytes_done)
+
+            def fetched(stats: SyncStats) -> None:
+                ch.bytes_done = ch.bytes_total
+                site.metrics.count_sources(stats)
+                log.info("version fetched", artifact=artifact, version=version,
+                         chunks_fetched=stats.chunks_fetched, chunks_reused=stats.chunks_reused,
+                         bytes_received=stats.bytes_received, bytes_raw=stats.bytes_raw,
+                         wire_ratio=stats.to_json()["wire_ratio"], by_source=stats.bytes_by_source,
+                         bad_chunks=stats.bad_chunks_by_source, seconds=round(stats.seconds, 3))
+
+            await pull(site.store, manifest, Sink.site_version(site.layout.version_dir(artifact, version)),
+                       upstream=site.upstream, progress=progress, on_fetched=fetched)
+            if ch.target != version:
+                log.info("newer version wanted; not activating", artifact=artifact, version=version,
+                         wanted=ch.target)
+                return
+            await self._activate(ch, version)
+
+    async def _activate(self, ch: ChannelStatus, version: str) -> None:
+        """Flip `current/<artifact>` to `version`, record it, roll it out, prune. Holds `lock`."""
+        site, artifact = self.site, ch.artifact
+        previous = ch.active
+        await asyncio.to_thread(site.layout.activate, artifact, version)
+        ch.active = version
+        history = site.statefile.state.history.setdefault(artifact, [])
+        if version in history:
+            history.remove(version)
+        history.append(version)
+        await site.statefile.save()
+        site.metrics.count_deploy("activated")
+        site.set_active_metric()
+        log.info("version activated", artifact=artifact, version=version, site=site.cfg.site)
+        await site.rollout.on_activated(artifact, version, previous)
+        await asyncio.to_thread(site.pruner.prune, site.statefile.snapshot())
+
+    async def reject(self, artifact: str, version: str, previous: str | None, reason: str) -> None:
+        """A version failed its canary here: mark it bad and put `previous` back in service."""
+        site = self.site
+        async with self.lock:
+            bad = site.statefile.state.bad.setdefault(artifact, [])
+            if version not in bad:
+                bad.append(version)
+            if await asyncio.to_thread(site.layout.active, artifact) == version:
+                if previous:
+                    await asyncio.to_thread(site.layout.activate, artifact, previous)
+                else:
+                    await asyncio.to_thread((site.layout.current / artifact).unlink, missing_ok=True)
+                site.channels[artifact].active = previous
+                site.set_active_metric()
+            await site.statefile.save()
+            log.error("version rejected at this site", artifact=artifact, version=version, active=previous,
+                      reason=reason)

@@ -1,0 +1,74 @@
+"""Relaying: serving this site's chunks to the sites below it, with pull-through.
+
+Children ask for chunks with the origin's own chunk API and token checks
+(`fabric.wire.server.chunk_routes`, wired in `agents.site.app`). A request for chunks
+this site neither holds nor is fetching starts one upstream fetch for them, which every
+concurrent asker shares (pull-through with request coalescing, `fabric.transfer.Inflight`):
+the readers of a chunk being fetched wait for it, up to `give_up_after`.
+
+A sibling peer sends `PEER_HEADER`: it wants only what this site holds, so its request
+starts no fetch and waits on none (siblings fetching the same chunks would otherwise
+wait on each other until they stall).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from dataclasses import replace
+
+from aiohttp import web
+
+from fabric.errors import FabricError, NotFound
+from fabric.logs import get_logger
+from fabric.pull import Upstream
+from fabric.store.store import Store
+from fabric.transfer import fetch_chunks
+
+from agents.site.metrics import AgentMetrics
+
+log = get_logger("agent")
+PEER_HEADER = "X-Fabric-Peer"  # "answer from what you hold; do not fetch upstream for me"
+_PEER_REQUEST = contextvars.ContextVar("peer_request", default=False)
+
+
+class Relay:
+    """The `get` and `prepare` hooks of this site's chunk routes."""
+
+    def __init__(self, store: Store, upstream: Upstream, metrics: AgentMetrics):
+        self.store, self.upstream, self.metrics = store, upstream, metrics
+        self.inflight = upstream.inflight
+        # A pull-through fetches for children waiting on it: it was never rate-limited.
+        self.options = replace(upstream.options, max_rate=None)
+
+    async def get(self, chunk_id: str) -> bytes | None:
+        """A chunk's stored form, once any fetch of it in flight here has finished; None if absent."""
+        # A peer asks only for what we hold: never make it wait on our own fetch.
+        fut = None if _PEER_REQUEST.get() else self.inflight.waiter(chunk_id)
+        if fut is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self.upstream.options.give_up_after)
+            except asyncio.TimeoutError:
+                return None
+        try:
+            return await asyncio.to_thread(self.store.get_chunk_stored, chunk_id)
+        except NotFound:
+            return None
+
+    async def prepare(self, request: web.Request, ids: list[str]) -> None:
+        """Start one upstream fetch for the asked chunks this site neither holds nor is fetching."""
+        if request.headers.get(PEER_HEADER):
+            _PEER_REQUEST.set(True)  # seen by `get` in the reads this handler starts
+            return
+        lacking = await asyncio.to_thread(self.store.missing, [c for c in ids if c not in self.inflight])
+        owned, _ = self.inflight.claim([c for c in lacking if c not in self.inflight])
+        if owned:
+            asyncio.get_running_loop().create_task(self._pull_through(owned))
+
+    async def _pull_through(self, ids: list[str]) -> None:
+        try:
+            stats = await fetch_chunks({c: None for c in ids}, self.store, self.upstream.sources, self.options,
+                                       inflight=self.inflight, preclaimed=True, prefer=self.upstream.prefer)
+            self.metrics.count_sources(stats)
+        except FabricError as e:
+            log.warning("pull-through failed", chunks=len(ids), error=e.message)
