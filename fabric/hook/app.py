@@ -5,17 +5,22 @@
 Routes (docs/hooks.md):
 
     POST /events        an event envelope (AWS/Ceph Records, SNS, MinIO, SeaweedFS filer)
-    GET  /checkpoints   what the hook knows of each checkpoint (token required)
+    GET  /checkpoints   what the hook knows of each checkpoint
     GET  /metrics       queue depth, lag, failures (Prometheus)
-    GET  /livez         the process is up
-    GET  /readyz        the queue is writable and the worker is running
+    GET  /livez         the process is up (no token)
+    GET  /readyz        the queue is writable and the worker is running (no token)
 
-`POST /events` checks the token in constant time (401 and nothing queued when it is
-wrong or missing), parses the envelope (`fabric.hook.envelopes`), drops what no rule
-watches, and commits the rest to the durable queue (`fabric.hook.queue`) before it
-answers 200. Ignored events (tests, deletes, folders, multipart parts, system paths,
-unknown envelopes) also get 200, with a log line, so a store never retries them
-forever; a body that is not JSON gets 400. The worker (`fabric.hook.publisher`) runs in
+This module owns the hook's routes, its token rule and the worker task. The app is
+built on the shared server edge (`fabric.wire.server.base_app`), as the origin's and
+the agents' are: the edge checks the token (`SenderToken`, in constant time) on every
+route but the probes, answers every `FabricError` as JSON `{"code", "message"}` with
+its status, and serves the probes and /metrics (the hook's metrics beside the edge's).
+`POST /events` with a wrong or missing token gets 401 and nothing is queued; otherwise
+it parses the envelope (`fabric.hook.envelopes`), drops what no rule watches, and
+commits the rest to the durable queue (`fabric.hook.queue`) before it answers 200.
+Ignored events (tests, deletes, folders, multipart parts, system paths, unknown
+envelopes) also get 200, with a log line, so a store never retries them forever; a
+body that is not JSON gets 400. The worker (`fabric.hook.publisher`) runs in
 a thread, woken by each accepted event.
 """
 
@@ -30,59 +35,76 @@ import time
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fabric.errors import FabricError, Unauthorized
+from fabric.errors import FabricError, MalformedEvent, Unauthorized
 from fabric.hook.config import HookConfig
-from fabric.hook.envelopes import Envelope, MalformedEvent, parse
+from fabric.hook.envelopes import Envelope, parse
 from fabric.hook.queue import Queue
 from fabric.hook.sns import is_loopback_url, verify
 from fabric.hook.publisher import HookMetrics, Worker
 from fabric.logs import get_logger
-from fabric.wire.server import run_until_signalled
+from fabric.wire.auth import Principal
+from fabric.wire.server import Metrics, base_app, run_until_signalled
 
 log = get_logger("hook")
 CONFIG = web.AppKey("config", HookConfig)
 QUEUE = web.AppKey("queue", Queue)
 WORKER = web.AppKey("worker", Worker)
-METRICS = web.AppKey("metrics", HookMetrics)
+HOOK_METRICS = web.AppKey("hook_metrics", HookMetrics)
 WAKE = web.AppKey("wake", asyncio.Event)
 TASK = web.AppKey("task", asyncio.Task)
 MAX_BODY = 32 << 20  # a SeaweedFS entry lists every chunk of a file: big files make big events
 
 
-def check_token(expected: str, authorization: str | None) -> None:
-    """Accept `Bearer <token>`, or Basic auth whose password is the token (SNS endpoints
-    can carry only user:password). Constant time: both sides are hashed, then compared."""
-    presented = ""
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() == "bearer":
-            presented = value.strip()
-        elif scheme.lower() == "basic":
-            try:
-                presented = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
-            except (binascii.Error, UnicodeDecodeError):
-                presented = ""
-    ok = hmac.compare_digest(hashlib.sha256(presented.encode()).digest(),
-                             hashlib.sha256(expected.encode()).digest())
-    if not presented or not ok:
-        raise Unauthorized("missing or invalid token" if presented else "missing bearer token")
+class SenderToken:
+    """The hook's one token, as the server edge's `Authenticator`.
+
+    Accepts `Bearer <token>`, or Basic auth whose password is the token (SNS endpoints
+    can carry only user:password). Constant time: both sides are hashed, then compared.
+    """
+
+    SENDER = Principal("event-sender", frozenset({"publish"}), ("*",))
+
+    def __init__(self, token: str):
+        self._sha256 = hashlib.sha256(token.encode()).digest()
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        presented = ""
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                presented = value.strip()
+            elif scheme.lower() == "basic":
+                try:
+                    presented = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+                except (binascii.Error, UnicodeDecodeError):
+                    presented = ""
+        # surrogateescape: a header that is not UTF-8 is hashed as its bytes, not a 500
+        ok = hmac.compare_digest(hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest(),
+                                 self._sha256)
+        if not presented or not ok:
+            raise Unauthorized("missing or invalid token" if presented else "missing bearer token")
+        return self.SENDER
 
 
 def create_app(cfg: HookConfig, *, worker: Worker | None = None, start_worker: bool = True) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    hook_metrics = worker.metrics if worker else HookMetrics()
+
+    async def ready() -> dict:
+        task = app.get(TASK)
+        running = task is not None and not task.done()
+        writable = await asyncio.to_thread(app[QUEUE].writable)
+        return {"ready": running and writable, "worker": running, "queue": writable}
+
+    app = base_app(tokens=SenderToken(cfg.token), ready=ready, metrics=Metrics(registry=hook_metrics.registry),
+                   refresh_metrics=lambda: _refresh_metrics(app), on_error=_refused, max_body=MAX_BODY)
     app[CONFIG] = cfg
-    app[METRICS] = worker.metrics if worker else HookMetrics()
+    app[HOOK_METRICS] = hook_metrics
     app[QUEUE] = worker.queue if worker else Queue(cfg.queue)
-    app[WORKER] = worker or Worker(cfg, app[QUEUE], app[METRICS])
+    app[WORKER] = worker or Worker(cfg, app[QUEUE], hook_metrics)
     app[WAKE] = asyncio.Event()
-    r = app.router
-    r.add_post("/events", receive)
-    r.add_get("/checkpoints", checkpoints)
-    r.add_get("/metrics", metrics)
-    r.add_get("/livez", livez)
-    r.add_get("/readyz", readyz)
+    app.router.add_post("/events", receive)
+    app.router.add_get("/checkpoints", checkpoints)
     if start_worker:
         app.cleanup_ctx.append(_worker_ctx)
     app.on_cleanup.append(_close)
@@ -96,26 +118,27 @@ async def _close(app: web.Application) -> None:
 
 # --- receiving ---------------------------------------------------------------------------------
 
+def _refused(request: web.Request, e: FabricError) -> None:
+    """Count and log an event the edge refused for its token (the edge answers the 401)."""
+    if request.path == "/events" and isinstance(e, Unauthorized):
+        request.app[HOOK_METRICS].events.labels("unauthorized").inc()
+        log.warning("event refused: bad token", remote=request.remote)
+
+
 async def receive(request: web.Request) -> web.Response:
     app = request.app
-    cfg, m = app[CONFIG], app[METRICS]
-    try:
-        check_token(cfg.token, request.headers.get("Authorization"))
-    except Unauthorized as e:
-        m.events.labels("unauthorized").inc()
-        log.warning("event refused: bad token", remote=request.remote)
-        return _error(e)
+    m = app[HOOK_METRICS]
     body = await request.read()
     try:
         env = parse(body)
     except MalformedEvent as e:
         m.events.labels("malformed").inc()
         log.warning("event refused: malformed JSON", remote=request.remote, bytes=len(body), error=e.message)
-        return _error(e)
+        raise
     if env.sns is not None:
-        refused = await _check_sns(app, env)
-        if refused is not None:
-            return refused
+        confirmed = await _check_sns(app, env)
+        if confirmed is not None:
+            return confirmed
     worker: Worker = app[WORKER]
     events, ignored = [], list(env.ignored)
     for ev in env.events:
@@ -139,16 +162,17 @@ async def receive(request: web.Request) -> web.Response:
 
 
 async def _check_sns(app: web.Application, env: Envelope) -> web.Response | None:
-    """Verify an SNS message (when configured) and confirm subscriptions; a response refuses."""
+    """Verify an SNS message (when configured; a FabricError refuses it) and confirm
+    subscriptions (the answer, for a confirmation; None for a notification)."""
     cfg, msg = app[CONFIG], env.sns
     if cfg.sns.verify:
         try:
             verify(msg, cfg.sns.cert_dir, cfg.sns.topics)
         except FabricError as e:
-            app[METRICS].events.labels("unverified").inc()
-            app[METRICS].failures.labels("sns").inc()
+            app[HOOK_METRICS].events.labels("unverified").inc()
+            app[HOOK_METRICS].failures.labels("sns").inc()
             log.warning("SNS message refused", topic=msg.get("TopicArn"), error=e.message)
-            return _error(e)
+            raise
     if env.kind == "sns-confirm":
         await _confirm(app, msg)
         return web.json_response({"confirmed": True, "envelope": env.kind})
@@ -166,50 +190,26 @@ async def _confirm(app: web.Application, msg: dict) -> None:
             async with s.get(url) as resp:
                 log.info("SNS subscription confirmed", topic=msg.get("TopicArn"), status=resp.status)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        app[METRICS].failures.labels("sns").inc()
+        app[HOOK_METRICS].failures.labels("sns").inc()
         log.warning("SNS subscription confirmation failed", subscribe_url=url, error=repr(e))
 
 
-def _error(e: FabricError) -> web.Response:
-    return web.json_response(e.to_json(), status=e.http_status)
-
-
-# --- status and probes -------------------------------------------------------------------------------
+# --- status (the probes and /metrics are the edge's: base_app) ---------------------------------------
 
 async def checkpoints(request: web.Request) -> web.Response:
-    try:
-        check_token(request.app[CONFIG].token, request.headers.get("Authorization"))
-    except Unauthorized as e:
-        return _error(e)
     rows = await asyncio.to_thread(request.app[QUEUE].checkpoints)
     return web.json_response({"checkpoints": rows})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    try:
-        check_token(request.app[CONFIG].token, request.headers.get("Authorization"))
-    except Unauthorized as e:
-        return _error(e)
-    m = request.app[METRICS]
-    stats = await asyncio.to_thread(request.app[QUEUE].stats, time.time())
+async def _refresh_metrics(app: web.Application) -> None:
+    """Set the queue's gauges from the queue itself, just before /metrics answers."""
+    m = app[HOOK_METRICS]
+    stats = await asyncio.to_thread(app[QUEUE].stats, time.time())
     m.depth.set(stats["depth"])
     m.lag.set(stats["lag"])
     m.oldest_waiting.set(stats["oldest_waiting"])
     for state in ("waiting", "published", "failed"):
         m.checkpoints.labels(state).set(stats["checkpoints"].get(state, 0))
-    return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def livez(_: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    task = request.app.get(TASK)
-    running = task is not None and not task.done()
-    writable = await asyncio.to_thread(request.app[QUEUE].writable)
-    ok = running and writable
-    return web.json_response({"ready": ok, "worker": running, "queue": writable}, status=200 if ok else 503)
 
 
 # --- the worker task ------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ async def _work(app: web.Application) -> None:
         try:
             delay = await asyncio.to_thread(worker.step)
         except Exception as e:  # noqa: BLE001 - the worker must outlive any one bad step
-            app[METRICS].failures.labels("worker").inc()
+            app[HOOK_METRICS].failures.labels("worker").inc()
             log.error("worker step failed", error=repr(e))
             delay = 1.0
         try:

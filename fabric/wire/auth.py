@@ -20,6 +20,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from fabric.config import read_toml
 from fabric.errors import ConfigError, Forbidden, Unauthorized
@@ -43,6 +44,13 @@ class Principal:
         if not self.may(scope, artifact):
             what = f" on artifact {artifact!r}" if artifact else ""
             raise Forbidden(f"token {self.name!r} lacks the {scope!r} scope{what}")
+
+
+class Authenticator(Protocol):
+    """What a server's edge (`fabric.wire.server.base_app`) asks who is calling: a
+    `TokenTable`, or a role's own rule (the push hook's single token)."""
+
+    def authenticate(self, authorization: str | None) -> Principal: ...
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """What every Fabric HTTP server shares: errors, auth, metrics, probes, chunk serving.
 
-The origin (`fabric.origin.app`) and the site agents' relays both build their apps
-with `base_app`, which installs one middleware that:
+The origin (`fabric.origin.app`), the site agents' relays and the push hook
+(`fabric.hook.app`) build their apps with `base_app`, which installs one middleware that:
 
 * authenticates the bearer token (except on the probes) and puts the `Principal`
   on the request,
@@ -34,7 +34,7 @@ from fabric.wire import delta
 from fabric.core import digest
 
 from fabric.wire import frames as wire
-from fabric.wire.auth import Principal, TokenTable
+from fabric.wire.auth import Authenticator, Principal
 from fabric.errors import ChunkNotFound, FabricError, InvalidInput, PayloadTooLarge
 from fabric.logs import get_logger
 from fabric.store.store import TAG_ZSTD, Store, StoredFile
@@ -64,8 +64,9 @@ class Metrics:
 
 
 STORE = web.AppKey("store", Store)
-TOKENS = web.AppKey("tokens", TokenTable)
+TOKENS = web.AppKey("tokens", Authenticator)
 METRICS = web.AppKey("metrics", Metrics)
+ON_ERROR = web.AppKey("on_error", Callable)  # sees each FabricError the edge answers (base_app)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
@@ -92,6 +93,8 @@ async def _edge(request: web.Request, handler):
     except FabricError as e:
         status = e.http_status
         metrics.errors.labels(e.code).inc()
+        if ON_ERROR in request.app:
+            request.app[ON_ERROR](request, e)
         return json_error(e)
     except web.HTTPException as e:
         status = e.status
@@ -116,26 +119,48 @@ async def _edge(request: web.Request, handler):
         metrics.latency.labels(route).observe(time.monotonic() - t0)
 
 
-def base_app(*, store: Store, tokens: TokenTable, ready: Callable[[], Awaitable[bool]] | None = None
-             ) -> web.Application:
-    """An app with the shared middleware, probes and metrics; callers add their routes."""
-    app = web.Application(middlewares=[_edge], client_max_size=wire.MAX_JSON)
-    app[STORE], app[TOKENS], app[METRICS] = store, tokens, Metrics()
+def base_app(*, tokens: Authenticator, store: Store | None = None,
+             ready: Callable[[], Awaitable[bool | dict]] | None = None, metrics: Metrics | None = None,
+             refresh_metrics: Callable[[], Awaitable[None]] | None = None,
+             on_error: Callable[[web.Request, FabricError], None] | None = None,
+             max_body: int = wire.MAX_JSON) -> web.Application:
+    """An app with the shared edge, probes and metrics; callers add their routes.
+
+    Args:
+        tokens: who may call: a `TokenTable`, or any `Authenticator` (the hook's single token).
+        store: the role's store, if it has one (`STORE`); /readyz then checks its marker.
+        ready: what /readyz reports instead: a bool, or a JSON body whose "ready" says 200 or 503.
+        metrics: the shared counters, on the role's registry if it has one (default: a new one).
+        refresh_metrics: awaited before each /metrics answer (a role setting its gauges).
+        on_error: called with each `FabricError` the edge answers (a role counting refusals).
+        max_body: the largest request body taken (a 413 `payload_too_large` above it).
+    """
+    if store is None and ready is None:
+        raise ValueError("base_app needs a store or a ready() check for /readyz")
+    app = web.Application(middlewares=[_edge], client_max_size=max_body)
+    app[TOKENS], app[METRICS] = tokens, metrics or Metrics()
+    if store is not None:
+        app[STORE] = store
+    if on_error is not None:
+        app[ON_ERROR] = on_error
 
     async def livez(_):
         return web.json_response({"ok": True})
 
     async def readyz(_):
         ok = await ready() if ready else await asyncio.to_thread(store.backend.has, "fabric-store.json")
-        return web.json_response({"ready": bool(ok)}, status=200 if ok else 503)
+        body = ok if isinstance(ok, dict) else {"ready": bool(ok)}
+        return web.json_response(body, status=200 if body["ready"] else 503)
 
-    async def metrics(request):
+    async def metrics_page(request):
+        if refresh_metrics is not None:
+            await refresh_metrics()
         body = generate_latest(request.app[METRICS].registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_page)
     return app
 
 

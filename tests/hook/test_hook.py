@@ -210,6 +210,11 @@ def test_malformed_json_is_400_and_odd_envelopes_are_200(tmp_path, weed, bucket)
         assert request(hook.url, "GET", "/livez").status == 200
         assert request(hook.url, "GET", "/readyz").json() == {"ready": True, "worker": True, "queue": True}
         assert request(hook.url, "GET", "/checkpoints").status == 401
+        r = request(hook.url, "GET", "/metrics")  # the shared edge: a token everywhere but the probes
+        assert r.status == 401 and r.json()["code"] == "unauthorized"
+        r = post(hook, b"[" * ((32 << 20) + 1))
+        assert r.status == 413 and r.json()["code"] == "payload_too_large"
+        assert metrics(hook)['fabric_http_requests_total{route="/events",status="413"}'] == 1
 
 
 # --- checkpoints through the filer webhook -------------------------------------------------------------
