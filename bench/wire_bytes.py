@@ -9,12 +9,12 @@ and an edit); it is built once and cached under --root. For each version pair
 
 * **Fabric**: both versions are published into a sender store; a receiver store holds
   the old version (its chunks and its committed manifest). The receiver asks for the
-  chunks it lacks with the fields of `fabric.wire.delta.request_fields` (batches of at most
+  chunks it lacks with the fields of `fabric.wire.negotiate.request_fields` (batches of at most
   16 MiB and 4096 ids, as the sync engine cuts them); the sender plans and encodes each
-  chunk (`plan_request`, `encode_chunk`); the receiver decodes and verifies each one
-  against its own store (`decode_chunk`) and stores it. Counted: the manifest (its
+  chunk (`fabric.wire.chunks.plan_request`, `encode_chunk`); the receiver decodes and verifies
+  each one against its own store (`fabric.wire.frames.decode`) and stores it. Counted: the manifest (its
   canonical JSON, and in its own column the zstd patch against the held manifest that
-  `delta.encode_manifest` makes), each request body, the stream magic and end frame of
+  `negotiate.encode_manifest` makes), each request body, the stream magic and end frame of
   each response, and every chunk frame (42 bytes of header and the payload).
 * **rsync** `-z --no-whole-file --ignore-times --stats` pulling the new file through a
   local "remote shell" onto a copy of the old one: its "Total bytes sent" plus
@@ -50,14 +50,16 @@ from bench import md_table
 from bench.corpus import Corpus, Params, build
 from fabric.core import chunking
 from fabric.core import codec
-from fabric.wire import delta
+from fabric.core.codec import Encoding
+from fabric.core.refplan import ChunkHint
+from fabric.wire import chunks, frames, negotiate
+from fabric.wire.protocol import FRAME_OVERHEAD, MAX_IDS
 from fabric.core.manifest import Manifest
 from fabric.publish import LocalTarget, publish
 from fabric.store.registry import Registry
 from fabric.store.store import Store, open_store
 
 BATCH_BYTES = 16 << 20
-MAX_IDS = 4096
 STREAM_FRAMING = 4 + 5  # magic, end frame
 
 PAIRS = [  # label, family, old version (None: first sync), new version
@@ -132,32 +134,33 @@ def fabric_pair(sender: Sender, work: Path, old: str | None, new: str) -> Fabric
             recv.put_chunk(cid, sender.store.get_chunk(cid), verified=True)
         Registry(recv).commit(held)
     out = Fabric(manifest=len(target.canonical()))
-    base = delta.manifest_base(recv, target.artifact, exclude=target.version)
-    body, ctype, headers = delta.serve_manifest(sender.store, target.artifact, target.version,
+    base = negotiate.manifest_base(recv, target.artifact, exclude=target.version)
+    body, ctype, headers = negotiate.serve_manifest(sender.store, target.artifact, target.version,
                                                 base.version if base else None)
-    assert delta.read_manifest_body(body, ctype, headers, base) == target.canonical()
+    assert negotiate.read_manifest_body(body, ctype, headers, base) == target.canonical()
     out.manifest_patch = len(body)
-    fields = delta.request_fields(recv, target)
+    fields = negotiate.request_fields(recv, target)
     sizes = target.unique_chunks()
     missing = recv.missing(list(sizes))
     for batch in _batches(missing, sizes):
-        body = delta.fetch_body(batch, fields)
+        body = negotiate.fetch_body(batch, fields)
         out.requests += len(json.dumps(body).encode()) + STREAM_FRAMING
-        plan = delta.plan_request(sender.store, body)
+        plan = chunks.plan_request(sender.store, body)
         for cid in batch:
             t0 = time.perf_counter()
-            tag, raw_size, payload = delta.encode_chunk(sender.store, cid, plan.hint(cid), encodings=plan.names)
+            tag, raw_size, payload = chunks.encode_chunk(sender.store, cid, plan.hint(cid), encodings=plan.names)
             t1 = time.perf_counter()
-            data = delta.decode_chunk(recv, cid, tag, raw_size, payload, expected_size=sizes[cid])
+            data = frames.decode(cid, tag, raw_size, payload, references=frames.store_references(recv),
+                                 expected_size=sizes[cid])
             t2 = time.perf_counter()
             recv.put_chunk(cid, data, verified=True)
             out.encode_s += t1 - t0
             out.decode_s += t2 - t1
             out.chunks += 1
             out.raw += raw_size
-            out.frames += delta.FRAME_OVERHEAD + len(payload)
+            out.frames += FRAME_OVERHEAD + len(payload)
             out.payload += len(payload)
-            name = delta.Encoding(tag).name.lower()
+            name = Encoding(tag).name.lower()
             out.by_encoding[name] = out.by_encoding.get(name, 0) + 1
             enc_s, dec_s = codec_timing(sender.store, data, plan.hint(cid), plan.names)
             out.codec_encode_s += enc_s
@@ -167,7 +170,7 @@ def fabric_pair(sender: Sender, work: Path, old: str | None, new: str) -> Fabric
     return out
 
 
-def codec_timing(store: Store, data: bytes, hint: delta.ChunkHint, names: list[str]) -> tuple[float, float]:
+def codec_timing(store: Store, data: bytes, hint: ChunkHint, names: list[str]) -> tuple[float, float]:
     """Best-of-3 seconds to encode and to decode one chunk with the codec, inputs in memory."""
     ref = store.get_chunk(hint.reference) if hint.reference else None
     args = dict(dtype=hint.dtype, reference=ref, reference_id=hint.reference if ref is not None else None)

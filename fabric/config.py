@@ -20,6 +20,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from fabric.core.policy import Mode, parse_mode
 from fabric.errors import ConfigError
 
 _KEYS = {"store", "origin", "token"}
@@ -34,6 +35,11 @@ class ClientConfig:
 
 def config_path() -> Path:
     return Path(os.environ.get("FABRIC_CONFIG") or Path.home() / ".config" / "fabric" / "config.toml")
+
+
+def encode_mode() -> Mode | None:
+    """The encoding mode `FABRIC_ENCODE` pins (full, light, stored), or None for `auto` (the default)."""
+    return parse_mode(os.environ.get("FABRIC_ENCODE", "auto"))
 
 
 def systemd_notify_env() -> tuple[str | None, float | None]:

@@ -38,18 +38,16 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from fabric.wire import frames as wire
 from fabric.errors import Conflict, FabricError, InvalidInput, NotFound
 from fabric.logs import get_logger
 from fabric.core.manifest import check_name
+from fabric.wire.protocol import MANIFESTS, WORKERS  # the paths, shared with agents.worker.hotloader
 from fabric.wire.server import principal, read_json
 
 log = get_logger("rollout")
 
-# --- wire definitions, shared with agents.worker.hotloader ---------------------------------------
+# --- the rollout protocol's limits and fields ----------------------------------------------------
 
-WORKERS = f"{wire.API}/site/workers"
-MANIFESTS = f"{wire.API}/site/manifests"
 MAX_POLL_S = 50.0  # below the clients' 60 s read timeout
 MIN_POLL_S = 0.2
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

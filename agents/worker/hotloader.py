@@ -35,7 +35,7 @@ from fabric.core.manifest import Manifest
 
 from agents.worker.live import (DTYPES, MODES, HealthCheck, HealthCheckFailed, LiveModule, LoadReport, Served,
                    TensorMismatch, _RWLock, verify_tensors)
-from agents.site.rollout import MANIFESTS, WORKERS
+from fabric.wire.protocol import MANIFESTS, WORKERS
 
 __all__ = ["HotLoader", "LiveModule", "LoadReport", "Served", "HealthCheck", "HealthCheckFailed",
            "TensorMismatch", "verify_tensors", "DTYPES", "MODES", "_RWLock"]

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pyfastcdc import FastCDC
 
 from fabric.core.dtypes import DTYPES
+from fabric.core.limits import MAX_CHUNK
 from fabric.errors import InvalidSafetensors
 
 SEGMENT_SIZE = 8 << 20  # tensor segment size (bytes); recorded in each manifest
 CDC_MIN, CDC_AVG, CDC_MAX = 16 << 10, 64 << 10, 256 << 10
-MAX_HEADER = (64 << 20) - 8  # the header is one chunk, and a chunk is at most 64 MiB
+MAX_HEADER = MAX_CHUNK - 8  # the 8-byte length and the header are one chunk
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,16 @@ payload layout (specified in docs/encodings.md), the rule that picks one per chu
 and decoding that treats every payload as hostile. A payload's 6-byte header may
 travel separately (the chunk stream's frame carries the tag and raw size):
 `Encoded.body` and `decode_body` are the payload without it. Pure: stdlib, numpy, zstandard and
-fabric.errors/digest only. Every function may be called from worker threads; zstd
+fabric.errors/digest/dtypes only. Every function may be called from worker threads; zstd
 contexts are per thread and the heavy work (zstd, numpy, blake3) releases the GIL.
+
+`Encoding` is the one table of stream tags; `TAG_PACKED` beside it is the one stored
+form that is not an encoding (a pack reference, `fabric.store.packs`), given a tag no
+encoding will ever take.
+
+Longer than our ~450-line guide on purpose: each encoding's writer and its hostile
+reader share one private payload layout (`_HEADER`, `_PLANE`, `_XOR_REF`), and keeping
+both halves beside that layout makes a layout change one edit, checked by one test file.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ if TYPE_CHECKING:
 import zstandard as zstd
 
 from fabric.core.digest import check_id, digest, verify
+from fabric.core.dtypes import DTYPES
 from fabric.errors import BadFrame, InvalidInput, PayloadTooLarge, ReferenceMismatch, UnknownEncoding
 
 VERSION = 1
@@ -41,12 +50,7 @@ _CLEARLY_PAYS = 0.5  # ...or to this one when allow_entropy=False
 _PATCH_MAX = 1 << 20  # `patch` is a candidate for byte chunks up to this size
 HEADER_SIZE = _HEADER.size
 
-_WIDTHS = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
-}  # safetensors dtypes; any other dtype (or None) has width 1: no byte planes
+_WIDTHS = {name: d.planes for name, d in DTYPES.items()}  # any other dtype (or None): 1, no byte planes
 
 
 class Encoding(IntEnum):
@@ -91,6 +95,7 @@ class Encoded:
 
 
 REFERENCING = (Encoding.XOR, Encoding.PATCH)  # encodings whose decoder needs a reference
+TAG_PACKED = 0xFF  # a stored form only, never a stream tag: a pack reference (fabric.store.packs)
 
 
 # --- encoding ------------------------------------------------------------------

@@ -20,10 +20,10 @@ from typing import Iterator
 
 from fabric.core import digest
 from fabric.core.dtypes import DTYPES
+from fabric.core.limits import MAX_CHUNK as MAX_CHUNK_SIZE
 from fabric.errors import InvalidManifest, InvalidName
 
 FORMAT = "fabric.manifest/1"
-MAX_CHUNK_SIZE = 64 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 

@@ -27,16 +27,17 @@ import time
 
 from aiohttp import web
 
-from fabric.wire import delta
-
-from fabric.wire import frames as wire
+from fabric.wire import frames
 from fabric.wire.auth import TokenTable
+from fabric.wire.chunks import chunk_routes
+from fabric.wire.negotiate import serve_manifest
+from fabric.wire.protocol import ARTIFACTS, CHUNKS_UPLOAD, EVENTS as EVENTS_PATH, SITES as SITES_PATH
 from fabric.errors import BadFrame, Forbidden, InvalidInput, InvalidManifest
 from fabric.wire.events import EventLog, sse_handler
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest, check_name
 from fabric.store.registry import Registry
-from fabric.wire.server import METRICS, STORE, base_app, chunk_routes, principal, read_json, run_until_signalled
+from fabric.wire.server import METRICS, STORE, base_app, principal, read_json, run_until_signalled
 from fabric.store.store import Store
 
 log = get_logger("origin")
@@ -55,17 +56,17 @@ def create_app(store: Store, tokens: TokenTable) -> web.Application:
     app[SITES] = {}
     chunk_routes(app)
     r = app.router
-    r.add_get(f"{wire.API}/artifacts", list_artifacts)
-    r.add_get(f"{wire.API}/artifacts/{{artifact}}/versions", list_versions)
-    r.add_get(f"{wire.API}/artifacts/{{artifact}}/versions/{{version}}", get_manifest)
-    r.add_put(f"{wire.API}/artifacts/{{artifact}}/versions/{{version}}", commit_manifest)
-    r.add_get(f"{wire.API}/artifacts/{{artifact}}/channels", list_channels)
-    r.add_get(f"{wire.API}/artifacts/{{artifact}}/channels/{{channel}}", get_channel)
-    r.add_post(f"{wire.API}/artifacts/{{artifact}}/channels/{{channel}}", move_channel)
-    r.add_post(f"{wire.API}/chunks/upload", upload_chunks)
-    r.add_get(f"{wire.API}/sites", list_sites)
-    r.add_post(f"{wire.API}/sites/{{site}}", report_site)
-    r.add_get(f"{wire.API}/events", sse_handler(EVENTS, require=lambda req: principal(req).require("pull"),
+    r.add_get(ARTIFACTS, list_artifacts)
+    r.add_get(f"{ARTIFACTS}/{{artifact}}/versions", list_versions)
+    r.add_get(f"{ARTIFACTS}/{{artifact}}/versions/{{version}}", get_manifest)
+    r.add_put(f"{ARTIFACTS}/{{artifact}}/versions/{{version}}", commit_manifest)
+    r.add_get(f"{ARTIFACTS}/{{artifact}}/channels", list_channels)
+    r.add_get(f"{ARTIFACTS}/{{artifact}}/channels/{{channel}}", get_channel)
+    r.add_post(f"{ARTIFACTS}/{{artifact}}/channels/{{channel}}", move_channel)
+    r.add_post(CHUNKS_UPLOAD, upload_chunks)
+    r.add_get(SITES_PATH, list_sites)
+    r.add_post(f"{SITES_PATH}/{{site}}", report_site)
+    r.add_get(EVENTS_PATH, sse_handler(EVENTS, require=lambda req: principal(req).require("pull"),
                                                   visible=lambda req, e: principal(req).may("pull", e.get("artifact"))))
     return app
 
@@ -97,7 +98,7 @@ async def get_manifest(request: web.Request) -> web.Response:
     version = check_name("version", request.match_info["version"])
     reg: Registry = request.app[REGISTRY]
     base = request.query.get("base")  # a version the client holds: answer with a patch against it
-    body, ctype, headers = await asyncio.to_thread(delta.serve_manifest, reg.store, artifact, version, base)
+    body, ctype, headers = await asyncio.to_thread(serve_manifest, reg.store, artifact, version, base)
     return web.Response(body=body, content_type=ctype, headers=headers)
 
 
@@ -177,8 +178,8 @@ async def upload_chunks(request: web.Request) -> web.Response:
     sizes: list[int] = []  # payload bytes of each chunk stored
     storing: set[asyncio.Task] = set()
     try:
-        async for frame in wire.FrameReader(request.content.readexactly):
-            if frame.kind != wire.FRAME_CHUNK:
+        async for frame in frames.FrameReader(request.content.readexactly):
+            if frame.kind != frames.FRAME_CHUNK:
                 raise BadFrame("an upload may contain only chunk frames")
             storing.add(asyncio.create_task(asyncio.to_thread(_store_upload, store, frame)))
             if len(storing) >= _UPLOAD_AHEAD:
@@ -192,12 +193,9 @@ async def upload_chunks(request: web.Request) -> web.Response:
     return web.json_response({"stored": len(sizes), "bytes": sum(sizes)})
 
 
-def _store_upload(store: Store, frame: wire.Frame) -> int:
+def _store_upload(store: Store, frame: frames.Frame) -> int:
     """Decode an uploaded frame, check it against its id, store it; its payload size. In a thread."""
-    if frame.encoding in delta.CODEC_TAGS:  # byte-grouped floats from a publisher (docs/encodings.md)
-        data = delta.decode_chunk(store, frame.chunk_id, frame.encoding, frame.raw_size, frame.payload)
-    else:
-        data = wire.decode_frame(frame)
+    data = frames.decode_frame(frame, references=frames.store_references(store))  # byte planes too (docs/encodings.md)
     store.put_chunk(frame.chunk_id, data, verified=True)
     return len(frame.payload)
 

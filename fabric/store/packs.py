@@ -3,7 +3,7 @@
 A pull writes each fetched chunk once, straight into the file being assembled in
 DEST. For the store to hold that chunk too without a second copy, the file is
 hard-linked into the store as a *pack* (`packs/<hh>/<32 hex>`), and the chunk's
-object under `chunks/` is a small *pack reference* (tag 2) naming the pack, the
+object under `chunks/` is a small *pack reference* (tag 0xFF) naming the pack, the
 offset and the length of the chunk's raw bytes in it (docs/formats.md, `packs/`).
 
 A pack is the same inode as the DEST file: a program that rewrites that file in place
@@ -22,13 +22,14 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from fabric.core.codec import TAG_PACKED
+from fabric.core.limits import MAX_CHUNK
 from fabric.errors import ChunkNotFound
 
-TAG_PACKED = 2  # a stored form only: never on the wire
 REF_MAX = 128  # a pack reference is never longer: stored objects this small may be one
-MAX_SIZE = 64 << 20  # the largest chunk a manifest may list
 _KEY = re.compile(r"packs/([0-9a-f]{2})/\1[0-9a-f]{30}")
-_REF = re.compile(rb"\x02(packs/[0-9a-f]{2}/[0-9a-f]{32}) (0|[1-9][0-9]{0,15}) ([1-9][0-9]{0,9})")
+_REF = re.compile(re.escape(bytes([TAG_PACKED]))
+                  + rb"(packs/[0-9a-f]{2}/[0-9a-f]{32}) (0|[1-9][0-9]{0,15}) ([1-9][0-9]{0,9})")
 # A hard link cannot be made here (other file system, no link support, too many links).
 _CANNOT_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
 
@@ -53,9 +54,9 @@ def is_pack_key(key: str) -> bool:
 
 
 def parse(chunk_id: str, stored: bytes) -> PackRef:
-    """The pack reference in a stored object that starts with tag 2."""
+    """The pack reference in a stored object that starts with `TAG_PACKED`."""
     m = _REF.fullmatch(stored)
-    if m is None or not is_pack_key(m.group(1).decode()) or int(m.group(3)) > MAX_SIZE:
+    if m is None or not is_pack_key(m.group(1).decode()) or int(m.group(3)) > MAX_CHUNK:
         raise ChunkNotFound(f"chunk {chunk_id}: malformed pack reference in the store")
     return PackRef(m.group(1).decode(), int(m.group(2)), int(m.group(3)))
 

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 import zstandard
 
 from fabric.core import digest
+from fabric.core.codec import Encoding
+from fabric.core.limits import MAX_CHUNK
 from fabric.errors import Conflict, CorruptChunk, ChunkNotFound, InvalidInput, NotFound
 from fabric.store import packs
 from fabric.store.backend import Backend, Capabilities, ObjectInfo
@@ -42,11 +44,10 @@ __all__ = ["Store", "StoredFile", "open_store", "chunk_key", "manifest_key", "Ba
            "ObjectInfo", "LocalBackend"]
 
 STORE_FORMAT = "fabric.store/1"
-TAG_RAW, TAG_ZSTD = 0, 1
-_PACKED = bytes([packs.TAG_PACKED])
+TAG_RAW, TAG_ZSTD = int(Encoding.RAW), int(Encoding.ZSTD)  # stored forms share the stream's tags 0 and 1
+_PACKED = bytes([packs.TAG_PACKED])  # 0xFF: the one stored form that is not a stream tag
 _SAMPLE = 64 << 10
 _PAYS = 0.9  # store compressed only when it saves at least 10%
-_MAX_CHUNK = 64 << 20
 _local = threading.local()
 
 
@@ -275,7 +276,7 @@ class Store:
             return payload if isinstance(payload, bytes) else bytes(payload)
         if tag == TAG_ZSTD:
             try:
-                return _zstd_d().decompress(payload, max_output_size=_MAX_CHUNK)
+                return _zstd_d().decompress(payload, max_output_size=MAX_CHUNK)
             except zstandard.ZstdError as e:
                 raise CorruptChunk(f"chunk {chunk_id}: bad zstd payload ({e})") from None
         raise CorruptChunk(f"chunk {chunk_id}: unknown stored encoding {tag!r}")

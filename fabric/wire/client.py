@@ -1,6 +1,7 @@
 """The client side of Fabric's HTTP protocol: talk to an origin or a relay.
 
 `OriginClient` is async (aiohttp) and used by the sync engine and agents.
+`UploadEncoder` encodes a publisher's chunks for upload, standalone (`encode_upload`).
 `SyncOrigin` wraps it with a private event loop in a background thread, for the
 CLI and for `publish`, whose worker threads call `RemoteTarget.offer` directly.
 
@@ -15,19 +16,22 @@ import json
 import ssl
 import threading
 import time
-from typing import Any, AsyncIterator, Coroutine
+from typing import Any, AsyncIterator, Coroutine, Iterable
 
 import aiohttp
 
-from fabric.wire import delta
-
-from fabric.core import digest
-
-from fabric.wire import frames as wire
+from fabric.config import encode_mode
+from fabric.core import codec, digest
+from fabric.core.codec import Encoding
+from fabric.core.policy import EncodePolicy, Mode
+from fabric.wire import frames
+from fabric.wire.negotiate import ManifestBase, parse_encodings, read_manifest_body
+from fabric.wire.protocol import (ARTIFACTS, CHUNK_STREAM, CHUNKS_HAS, CHUNKS_UPLOAD, ENCODINGS_HEADER, EVENTS,
+                                  MAX_IDS, SITES)
 from fabric.errors import (ArtifactNotFound, BadFrame, ChannelNotFound, FabricError, InvalidManifest,
                      TransferError, from_code)
 from fabric.core.manifest import Manifest
-from fabric.store.registry import Channel, _channel_from
+from fabric.store.registry import Channel, _channel_from, resolve_ref
 
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
 _READ_BUFFER = 4 << 20  # read big chunk frames in few large pieces, not 64 KiB ones
@@ -90,18 +94,18 @@ class OriginClient:
     # --- registry ----------------------------------------------------------------
 
     async def artifacts(self) -> list[str]:
-        return (await self._json("GET", f"{wire.API}/artifacts"))["artifacts"]
+        return (await self._json("GET", f"{ARTIFACTS}"))["artifacts"]
 
     async def versions(self, artifact: str) -> list[dict]:
-        return (await self._json("GET", f"{wire.API}/artifacts/{artifact}/versions"))["versions"]
+        return (await self._json("GET", f"{ARTIFACTS}/{artifact}/versions"))["versions"]
 
-    async def manifest(self, artifact: str, version: str, base: delta.ManifestBase | None = None) -> Manifest:
+    async def manifest(self, artifact: str, version: str, base: ManifestBase | None = None) -> Manifest:
         """The manifest; with `base` (one we hold), fetched as a patch against it."""
-        path = f"{wire.API}/artifacts/{artifact}/versions/{version}"
+        path = f"{ARTIFACTS}/{artifact}/versions/{version}"
         body, ctype, headers = await self._request("GET", path, with_headers=True,
                                                    params={"base": base.version} if base else None)
         try:
-            body = delta.read_manifest_body(body, ctype, headers, base)
+            body = read_manifest_body(body, ctype, headers, base)
         except BadFrame:
             if base is None:
                 raise
@@ -114,21 +118,21 @@ class OriginClient:
         return m
 
     async def commit(self, manifest: Manifest) -> str:
-        path = f"{wire.API}/artifacts/{manifest.artifact}/versions/{manifest.version}"
+        path = f"{ARTIFACTS}/{manifest.artifact}/versions/{manifest.version}"
         body = await self._json("PUT", path, data=manifest.canonical(),
                                 headers={"Content-Type": "application/json"})
         return body["manifest_id"]
 
     async def channels(self, artifact: str) -> list[Channel]:
-        body = await self._json("GET", f"{wire.API}/artifacts/{artifact}/channels")
+        body = await self._json("GET", f"{ARTIFACTS}/{artifact}/channels")
         return [_channel_from(artifact, c["channel"], json.dumps(c).encode()) for c in body["channels"]]
 
     async def channel(self, artifact: str, channel: str) -> Channel:
-        body = await self._request("GET", f"{wire.API}/artifacts/{artifact}/channels/{channel}")
+        body = await self._request("GET", f"{ARTIFACTS}/{artifact}/channels/{channel}")
         return _channel_from(artifact, channel, body)
 
     async def move_channel(self, artifact: str, channel: str, action: dict) -> Channel:
-        body = await self._request("POST", f"{wire.API}/artifacts/{artifact}/channels/{channel}", json=action)
+        body = await self._request("POST", f"{ARTIFACTS}/{artifact}/channels/{channel}", json=action)
         return _channel_from(artifact, channel, body)
 
     async def promote(self, artifact: str, version: str, channel: str) -> Channel:
@@ -154,34 +158,34 @@ class OriginClient:
     # --- sites ---------------------------------------------------------------------
 
     async def report_site(self, site: str, status: dict) -> None:
-        await self._request("POST", f"{wire.API}/sites/{site}", json=status)
+        await self._request("POST", f"{SITES}/{site}", json=status)
 
     async def sites(self) -> list[dict]:
-        return (await self._json("GET", f"{wire.API}/sites"))["sites"]
+        return (await self._json("GET", f"{SITES}"))["sites"]
 
     # --- chunks ------------------------------------------------------------------
 
     async def missing(self, ids: list[str]) -> list[str]:
         out: list[str] = []
-        for i in range(0, len(ids), wire.MAX_IDS):
-            body, _, headers = await self._request("POST", f"{wire.API}/chunks/has", with_headers=True,
-                                                   json={"ids": ids[i:i + wire.MAX_IDS]})
+        for i in range(0, len(ids), MAX_IDS):
+            body, _, headers = await self._request("POST", CHUNKS_HAS, with_headers=True,
+                                                   json={"ids": ids[i:i + MAX_IDS]})
             out += json.loads(body)["missing"]
-            self.upload_encodings = delta.parse_encodings(headers.get(delta.ENCODINGS_HEADER))
+            self.upload_encodings = parse_encodings(headers.get(ENCODINGS_HEADER))
         return out
 
     async def upload(self, chunks: list[tuple[str, int, int, bytes]]) -> int:
         """Upload (id, encoding, raw size, payload) chunks in one stream; returns payload bytes sent."""
-        frames = [wire.chunk_frame(cid, enc, size, payload) for cid, enc, size, payload in chunks]
-        await self._request("POST", f"{wire.API}/chunks/upload", data=wire.encode_stream(frames),
-                            headers={"Content-Type": wire.CHUNK_STREAM})
+        stream = [frames.chunk_frame(cid, enc, size, payload) for cid, enc, size, payload in chunks]
+        await self._request("POST", CHUNKS_UPLOAD, data=frames.encode_stream(stream),
+                            headers={"Content-Type": CHUNK_STREAM})
         return sum(len(p) for *_, p in chunks)
 
     async def events(self, after: int = 0) -> AsyncIterator[tuple[str, dict]]:
         """Server-sent events as (event type, data); ends when the connection does."""
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
         try:
-            async with self.session.get(f"{self.url}{wire.API}/events", params={"after": after},
+            async with self.session.get(f"{self.url}{EVENTS}", params={"after": after},
                                         timeout=timeout) as resp:
                 if resp.status >= 400:
                     raise error_from(resp.status, await resp.read())
@@ -208,6 +212,54 @@ def error_from(status: int, body: bytes) -> FabricError:
         return from_code(obj["code"], obj["message"])
     except (ValueError, KeyError, TypeError):
         return TransferError(f"HTTP {status}: {body[:200]!r}")
+
+
+# --- publishing: a publisher has no older bytes, so it encodes standalone -------------------------------
+
+def encode_upload(data: bytes | memoryview, dtype: str | None, *, allow_entropy: bool = True,
+                  level: int = 3, encodings: Iterable[str] | None = None) -> tuple[int, int, bytes | memoryview]:
+    """Frame fields for uploading one chunk standalone (byte planes for float tensors).
+
+    `encodings` are those the origin advertised (its `has` answer); by default
+    raw and zstd only, which every origin decodes.
+    """
+    allowed = [e for e in (encodings or ("raw", "zstd")) if e not in ("xor", "patch")]
+    enc = codec.encode(data, dtype=dtype, reference=None, reference_id=None, level=level,
+                       allow_entropy=allow_entropy, encodings=allowed)
+    return enc.tag, enc.raw_size, enc.body
+
+
+class UploadEncoder:
+    """Encodes a publisher's new chunks for upload, under an `EncodePolicy`.
+
+    `frames` encodes one upload's chunks (`STORED` mode sends them raw, tag 0);
+    the caller reports the upload's payload bytes and seconds to `uploaded`. Safe to
+    call from the publisher's worker threads.
+    """
+
+    def __init__(self, policy: EncodePolicy | None = None, *, level: int = 3):
+        self.policy = policy or EncodePolicy(workers=2, fixed=encode_mode())
+        self.level = level
+
+    def frames(self, chunks: Iterable[tuple[str, bytes | memoryview, str | None]],
+               encodings: Iterable[str] | None) -> list[tuple[str, int, int, bytes | memoryview]]:
+        encodings = list(encodings or ("raw", "zstd"))
+        out = []
+        for chunk_id, data, dtype in chunks:
+            mode = self.policy.choose()
+            if mode == Mode.STORED:
+                out.append((chunk_id, int(Encoding.RAW), len(data), data))
+                self.policy.encoded(mode, len(data), len(data), 0.0)
+                continue
+            t0 = time.perf_counter()
+            tag, raw_size, payload = encode_upload(data, dtype, allow_entropy=mode == Mode.FULL, level=self.level,
+                                                   encodings=encodings)
+            self.policy.encoded(mode, raw_size, len(payload), time.perf_counter() - t0, stored=len(data))
+            out.append((chunk_id, tag, raw_size, payload))
+        return out
+
+    def uploaded(self, nbytes: int, seconds: float) -> None:
+        self.policy.wrote(nbytes, seconds)
 
 
 class SyncOrigin:
@@ -240,13 +292,13 @@ class SyncOrigin:
 
 
 class RemoteTarget:
-    """A publish `Target` on an origin: ask what it lacks, upload only that."""
-
-    accepts_dtypes = True  # publish passes each chunk's tensor dtype to offer()
+    """A publish `Target` on an origin: ask what it lacks, upload only that, encoded by
+    each chunk's dtype. Its `registry` reads the origin's versions and channels."""
 
     def __init__(self, origin: SyncOrigin):
         self.origin = origin
-        self.encoder = delta.UploadEncoder()
+        self.registry = RemoteRegistry(origin)
+        self.encoder = UploadEncoder()
 
     def offer(self, chunks: list[tuple[str, bytes]], dtypes: list[str | None] | None = None) -> list[int]:
         missing = set(self.origin.missing([cid for cid, _ in chunks]))
@@ -263,20 +315,6 @@ class RemoteTarget:
 
     def flush(self) -> None:
         """Nothing to do: every `offer` has uploaded its chunks before returning."""
-
-    def parent_for(self, artifact: str, channel: str | None) -> str | None:
-        if channel:
-            try:
-                v = self.origin.channel(artifact, channel).version
-                if v:
-                    return v
-            except ChannelNotFound:
-                pass
-        try:
-            versions = self.origin.versions(artifact)
-        except ArtifactNotFound:
-            return None
-        return versions[-1]["version"] if versions else None
 
     def commit(self, manifest: Manifest) -> str:
         return self.origin.commit(manifest)
@@ -317,4 +355,4 @@ class RemoteRegistry:
         return self.origin.rollback(artifact, channel)
 
     def resolve(self, artifact: str, *, version: str | None = None, channel: str | None = None) -> str:
-        return self.origin.resolve(artifact, version, channel)
+        return resolve_ref(self, artifact, version=version, channel=channel, where=f" at {self.origin.client.url}")

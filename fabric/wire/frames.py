@@ -1,8 +1,8 @@
-"""The wire: definitions shared by every server and client of Fabric's HTTP protocol.
+"""The chunk stream's one codec: frame layout, parsing, writing, and decoding a chunk.
 
 Control messages are JSON; chunks travel in a binary *chunk stream* (specified in
-docs/protocol.md). A stream is the 4-byte magic `FBC1`, then frames, then an end
-frame:
+docs/protocol.md; the constants are `fabric.wire.protocol`'s). A stream is the 4-byte
+magic `FBC1`, then frames, then an end frame:
 
     chunk frame    0x01 | id (32 bytes) | encoding (u8) | raw size (u32 BE) | payload length (u32 BE) | payload
     missing frame  0x02 | id (32 bytes)                      the source does not hold this chunk
@@ -10,32 +10,29 @@ frame:
 
 `FrameReader` parses a stream from any async byte source and treats it as hostile:
 every length is bounded before anything is allocated, and a short read is a
-`BadFrame`. Decoding and verifying the payload is the receiver's job (off the loop).
+`BadFrame`. `decode` is the one function every receiver (client fetch, transfer,
+origin upload, relay) turns a chunk frame into verified bytes with: tags 0 and 1 are
+the store's raw and zstd forms, tags 2-4 (`CODEC_TAGS`) the codec's byte planes and
+references (docs/encodings.md), a reference read through the caller's lookup. It is
+blocking, CPU-bound work that receivers run in threads.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import zstandard
 
-from fabric.core import digest
-from fabric.errors import BadFrame, FabricError
-from fabric.store.store import TAG_ZSTD, Store  # stored and wire encodings share tags: 0 raw, 1 zstd
+from fabric.core import codec, digest
+from fabric.core.codec import Encoding
+from fabric.errors import BadFrame, CorruptChunk, FabricError, NotFound, ReferenceMismatch
+from fabric.store.store import Store
+from fabric.wire.protocol import (CHUNK_HEAD, END, FRAME_CHUNK, FRAME_END, FRAME_MISSING, MAGIC, MAX_CHUNK,
+                                  MAX_PAYLOAD)
 
-API = "/v1"
-MAGIC = b"FBC1"
-FRAME_END, FRAME_CHUNK, FRAME_MISSING = 0, 1, 2
-MAX_CHUNK = 64 << 20  # largest raw chunk accepted (bytes)
-MAX_PAYLOAD = MAX_CHUNK + (1 << 20)  # an encoded chunk may be a little larger than raw
-MAX_IDS = 4096  # ids per has/fetch request
-MAX_JSON = 8 << 20  # largest JSON request body
-_CHUNK_HEAD = struct.Struct(">32sBII")
-_END = struct.Struct(">I")
-
-CHUNK_STREAM = "application/x-fabric-chunks"
+CODEC_TAGS = frozenset({Encoding.BYTEGROUP, Encoding.XOR, Encoding.PATCH})  # stream tags only the codec decodes
+References = Callable[[str], bytes]  # a reference chunk's verified bytes; ReferenceMismatch if unusable
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ def id_from_bytes(raw: bytes) -> str:
 
 def chunk_header(chunk_id: str, encoding: int, raw_size: int, payload_len: int) -> bytes:
     """A chunk frame up to its payload (send the payload after it, uncopied)."""
-    return bytes([FRAME_CHUNK]) + _CHUNK_HEAD.pack(id_bytes(chunk_id), encoding, raw_size, payload_len)
+    return bytes([FRAME_CHUNK]) + CHUNK_HEAD.pack(id_bytes(chunk_id), encoding, raw_size, payload_len)
 
 
 def chunk_frame(chunk_id: str, encoding: int, raw_size: int, payload: bytes) -> bytes:
@@ -65,7 +62,7 @@ def chunk_frame(chunk_id: str, encoding: int, raw_size: int, payload: bytes) -> 
 
 
 def chunk_frame_size(payload_len: int) -> int:
-    return 1 + _CHUNK_HEAD.size + payload_len
+    return 1 + CHUNK_HEAD.size + payload_len
 
 
 def missing_frame_size() -> int:
@@ -73,7 +70,7 @@ def missing_frame_size() -> int:
 
 
 def end_frame_size() -> int:
-    return 1 + _END.size
+    return 1 + END.size
 
 
 def missing_frame(chunk_id: str) -> bytes:
@@ -81,7 +78,7 @@ def missing_frame(chunk_id: str) -> bytes:
 
 
 def end_frame(count: int) -> bytes:
-    return bytes([FRAME_END]) + _END.pack(count)
+    return bytes([FRAME_END]) + END.pack(count)
 
 
 def encode_stream(frames: list[bytes]) -> bytes:
@@ -114,7 +111,7 @@ class FrameReader:
             self._started = True
         kind = (await self._take(1))[0]
         if kind == FRAME_END:
-            (count,) = _END.unpack(await self._take(4))
+            (count,) = END.unpack(await self._take(4))
             if count != self._count:
                 raise BadFrame(f"end frame counts {count} frames, stream had {self._count}")
             self.done = True
@@ -126,7 +123,7 @@ class FrameReader:
             return Frame(FRAME_MISSING, id_from_bytes(await self._take(32)))
         if kind != FRAME_CHUNK:
             raise BadFrame(f"unknown frame type {kind}")
-        raw_id, encoding, raw_size, length = _CHUNK_HEAD.unpack(await self._take(_CHUNK_HEAD.size))
+        raw_id, encoding, raw_size, length = CHUNK_HEAD.unpack(await self._take(CHUNK_HEAD.size))
         if raw_size > MAX_CHUNK or length > MAX_PAYLOAD:
             raise BadFrame(f"frame sizes out of range (raw {raw_size}, payload {length})")
         return Frame(FRAME_CHUNK, id_from_bytes(raw_id), encoding, raw_size, await self._take(length))
@@ -156,17 +153,67 @@ def bytes_reader(data: bytes) -> ReadExactly:
     return read
 
 
-def decode_frame(frame: Frame, expected_size: int | None = None) -> bytes:
-    """A received chunk frame's raw bytes, checked against its id. Runs in a thread."""
+# --- decoding a chunk frame -------------------------------------------------------------------
+
+def decode(chunk_id: str, tag: int, raw_size: int, payload: bytes | memoryview, *,
+           references: References | None = None, expected_size: int | None = None) -> bytes:
+    """A received chunk's bytes, decoded and checked against `chunk_id`.
+
+    Tags 0 (raw) and 1 (zstd) are stored forms: a raw size of 0 means "not stated".
+    Tags 2-4 are decoded by the codec; a reference (`xor`, `patch`) comes from
+    `references` (see `store_references`), and one it cannot give is a
+    ReferenceMismatch, which the receiver answers by asking for the chunk again
+    without references. Any other tag is a CorruptChunk. `expected_size` is the size
+    the manifest gives. Raises BadFrame, UnknownEncoding, ReferenceMismatch,
+    CorruptChunk; never returns bytes that do not hash to `chunk_id`.
+    """
+    if tag in CODEC_TAGS:
+        return _decode_codec(chunk_id, tag, raw_size, payload, references, expected_size)
+    if tag == Encoding.ZSTD:
+        _check_zstd_size(chunk_id, payload)
+    data = Store.decode_payload(chunk_id, tag, payload)
+    for size in (raw_size or None, expected_size):
+        if size is not None and len(data) != size:
+            raise BadFrame(f"chunk {chunk_id}: expected {size} bytes, decoded {len(data)}")
+    digest.verify(chunk_id, data)
+    return data
+
+
+def decode_frame(frame: Frame, expected_size: int | None = None, *, references: References | None = None) -> bytes:
+    """`decode` for a parsed chunk frame (BadFrame for any other kind)."""
     if frame.kind != FRAME_CHUNK:
         raise BadFrame("expected a chunk frame")
-    if frame.encoding == TAG_ZSTD:
-        _check_zstd_size(frame.chunk_id, frame.payload)
-    data = Store.decode_payload(frame.chunk_id, frame.encoding, frame.payload)
-    for size in (frame.raw_size or None, expected_size):
-        if size is not None and len(data) != size:
-            raise BadFrame(f"chunk {frame.chunk_id}: expected {size} bytes, decoded {len(data)}")
-    digest.verify(frame.chunk_id, data)
+    return decode(frame.chunk_id, frame.encoding, frame.raw_size, frame.payload, references=references,
+                  expected_size=expected_size)
+
+
+def store_references(store: Store | None) -> References:
+    """A reference lookup on the receiver's `store`: verified bytes, or ReferenceMismatch."""
+    def read(ref_id: str) -> bytes:
+        if store is None:
+            raise ReferenceMismatch(f"no store to read reference {ref_id} from")
+        try:
+            return store.get_chunk(ref_id)
+        except NotFound:
+            raise ReferenceMismatch(f"reference {ref_id} is not in {store}") from None
+        except CorruptChunk:
+            raise ReferenceMismatch(f"reference {ref_id} is corrupt in {store}") from None
+    return read
+
+
+def _decode_codec(chunk_id: str, tag: int, raw_size: int, payload: bytes | memoryview,
+                  references: References | None, expected_size: int | None) -> bytes:
+    if expected_size is not None and raw_size != expected_size:
+        raise BadFrame(f"chunk {chunk_id}: frame says {raw_size} bytes, the manifest {expected_size}")
+    encoding = Encoding.parse(tag)
+    reference = ref_id = None
+    if encoding in codec.REFERENCING:
+        ref_id = codec.body_reference(encoding, payload)
+        if not digest.is_valid(ref_id):
+            raise BadFrame(f"chunk {chunk_id}: the payload names no valid reference ({ref_id[:80]!r})")
+        reference = (references or store_references(None))(ref_id)
+    data = codec.decode_body(encoding, payload, raw_size=raw_size, reference=reference, reference_id=ref_id)
+    digest.verify(chunk_id, data)
     return data
 
 

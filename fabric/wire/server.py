@@ -1,4 +1,4 @@
-"""What every Fabric HTTP server shares: errors, auth, metrics, probes, chunk serving.
+"""What every Fabric HTTP server shares: errors, auth, metrics, probes, starting and stopping.
 
 The origin (`fabric.origin.app`), the site agents' relays and the push hook
 (`fabric.hook.app`) build their apps with `base_app`, which installs one middleware that:
@@ -9,39 +9,33 @@ The origin (`fabric.origin.app`), the site agents' relays and the push hook
   error's HTTP status (and anything unexpected into a 500 that leaks nothing),
 * counts requests, errors and latency for `/metrics`.
 
-`chunk_routes` serves "which of these do you have" and batched chunk downloads
-from a `Store`; reads run in threads so the event loop only moves bytes.
+`read_json` reads a request's JSON body; `serve`, `tls_context` and
+`run_until_signalled` start a server. Chunk serving is `fabric.wire.chunks`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-import zstandard
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from fabric.wire import delta
-
-from fabric.core import digest
-
 from fabric.wire import frames as wire
 from fabric.wire.auth import Authenticator, Principal
-from fabric.errors import ChunkNotFound, FabricError, InvalidInput, PayloadTooLarge
+from fabric.wire.protocol import MAX_JSON
+from fabric.errors import FabricError, InvalidInput, PayloadTooLarge
 from fabric.logs import get_logger
-from fabric.store.store import TAG_ZSTD, Store, StoredFile
+from fabric.store.store import Store
 
 log = get_logger("server")
 PUBLIC = {"/livez", "/readyz"}  # the health probes; everything else, /metrics too, needs a token
-_READ_AHEAD = 3  # stored chunks read ahead of the one being sent
 
 
 @dataclass
@@ -123,7 +117,7 @@ def base_app(*, tokens: Authenticator, store: Store | None = None,
              ready: Callable[[], Awaitable[bool | dict]] | None = None, metrics: Metrics | None = None,
              refresh_metrics: Callable[[], Awaitable[None]] | None = None,
              on_error: Callable[[web.Request, FabricError], None] | None = None,
-             max_body: int = wire.MAX_JSON) -> web.Application:
+             max_body: int = MAX_JSON) -> web.Application:
     """An app with the shared edge, probes and metrics; callers add their routes.
 
     Args:
@@ -174,176 +168,6 @@ async def read_json(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
     return body
-
-
-def read_ids(body: dict) -> list[str]:
-    ids = body.get("ids")
-    if not isinstance(ids, list):
-        raise InvalidInput("'ids' must be a list of chunk ids")
-    if len(ids) > wire.MAX_IDS:
-        raise PayloadTooLarge(f"{len(ids)} ids in one request; at most {wire.MAX_IDS}")
-    return [digest.check_id(i) for i in ids]
-
-
-# --- chunk serving (origin and relays) ------------------------------------------------
-
-ChunkGetter = Callable[[str], Awaitable[bytes | None]]  # stored bytes (tag + payload) or None
-
-
-def store_getter(store: Store) -> ChunkGetter:
-    async def get(chunk_id: str) -> bytes | None:
-        try:
-            return await asyncio.to_thread(store.get_chunk_stored, chunk_id)
-        except ChunkNotFound:
-            return None
-    return get
-
-
-Prepare = Callable[[web.Request, list[str]], Awaitable[None]]
-
-
-def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: Prepare | None = None) -> None:
-    """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store).
-
-    `prepare`, if given, sees each fetch's ids before any is served: a relay uses it
-    to start fetching the ones it lacks from upstream (pull-through).
-    """
-    get = get or store_getter(app[STORE])
-
-    async def has(request: web.Request) -> web.Response:
-        _require_any(request, "pull", "publish")
-        ids = read_ids(await read_json(request))
-        store: Store = request.app[STORE]
-        missing = await asyncio.to_thread(store.missing, ids)
-        return web.json_response({"missing": missing}, headers={delta.ENCODINGS_HEADER: ",".join(delta.ENCODINGS)})
-
-    async def fetch(request: web.Request) -> web.StreamResponse:
-        _require_any(request, "pull")
-        body = await read_json(request)
-        ids = read_ids(body)
-        if prepare:
-            await prepare(request, ids)
-        # delta fields (docs/encodings.md, Negotiation): encode per chunk; else stored forms
-        p, store = principal(request), request.app[STORE]
-        plan = await delta.plan_for_request(store, body, may=lambda a: p.may("pull", a))
-        policy = delta.policy_for((p.name, request.remote), workers=min(_READ_AHEAD, os.cpu_count() or 1)) if plan else None
-        if plan and prepare is None and store.local and policy.choose() == delta.Mode.STORED:
-            plan = None  # the link outruns the codec: this batch goes out stored, zero-copy
-        read = delta.serving_getter(get, store, plan, policy) if plan else get
-        metrics: Metrics = request.app[METRICS]
-        resp = web.StreamResponse(headers={"Content-Type": wire.CHUNK_STREAM})
-        length = await _stream_length(store, ids) if prepare is None and plan is None else None
-        if length is not None:
-            resp.content_length = length  # no chunked encoding: frames go out as they are
-        await resp.prepare(request)
-        await resp.write(wire.MAGIC)
-        if length is not None and store.local:
-            metrics.fetches.labels("sendfile").inc()
-            await _sendfile_frames(request, resp, store, ids, metrics, policy)  # stored forms, zero-copy
-        else:
-            metrics.fetches.labels("encoded" if plan else "stored").inc()
-            await _send_frames(resp, ids, read, plan, policy, metrics)
-        await resp.write(wire.end_frame(len(ids)))
-        await resp.write_eof()
-        return resp
-
-    app.router.add_post(f"{wire.API}/chunks/has", has)
-    app.router.add_post(f"{wire.API}/chunks/fetch", fetch)
-
-
-async def _send_frames(resp: web.StreamResponse, ids: list[str], read, plan, policy, metrics: Metrics) -> None:
-    """One frame per id from `read` (stored bytes, or (tag, raw size, payload) under a delta plan)."""
-    reads = [asyncio.ensure_future(read(cid)) for cid in ids[:_READ_AHEAD]]
-    try:
-        for i, cid in enumerate(ids):
-            stored = await reads[i]
-            if i + _READ_AHEAD < len(ids):
-                reads.append(asyncio.ensure_future(read(ids[i + _READ_AHEAD])))
-            if stored is None:
-                metrics.chunks_missing.inc()
-                await resp.write(wire.missing_frame(cid))
-                continue
-            if plan:
-                tag, raw_size, payload = stored
-            else:
-                tag, payload = stored[0], memoryview(stored)[1:]
-                raw_size = _raw_size(tag, payload)
-            t0 = time.perf_counter()
-            await resp.write(wire.chunk_header(cid, tag, raw_size, len(payload)))
-            await resp.write(payload)
-            if plan:
-                policy.wrote(len(payload), time.perf_counter() - t0)
-            metrics.chunks_out.inc()
-            metrics.bytes_out.inc(len(payload))
-    finally:
-        for r in reads:
-            r.cancel()
-
-
-async def _sendfile_frames(request: web.Request, resp: web.StreamResponse, store: Store, ids: list[str],
-                           metrics: Metrics, policy: delta.EncodePolicy | None = None) -> None:
-    """Frames whose payloads the kernel copies straight from the chunk files (sendfile).
-
-    Only for a local store serving stored forms, where the response length is known.
-    The time each send takes goes to `policy`, which thus notices a link getting slower.
-    """
-    loop = asyncio.get_running_loop()
-    for cid in ids:
-        opened = await asyncio.to_thread(_open_chunk, store, cid)
-        if opened is None:
-            metrics.chunks_missing.inc()
-            await resp.write(wire.missing_frame(cid))
-            continue
-        stored, raw_size = opened
-        try:
-            await resp.write(wire.chunk_header(cid, stored.tag, raw_size, stored.size))
-            if request.transport is None:
-                raise ConnectionResetError("client went away")
-            t0 = time.perf_counter()
-            await loop.sendfile(request.transport, stored.file, stored.offset, stored.size)
-            if policy:
-                policy.wrote(stored.size, time.perf_counter() - t0)
-                policy.encoded(delta.Mode.STORED, raw_size, stored.size, 0.0)
-        finally:
-            stored.file.close()
-        metrics.chunks_out.inc()
-        metrics.bytes_out.inc(stored.size)
-
-
-def _open_chunk(store: Store, chunk_id: str) -> tuple[StoredFile, int] | None:
-    """The file and range of a stored chunk's payload, and its raw size; None if absent. In a thread."""
-    stored = store.open_stored(chunk_id)
-    if stored is None:
-        return None
-    if stored.tag == TAG_ZSTD:
-        return stored, _raw_size(stored.tag, memoryview(os.pread(stored.file.fileno(), 32, stored.offset)))
-    return stored, stored.size
-
-
-async def _stream_length(store: Store, ids: list[str]) -> int | None:
-    """The exact size of the chunk stream for `ids`, if the store can tell without reading.
-
-    Knowing it lets the response carry a Content-Length instead of chunked encoding,
-    which would copy every payload once more on its way out.
-    """
-    sizes = await asyncio.to_thread(store.stored_sizes, ids)
-    if sizes is None:
-        return None
-    frames = sum(wire.missing_frame_size() if n is None else wire.chunk_frame_size(n - 1) for n in sizes)
-    return len(wire.MAGIC) + frames + wire.end_frame_size()
-
-
-def _raw_size(tag: int, payload: memoryview) -> int:
-    if tag == TAG_ZSTD:
-        size = zstandard.frame_content_size(payload)
-        return size if size >= 0 else 0
-    return len(payload)
-
-
-def _require_any(request: web.Request, *scopes: str) -> None:
-    p = principal(request)
-    if not any(p.may(s) for s in scopes):
-        p.require(scopes[0])
 
 
 # --- running a server -------------------------------------------------------------------

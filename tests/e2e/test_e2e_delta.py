@@ -10,13 +10,12 @@
 * With `FABRIC_ENCODE` unset (auto) on loopback the origin falls back to stored forms
   once it measures a link faster than its codec: never more bytes than before.
 
-Skipped until the hooks that wire `fabric.wire.delta` into the server and the sync engine
-exist (see the issue-4 report).
+The server side is `fabric.wire.chunks` (planning and encoding per request), the
+receiving side `fabric.wire.negotiate.request_fields` and `fabric.wire.frames.decode`.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -25,17 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fabric.wire.server
-import fabric.transfer
 from helpers.origin import (FABRIC, PUBLISH_SECRET, PULL_SECRET, OriginProcess, clean_env, fabric_json,
                             tree_digest, write_token_file)
 
-HOOKED = hasattr(fabric.wire.server, "delta") and "delta_fields" in inspect.signature(fabric.transfer.fetch_chunks).parameters
-pytestmark = [
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(not HOOKED, reason="fabric.wire.delta is not wired in yet: fabric.wire.server does not import it "
-                                          "and fabric.transfer.fetch_chunks has no delta_fields (issue 4 hooks)"),
-]
+pytestmark = pytest.mark.timeout(300)
 
 TENSORS = 6
 ELEMENTS = 1 << 21  # 4 MiB of bf16 per tensor

@@ -24,6 +24,7 @@ from aiohttp import web
 from fabric.core import digest
 
 from fabric.wire import frames as wire
+from fabric.wire.protocol import CHUNK_STREAM, CHUNKS_FETCH, MAGIC
 from fabric.wire.auth import TokenTable
 from fabric.origin.app import create_app
 from fabric.wire.server import bound_port, serve
@@ -45,7 +46,7 @@ class MisbehavingSource:
 
     async def start(self) -> str:
         app = web.Application()
-        app.router.add_post(f"{wire.API}/chunks/fetch", self._fetch)
+        app.router.add_post(CHUNKS_FETCH, self._fetch)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -69,9 +70,9 @@ class MisbehavingSource:
         self.requests += 1
         ids = json.loads(await request.read())["ids"]
         self.ids_asked += ids
-        resp = web.StreamResponse(headers={"Content-Type": wire.CHUNK_STREAM})
+        resp = web.StreamResponse(headers={"Content-Type": CHUNK_STREAM})
         await resp.prepare(request)
-        await resp.write(wire.MAGIC)
+        await resp.write(MAGIC)
         if self.mode == "omit":
             await resp.write(wire.end_frame(0))
             return resp

@@ -17,6 +17,7 @@ import pytest
 from fabric.core import digest
 
 from fabric.wire import frames as wire
+from fabric.wire import protocol
 from fabric.wire.client import OriginClient
 from fabric.core.manifest import FileEntry, Manifest
 from fabric.store.registry import now_rfc3339
@@ -46,7 +47,7 @@ def blob(tag: str, n: int = 3000) -> tuple[str, bytes]:
 
 def upload(s: Session, *blobs: tuple[str, bytes]):
     stream = wire.encode_stream([wire.chunk_frame(cid, 0, len(d), d) for cid, d in blobs])
-    return s.request("POST", "/v1/chunks/upload", stream, headers={"Content-Type": wire.CHUNK_STREAM})
+    return s.request("POST", "/v1/chunks/upload", stream, headers={"Content-Type": protocol.CHUNK_STREAM})
 
 
 def manifest_for(artifact: str, version: str, *blobs: tuple[str, bytes]) -> Manifest:
@@ -157,15 +158,15 @@ def test_bad_chunk_ids_are_422(origin, s, path, ids, code):
 
 @pytest.mark.parametrize("path", ["/v1/chunks/has", "/v1/chunks/fetch"])
 def test_too_many_ids_is_413(origin, s, path):
-    ids = [digest.digest(i.to_bytes(4, "big")) for i in range(wire.MAX_IDS + 1)]
+    ids = [digest.digest(i.to_bytes(4, "big")) for i in range(protocol.MAX_IDS + 1)]
     err = assert_error(s.request("POST", path, {"ids": ids}), 413, "payload_too_large")
-    assert str(wire.MAX_IDS) in err["message"]
-    assert s.request("POST", "/v1/chunks/has", {"ids": ids[:wire.MAX_IDS]}).status == 200  # the limit itself is fine
+    assert str(protocol.MAX_IDS) in err["message"]
+    assert s.request("POST", "/v1/chunks/has", {"ids": ids[:protocol.MAX_IDS]}).status == 200  # the limit itself is fine
 
 
 def test_oversized_json_body_is_413(origin, s):
-    body = json.dumps({"ids": [], "pad": "x" * (wire.MAX_JSON + 1000)}).encode()
-    big_manifest = b'{"format": "' + b"x" * (wire.MAX_JSON + 10) + b'"}'
+    body = json.dumps({"ids": [], "pad": "x" * (protocol.MAX_JSON + 1000)}).encode()
+    big_manifest = b'{"format": "' + b"x" * (protocol.MAX_JSON + 10) + b'"}'
     answered = 0
     for method, path, data in (("POST", "/v1/chunks/has", body), ("POST", "/v1/artifacts/m/channels/prod", body),
                                ("PUT", "/v1/artifacts/big/versions/v1", big_manifest)):
@@ -202,7 +203,7 @@ def test_upload_whose_bytes_do_not_match_the_id_is_422_and_not_stored(origin, s)
     (lambda cid, d: wire.encode_stream([wire.chunk_frame(cid, 0, len(d) + 1, d)]), "bad_frame"),  # raw size lies
     (lambda cid, d: wire.encode_stream([wire.chunk_frame(cid, 7, len(d), d)]), "corrupt_chunk"),  # unknown encoding
     (lambda cid, d: wire.encode_stream([wire.chunk_frame(cid, 1, len(d), d)]), "bad_frame"),  # not zstd
-    (lambda cid, d: wire.MAGIC + b"\x01" + wire.id_bytes(cid) + b"\x00" + (1 << 30).to_bytes(4, "big")
+    (lambda cid, d: protocol.MAGIC + b"\x01" + wire.id_bytes(cid) + b"\x00" + (1 << 30).to_bytes(4, "big")
      + (1 << 30).to_bytes(4, "big"), "bad_frame"),  # sizes out of range
 ])
 def test_malformed_uploads_are_422_and_store_nothing(origin, s, make, code):
@@ -214,7 +215,7 @@ def test_malformed_uploads_are_422_and_store_nothing(origin, s, make, code):
 
 def test_upload_without_end_frame_is_422_and_keeps_only_whole_verified_chunks(origin, s):
     cid, data = blob("no-end-frame")
-    r = s.request("POST", "/v1/chunks/upload", wire.MAGIC + wire.chunk_frame(cid, 0, len(data), data))
+    r = s.request("POST", "/v1/chunks/upload", protocol.MAGIC + wire.chunk_frame(cid, 0, len(data), data))
     assert_error(r, 422, "bad_frame")
     if stored(origin, cid):  # a complete, verified frame before the break may be kept: it is whole
         assert fetch_one(origin, cid) == data
@@ -248,9 +249,9 @@ def test_truncated_upload_stores_nothing_partial_and_origin_stays_healthy(origin
     whole_id, whole = blob("complete-frame", 50_000)
     cut_id, cut = blob("cut-mid-payload", 200_000)
     partial = wire.chunk_frame(cut_id, 0, len(cut), cut)[:100_000]
-    body = wire.MAGIC + wire.chunk_frame(whole_id, 0, len(whole), whole) + partial
+    body = protocol.MAGIC + wire.chunk_frame(whole_id, 0, len(whole), whole) + partial
     head = (f"POST /v1/chunks/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {PUBLISH_SECRET}\r\n"
-            f"Content-Type: {wire.CHUNK_STREAM}\r\nContent-Length: {len(body) + 500_000}\r\n\r\n").encode()
+            f"Content-Type: {protocol.CHUNK_STREAM}\r\nContent-Length: {len(body) + 500_000}\r\n\r\n").encode()
     uploads = _upload_requests(origin)
     raw_exchange("127.0.0.1", origin.port, head + body, read=False)  # connection closed mid-body
     assert_healthy(origin)
@@ -287,7 +288,7 @@ def test_truncated_json_body_leaves_origin_healthy(origin):
 
 def test_slowloris_style_request_does_not_block_others(origin, s):
     head = (f"POST /v1/chunks/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUBLISH_SECRET}\r\n"
-            f"Content-Length: 1000000\r\n\r\n").encode() + wire.MAGIC
+            f"Content-Length: 1000000\r\n\r\n").encode() + protocol.MAGIC
     with socket.create_connection(("127.0.0.1", origin.port)) as sock:
         sock.sendall(head)
         t0 = time.monotonic()

@@ -13,13 +13,14 @@ import json
 import pytest
 
 from fabric.wire import frames as wire
+from fabric.wire import protocol
 from fabric.wire.auth import Principal, TokenTable
 from fabric.wire.client import RemoteTarget, SyncOrigin
 from fabric.core.digest import digest
 from fabric.errors import ConfigError, Forbidden, Unauthorized
 from fabric.publish import publish
 
-from conftest import write_tree
+from helpers.files import write_tree
 from helpers.http import Session, raw_exchange, request
 from helpers.origin import (ADMIN_SECRET, ALL_SECRETS, DEFAULT_TOKENS, HASHED_SECRET, LLAMA_SECRET,
                             PUBLISH_SECRET, PULL_SECRET, fabric, start_origin, write_token_file)
@@ -188,7 +189,7 @@ def test_pull_token_can_pull(origin):
         ids = [c for f in m["files"] for c, _ in f["chunks"]]
         assert s.request("POST", "/v1/chunks/has", {"ids": ids}).json() == {"missing": []}
         r = s.request("POST", "/v1/chunks/fetch", {"ids": ids})
-        assert r.status == 200 and r.body.startswith(wire.MAGIC)
+        assert r.status == 200 and r.body.startswith(protocol.MAGIC)
     finally:
         s.close()
 

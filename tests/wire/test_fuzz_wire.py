@@ -23,11 +23,12 @@ from hypothesis import strategies as st
 from fabric.core import digest
 
 from fabric.wire import frames as wire
+from fabric.wire import protocol
 from fabric.wire.client import RemoteTarget, SyncOrigin
 from fabric.errors import BadFrame, FabricError
 from fabric.publish import publish
 
-from conftest import write_tree
+from helpers.files import write_tree
 from helpers.http import Session
 from helpers.origin import ADMIN_SECRET, PUBLISH_SECRET, start_origin
 
@@ -105,23 +106,23 @@ def mutated(draw, base=valid_streams):
         elif op == "truncate":
             del data[i:]
         else:  # a plausible big length somewhere: the reader must refuse it, not allocate it
-            data[i:i + 4] = draw(st.sampled_from([0xFFFFFFFF, wire.MAX_PAYLOAD + 1, wire.MAX_CHUNK,
+            data[i:i + 4] = draw(st.sampled_from([0xFFFFFFFF, protocol.MAX_PAYLOAD + 1, protocol.MAX_CHUNK,
                                                   1 << 31])).to_bytes(4, "big")
     return bytes(data)
 
 
 def _check_reader(data: bytes) -> None:
     got, largest = parse(data)
-    assert largest <= wire.MAX_PAYLOAD
+    assert largest <= protocol.MAX_PAYLOAD
     if got is not None:
         for f in got:
             assert f.kind in (wire.FRAME_CHUNK, wire.FRAME_MISSING)
             assert digest.is_valid(f.chunk_id)
-            assert len(f.payload) <= wire.MAX_PAYLOAD
+            assert len(f.payload) <= protocol.MAX_PAYLOAD
 
 
 @fast(1500)
-@given(st.binary(max_size=400) | st.binary(max_size=200).map(lambda b: wire.MAGIC + b))
+@given(st.binary(max_size=400) | st.binary(max_size=200).map(lambda b: protocol.MAGIC + b))
 def test_frame_reader_on_random_bytes(data):
     _check_reader(data)
 
@@ -153,9 +154,9 @@ def test_frame_limit_is_enforced(frame_list, limit):
 @given(st.integers(0, 255), st.integers(0, 1 << 32 - 1), st.integers(0, 1 << 32 - 1))
 def test_reader_refuses_big_lengths_before_reading_them(kind, raw_size, length):
     """However big the header says the payload is, the reader asks for at most MAX_PAYLOAD."""
-    head = wire.MAGIC + bytes([kind]) + bytes(32) + bytes([0]) + raw_size.to_bytes(4, "big") + length.to_bytes(4, "big")
+    head = protocol.MAGIC + bytes([kind]) + bytes(32) + bytes([0]) + raw_size.to_bytes(4, "big") + length.to_bytes(4, "big")
     got, largest = parse(head + b"x" * 64)
-    assert largest <= wire.MAX_PAYLOAD
+    assert largest <= protocol.MAX_PAYLOAD
 
 
 @fast(600)
@@ -270,7 +271,7 @@ def test_commit_never_500(fuzz_origin, data):
 @given(st.binary(max_size=300) | mutated(st.lists(frames(), max_size=4).map(wire.encode_stream)))
 def test_upload_never_500(fuzz_origin, body):
     o, s, _ = fuzz_origin
-    r = s.request("POST", "/v1/chunks/upload", body, headers={"Content-Type": wire.CHUNK_STREAM})
+    r = s.request("POST", "/v1/chunks/upload", body, headers={"Content-Type": protocol.CHUNK_STREAM})
     check_reply(r)
     if r.status == 200:
         assert set(r.json()) == {"stored", "bytes"}

@@ -25,6 +25,7 @@ from fabric.core import digest
 from fabric import errors
 
 from fabric.wire import frames as wire
+from fabric.wire import protocol
 from fabric.wire.auth import TokenTable
 from fabric.origin.app import create_app
 from fabric.publish import LocalTarget, publish
@@ -75,7 +76,7 @@ def test_chunk_stream_example_decodes_as_the_page_says():
     for stated in (f"id `{held}`", f"id `{absent}`", "encoding 0, raw", f"raw size {len(HELD)}",
                    f"payload length {len(HELD)}", "payload `hello`", "2 frames before it"):
         assert stated in TEXT, stated
-    assert data[:4] == wire.MAGIC and data[-5:] == wire.end_frame(2)
+    assert data[:4] == protocol.MAGIC and data[-5:] == wire.end_frame(2)
 
 
 def test_chunk_stream_example_is_what_the_code_writes():
@@ -99,21 +100,21 @@ def test_an_origin_answers_the_example(tmp_path):
 
     async def go() -> tuple[int, str, bytes]:
         async with TestClient(TestServer(create_app(store, tokens()))) as client:
-            resp = await client.post(f"{wire.API}/chunks/fetch", json={"ids": [held, absent]}, headers=AUTH)
+            resp = await client.post(f"{protocol.API}/chunks/fetch", json={"ids": [held, absent]}, headers=AUTH)
             return resp.status, resp.headers["Content-Type"], await resp.read()
 
     status, ctype, body = asyncio.run(go())
-    assert (status, ctype) == (200, wire.CHUNK_STREAM)
+    assert (status, ctype) == (200, protocol.CHUNK_STREAM)
     assert body == example_bytes()
 
 
 def test_limits_are_the_codes():
-    for value in (wire.MAX_CHUNK, wire.MAX_PAYLOAD, wire.MAX_IDS, wire.MAX_JSON):
+    for value in (protocol.MAX_CHUNK, protocol.MAX_PAYLOAD, protocol.MAX_IDS, protocol.MAX_JSON):
         assert str(value) in TEXT, value
     max_frames = inspect.signature(wire.FrameReader).parameters["max_frames"].default
     assert f"{max_frames} frames" in TEXT
-    assert "`FBC1`" in TEXT and wire.MAGIC == b"FBC1"
-    assert wire.CHUNK_STREAM in TEXT
+    assert "`FBC1`" in TEXT and protocol.MAGIC == b"FBC1"
+    assert protocol.CHUNK_STREAM in TEXT
 
 
 # --- routes, errors, JSON ---------------------------------------------------------------------
@@ -169,12 +170,12 @@ def test_event_examples_have_the_fields_an_origin_sends(tmp_path):
 
     async def go() -> str:
         async with TestClient(TestServer(create_app(store, tokens()))) as client:
-            r = await client.put(f"{wire.API}/artifacts/llama-7b/versions/v2", data=json.dumps(v2), headers=AUTH)
+            r = await client.put(f"{protocol.API}/artifacts/llama-7b/versions/v2", data=json.dumps(v2), headers=AUTH)
             assert r.status == 201
-            r = await client.post(f"{wire.API}/artifacts/llama-7b/channels/prod",
+            r = await client.post(f"{protocol.API}/artifacts/llama-7b/channels/prod",
                                   json={"action": "promote", "version": "v2"}, headers=AUTH)
             assert r.status == 200
-            resp = await client.get(f"{wire.API}/events", params={"after": 0}, headers=AUTH)
+            resp = await client.get(f"{protocol.API}/events", params={"after": 0}, headers=AUTH)
             assert resp.headers["Content-Type"] == "text/event-stream"
             text = ""
             while text.count("\n\n") < 3:

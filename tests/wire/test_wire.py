@@ -13,13 +13,14 @@ import zstandard
 from fabric.core import digest
 
 from fabric.wire import frames as wire
+from fabric.wire import protocol
 from fabric.wire.auth import TokenTable
 from fabric.wire.client import OriginClient
 from fabric.errors import (ArtifactNotFound, BadFrame, CorruptChunk, Forbidden, IntegrityError,
                            InvalidChunkId, TransferError, Unauthorized)
 from fabric.store.store import open_store
 
-from conftest import random_bytes
+from helpers.files import random_bytes
 from helpers.origin import free_port
 from helpers.sources import serve_origin
 
@@ -50,7 +51,7 @@ def test_stream_round_trip(rng):
     absent = digest.digest(b"absent")
     frames = [chunk(b) for b in blobs] + [wire.missing_frame(absent), chunk(bytes(5000), encoding=1)]
     data = wire.encode_stream(frames)
-    assert data.startswith(wire.MAGIC) and data.endswith(wire.end_frame(len(frames)))
+    assert data.startswith(protocol.MAGIC) and data.endswith(wire.end_frame(len(frames)))
     got = collect(data)
     assert [f.kind for f in got] == [wire.FRAME_CHUNK] * 4 + [wire.FRAME_MISSING, wire.FRAME_CHUNK]
     assert [wire.decode_frame(f) for f in got[:4]] == blobs
@@ -72,12 +73,12 @@ def test_frame_layout_is_the_documented_one():
 @pytest.mark.parametrize("data, match", [
     (b"", "ended early"),
     (b"FBC2" + wire.end_frame(0), "magic"),
-    (wire.MAGIC, "ended early"),
-    (wire.MAGIC + b"\x07", "unknown frame type 7"),
-    (wire.MAGIC + wire.end_frame(1), "end frame counts 1"),
-    (wire.MAGIC + chunk(b"a") + wire.end_frame(2), "end frame counts 2"),
-    (wire.MAGIC + chunk(b"a"), "ended early"),
-    (wire.MAGIC + b"\x02" + bytes(31), "ended early"),
+    (protocol.MAGIC, "ended early"),
+    (protocol.MAGIC + b"\x07", "unknown frame type 7"),
+    (protocol.MAGIC + wire.end_frame(1), "end frame counts 1"),
+    (protocol.MAGIC + chunk(b"a") + wire.end_frame(2), "end frame counts 2"),
+    (protocol.MAGIC + chunk(b"a"), "ended early"),
+    (protocol.MAGIC + b"\x02" + bytes(31), "ended early"),
 ])
 def test_malformed_streams_are_bad_frames(data, match):
     with pytest.raises(BadFrame, match=match):
@@ -96,7 +97,7 @@ def test_every_truncation_of_a_valid_stream_is_a_bad_frame(rng):
 def test_lengths_are_bounded_before_anything_is_read():
     """A frame claiming a huge payload is refused from its header: the payload is never asked for."""
     asked: list[int] = []
-    base = wire.bytes_reader(wire.MAGIC + b"\x01" + bytes(32) + struct.pack(">BII", 0, 10, 0xFFFFFFFF))
+    base = wire.bytes_reader(protocol.MAGIC + b"\x01" + bytes(32) + struct.pack(">BII", 0, 10, 0xFFFFFFFF))
 
     async def read(n):
         asked.append(n)
@@ -106,9 +107,9 @@ def test_lengths_are_bounded_before_anything_is_read():
         return [f async for f in wire.FrameReader(read)]
     with pytest.raises(BadFrame, match="out of range"):
         asyncio.run(go())
-    assert max(asked) <= wire.MAX_PAYLOAD and 0xFFFFFFFF not in asked
+    assert max(asked) <= protocol.MAX_PAYLOAD and 0xFFFFFFFF not in asked
 
-    raw_too_big = wire.MAGIC + b"\x01" + bytes(32) + struct.pack(">BII", 0, wire.MAX_CHUNK + 1, 1) + b"x"
+    raw_too_big = protocol.MAGIC + b"\x01" + bytes(32) + struct.pack(">BII", 0, protocol.MAX_CHUNK + 1, 1) + b"x"
     with pytest.raises(BadFrame, match="out of range"):
         collect(raw_too_big)
 
@@ -157,7 +158,7 @@ def _zstd_bomb_header(claimed: int) -> bytes:
     return header + (1 | (1 << 1) | ((128 << 10) << 3)).to_bytes(3, "little") + b"\0"
 
 
-@pytest.mark.parametrize("claimed", [wire.MAX_CHUNK + 1, 1 << 40])
+@pytest.mark.parametrize("claimed", [protocol.MAX_CHUNK + 1, 1 << 40])
 def test_zstd_frame_claiming_a_huge_size_is_refused_before_allocating(claimed):
     f = _frame(b"", encoding=1, raw_size=0, payload=_zstd_bomb_header(claimed),
                cid=digest.digest(b"whatever"))
@@ -166,7 +167,7 @@ def test_zstd_frame_claiming_a_huge_size_is_refused_before_allocating(claimed):
 
 
 def test_zstd_payload_larger_than_max_chunk_without_size_is_refused():
-    big = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(wire.MAX_CHUNK + 10))
+    big = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(protocol.MAX_CHUNK + 10))
     with pytest.raises(IntegrityError):
         wire.decode_frame(_frame(b"", encoding=1, raw_size=0, payload=big, cid=digest.digest(b"z")))
 
@@ -208,7 +209,7 @@ def test_upload_has_fetch_over_http(tmp_path, rng):
         assert await client.missing(ids + [absent]) == [absent]
         assert all(store.get_chunk(c) == b for c, b in zip(ids, blobs))
         async with client.session.post(f"{url}/v1/chunks/fetch", json={"ids": [ids[0], absent, ids[-1]]}) as r:
-            assert r.status == 200 and r.headers["Content-Type"] == wire.CHUNK_STREAM
+            assert r.status == 200 and r.headers["Content-Type"] == protocol.CHUNK_STREAM
             frames = [f async for f in wire.FrameReader(r.content.readexactly)]
         assert [f.kind for f in frames] == [wire.FRAME_CHUNK, wire.FRAME_MISSING, wire.FRAME_CHUNK]
         assert wire.decode_frame(frames[0]) == blobs[0]
@@ -220,7 +221,7 @@ def test_upload_has_fetch_over_http(tmp_path, rng):
 
 
 def test_client_asks_has_in_batches_of_max_ids(tmp_path):
-    ids = [digest.digest(i.to_bytes(4, "big")) for i in range(wire.MAX_IDS * 2 + 3)]
+    ids = [digest.digest(i.to_bytes(4, "big")) for i in range(protocol.MAX_IDS * 2 + 3)]
 
     async def body(client, store, url):
         assert await client.missing(ids) == ids

@@ -1,0 +1,134 @@
+"""Rate control: how hard to encode each chunk so encoding never makes a transfer slower.
+
+Owns `Mode` (full codec, light codec, stored forms), `EncodePolicy` (the per-link
+cost model, docs/encodings.md "Rate control"), `PeerPolicies` (one policy per peer,
+owned by the app that serves them) and `parse_mode`, the meaning of a
+`FABRIC_ENCODE` value (`fabric.config.encode_mode` reads the variable). Pure: timings
+in, a mode out; no I/O, no environment.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import IntEnum
+
+from fabric.core.lru import LRU
+from fabric.errors import InvalidInput
+
+
+class Mode(IntEnum):
+    FULL = 0  # the codec with entropy coding (allow_entropy=True): fewest bytes
+    LIGHT = 1  # the codec, zstd only where it halves the data (allow_entropy=False)
+    STORED = 2  # forward the stored form: no codec work at all
+
+
+class EncodePolicy:
+    """Choose per chunk how hard to encode, so encoding never makes a transfer slower.
+
+    The sender reports each chunk it encodes (`encoded`: mode, raw and wire bytes,
+    codec seconds) and each write to the socket (`wrote`: bytes, seconds the write
+    waited). The policy keeps moving averages of, per mode, codec seconds per raw byte
+    and wire bytes per raw byte, and of the link's seconds per wire byte. Encoding runs
+    ahead of the writes in `workers` threads, so a mode's predicted cost per raw byte is
+
+        max(codec s/B ÷ workers, link s/B × the mode's wire ratio)
+
+    and `choose` picks the cheapest (ties: the smaller ratio, then the less codec time). A write that does not
+    wait measures a link faster than the chunks arrive, which makes `STORED` (no codec
+    time) the cheapest: on such a link a sync runs as fast as it did before encodings.
+    A slow link makes writes wait, which makes the compact modes cheapest again. Before
+    anything is measured the policy picks `FULL`; every `probe` chunks it tries the
+    next mode that it is not using, so its estimate of that mode stays current.
+    `fixed` pins one mode (`FABRIC_ENCODE=full|light|stored`; default `auto`).
+    """
+
+    def __init__(self, *, workers: float = 1.0, probe: int = 16, alpha: float = 0.25, fixed: Mode | None = None):
+        self.workers, self.probe, self.alpha, self.fixed = workers, probe, alpha, fixed
+        self._codec: dict[Mode, float | None] = {Mode.FULL: None, Mode.LIGHT: None, Mode.STORED: 0.0}
+        self._ratio: dict[Mode, float | None] = dict.fromkeys(Mode)
+        self._link: float | None = None
+        self._count = 0
+        self._lock = threading.Lock()
+        self.chosen: dict[Mode, int] = dict.fromkeys(Mode, 0)
+
+    def choose(self) -> Mode:
+        with self._lock:
+            self._count += 1
+            best = self._best() if self.fixed is None else self.fixed
+            if self.fixed is None and self._count % self.probe == 0:
+                others = [m for m in Mode if m != best]
+                best = others[(self._count // self.probe) % len(others)]
+            self.chosen[best] += 1
+            return best
+
+    @property
+    def allow_entropy(self) -> bool:
+        """For callers with two modes only (codec with or without entropy coding)."""
+        return self.choose() != Mode.LIGHT
+
+    def predicted(self, mode: Mode) -> float | None:
+        """Predicted seconds per raw byte in `mode`, or None until it has been measured."""
+        codec_s, ratio = self._codec[mode], self._ratio[mode]
+        if codec_s is None or ratio is None:
+            return None
+        return max(codec_s / self.workers, (self._link or 0.0) * ratio)
+
+    def _best(self) -> Mode:
+        if self._link is None or self._ratio[Mode.FULL] is None:
+            return Mode.FULL
+        # ties (a codec that gains nothing: incompressible data) go to the least codec time
+        known = [(p, self._ratio[m], self._codec[m], m) for m in Mode if (p := self.predicted(m)) is not None]
+        return min(known)[3]
+
+    def encoded(self, mode: Mode, raw: int, wire: int, seconds: float, *, stored: int | None = None) -> None:
+        """One chunk: `raw` bytes became `wire` bytes in `seconds` of codec time (stored size if known)."""
+        if raw <= 0:
+            return
+        with self._lock:
+            if mode != Mode.STORED:
+                self._codec[mode] = self._avg(self._codec[mode], seconds / raw)
+            self._ratio[mode] = self._avg(self._ratio[mode], wire / raw)
+            if stored is not None and mode != Mode.STORED:
+                self._ratio[Mode.STORED] = self._avg(self._ratio[Mode.STORED], stored / raw)
+
+    def wrote(self, nbytes: int, seconds: float) -> None:
+        """One write of `nbytes` to the socket took `seconds` (waiting for the peer included)."""
+        if nbytes > 0:
+            with self._lock:
+                self._link = self._avg(self._link, max(seconds, 0.0) / nbytes)
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.alpha * (new - old)
+
+
+def parse_mode(value: str) -> Mode | None:
+    """The mode a `FABRIC_ENCODE` value pins (full, light, stored), or None for `auto` (or empty)."""
+    value = value.strip().lower()
+    if value in ("", "auto"):
+        return None
+    try:
+        return Mode[value.upper()]
+    except KeyError:
+        raise InvalidInput(f"FABRIC_ENCODE={value!r}: use auto, full, light or stored") from None
+
+
+class PeerPolicies:
+    """The `EncodePolicy` kept for each peer (e.g. its token name and address), made on first use.
+
+    `options` (workers, probe, alpha, fixed) go to every policy made; at most `size`
+    peers are remembered.
+    """
+
+    def __init__(self, size: int = 256, **options):
+        self._policies: LRU[EncodePolicy] = LRU(size)
+        self._options = options
+
+    def get(self, key: object) -> EncodePolicy:
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = EncodePolicy(**self._options)
+            self._policies.put(key, policy)
+        return policy
+
+
+__all__ = ["Mode", "EncodePolicy", "PeerPolicies", "parse_mode"]

@@ -1,0 +1,352 @@
+"""Serving chunks: the has and fetch routes of the origin and the relays, and encoding what they send.
+
+`chunk_routes` serves "which of these do you have" and batched chunk downloads from
+a `Store` (or a relay's getter); reads run in threads so the event loop only moves
+bytes. A fetch body without delta fields gets the stored forms (sendfile from a local
+store, zero-copy). With them (docs/encodings.md, "Negotiation") the server plans
+references (`plan_request`, cached in the app's `PlanCache`) and encodes each chunk
+(`serving_getter`, `encode_data`) in the mode the peer's `EncodePolicy` predicts
+fastest; the app owns those policies (`PeerPolicies`, under `POLICIES`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+import zstandard
+from aiohttp import web
+
+from fabric.config import encode_mode
+from fabric.core import codec, digest
+from fabric.core.codec import Encoding
+from fabric.core.manifest import Manifest
+from fabric.core.policy import EncodePolicy, Mode, PeerPolicies
+from fabric.core.refplan import STANDALONE, ChunkHint, Plan, PlanCache, plan_references
+from fabric.errors import ChunkNotFound, CorruptChunk, InvalidInput, NotFound, PayloadTooLarge
+from fabric.store.registry import Registry
+from fabric.store.store import Store, StoredFile
+from fabric.wire import frames
+from fabric.wire.negotiate import parse_fields
+from fabric.wire.protocol import (CHUNK_STREAM, CHUNKS_FETCH, CHUNKS_HAS, ENCODINGS, ENCODINGS_HEADER, MAGIC,
+                                  MAX_IDS)
+from fabric.wire.server import METRICS, STORE, Metrics, principal, read_json
+
+PLANS = web.AppKey("plans", PlanCache)
+POLICIES = web.AppKey("policies", PeerPolicies)
+_READ_AHEAD = 3  # stored chunks read ahead of the one being sent
+
+FrameFields = tuple[int, int, "bytes | memoryview"]  # stream tag, raw size, payload (codec body)
+ChunkGetter = Callable[[str], Awaitable[bytes | None]]  # stored bytes (tag + payload) or None
+
+
+# --- the routes ---------------------------------------------------------------------------------
+
+def read_ids(body: dict) -> list[str]:
+    ids = body.get("ids")
+    if not isinstance(ids, list):
+        raise InvalidInput("'ids' must be a list of chunk ids")
+    if len(ids) > MAX_IDS:
+        raise PayloadTooLarge(f"{len(ids)} ids in one request; at most {MAX_IDS}")
+    return [digest.check_id(i) for i in ids]
+
+
+def store_getter(store: Store) -> ChunkGetter:
+    async def get(chunk_id: str) -> bytes | None:
+        try:
+            return await asyncio.to_thread(store.get_chunk_stored, chunk_id)
+        except ChunkNotFound:
+            return None
+    return get
+
+
+Prepare = Callable[[web.Request, list[str]], Awaitable[None]]
+
+
+def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: Prepare | None = None) -> None:
+    """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store).
+
+    `prepare`, if given, sees each fetch's ids before any is served: a relay uses it
+    to start fetching the ones it lacks from upstream (pull-through). The app keeps the
+    plan cache (`PLANS`) and one encode policy per peer (`POLICIES`).
+    """
+    get = get or store_getter(app[STORE])
+    app[PLANS] = PlanCache()
+    app[POLICIES] = PeerPolicies(workers=min(_READ_AHEAD, os.cpu_count() or 1), fixed=encode_mode())
+
+    async def has(request: web.Request) -> web.Response:
+        _require_any(request, "pull", "publish")
+        ids = read_ids(await read_json(request))
+        store: Store = request.app[STORE]
+        missing = await asyncio.to_thread(store.missing, ids)
+        return web.json_response({"missing": missing}, headers={ENCODINGS_HEADER: ",".join(ENCODINGS)})
+
+    async def fetch(request: web.Request) -> web.StreamResponse:
+        _require_any(request, "pull")
+        body = await read_json(request)
+        ids = read_ids(body)
+        if prepare:
+            await prepare(request, ids)
+        # delta fields (docs/encodings.md, Negotiation): encode per chunk; else stored forms
+        p, store = principal(request), request.app[STORE]
+        plan = await plan_for_request(store, body, may=lambda a: p.may("pull", a), cache=request.app[PLANS])
+        policy = request.app[POLICIES].get((p.name, request.remote)) if plan else None
+        if plan and prepare is None and store.local and policy.choose() == Mode.STORED:
+            plan = None  # the link outruns the codec: this batch goes out stored, zero-copy
+        read = serving_getter(get, store, plan, policy) if plan else get
+        metrics: Metrics = request.app[METRICS]
+        resp = web.StreamResponse(headers={"Content-Type": CHUNK_STREAM})
+        length = await _stream_length(store, ids) if prepare is None and plan is None else None
+        if length is not None:
+            resp.content_length = length  # no chunked encoding: frames go out as they are
+        await resp.prepare(request)
+        await resp.write(MAGIC)
+        if length is not None and store.local:
+            metrics.fetches.labels("sendfile").inc()
+            await _sendfile_frames(request, resp, store, ids, metrics, policy)  # stored forms, zero-copy
+        else:
+            metrics.fetches.labels("encoded" if plan else "stored").inc()
+            await _send_frames(resp, ids, read, plan, policy, metrics)
+        await resp.write(frames.end_frame(len(ids)))
+        await resp.write_eof()
+        return resp
+
+    app.router.add_post(CHUNKS_HAS, has)
+    app.router.add_post(CHUNKS_FETCH, fetch)
+
+
+async def _send_frames(resp: web.StreamResponse, ids: list[str], read, plan, policy, metrics: Metrics) -> None:
+    """One frame per id from `read` (stored bytes, or (tag, raw size, payload) under a delta plan)."""
+    reads = [asyncio.ensure_future(read(cid)) for cid in ids[:_READ_AHEAD]]
+    try:
+        for i, cid in enumerate(ids):
+            stored = await reads[i]
+            if i + _READ_AHEAD < len(ids):
+                reads.append(asyncio.ensure_future(read(ids[i + _READ_AHEAD])))
+            if stored is None:
+                metrics.chunks_missing.inc()
+                await resp.write(frames.missing_frame(cid))
+                continue
+            if plan:
+                tag, raw_size, payload = stored
+            else:
+                tag, payload = stored[0], memoryview(stored)[1:]
+                raw_size = _raw_size(tag, payload)
+            t0 = time.perf_counter()
+            await resp.write(frames.chunk_header(cid, tag, raw_size, len(payload)))
+            await resp.write(payload)
+            if plan:
+                policy.wrote(len(payload), time.perf_counter() - t0)
+            metrics.chunks_out.inc()
+            metrics.bytes_out.inc(len(payload))
+    finally:
+        for r in reads:
+            r.cancel()
+
+
+async def _sendfile_frames(request: web.Request, resp: web.StreamResponse, store: Store, ids: list[str],
+                           metrics: Metrics, policy: EncodePolicy | None = None) -> None:
+    """Frames whose payloads the kernel copies straight from the chunk files (sendfile).
+
+    Only for a local store serving stored forms, where the response length is known.
+    The time each send takes goes to `policy`, which thus notices a link getting slower.
+    """
+    loop = asyncio.get_running_loop()
+    for cid in ids:
+        opened = await asyncio.to_thread(_open_chunk, store, cid)
+        if opened is None:
+            metrics.chunks_missing.inc()
+            await resp.write(frames.missing_frame(cid))
+            continue
+        stored, raw_size = opened
+        try:
+            await resp.write(frames.chunk_header(cid, stored.tag, raw_size, stored.size))
+            if request.transport is None:
+                raise ConnectionResetError("client went away")
+            t0 = time.perf_counter()
+            await loop.sendfile(request.transport, stored.file, stored.offset, stored.size)
+            if policy:
+                policy.wrote(stored.size, time.perf_counter() - t0)
+                policy.encoded(Mode.STORED, raw_size, stored.size, 0.0)
+        finally:
+            stored.file.close()
+        metrics.chunks_out.inc()
+        metrics.bytes_out.inc(stored.size)
+
+
+def _open_chunk(store: Store, chunk_id: str) -> tuple[StoredFile, int] | None:
+    """The file and range of a stored chunk's payload, and its raw size; None if absent. In a thread."""
+    stored = store.open_stored(chunk_id)
+    if stored is None:
+        return None
+    if stored.tag == Encoding.ZSTD:
+        return stored, _raw_size(stored.tag, memoryview(os.pread(stored.file.fileno(), 32, stored.offset)))
+    return stored, stored.size
+
+
+async def _stream_length(store: Store, ids: list[str]) -> int | None:
+    """The exact size of the chunk stream for `ids`, if the store can tell without reading.
+
+    Knowing it lets the response carry a Content-Length instead of chunked encoding,
+    which would copy every payload once more on its way out.
+    """
+    sizes = await asyncio.to_thread(store.stored_sizes, ids)
+    if sizes is None:
+        return None
+    total = sum(frames.missing_frame_size() if n is None else frames.chunk_frame_size(n - 1) for n in sizes)
+    return len(MAGIC) + total + frames.end_frame_size()
+
+
+def _raw_size(tag: int, payload: memoryview) -> int:
+    if tag == Encoding.ZSTD:
+        size = zstandard.frame_content_size(payload)
+        return size if size >= 0 else 0
+    return len(payload)
+
+
+def _require_any(request: web.Request, *scopes: str) -> None:
+    p = principal(request)
+    if not any(p.may(s) for s in scopes):
+        p.require(scopes[0])
+
+
+# --- planning a request --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """How a sender encodes the chunks of one fetch request."""
+
+    hints: Plan
+    encodings: frozenset[Encoding]
+    standalone: frozenset[str] = frozenset()
+
+    def hint(self, chunk_id: str) -> ChunkHint:
+        hint = self.hints.get(chunk_id, STANDALONE)
+        if hint.reference and chunk_id in self.standalone:
+            return ChunkHint(hint.dtype)
+        return hint
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name.lower() for e in sorted(self.encodings)]
+
+
+def plan_request(store: Store, body: dict, *, may: Callable[[str], bool] | None = None,
+                 cache: PlanCache | None = None) -> RequestPlan | None:
+    """The plan for a fetch body (blocking); None to serve stored forms as before.
+
+    None when the body has no delta fields, `may(artifact)` says the caller may not
+    pull the artifact, or this store lacks the target version. Versions of `have` it
+    lacks are skipped. Plans are kept in `cache`, if given, by manifest ids.
+    """
+    fields = parse_fields(body)
+    if fields is None or (may is not None and not may(fields.artifact)):
+        return None
+    if not {Encoding.RAW, Encoding.ZSTD} <= fields.encodings:
+        return None
+    registry = Registry(store)
+    try:
+        target_id = registry.manifest_id(fields.artifact, fields.version)
+    except NotFound:
+        return None
+    have_ids = []
+    for v in fields.have:
+        try:
+            have_ids.append(registry.manifest_id(fields.artifact, v))
+        except NotFound:
+            continue
+    if not fields.encodings & set(codec.REFERENCING):
+        have_ids = []
+    hints = cache.get(target_id, have_ids) if cache else None
+    if hints is None:
+        target = _load(store, target_id)
+        hints = plan_references(target, [_load(store, mid) for mid in have_ids])
+        if cache:
+            cache.put(target_id, have_ids, hints)
+    return RequestPlan(hints, fields.encodings, fields.standalone)
+
+
+def _load(store: Store, manifest_id: str) -> Manifest:
+    return Manifest.from_bytes(store.get_manifest_bytes(manifest_id))
+
+
+async def plan_for_request(store: Store, body: dict, *, may: Callable[[str], bool] | None = None,
+                           cache: PlanCache | None = None) -> RequestPlan | None:
+    """`plan_request` off the event loop (cheap when the body has no delta fields)."""
+    if "encodings" not in body:
+        return None
+    return await asyncio.to_thread(plan_request, store, body, may=may, cache=cache)
+
+
+# --- encoding what is sent ------------------------------------------------------------------
+
+def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: EncodePolicy, *,
+                   level: int = 3) -> Callable[[str], Awaitable[FrameFields | None]]:
+    """Wrap a server's stored-chunk getter so it yields encoded frame fields (None: missing).
+
+    Each chunk is encoded in a worker thread, in the mode `policy` picks; the server
+    reports its socket writes to `policy.wrote`.
+    """
+    async def serve(chunk_id: str) -> FrameFields | None:
+        stored = await get(chunk_id)
+        if stored is None:
+            return None
+        mode = policy.choose()
+        frame, seconds = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode, level)
+        policy.encoded(mode, frame[1], len(frame[2]), seconds, stored=len(stored) - 1)
+        return frame
+    return serve
+
+
+def _serve_one(store: Store, chunk_id: str, stored: bytes, plan: RequestPlan, mode: Mode,
+               level: int) -> tuple[FrameFields, float]:
+    if mode == Mode.STORED or not stored:
+        return stored_frame(stored), 0.0
+    t0 = time.perf_counter()
+    try:
+        data = Store.decode_stored(chunk_id, stored)
+    except CorruptChunk:
+        return stored_frame(stored), 0.0  # forward as is: the receiver's check will catch it
+    frame = encode_data(store, data, plan.hint(chunk_id), allow_entropy=mode == Mode.FULL, level=level,
+                        encodings=plan.names)
+    return frame, time.perf_counter() - t0
+
+
+def encode_chunk(store: Store, chunk_id: str, hint: ChunkHint | None, *, allow_entropy: bool = True,
+                 level: int = 3, encodings: Iterable[str] | None = None) -> FrameFields:
+    """The frame fields for `chunk_id` read from `store`, encoded by `hint`.
+
+    A reference the sender does not hold is ignored (the chunk goes standalone).
+    Raises ChunkNotFound if the chunk itself is not in the store.
+    """
+    data = Store.decode_stored(chunk_id, store.get_chunk_stored(chunk_id))
+    return encode_data(store, data, hint, allow_entropy=allow_entropy, level=level, encodings=encodings)
+
+
+def encode_data(store: Store | None, data: bytes | memoryview, hint: ChunkHint | None, *,
+                allow_entropy: bool = True, level: int = 3, encodings: Iterable[str] | None = None) -> FrameFields:
+    """`encode_chunk` for bytes already read; the reference, if any, comes from `store`.
+
+    The sender does not verify the reference it reads (nor the chunk, as for stored
+    forms): the receiver checks the decoded bytes against the chunk id.
+    """
+    hint = hint or STANDALONE
+    reference = None
+    if hint.reference and store is not None:
+        try:
+            reference = Store.decode_stored(hint.reference, store.get_chunk_stored(hint.reference))
+        except (NotFound, CorruptChunk):
+            reference = None
+    enc = codec.encode(data, dtype=hint.dtype, reference=reference,
+                       reference_id=hint.reference if reference is not None else None,
+                       level=level, allow_entropy=allow_entropy, encodings=encodings)
+    return enc.tag, enc.raw_size, enc.body
+
+
+def stored_frame(stored: bytes) -> FrameFields:
+    """The frame fields that forward a stored chunk (tag byte + payload) as it is."""
+    tag, payload = stored[0], memoryview(stored)[1:]
+    return tag, _raw_size(tag, payload), payload

@@ -1,0 +1,60 @@
+"""The wire's facts: every path, header, content type, limit and frame layout constant.
+
+Server and client of Fabric's HTTP protocol (docs/protocol.md) share this module, so
+each fact is written once. Limits that other layers enforce too (`MAX_CHUNK`) come
+from `fabric.core.limits` and are re-exported here beside the wire's own. Constants
+only: no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from fabric.core.codec import Encoding
+from fabric.core.limits import MAX_CHUNK, MAX_MANIFEST
+
+# --- paths ---------------------------------------------------------------------------------
+
+API = "/v1"
+ARTIFACTS = f"{API}/artifacts"  # …/{a}/versions[/{v}], …/{a}/channels[/{c}]
+CHUNKS_HAS = f"{API}/chunks/has"
+CHUNKS_FETCH = f"{API}/chunks/fetch"
+CHUNKS_UPLOAD = f"{API}/chunks/upload"
+EVENTS = f"{API}/events"
+SITES = f"{API}/sites"  # …/{site}: a site agent's report
+SITE = f"{API}/site"  # a site agent's own API: status, pins
+SITE_PINS = f"{SITE}/pins"
+WORKERS = f"{SITE}/workers"  # a site agent's rollout API, used by agents.worker.hotloader
+MANIFESTS = f"{SITE}/manifests"
+
+# --- content types and headers -------------------------------------------------------------
+
+CHUNK_STREAM = "application/x-fabric-chunks"
+MANIFEST_PATCH = "application/x-fabric-manifest-patch"  # Content-Type of a patched manifest
+ENCODINGS_HEADER = "X-Fabric-Encodings"  # on a `has` answer: what the server decodes in uploads
+BASE_HEADER = "X-Fabric-Manifest-Base"  # the id of the manifest a patch is against
+MANIFEST_ID_HEADER = "X-Fabric-Manifest-Id"  # the id of the manifest in the body
+
+ENCODINGS = tuple(e.name.lower() for e in Encoding)  # what this side decodes, by name
+
+# --- limits --------------------------------------------------------------------------------
+
+MAX_PAYLOAD = MAX_CHUNK + (1 << 20)  # an encoded chunk may be a little larger than raw
+MAX_IDS = 4096  # ids per has/fetch request
+MAX_JSON = 8 << 20  # largest JSON request body
+MAX_HAVE = 8  # versions a request may name in `have` (more are ignored)
+
+# --- the chunk stream's frame layout ---------------------------------------------------------
+
+MAGIC = b"FBC1"
+FRAME_END, FRAME_CHUNK, FRAME_MISSING = 0, 1, 2
+CHUNK_HEAD = struct.Struct(">32sBII")  # id, encoding, raw size, payload length (after the kind byte)
+END = struct.Struct(">I")  # frame count (after the kind byte)
+FRAME_OVERHEAD = 1 + CHUNK_HEAD.size  # a chunk frame's bytes before its payload
+
+__all__ = [
+    "API", "ARTIFACTS", "CHUNKS_HAS", "CHUNKS_FETCH", "CHUNKS_UPLOAD", "EVENTS", "SITES", "SITE", "SITE_PINS",
+    "WORKERS", "MANIFESTS", "CHUNK_STREAM", "MANIFEST_PATCH", "ENCODINGS_HEADER", "BASE_HEADER",
+    "MANIFEST_ID_HEADER", "ENCODINGS", "MAX_CHUNK", "MAX_MANIFEST", "MAX_PAYLOAD", "MAX_IDS", "MAX_JSON",
+    "MAX_HAVE", "MAGIC", "FRAME_END", "FRAME_CHUNK", "FRAME_MISSING", "CHUNK_HEAD", "END", "FRAME_OVERHEAD",
+]
