@@ -12,7 +12,7 @@ contexts are per thread and the heavy work (zstd, numpy, blake3) releases the GI
 form that is not an encoding (a pack reference, `fabric.store.packs`), given a tag no
 encoding will ever take.
 
-Longer than our ~450-line guide on purpose: each encoding's writer and its hostile
+Length: over our ~450-line guide on purpose. Each encoding's writer and its hostile
 reader share one private payload layout (`_HEADER`, `_PLANE`, `_XOR_REF`), and keeping
 both halves beside that layout makes a layout change one edit, checked by one test file.
 """
