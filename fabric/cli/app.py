@@ -27,9 +27,9 @@ from fabric.config import load_client_config
 from fabric.errors import FabricError, InvalidInput
 from fabric.core.manifest import diff
 from fabric.publish import LocalTarget, collect_files, publish as publish_fn
-from fabric.pull import materialize
+from fabric.pull import materialize, pull_remote
+from fabric.transfer import FetchOptions
 from fabric.wire.client import OriginClient, RemoteRegistry, RemoteTarget, SyncOrigin
-from fabric.remote import pull_remote
 from fabric.store.registry import Registry, parse_ref
 from fabric.store.store import open_store
 
@@ -254,8 +254,8 @@ def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, m
             label = f"pull {artifact}" + (f"@{version}" if version else f":{channel}" if channel else "")
             with _progress(None, label, quiet) as progress:
                 result, _ = await pull_remote(client, s, artifact, dest, version=version, channel=channel,
-                                              overwrite=force, progress=progress, connections=connections,
-                                              max_rate=max_rate, copy=copy,
+                                              overwrite=force, progress=progress, copy=copy,
+                                              options=FetchOptions(connections=connections, max_rate=max_rate),
                                               on_manifest=progress and (lambda m: progress.set_total(m.size)))
             return result.to_json()
     return asyncio.run(run())
@@ -437,7 +437,7 @@ def hook_cmd(config: str = typer.Option(..., "--config", help="Hook config (TOML
 def agent_cmd(config: str = typer.Option(..., "--config", help="Site agent config (TOML).")):
     """Run a site agent: follow channels, replicate, activate, relay."""
     from agents.site.config import SiteConfig
-    from agents.site.agent import run_agent
+    from agents.site.app import run_agent
     from fabric import logs
     with _errors(False):
         cfg = SiteConfig.load(config)
