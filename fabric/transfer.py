@@ -6,10 +6,8 @@ The missing chunks are grouped into batches (many small chunks per request, a fe
 MiB each) and a pool of workers fetches batches in parallel over several
 connections. Each worker asks the first healthy source in the caller's order (relay
 first, origin last). Every chunk is decoded and checked against its id in a thread,
-then handed to the caller's *sink* (by default: put in the store); so a transfer that
-is killed resumes from what it stored. `FetchOptions` holds the knobs (connections,
-batch size, rate, patience); the rest of a call says where chunks go and who else is
-fetching them.
+then given to the caller's sink (`store_sink` puts it in the store); so a transfer
+that is killed resumes from what it stored. `FetchOptions` holds the knobs.
 
 Faults, and what happens:
 * a connection error, HTTP error, malformed stream or a read that stalls longer than
@@ -61,10 +59,8 @@ class FetchOptions:
 
 def store_sink(store: Store, *, defer: bool = False, then: ChunkSink | None = None) -> ChunkSink:
     """The usual sink: put each fetched chunk in `store`, then hand it to `then` (if any).
-
-    With `defer`, chunks become durable and visible in the store only at its `flush()`,
-    which the caller runs (right for a private cache; a relay's store serves at once).
-    """
+    With `defer`, chunks are durable and visible in the store only at its `flush()`, which
+    the caller runs (right for a private cache; a relay's store serves at once)."""
     def sink(chunk_id: str, data: bytes) -> None:
         store.put_chunk(chunk_id, data, verified=True, defer=defer)
         if then is not None:
