@@ -15,9 +15,9 @@ from fabric.errors import (InvalidName, InvalidSafetensors, SourceChanged, Sourc
 from fabric.core.manifest import diff
 from fabric.store.registry import Registry
 
-from conftest import (assert_same_tree, chunk_files, header_len, publish_local, pull_local,
-                      random_bytes, random_tensors, safetensors_bytes, write_safetensors,
-                      write_tree)
+from helpers.files import (assert_same_tree, header_len, random_bytes, random_tensors, safetensors_bytes,
+                           write_safetensors, write_tree)
+from helpers.store import chunk_files, publish_local, pull_local
 
 
 def _roundtrip(store, src: Path, tmp_path: Path, artifact="model", version="v1"):

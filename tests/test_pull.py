@@ -13,7 +13,8 @@ from fabric.pull import materialize
 from fabric.store.registry import Registry
 from fabric.store.store import chunk_key
 
-from conftest import assert_same_tree, publish_local, pull_local, random_bytes, read_tree, write_tree
+from helpers.files import assert_same_tree, random_bytes, read_tree, write_tree
+from helpers.store import publish_local, pull_local
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from fabric.pull import materialize
 from fabric.store.registry import Registry
 from fabric.wire.server import base_app
 
-from conftest import publish_local
+from helpers.store import publish_local
 from helpers.http import request
 from test_worker import Net, weights
 

@@ -20,7 +20,7 @@ from agents.worker.hotloader import HealthCheckFailed, LiveModule, TensorMismatc
 from fabric.errors import CorruptChunk, IntegrityError
 from fabric.store.registry import Registry
 
-from conftest import publish_local
+from helpers.store import publish_local
 
 MODES = ["in-place", "double-buffered"]
 X = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))

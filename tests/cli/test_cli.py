@@ -11,8 +11,8 @@ import pytest
 
 from fabric.store.store import chunk_key
 
-from conftest import (FABRIC, assert_same_tree, cli_json, random_bytes, random_tensors, run_cli,
-                      write_safetensors, write_tree)
+from helpers.cli import FABRIC, cli_json, run_cli
+from helpers.files import assert_same_tree, random_bytes, random_tensors, write_safetensors, write_tree
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from fabric.core import chunking
 from fabric.core.chunking import (CDC_MAX, CDC_MIN, CdcChunker, InvalidSafetensors, Piece,
                              header_length, parse_safetensors_header, plan_safetensors)
 
-from conftest import random_bytes, safetensors_bytes, write_safetensors
+from helpers.files import random_bytes, safetensors_bytes, write_safetensors
 
 
 def _parse(data: bytes):

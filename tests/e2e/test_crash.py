@@ -12,7 +12,9 @@ import blake3
 import numpy as np
 import pytest
 
-from conftest import FABRIC, chunk_files, cli_json, run_cli, write_safetensors
+from helpers.cli import FABRIC, cli_json, run_cli
+from helpers.files import write_safetensors
+from helpers.store import chunk_files
 
 MB = 1 << 20
 

@@ -24,7 +24,7 @@ from helpers.http import request
 from helpers.origin import (PUBLISH_SECRET, PULL_SECRET, OriginProcess, chunk_count, fabric_json,
                             fabric_popen, start_origin, stored_payload_size, tree_digest)
 
-from conftest import write_safetensors
+from helpers.files import write_safetensors
 
 pytestmark = pytest.mark.timeout(240)
 

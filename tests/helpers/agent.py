@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from .files import toml_lines
 from .http import request
-from .origin import free_port, parse_metrics
+from .origin import parse_metrics
+from .ports import free_port
 from .process import ServerProcess
 
 SITE_SECRETS = {  # each site's own token (pull scope); long and distinctive for log scans
@@ -19,18 +20,12 @@ SITE_SECRETS = {  # each site's own token (pull scope); long and distinctive for
 SITE_TOKENS = [{"name": name, "secret": secret, "scopes": ["pull"]} for name, secret in SITE_SECRETS.items()]
 
 
-def _toml(v) -> str:
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return json.dumps(v)
-
-
 def write_config(path: Path, settings: dict, retention: dict | None = None, sync: dict | None = None) -> Path:
-    lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
+    lines = toml_lines(settings)
     for table, values in (("retention", retention), ("sync", sync)):
         if values:
             lines.append(f"[{table}]")
-            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+            lines += toml_lines(values)
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -7,16 +7,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .cli import FABRIC
+from .files import toml_lines
 from .http import request
-from fabric.cli import fabric_command
-
-FABRIC = fabric_command()
+from .ports import free_port
+from .store import chunk_count, stored_payload_size  # noqa: F401  (tests import them from here too)
 
 # Tokens every wire test may use. Secrets are long and distinctive so a log scan can find them.
 PUBLISH_SECRET = "pub-secret-4f1c9a7e2b6d8053"
@@ -42,23 +42,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(v)  # a JSON string is a valid TOML basic string
-
-
 def write_token_file(path: Path, tokens: list[dict] | None = None) -> Path:
     lines = []
     for t in tokens if tokens is not None else DEFAULT_TOKENS:
         lines.append("[[token]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in t.items()]
+        lines += toml_lines(t)
         lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -197,20 +185,7 @@ def fabric_popen(*args, **kw) -> subprocess.Popen:
                             text=True, env=clean_env(), **kw)
 
 
-# --- store inspection ----------------------------------------------------------------------
-
-def chunk_count(store_root: Path) -> int:
-    base = Path(store_root) / "chunks"
-    if not base.exists():
-        return 0
-    return sum(len(names) for _, _, names in os.walk(base))
-
-
-def stored_payload_size(store_root: Path, chunk_id: str) -> int:
-    """Payload bytes of a stored chunk (its file less the one-byte encoding tag)."""
-    h = chunk_id.split(":", 1)[1]
-    return (Path(store_root) / "chunks" / h[:2] / h).stat().st_size - 1
-
+# --- trees ----------------------------------------------------------------------------------
 
 def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
     """Relative path → (sha256 of the bytes, permission bits) for every file under root."""

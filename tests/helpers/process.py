@@ -7,8 +7,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from .cli import FABRIC
 from .http import request
-from .origin import FABRIC, clean_env
+from .origin import clean_env
 
 
 class ServerProcess:

@@ -19,7 +19,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,27 +29,12 @@ import aiohttp
 from aiohttp import web
 
 from fabric.store.s3 import S3Options, make_client
+from helpers.ports import free_port, free_ports
 from helpers.process import ServerProcess
 
 WEED = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
 ACCESS_KEY, SECRET_KEY = "fabric-test-key", "fabric-test-secret-7c1e"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+SUITE_BUCKET = "fabric-suite"  # the bucket of conftest's session-wide `suite_weed`
 
 
 class Weed:
@@ -62,7 +46,7 @@ class Weed:
         self.path_prefixes = path_prefixes
         names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
                  "admin", "admin_grpc"]
-        self.ports = dict(zip(names, _free_ports(len(names))))
+        self.ports = dict(zip(names, free_ports(len(names))))
         self.proc: subprocess.Popen | None = None
 
     # --- addresses -------------------------------------------------------------------

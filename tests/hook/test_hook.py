@@ -28,7 +28,7 @@ from fabric.store.registry import Registry
 from fabric.store.store import open_store
 from fabric.pull import materialize
 
-from conftest import safetensors_bytes
+from helpers.files import safetensors_bytes
 from helpers.http import request
 from helpers.origin import parse_metrics
 from helpers.s3 import HookServer, ThrottlingProxy, Weed, free_port, hook_config, wait_until

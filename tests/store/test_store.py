@@ -29,7 +29,9 @@ from fabric.store import Capabilities, LocalBackend, Registry, Store, chunk_key,
 from fabric.store.registry import now_rfc3339
 from fabric.store.store import TAG_RAW, TAG_ZSTD
 
-from conftest import SUITE_BUCKET, chunk_files, count_up_concurrently, random_bytes
+from helpers.files import random_bytes
+from helpers.s3 import SUITE_BUCKET
+from helpers.store import chunk_files, count_up_concurrently
 
 
 def _put(store, data: bytes) -> str:

@@ -18,7 +18,8 @@ from fabric.errors import Conflict, Forbidden, InvalidInput, NotFound, TransferE
 from fabric.store import chunk_key, open_store
 from fabric.store.s3 import S3Backend, S3Options
 
-from conftest import SUITE_BUCKET as BUCKET, random_bytes
+from helpers.files import random_bytes
+from helpers.s3 import SUITE_BUCKET as BUCKET
 from helpers.s3 import ThrottlingProxy
 
 

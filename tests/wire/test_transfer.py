@@ -23,7 +23,8 @@ from fabric.store.registry import Registry
 from fabric.store.store import Store, open_store
 from fabric.transfer import FetchOptions, RateLimit, sync
 
-from conftest import assert_same_tree, publish_local, random_bytes, write_tree
+from helpers.files import assert_same_tree, random_bytes, write_tree
+from helpers.store import publish_local
 from helpers.origin import free_port
 from helpers.sources import MisbehavingSource, serve_origin
 
