@@ -57,7 +57,7 @@ import numpy as np
 from bench import machine, md_table
 from bench.pull_throughput import nginx_config
 from fabric.safetensors_io import TensorSpec, write_safetensors
-from fabric.core.topology import ORIGIN, Topology, parse_rate
+from fabric.core.topology import ORIGIN, Topology, parse_bandwidth
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `topology` is a folder of the repo, not an installed package
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         print(text)
         return text
     shared = args.uplink == "shared"
-    rate = parse_rate(args.uplink_rate, "--uplink-rate")
+    rate = parse_bandwidth(args.uplink_rate, "--uplink-rate")
     size = int(args.size_mb * MB)
     cleanup_stale()
     work = Path(tempfile.mkdtemp(prefix="fabric-fanout-", dir="/tmp"))

@@ -1,6 +1,11 @@
-"""Configuration: the client's settings, and the checker every daemon's TOML uses.
+"""Configuration: the client's settings, the notation for durations and rates, and the
+checker every daemon's TOML uses.
 
-This is the one place that reads environment variables.
+This is the one place that reads environment variables. It is also the one definition
+of how a duration ("30s", "20ms") or a rate is written, in files and in flags alike: a
+link's bandwidth in bits per second (`parse_bit_rate`, "200mbit") and a transfer cap in
+bytes per second (`parse_byte_rate`, "50M"). It imports nothing of Fabric but
+`fabric.errors` and pure `fabric.core` modules, so `fabric.core.topology` may use it.
 
 `ClientConfig` holds what CLI commands need when a flag is not given: the store
 folder, the origin URL and the token. Precedence: command-line flag, then the
@@ -88,20 +93,57 @@ def _read_file(path: Path) -> dict:
     return data
 
 
-# --- checking a daemon's TOML (agents.site.config, fabric.hook.config) ------------------------
+# --- durations and rates: the one notation every config file and flag uses ------------------
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(us|ms|s|m|h|d)?$")
+_SECONDS = {"us": 1e-6, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_BIT_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(bit|bps|b)\s*$", re.IGNORECASE)
+_SI = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
 
 
-def parse_duration(text: object) -> float:
-    """"30s", "2m", "500ms", "1h", "1d" or a number of seconds → seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
+def parse_duration(text: object, *, bare_seconds: bool = True) -> float:
+    """"30s", "2m", "500ms", "250us", "1h", "1d" → seconds (units are lower case).
+
+    With `bare_seconds` (the default) a number, or a string without a unit, counts
+    seconds; without it the unit is required ("20ms", never "20"). Raises ValueError.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and bare_seconds:
         return float(text)
     m = _DURATION.match(str(text).strip())
-    if not m:
+    if not m or (m.group(2) is None and not bare_seconds):
         raise ValueError(f"{text!r} is not a duration like '30s', '2m' or '500ms'")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def parse_bit_rate(text: object) -> float:
+    """A link's bandwidth → bits per second: '1gbit' = 1e9, '64kbit', '9600bit'.
+
+    The unit is required and says what is counted: 'bit' counts bits, 'b' and 'bps'
+    count bytes ('100mb' = '100mbps' = 800 Mbit/s). k, m, g are powers of 1000, in
+    either case. Raises ValueError, for a malformed rate or one that is not positive.
+    """
+    m = _BIT_RATE.match(str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not like '200mbit' or '1gbit'")
+    value = float(m.group(1)) * _SI[m.group(2).upper()]
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than zero")
+    return value if m.group(3).lower() == "bit" else value * 8
+
+
+def parse_byte_rate(text: object) -> float:
+    """A transfer cap → bytes per second: '50M' = 50e6, '1.5G', '64k', '1000'.
+
+    A number with an optional K, M or G (powers of 1000, either case); no unit word.
+    Raises ValueError.
+    """
+    s = str(text).strip().upper()
+    try:
+        if s[-1:] in ("K", "M", "G"):
+            return float(s[:-1]) * _SI[s[-1]]
+        return float(s)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a byte rate like '50M'") from None
 
 
 def resolve_path(base: Path, value: str) -> Path:
@@ -109,6 +151,8 @@ def resolve_path(base: Path, value: str) -> Path:
     p = Path(value)
     return p if p.is_absolute() else (base / p).resolve()
 
+
+# --- checking a daemon's TOML (agents.site.config, fabric.hook.config) ------------------------
 
 class Checker:
     """Typed reads from one TOML table; every failure names the file, table and key."""

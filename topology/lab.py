@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from fabric import cli
-from fabric.core.topology import ORIGIN, Topology, parse_rate
+from fabric.core.topology import ORIGIN, Topology, parse_bandwidth
 
 PREFIX = "fab-"
 _LINK_BASE = int(ipaddress.IPv4Address("10.77.0.0"))
@@ -162,7 +162,7 @@ def make_plan(topo: Topology, tag: str, *, rates: Mapping[tuple[str, str], str |
         up = None if name == ORIGIN else topo.sites[name].upstream
         nodes[name] = Node(name, ns, str(ipaddress.IPv4Address(_NODE_BASE + k + 1)), up)
 
-    overrides = {frozenset(pair): parse_rate(v, f"rate override {pair}") if isinstance(v, str) else float(v)
+    overrides = {frozenset(pair): parse_bandwidth(v, f"rate override {pair}") if isinstance(v, str) else float(v)
                  for pair, v in (rates or {}).items()}
     tree_pairs = {frozenset((s.name, s.upstream)) for s in topo.sites.values()}
     links, seen = [], set()

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fabric.config import Checker, read_toml, resolve_path
+from fabric.config import Checker, parse_byte_rate, read_toml, resolve_path
 from fabric.core.manifest import check_name
 from fabric.wire.server import parse_listen
 
@@ -187,7 +187,4 @@ def _workers(c: Checker) -> RolloutOptions:
 
 
 def _rate(value: object) -> float | None:
-    text = str(value).strip().upper()
-    mult = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], 1)
-    number = float(text[:-1] if text[-1:] in "KMG" else text)
-    return number * mult or None
+    return parse_byte_rate(value) or None  # "0": no cap

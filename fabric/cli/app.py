@@ -23,7 +23,7 @@ from rich.table import Table
 
 from fabric import fsck as fsck_mod
 from fabric import gc as gc_mod
-from fabric.config import load_client_config
+from fabric.config import load_client_config, parse_byte_rate
 from fabric.errors import FabricError, InvalidInput
 from fabric.core.manifest import diff
 from fabric.publish import LocalTarget, collect_files, publish as publish_fn
@@ -264,11 +264,8 @@ def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, m
 def _parse_rate(text: Optional[str]) -> Optional[float]:
     if not text:
         return None
-    units = {"K": 1e3, "M": 1e6, "G": 1e9}
     try:
-        if text[-1].upper() in units:
-            return float(text[:-1]) * units[text[-1].upper()]
-        return float(text)
+        return parse_byte_rate(text)
     except ValueError:
         raise InvalidInput(f"--max-rate {text!r}: expected bytes per second, e.g. 50M") from None
 

@@ -16,16 +16,13 @@ carries each chunk once per version, and a dead relay costs its children only a 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fabric.config import read_toml
+from fabric.config import parse_bit_rate, parse_duration, read_toml
 from fabric.errors import ConfigError
 
 ORIGIN = "origin"
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(bit|bps|b)\s*$", re.IGNORECASE)
-_TIME_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s)\s*$")
 _SITE_KEYS = {"name", "region", "upstream", "url"}
 _LINK_KEYS = {"a", "b", "bandwidth", "latency"}
 
@@ -145,22 +142,20 @@ class Topology:
         return min(rates) if rates else None
 
 
-def parse_rate(text: object, where: str) -> float:
-    """'1gbit' -> 1e9 bits/s; 'MB'/'bps' forms count bytes ('100mb' = 800 Mbit/s)."""
-    m = _RATE_RE.match(str(text))
-    if not m:
-        raise ConfigError(f"{where}: bandwidth {text!r} is not like '200mbit' or '1gbit'")
-    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
-    if value <= 0:
-        raise ConfigError(f"{where}: bandwidth {text!r} must be more than zero")
-    return value if m.group(3).lower() == "bit" else value * 8
+def parse_bandwidth(text: object, where: str) -> float:
+    """A link's bandwidth ('1gbit', '100mb') → bits per second; ConfigError naming `where`."""
+    try:
+        return parse_bit_rate(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}: bandwidth {e}") from None
 
 
-def parse_duration(text: object, where: str) -> float:
-    m = _TIME_RE.match(str(text))
-    if not m:
-        raise ConfigError(f"{where}: latency {text!r} is not like '20ms'")
-    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+def parse_latency(text: object, where: str) -> float:
+    """A link's latency ('20ms', '250us'; the unit is required) → seconds; ConfigError naming `where`."""
+    try:
+        return parse_duration(text, bare_seconds=False)
+    except ValueError:
+        raise ConfigError(f"{where}: latency {text!r} is not like '20ms'") from None
 
 
 def _tables(data: dict, key: str, where: str) -> list[dict]:
@@ -192,8 +187,8 @@ def _link(raw: dict, where: str, sites: dict[str, Site]) -> Link:
             raise ConfigError(f"{where}.{end}: unknown site {raw.get(end)!r}")
     if raw["a"] == raw["b"]:
         raise ConfigError(f"{where}: a link joins two different sites, not {raw['a']!r} to itself")
-    return Link(raw["a"], raw["b"], parse_rate(raw.get("bandwidth"), f"{where}.bandwidth"),
-                parse_duration(raw.get("latency", "0ms"), f"{where}.latency"))
+    return Link(raw["a"], raw["b"], parse_bandwidth(raw.get("bandwidth"), f"{where}.bandwidth"),
+                parse_latency(raw.get("latency", "0ms"), f"{where}.latency"))
 
 
 def owner_index(chunk_id: str, peers: int) -> int:

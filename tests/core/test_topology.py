@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fabric.errors import ConfigError
-from fabric.core.topology import ORIGIN, Topology, parse_duration, parse_rate
+from fabric.core.topology import ORIGIN, Topology, parse_bandwidth, parse_latency
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO, LARGE = ROOT / "topology" / "demo.toml", ROOT / "topology" / "large.toml"
@@ -141,22 +141,22 @@ def test_load_reports_unreadable_and_malformed_files(tmp_path):
     ("1gbit", 1e9), ("200mbit", 200e6), ("1.5Gbit", 1.5e9), ("64kbit", 64e3), ("9600bit", 9600),
     (" 10 gbit ", 10e9), ("100mb", 800e6), ("100mbps", 800e6), ("1GB", 8e9),
 ])
-def test_parse_rate(text, bps):
-    assert parse_rate(text, "x") == pytest.approx(bps)
+def test_parse_bandwidth(text, bps):
+    assert parse_bandwidth(text, "x") == pytest.approx(bps)
 
 
 @pytest.mark.parametrize("text", ["", "fast", "1000", "1tbit", "-1mbit", "0gbit", "1 g bit", None, 5])
-def test_parse_rate_rejects(text):
+def test_parse_bandwidth_rejects(text):
     with pytest.raises(ConfigError, match=r"^where: bandwidth"):
-        parse_rate(text, "where")
+        parse_bandwidth(text, "where")
 
 
 @pytest.mark.parametrize("text, seconds", [("20ms", 0.02), ("1s", 1.0), ("250us", 250e-6), ("0ms", 0.0), ("1.5ms", 0.0015)])
-def test_parse_duration(text, seconds):
-    assert parse_duration(text, "x") == pytest.approx(seconds)
+def test_parse_latency(text, seconds):
+    assert parse_latency(text, "x") == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("text", ["20", "soon", "5 min", "-3ms", "20MS", None])
-def test_parse_duration_rejects(text):
+def test_parse_latency_rejects(text):
     with pytest.raises(ConfigError, match=r"^where: latency"):
-        parse_duration(text, "where")
+        parse_latency(text, "where")
