@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from agents.worker.hotloader import LiveModule, _RWLock
+from agents.worker.hotloader import LiveModule, RWLock
 from bench import md_table
 from fabric.core.manifest import Manifest
 from fabric.publish import publish
@@ -157,7 +157,7 @@ def bench_loader(mode: str, base: torch.nn.Module, versions, target: str, repeat
 
 
 def bench_full_reload(base: torch.nn.Module, versions, target: str, repeat: int, locked: bool) -> dict:
-    lock, current = _RWLock(), {"m": base}
+    lock, current = RWLock(), {"m": base}
 
     def serve():
         class _S:

@@ -34,11 +34,11 @@ from fabric.logs import get_logger
 from fabric.core.manifest import Manifest
 
 from agents.worker.live import (DTYPES, MODES, HealthCheck, HealthCheckFailed, LiveModule, LoadReport, Served,
-                   TensorMismatch, _RWLock, verify_tensors)
+                   TensorMismatch, RWLock, verify_tensors)
 from fabric.wire.protocol import MANIFESTS, WORKERS
 
 __all__ = ["HotLoader", "LiveModule", "LoadReport", "Served", "HealthCheck", "HealthCheckFailed",
-           "TensorMismatch", "verify_tensors", "DTYPES", "MODES", "_RWLock"]
+           "TensorMismatch", "verify_tensors", "DTYPES", "MODES", "RWLock"]
 log = get_logger("worker")
 
 

@@ -1,6 +1,8 @@
 """The live weights: bring a torch module from one version to the next, safely.
 
-(The hot-loader that connects this to a site agent is `agents.worker.hotloader.HotLoader`.)
+(The hot-loader that connects this to a site agent is `agents.worker.hotloader.HotLoader`;
+the pieces a load uses are beside this module: `buffers` (the lock and a module copy),
+`files` (reading and verifying a version's files), `copying` (CPU and CUDA copies).)
 
 Terms:
 
@@ -24,23 +26,24 @@ Terms:
 from __future__ import annotations
 
 import copy
-import math
-import mmap
 import os
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from fabric.core import digest, dtypes
-from fabric.core.chunking import SEGMENT_SIZE
-from fabric.errors import (CorruptChunk, FabricError, HealthCheckFailed, IntegrityError, InvalidInput,
+from fabric.core import dtypes
+from fabric.errors import (FabricError, HealthCheckFailed, InvalidInput,
                            TensorMismatch)
 from fabric.logs import get_logger
+
+from agents.worker.buffers import Buffer, RWLock
+from agents.worker.copying import Copier, bytes_of
+from agents.worker.files import VersionFiles, old_files, segment_size, verify_tensors
 from fabric.core.manifest import Manifest, TensorEntry
 
 
@@ -93,232 +96,6 @@ class Served:
     version: str | None
 
 
-# --- locks and buffers -----------------------------------------------------------------
-
-class _RWLock:
-    """Many readers (requests) or one writer (an in-place swap); a waiting writer goes first.
-
-    Reentrant for readers on one thread, so a request path that nests `serving()`
-    does not deadlock behind a waiting writer.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-        self._local = threading.local()
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        depth = getattr(self._local, "depth", 0)
-        if depth == 0:
-            with self._cond:
-                while self._writer or self._writers_waiting:
-                    self._cond.wait()
-                self._readers += 1
-        self._local.depth = depth + 1
-        try:
-            yield
-        finally:
-            self._local.depth = depth
-            if depth == 0:
-                with self._cond:
-                    self._readers -= 1
-                    if self._readers == 0:
-                        self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-@dataclass(eq=False)
-class _Buffer:
-    """One set of weights: a module, the version it holds, and what is known of it."""
-
-    module: torch.nn.Module
-    version: str | None
-    manifest: Manifest | None = None
-    dirty: set[str] = field(default_factory=set)  # tensors written by a load that did not finish
-    users: int = 0  # requests running on it (double-buffered)
-    folder: Path | None = None  # where its version's files are (the restore source for in-place)
-
-
-# --- reading a version's files ------------------------------------------------------------
-
-class _Files:
-    """A version folder's files, memory-mapped on first use; counts the bytes it hands out."""
-
-    def __init__(self, folder: str | os.PathLike, manifest: Manifest):
-        self.folder = Path(folder)
-        self.entries = {f.path: f for f in manifest.files}
-        self._maps: dict[str, mmap.mmap] = {}
-        self._ranges: set[tuple[str, int, int]] = set()
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(n for _, _, n in self._ranges)
-
-    def _map(self, rel: str) -> mmap.mmap:
-        mm = self._maps.get(rel)
-        if mm is not None:
-            return mm
-        entry = self.entries.get(rel)
-        if entry is None:
-            raise IntegrityError(f"the manifest lists no file {rel!r}")
-        path = self.folder / rel
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != entry.size:
-                    raise IntegrityError(f"{path} is {size} bytes, the manifest says {entry.size} "
-                                         "(truncated or replaced?)")
-                # ACCESS_COPY: a private mapping, so torch sees a writable buffer; nothing is written
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else mmap.mmap(-1, 1)
-        except FileNotFoundError:
-            raise IntegrityError(f"{path} is missing") from None
-        self._maps[rel] = mm
-        return mm
-
-    def prefetch(self, tensors: list[TensorEntry]) -> None:
-        """Ask the kernel to start reading these ranges now (a no-op when they are cached)."""
-        for t in tensors:
-            if t.length and hasattr(mmap, "MADV_WILLNEED"):
-                start = t.offset - t.offset % mmap.PAGESIZE
-                self._map(t.file).madvise(mmap.MADV_WILLNEED, start, t.offset + t.length - start)
-
-    def view(self, t: TensorEntry) -> memoryview:
-        self._ranges.add((t.file, t.offset, t.length))
-        return memoryview(self._map(t.file))[t.offset:t.offset + t.length]
-
-    def tensor(self, t: TensorEntry) -> torch.Tensor:
-        """The tensor's bytes as a uint8 CPU tensor over the mapping (no copy)."""
-        self._ranges.add((t.file, t.offset, t.length))
-        return torch.frombuffer(self._map(t.file), dtype=torch.uint8, count=t.length, offset=t.offset)
-
-    def close(self) -> None:
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a view is still alive somewhere; the GC closes it
-                pass
-        self._maps.clear()
-
-
-def _segment(manifest: Manifest) -> int:
-    seg = (manifest.chunking.get("safetensors") or {}).get("segment", SEGMENT_SIZE)
-    if not isinstance(seg, int) or seg <= 0:
-        raise IntegrityError(f"manifest gives a bad safetensors segment size {seg!r}")
-    return seg
-
-
-def verify_tensors(files: _Files, tensors: list[TensorEntry], segment: int) -> None:
-    """Check each tensor's byte ranges against its chunk ids (the file sizes on opening)."""
-    for t in tensors:
-        want = math.ceil(t.length / segment)
-        if len(t.chunks) != want:
-            raise IntegrityError(f"tensor {t.name!r}: {len(t.chunks)} chunk ids for {t.length} bytes "
-                                 f"(want {want} of {segment})")
-        view = files.view(t)
-        for i, cid in enumerate(t.chunks):
-            try:
-                digest.verify(cid, view[i * segment:(i + 1) * segment])
-            except CorruptChunk:
-                raise CorruptChunk(f"{files.folder / t.file}: bytes of tensor {t.name!r} "
-                                   f"(segment {i}) do not match the manifest") from None
-
-
-# --- copying --------------------------------------------------------------------------------
-
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's storage as a flat uint8 view."""
-    return t.detach().reshape(-1).view(torch.uint8)
-
-
-class _CudaStager:
-    """Host-to-device copies through pinned staging buffers on a side stream, pipelined.
-
-    While buffer k's bytes travel to the GPU, the CPU fills buffer k+1 from the file;
-    a buffer is refilled only after its previous copy's event has completed.
-    """
-
-    def __init__(self, device: torch.device, stage_bytes: int, buffers: int = 4):
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self.bufs = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
-        self.events: list[torch.cuda.Event | None] = [None] * buffers
-        self.stage = stage_bytes
-        self._k = 0
-
-    def begin(self) -> None:
-        # work already queued on the default stream (requests) finishes before we write
-        self.stream.wait_stream(torch.cuda.default_stream(self.device))
-
-    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        n = src.numel()
-        for off in range(0, n, self.stage):
-            i = self._k % len(self.bufs)
-            self._k += 1
-            if self.events[i] is not None:
-                self.events[i].synchronize()
-            m = min(self.stage, n - off)
-            self.bufs[i][:m].copy_(src[off:off + m])
-            with torch.cuda.stream(self.stream):
-                dst[off:off + m].copy_(self.bufs[i][:m], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-                self.events[i] = ev
-
-    def finish(self) -> None:
-        self.stream.synchronize()
-
-
-class _Copier:
-    """Copies uint8 sources (file mappings, backups) into tensors on any device."""
-
-    def __init__(self, stage_bytes: int):
-        self.stage_bytes = stage_bytes
-        self._cuda: dict[torch.device, _CudaStager] = {}
-
-    def __call__(self, pairs: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        used: list[_CudaStager] = []
-        try:
-            for src, dst in pairs:
-                if dst.is_contiguous():
-                    raw = _bytes_of(dst)
-                    if raw.is_cuda:
-                        stager = self._stager(raw.device)
-                        if stager not in used:
-                            stager.begin()
-                            used.append(stager)
-                        stager.copy(src, raw)
-                    else:
-                        raw.copy_(src)
-                else:  # rare: a strided parameter; go through an aligned typed copy
-                    with torch.no_grad():
-                        dst.copy_(src.clone().view(dst.dtype).view(dst.shape))
-        finally:
-            for stager in used:
-                stager.finish()
-
-    def _stager(self, device: torch.device) -> _CudaStager:
-        if device not in self._cuda:
-            self._cuda[device] = _CudaStager(device, self.stage_bytes)
-        return self._cuda[device]
-
-
 # --- the module's weights -------------------------------------------------------------------
 
 class LiveModule:
@@ -357,12 +134,12 @@ class LiveModule:
         self.verify, self.strict = verify, strict
         version = manifest.version if manifest is not None else version
         folder = Path(folder) if folder is not None and manifest is not None else None
-        self._live = _Buffer(module, version, manifest, folder=folder)
-        self._shadow = _Buffer(copy.deepcopy(module), version, manifest) if mode == "double-buffered" else None
-        self._rw = _RWLock()  # in-place: requests read, a swap writes
+        self._live = Buffer(module, version, manifest, folder=folder)
+        self._shadow = Buffer(copy.deepcopy(module), version, manifest) if mode == "double-buffered" else None
+        self._rw = RWLock()  # in-place: requests read, a swap writes
         self._mutex = threading.Condition()  # double-buffered: which buffer is live, and its users
         self._load_lock = threading.Lock()  # one load at a time
-        self._copy = _Copier(stage_bytes)
+        self._copy = Copier(stage_bytes)
         self._reference: torch.Tensor | None = None  # golden output of the serving weights
         self._spare: torch.Tensor | None = None  # in-place: host buffer for restoring overwritten tensors
 
@@ -429,8 +206,8 @@ class LiveModule:
         rep = LoadReport(manifest.version, buf.version, self.mode)
         targets = _targets(buf.module)
         changed = self._plan(buf, targets, manifest)
-        files = _Files(folder, manifest)
-        old = _old_files(buf, changed)  # the overwritten tensors' bytes, if the old files are there
+        files = VersionFiles(folder, manifest)
+        old = old_files(buf, changed)  # the overwritten tensors' bytes, if the old files are there
         try:
             restore = old.pairs(changed, targets) if old else self._backup(changed, targets)
             rep.verify_s = self._verify(files, changed, manifest)
@@ -473,7 +250,7 @@ class LiveModule:
         # after a swap the spare holds the version before: bring the tensors it lags in from
         # the live module (memory to memory), except those the file is about to overwrite
         lagging = self._lagging(shadow, live, targets) - names
-        files = _Files(folder, manifest)
+        files = VersionFiles(folder, manifest)
         try:
             # verify first, then copy: overlapping the two in threads measured slower on a
             # 16-core GPU host (hashing and copying compete for cores and memory bandwidth)
@@ -505,7 +282,7 @@ class LiveModule:
         return self._finish(rep, changed, failure, out, t0)
 
     @staticmethod
-    def _lagging(shadow: _Buffer, live: _Buffer, targets: dict[str, torch.Tensor]) -> set[str]:
+    def _lagging(shadow: Buffer, live: Buffer, targets: dict[str, torch.Tensor]) -> set[str]:
         """Names of the tensors where the spare buffer differs from the live one."""
         if shadow.version == live.version:
             return set(shadow.dirty)
@@ -531,7 +308,7 @@ class LiveModule:
         out, off = {}, 0
         for t in changed:
             out[t.name] = self._spare[off:off + t.length]
-            out[t.name].copy_(_bytes_of(targets[t.name].detach().contiguous()), non_blocking=cuda)
+            out[t.name].copy_(bytes_of(targets[t.name].detach().contiguous()), non_blocking=cuda)
             off += t.length
         # on CUDA the copies are queued: the caller synchronizes before any weight changes
         return lambda: ((out[t.name], targets[t.name]) for t in changed if t.length)
@@ -548,7 +325,7 @@ class LiveModule:
             self._reference = out
         return rep
 
-    def _plan(self, buf: _Buffer, targets: dict[str, torch.Tensor], manifest: Manifest) -> list[TensorEntry]:
+    def _plan(self, buf: Buffer, targets: dict[str, torch.Tensor], manifest: Manifest) -> list[TensorEntry]:
         """The tensors to load (changed, new, or left dirty), after checking they all fit."""
         new: dict[str, TensorEntry] = {}
         for t in manifest.tensors:
@@ -566,12 +343,12 @@ class LiveModule:
         return [t for name, t in new.items()
                 if name in targets and (name in buf.dirty or _differs(old.get(name), t))]
 
-    def _verify(self, files: _Files, changed: list[TensorEntry], manifest: Manifest) -> float:
+    def _verify(self, files: VersionFiles, changed: list[TensorEntry], manifest: Manifest) -> float:
         """Check the changed tensors' bytes (and files' sizes); returns the seconds it took."""
         t0 = time.perf_counter()
         files.prefetch(changed)
         if self.verify:
-            verify_tensors(files, changed, _segment(manifest))
+            verify_tensors(files, changed, segment_size(manifest))
         else:
             for rel in {t.file for t in changed}:
                 files._map(rel)  # sizes are checked on opening
@@ -631,38 +408,6 @@ class LiveModule:
 
 def _targets(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True))
-
-
-class _OldFiles(_Files):
-    """The version a buffer holds, mapped before a load so a restore can read it back.
-
-    Mapped before any weight changes: a file the agent prunes meanwhile stays readable.
-    """
-
-    def __init__(self, buf: _Buffer, changed: list[TensorEntry]):
-        super().__init__(buf.folder, buf.manifest)
-        index = {t.name: t for t in buf.manifest.tensors}
-        self.entries_by_name = {t.name: index[t.name] for t in changed}
-        for rel in {t.file for t in self.entries_by_name.values()}:
-            self._map(rel)  # size checked here
-
-    def pairs(self, changed: list[TensorEntry], targets: dict[str, torch.Tensor]):
-        olds = [self.entries_by_name[t.name] for t in changed if t.length]
-        return lambda: ((self.tensor(o), targets[o.name]) for o in olds)
-
-
-def _old_files(buf: _Buffer, changed: list[TensorEntry]) -> _OldFiles | None:
-    """The old files of the tensors a load changes, or None (restore from a memory copy)."""
-    if buf.folder is None or buf.manifest is None or not changed:
-        return None
-    old = {t.name: t for t in buf.manifest.tensors}
-    if any(t.name not in old or (old[t.name].dtype, old[t.name].shape) != (t.dtype, t.shape) for t in changed):
-        return None
-    try:
-        return _OldFiles(buf, changed)
-    except IntegrityError as e:  # gone or changed: fall back to copying the weights aside
-        log.warning("old version's files unusable; backing up in memory", folder=str(buf.folder), error=e.message)
-        return None
 
 
 def _differs(old: TensorEntry | None, new: TensorEntry) -> bool:
