@@ -334,7 +334,7 @@ def test_site_token_without_pull_scope_is_a_clear_error(tmp_path, origin, tokens
 
 def test_hubs_under_the_origin_split_its_uplink_by_chunk_owner(tmp_path, origin, tokens_file):
     """Two hubs right under the origin: each chunk leaves the origin once, not once per hub."""
-    from helpers.origin import free_port
+    from helpers.ports import free_port
     ports = {"hub": free_port(), "edge-a": free_port()}
     topo = tmp_path / "topo.toml"
     topo.write_text(f'[origin]\nurl = "{origin.url}"\n' + "".join(

@@ -25,7 +25,7 @@ from fabric.transfer import FetchOptions, RateLimit, sync
 
 from helpers.files import assert_same_tree, random_bytes, write_tree
 from helpers.store import publish_local
-from helpers.origin import free_port
+from helpers.ports import free_port
 from helpers.sources import MisbehavingSource, serve_origin
 
 SECRET = "transfer-test-secret-0123456789"

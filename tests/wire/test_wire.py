@@ -21,7 +21,7 @@ from fabric.errors import (ArtifactNotFound, BadFrame, CorruptChunk, Forbidden, 
 from fabric.store.store import open_store
 
 from helpers.files import random_bytes
-from helpers.origin import free_port
+from helpers.ports import free_port
 from helpers.sources import serve_origin
 
 
