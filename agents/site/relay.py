@@ -24,11 +24,11 @@ from fabric.logs import get_logger
 from fabric.pull import Upstream
 from fabric.store.store import Store
 from fabric.transfer import fetch_chunks
+from fabric.wire.protocol import PEER_HEADER
 
 from agents.site.metrics import AgentMetrics
 
 log = get_logger("agent")
-PEER_HEADER = "X-Fabric-Peer"  # "answer from what you hold; do not fetch upstream for me"
 _PEER_REQUEST = contextvars.ContextVar("peer_request", default=False)
 
 

@@ -9,13 +9,13 @@ origin, and the others' shares from them first.
 
 from __future__ import annotations
 
+from fabric.wire.protocol import PEER_HEADER
 from fabric.core.topology import Topology, owner_index
 from fabric.pull import Upstream
 from fabric.transfer import FetchOptions, Inflight
 from fabric.wire.client import OriginClient
 
 from agents.site.config import SiteConfig, SyncOptions
-from agents.site.relay import PEER_HEADER
 
 
 class SourcePlan:

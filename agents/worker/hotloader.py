@@ -11,7 +11,7 @@ Fabric's that import torch) and wraps its model:
 
 `agents.worker.live.LiveModule` owns the weights and loads only the tensors that changed
 (in place or double-buffered; pinned, pipelined copies on CUDA). `HotLoader` connects
-it to the site agent (agents/rollout.py holds the protocol): it registers, long-polls
+it to the site agent (agents/site/rollout.py is the other side; docs/hotload.md the protocol): it registers, long-polls
 for assignments (the poll is its heartbeat and continues while a load runs), loads
 the newest one, and reports how it went.
 """

@@ -99,7 +99,7 @@ def create_app(loader: HotLoader) -> web.Application:
     app[LOADER], app[COUNTS] = loader, {"requests": 0, "failed": 0}
     app.router.add_post("/infer", _infer)
     app.router.add_get("/status", _status)
-    app.router.add_get("/livez", lambda _: web.json_response({"ok": True}))
+    app.router.add_get("/livez", _livez)
     return app
 
 
@@ -126,6 +126,10 @@ async def _infer(request: web.Request) -> web.Response:
         counts["failed"] += 1
         return web.json_response({"code": "not_ready", "message": "no version loaded yet"}, status=503)
     return web.json_response({"output": output, "version": version, "worker": loader.worker_id})
+
+
+async def _livez(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
 
 
 async def _status(request: web.Request) -> web.Response:

@@ -34,6 +34,7 @@ MANIFEST_PATCH = "application/x-fabric-manifest-patch"  # Content-Type of a patc
 ENCODINGS_HEADER = "X-Fabric-Encodings"  # on a `has` answer: what the server decodes in uploads
 BASE_HEADER = "X-Fabric-Manifest-Base"  # the id of the manifest a patch is against
 MANIFEST_ID_HEADER = "X-Fabric-Manifest-Id"  # the id of the manifest in the body
+PEER_HEADER = "X-Fabric-Peer"  # from a sibling site: "answer from what you hold; do not fetch upstream for me"
 
 ENCODINGS = tuple(e.name.lower() for e in Encoding)  # what this side decodes, by name
 
@@ -55,6 +56,6 @@ FRAME_OVERHEAD = 1 + CHUNK_HEAD.size  # a chunk frame's bytes before its payload
 __all__ = [
     "API", "ARTIFACTS", "CHUNKS_HAS", "CHUNKS_FETCH", "CHUNKS_UPLOAD", "EVENTS", "SITES", "SITE", "SITE_PINS",
     "WORKERS", "MANIFESTS", "CHUNK_STREAM", "MANIFEST_PATCH", "ENCODINGS_HEADER", "BASE_HEADER",
-    "MANIFEST_ID_HEADER", "ENCODINGS", "MAX_CHUNK", "MAX_MANIFEST", "MAX_PAYLOAD", "MAX_IDS", "MAX_JSON",
+    "MANIFEST_ID_HEADER", "PEER_HEADER", "ENCODINGS", "MAX_CHUNK", "MAX_MANIFEST", "MAX_PAYLOAD", "MAX_IDS", "MAX_JSON",
     "MAX_HAVE", "MAGIC", "FRAME_END", "FRAME_CHUNK", "FRAME_MISSING", "CHUNK_HEAD", "END", "FRAME_OVERHEAD",
 ]
