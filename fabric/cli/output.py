@@ -1,0 +1,109 @@
+"""What the `fabric` commands print: reports, tables, sizes, progress bars and errors.
+
+A report goes to stdout as a table or sentence, or as JSON with `--json`; progress and
+errors go to stderr, so `--json` output on stdout stays machine-readable. An error is a
+`FabricError` turned into one line `error[code]: message` (plus a hint where one helps)
+or, with `--json`, a JSON object on stdout; either way the process exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+from fabric.errors import FabricError
+
+out = Console()
+err = Console(stderr=True)
+
+# What to try next, per error code: shown under the error message.
+HINTS = {
+    "destination_exists": "pull into an empty folder, or add --force",
+    "version_exists": "choose another --version, or omit it for a timestamp",
+    "artifact_not_found": "run `fabric ls` to see the artifacts",
+    "version_not_found": "run `fabric ls NAME` to see its versions",
+    "channel_not_found": "run `fabric show NAME` to see its channels, or `fabric promote`",
+    "invalid_safetensors": "check the file with `python -c 'import safetensors'` tooling, or publish it under another name",
+    "source_changed": "wait for the writer to finish, then publish again",
+    "missing_chunks": "run `fabric fsck`; the store lost chunks this version needs",
+}
+
+
+def fail(e: FabricError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"error": e.to_json()}))
+    else:
+        # soft_wrap: one line whatever the terminal width, so scripts can match it
+        err.print(f"error[{e.code}]: {e.message}", style="red", markup=False, highlight=False,
+                  soft_wrap=True)
+        if e.code in HINTS:
+            err.print(f"  hint: {HINTS[e.code]}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def errors(as_json: bool):
+    try:
+        yield
+    except FabricError as e:
+        fail(e, as_json)
+
+
+def emit(obj: dict, as_json: bool, human) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        human()
+
+
+def table(cols: list[str], rows: list[dict]) -> None:
+    t = Table(*cols)
+    for r in rows:
+        t.add_row(*[_cell(r[c]) for c in cols])
+    out.print(t)
+
+
+def _cell(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}→{x}" for k, x in v.items())
+    if isinstance(v, list):
+        return ", ".join(map(str, v))
+    return "" if v is None else str(v)
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@contextmanager
+def progress_bar(total: int | None, label: str, quiet: bool):
+    if quiet or not err.is_terminal:  # a bar drawn into a pipe or log is noise (and a stray blank line)
+        yield None
+        return
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        yield _Bar(bar, bar.add_task(label, total=total))
+
+
+class _Bar:
+    """A progress callback: `bar(n)` advances by n bytes; `set_total` sizes it once known."""
+
+    def __init__(self, bar: Progress, task):
+        self.bar, self.task = bar, task
+
+    def __call__(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+    def set_total(self, total: int) -> None:
+        self.bar.update(self.task, total=total)

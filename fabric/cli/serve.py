@@ -1,0 +1,63 @@
+"""`fabric origin|hook|agent`: the long-running servers, each started from its config.
+
+Each command imports its role only when it runs, so the rest of the CLI loads without
+the servers' dependencies.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from fabric.cli.options import S3EndpointOpt, S3KeyOpt, S3SecretOpt, StoreOpt, open_local_store, s3_options
+from fabric.cli.output import errors
+
+commands = typer.Typer()
+
+
+@commands.command("origin")
+def origin_cmd(store: Optional[str] = StoreOpt,
+               listen: str = typer.Option("127.0.0.1:7000", "--listen", help="HOST:PORT to serve on."),
+               tokens: str = typer.Option(..., "--tokens", help="Token file (TOML)."),
+               tls_cert: Optional[str] = typer.Option(None, "--tls-cert"),
+               tls_key: Optional[str] = typer.Option(None, "--tls-key"),
+               log_level: str = typer.Option("info", "--log-level"),
+               s3_endpoint: Optional[str] = S3EndpointOpt, s3_access_key: Optional[str] = S3KeyOpt,
+               s3_secret_key: Optional[str] = S3SecretOpt):
+    """Serve a store (a folder, or s3://BUCKET/PREFIX) as an origin over HTTP(S)."""
+    from fabric import logs
+    from fabric.origin import app as origin_mod
+    from fabric.wire.server import tls_context
+    from fabric.wire.auth import TokenTable
+    with errors(False):
+        logs.setup(log_level)
+        table = TokenTable.from_file(tokens)
+        s3 = s3_options(s3_endpoint, s3_access_key, s3_secret_key)
+        origin_mod.run_origin(store=open_local_store(store, create=True, s3=s3), listen=listen, tokens=table,
+                              tls=tls_context(tls_cert, tls_key))
+
+
+@commands.command("hook")
+def hook_cmd(config: str = typer.Option(..., "--config", help="Hook config (TOML)."),
+             listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT (overrides the config).")):
+    """Receive S3 bucket events and publish each checkpoint once it is complete."""
+    from fabric import logs
+    from fabric.hook.app import run_hook
+    from fabric.hook.config import HookConfig
+    with errors(False):
+        cfg = HookConfig.load(config, listen=listen)
+        logs.setup(cfg.log_level)
+        run_hook(cfg)
+
+
+@commands.command("agent")
+def agent_cmd(config: str = typer.Option(..., "--config", help="Site agent config (TOML).")):
+    """Run a site agent: follow channels, replicate, activate, relay."""
+    from agents.site.config import SiteConfig
+    from agents.site.app import run_agent
+    from fabric import logs
+    with errors(False):
+        cfg = SiteConfig.load(config)
+        logs.setup(cfg.log_level)
+        run_agent(cfg)
