@@ -19,6 +19,7 @@ environment (`FABRIC_STORE`, `FABRIC_ORIGIN`, `FABRIC_TOKEN`), then the config f
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -29,6 +30,7 @@ from fabric.core.policy import Mode, parse_mode
 from fabric.errors import ConfigError
 
 _KEYS = {"store", "origin", "token"}
+MIN_SECRET = 16  # the shortest secret any configuration may hold: a hook token, a site token, a token file's
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,20 @@ def parse_duration(text: object, *, bare_seconds: bool = True) -> float:
     seconds; without it the unit is required ("20ms", never "20"). Raises ValueError.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool) and bare_seconds:
+        if not _finite(text):
+            raise ValueError(f"{repr(text)[:40]} is not a finite number of seconds")
         return float(text)
     m = _DURATION.match(str(text).strip())
     if not m or (m.group(2) is None and not bare_seconds):
         raise ValueError(f"{text!r} is not a duration like '30s', '2m' or '500ms'")
     return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def _finite(value: object) -> bool:
+    """A number (not a bool) that a float holds: not NaN, not ±Infinity, no 400-digit integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)
 
 
 def parse_bit_rate(text: object) -> float:
@@ -139,11 +150,12 @@ def parse_byte_rate(text: object) -> float:
     """
     s = str(text).strip().upper()
     try:
-        if s[-1:] in ("K", "M", "G"):
-            return float(s[:-1]) * _SI[s[-1]]
-        return float(s)
+        value = float(s[:-1]) * _SI[s[-1]] if s[-1:] in ("K", "M", "G") else float(s)
     except ValueError:
         raise ValueError(f"{text!r} is not a byte rate like '50M'") from None
+    if not math.isfinite(value):  # float() reads "nan" and "inf"
+        raise ValueError(f"{text!r} is not a byte rate like '50M'")
+    return value
 
 
 def resolve_path(base: Path, value: str) -> Path:
@@ -177,6 +189,15 @@ class Checker:
     def optional(self, key: str) -> str | None:
         return self.string(key) if key in self.raw else None
 
+    def secret(self, key: str, value: str | None = None) -> str:
+        """A configured secret (a token): a string of at least `MIN_SECRET` characters.
+
+        `value` is one read from elsewhere (a token file) and checked under `key`'s name."""
+        value = self.string(key) if value is None else value
+        if len(value) < MIN_SECRET:
+            self.fail(key, f"must be at least {MIN_SECRET} characters (a secret that short is guessable)")
+        return value
+
     def strings(self, key: str) -> list[str]:
         value = self.raw.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -198,8 +219,8 @@ class Checker:
 
     def number(self, key: str, default: float, minimum: float = 0.0) -> float:
         value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            self.fail(key, f"must be a number >= {minimum}")
+        if not _finite(value) or value < minimum:
+            self.fail(key, f"must be a finite number >= {minimum}")
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:

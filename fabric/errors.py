@@ -126,6 +126,18 @@ class MissingChunks(Conflict):
     code = "missing_chunks"
 
 
+class GcRunning(Conflict):
+    """Another gc holds the store's sweep lease, or a commit waited too long for one to end."""
+
+    code = "gc_running"
+
+
+class GcLeaseLost(Conflict):
+    """A gc lost its sweep lease (a committer judged it dead) and stopped deleting."""
+
+    code = "gc_lease_lost"
+
+
 # --- integrity -----------------------------------------------------------------
 
 class IntegrityError(FabricError):
@@ -190,8 +202,22 @@ class TransferError(FabricError, ConnectionError):
     http_status = 502
 
 
+class TooManyConnections(TransferError):
+    """A server refused a connection: it holds its cap of connections, in total or from this peer."""
+
+    code = "too_many_connections"
+    http_status = 503
+
+
 class StoreFull(FabricError, OSError):
     code = "store_full"
+    http_status = 507
+
+
+class QuotaExceeded(FabricError):
+    """A bound on what one client may keep at a server (uncommitted uploads, site reports) is reached."""
+
+    code = "quota_exceeded"
     http_status = 507
 
 

@@ -119,7 +119,7 @@ def _token(c: Checker, base: Path) -> str:
     if ("token" in c.raw) == ("token_file" in c.raw):
         c.fail("token", "give exactly one of token or token_file")
     if "token" in c.raw:
-        return c.string("token")
+        return c.secret("token")
     path = resolve_path(base, c.string("token_file"))
     try:
         token = path.read_text().strip()
@@ -127,7 +127,7 @@ def _token(c: Checker, base: Path) -> str:
         c.fail("token_file", f"cannot read {path}: {e.strerror}")
     if not token:
         c.fail("token_file", f"{path} is empty")
-    return token
+    return c.secret("token_file", token)
 
 
 def _follow(c: Checker) -> tuple[tuple[str, str], ...]:

@@ -44,12 +44,13 @@ from fabric.core.manifest import check_name
 from fabric.wire.protocol import MANIFESTS, WORKERS  # the paths, shared with agents.worker.hotloader
 from fabric.wire.server import principal, read_json
 
+from agents.site.fields import MAX_POLL_S, MIN_POLL_S  # noqa: F401 - the rollout wire's limits, named here too
+from agents.site.fields import count as _int, poll_wait as _poll, scalar as _scalar, version_or_none as _version_or_none
+
 log = get_logger("rollout")
 
 # --- the rollout protocol's limits and fields ----------------------------------------------------
 
-MAX_POLL_S = 50.0  # below the clients' 60 s read timeout
-MIN_POLL_S = 0.2
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 REPORT_FIELDS = ("version", "previous", "ok", "error", "serving", "mode", "pause_ms", "bytes_read",
                  "bytes_changed", "tensors_changed", "seconds", "verify_s", "copy_s", "catch_up_s", "check_ms")
@@ -279,7 +280,7 @@ class Rollout:
         w = self.workers.get(wid)
         if w is None or w.artifact != artifact:
             w = self.workers[wid] = Worker(wid, artifact)
-        w.channel, w.mode = channel or followed.channel, body.get("mode")
+        w.channel, w.mode = channel or followed.channel, _scalar(body.get("mode"), "mode")
         w.serving = _version_or_none(body.get("serving"))
         w.poll_s = _poll(body.get("poll_s", w.poll_s))
         w.seen()
@@ -342,7 +343,7 @@ class Rollout:
     def report(self, wid: str, body: dict) -> dict:
         w = self.worker(wid)
         w.seen()
-        rep = {k: body.get(k) for k in REPORT_FIELDS}
+        rep = {k: _scalar(body.get(k), k) for k in REPORT_FIELDS}
         rep["seq"] = _int(body.get("seq", 0), "seq")
         rep["at"] = time.time()
         w.report = rep
@@ -420,29 +421,3 @@ class Rollout:
         m = await asyncio.to_thread(self.site.registry.manifest, artifact, version)
         return web.Response(body=m.canonical(), content_type="application/json")
 
-
-def _int(value: object, what: str) -> int:
-    try:
-        n = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{what!r} must be an integer") from None
-    if n < 0:
-        raise InvalidInput(f"{what!r} must be >= 0")
-    return n
-
-
-def _poll(value: object) -> float:
-    try:
-        s = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidInput("poll wait must be a number of seconds") from None
-    return min(max(s, MIN_POLL_S), MAX_POLL_S)
-
-
-def _version_or_none(value: object) -> str | None:
-    if value in (None, ""):
-        return None
-    try:
-        return check_name("version", value)
-    except FabricError:
-        raise InvalidInput(f"invalid version name {value!r}") from None

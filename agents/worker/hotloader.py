@@ -65,7 +65,9 @@ class HotLoader:
                  poll_s: float = 15.0, before_load: Callable[[str], None] | None = None, **live_options):
         self.agent_url, self.artifact, self.channel = agent_url.rstrip("/"), artifact, channel
         self.live = LiveModule(module, mode=mode, **live_options)
-        self.token, self.poll_s, self.before_load = token, poll_s, before_load
+        if isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or not 0 < poll_s < 3600:
+            raise InvalidInput(f"poll_s must be a number of seconds in (0, 3600), got {poll_s!r}")  # NaN too
+        self.token, self.poll_s, self.before_load = token, float(poll_s), before_load
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.reports: list[dict] = []  # every load's report, oldest first
         self._thread: threading.Thread | None = None

@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from fabric.core import digest
+from fabric.core.boundedjson import decode
 from fabric.core.dtypes import DTYPES
 from fabric.core.limits import MAX_CHUNK as MAX_CHUNK_SIZE
+from fabric.core.limits import MAX_PATH_BYTES, MAX_PATH_DEPTH, MAX_PATH_PART_BYTES
 from fabric.errors import InvalidManifest, InvalidName
 
 FORMAT = "fabric.manifest/1"
@@ -38,13 +40,26 @@ def check_name(kind: str, name: object) -> str:
 
 
 def check_path(path: object) -> str:
-    """A file path inside a version: relative, `/`-separated, no `.`/`..`/empty parts."""
+    """A file path inside a version: relative, `/`-separated, no `.`/`..`/empty parts, and
+    one every file system takes: at most MAX_PATH_BYTES in all, MAX_PATH_PART_BYTES per
+    part (UTF-8), MAX_PATH_DEPTH parts."""
     if not isinstance(path, str) or not path:
         raise InvalidManifest(f"file path {path!r} is not a non-empty string")
+    shown = path if len(path) <= 80 else path[:80] + "…"
     if path.startswith("/") or "\\" in path or "\x00" in path:
-        raise InvalidManifest(f"file path {path!r} must be relative and use '/'")
-    if any(part in ("", ".", "..") for part in path.split("/")):
-        raise InvalidManifest(f"file path {path!r} has an empty, '.' or '..' part")
+        raise InvalidManifest(f"file path {shown!r} must be relative and use '/'")
+    try:
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidManifest(f"file path {shown!r} is not valid Unicode") from None
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise InvalidManifest(f"file path {shown!r} has an empty, '.' or '..' part")
+    if size > MAX_PATH_BYTES or len(parts) > MAX_PATH_DEPTH:
+        raise InvalidManifest(f"file path {shown!r} is longer than {MAX_PATH_BYTES} bytes "
+                              f"or deeper than {MAX_PATH_DEPTH} parts")
+    if any(len(part.encode("utf-8")) > MAX_PATH_PART_BYTES for part in parts):
+        raise InvalidManifest(f"file path {shown!r} has a part longer than {MAX_PATH_PART_BYTES} bytes")
     return path
 
 
@@ -111,12 +126,7 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Manifest":
-        try:
-            obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constants)
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-            raise InvalidManifest(f"manifest is not valid JSON: {e}") from None
-        except RecursionError:
-            raise InvalidManifest("manifest is nested too deeply") from None
+        obj = decode(data, what="manifest", error=InvalidManifest)
         m = cls.from_json(obj)
         try:
             m.canonical()
@@ -155,6 +165,11 @@ class Manifest:
             if p in folders:
                 raise InvalidManifest(f"{p!r} is both a file and a folder")
         sizes = {f.path: f.size for f in self.files}
+        chunk_sizes: dict[str, int] = {}
+        for f in self.files:
+            for cid, n in f.chunks:
+                if chunk_sizes.setdefault(cid, n) != n:  # one id is one run of bytes: one size
+                    raise InvalidManifest(f"chunk {cid} is listed with two sizes ({chunk_sizes[cid]} and {n})")
         if len({(t.file, t.name) for t in self.tensors}) != len(self.tensors):
             raise InvalidManifest("manifest lists a tensor twice")
         for t in self.tensors:
@@ -186,10 +201,6 @@ class Manifest:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
-
-
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not allowed in a manifest")
 
 
 def canonical_json(obj: object) -> bytes:

@@ -142,11 +142,11 @@ class HookConfig:
         sns.known(_SNS)
         return cls(
             listen=listen,
-            token=c.string("token"),
+            token=c.secret("token"),
             rules=tuple(_rule(c, i, r) for i, r in enumerate(rules)),
             queue=resolve_path(base, c.string("queue", "hook-queue.db")),
             origin=origin.rstrip("/") if origin else None,
-            origin_token=c.optional("origin_token"),
+            origin_token=c.secret("origin_token") if "origin_token" in raw else None,
             store=store if not store or store.startswith("s3://") else str(resolve_path(base, store)),
             rescan_interval=c.duration("rescan_interval", 60.0),
             retry_max=c.duration("retry_max", 60.0, minimum=0.1),

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-from fabric.errors import MalformedEvent
+from fabric.core.boundedjson import decode
+from fabric.errors import InvalidInput, MalformedEvent
 
 SEAWEED_BUCKETS = "/buckets/"
+MAX_SIZE = (1 << 63) - 1  # an object's size must fit the queue's SQLite INTEGER (S3's largest is 5 TiB)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class ObjectEvent:
     version_id: str | None = None
     sequencer: str | None = None
     name: str = ""  # the store's event name, e.g. "ObjectCreated:Put"
+
+    def __post_init__(self):
+        if self.size is not None and not (isinstance(self.size, int) and 0 <= self.size <= MAX_SIZE):
+            raise ValueError(f"object size {self.size!r} is not an integer in [0, 2^63)")
 
     @property
     def dedup(self) -> str:
@@ -62,11 +67,9 @@ class Envelope:
 
 
 def parse(body: bytes) -> Envelope:
-    """Parse one request body. Raises MalformedEvent when it is not JSON."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MalformedEvent(f"event body is not valid JSON ({e})") from None
+    """Parse one request body. Raises MalformedEvent when it is not JSON (or not within
+    the bounded decoder's limits: too deep, a huge integer, NaN, Infinity)."""
+    obj = decode(body, what="event body", error=MalformedEvent)
     if not isinstance(obj, dict):
         return Envelope("unknown", ignored=(("body", "not a JSON object"),))
     if obj.get("Type") in ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation") \
@@ -92,9 +95,10 @@ def _sns(obj: dict) -> Envelope:
         return Envelope("sns-confirm", sns=obj)
     if obj["Type"] == "UnsubscribeConfirmation":
         return Envelope("sns-unsubscribe", sns=obj, ignored=(("sns", "unsubscribe confirmation"),))
+    message = obj.get("Message")
     try:
-        inner = json.loads(obj.get("Message") or "")
-    except (ValueError, TypeError):
+        inner = decode(message if isinstance(message, str) else "", what="SNS Message")
+    except InvalidInput:
         return Envelope("unknown", sns=obj, ignored=(("sns", "Message is not JSON"),))
     env = _unwrapped(inner) if isinstance(inner, dict) else Envelope("unknown")
     return Envelope(env.kind, env.events, env.ignored, sns=obj)
@@ -126,13 +130,23 @@ def _record(rec: dict) -> tuple[ObjectEvent | None, str | None]:
     size = obj.get("size")
     ev = ObjectEvent(
         source=source, bucket=str(s3["bucket"]["name"]), key=unquote_plus(str(obj["key"])),
-        size=int(size) if size not in (None, "") else None, etag=_strip(obj.get("eTag") or obj.get("etag")),
+        size=_size(size), etag=_strip(obj.get("eTag") or obj.get("etag")),
         version_id=obj.get("versionId") or None, sequencer=obj.get("sequencer") or None, name=name)
     if not short.startswith("ObjectCreated:"):
         return ev, "deleted" if short.startswith("ObjectRemoved:") else f"not an object-created event ({name})"
     if ev.key.endswith("/"):
         return ev, "folder marker"
     return ev, None
+
+
+def _size(size: object) -> int | None:
+    """A record's size: an integer, or a string of digits (Ceph); ValueError for anything else."""
+    if size in (None, ""):
+        return None
+    if isinstance(size, bool) or not isinstance(size, (int, str)) or (isinstance(size, str) and not (
+            size.isascii() and size.isdigit() and len(size) <= 19)):
+        raise ValueError(f"size {str(size)[:40]!r} is not a whole number of bytes")
+    return int(size)
 
 
 def _strip(etag: object) -> str | None:
@@ -169,9 +183,14 @@ def _seaweedfs(obj: dict) -> Envelope:
     etag = _b64_text(extended.get("Seaweed-X-Amz-ETag")) or _b64_hex(attrs.get("md5"))
     size = attrs.get("file_size")
     ev = ObjectEvent(source="seaweedfs", bucket=bucket, key=key,
-                     size=int(size) if isinstance(size, (int, str)) and str(size).isdigit() else None,
+                     size=_size(size) if _whole(size) else None,
                      etag=_strip(etag), name=f"filer:{event_type}")
     return Envelope("seaweedfs", (ev,))
+
+
+def _whole(size: object) -> bool:
+    return (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_SIZE) or (
+        isinstance(size, str) and size.isascii() and size.isdigit() and len(size) <= 18)
 
 
 def _b64_text(value: object) -> str | None:

@@ -21,11 +21,12 @@ import binascii
 import ipaddress
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from fabric.errors import Forbidden
 
 _CERT_HOST = re.compile(r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
+_CERT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.pem$")  # a plain file name in cert_dir
 _FIELDS = {
     "Notification": ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"),
     "SubscriptionConfirmation": ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type"),
@@ -45,10 +46,13 @@ def verify(msg: dict, cert_dir: Path | None, topics: tuple[str, ...] = ()) -> No
     """Raise Forbidden unless `msg` carries a valid signature by a certificate in `cert_dir`."""
     if topics and msg.get("TopicArn") not in topics:
         raise Forbidden(f"SNS topic {msg.get('TopicArn')!r} is not in [sns] topics")
-    url = urlsplit(str(msg.get("SigningCertURL", "")))
-    if url.scheme != "https" or not _CERT_HOST.match(url.hostname or "") or not url.path.endswith(".pem"):
+    url = _split(str(msg.get("SigningCertURL", "")))
+    if url is None or url.scheme != "https" or not _CERT_HOST.match(url.hostname or "") \
+            or not url.path.endswith(".pem"):
         raise Forbidden(f"SNS SigningCertURL {msg.get('SigningCertURL')!r} is not an AWS SNS certificate URL")
     name = url.path.rsplit("/", 1)[-1]
+    if not _CERT_NAME.match(name):
+        raise Forbidden(f"SNS SigningCertURL names a file {name[:80]!r} that is not a certificate's name")
     if cert_dir is None or not (cert_dir / name).is_file():
         raise Forbidden(f"SNS certificate {name} is not in [sns] cert_dir ({cert_dir}); "
                         f"download {msg.get('SigningCertURL')} there once to trust it")
@@ -71,10 +75,20 @@ def verify(msg: dict, cert_dir: Path | None, topics: tuple[str, ...] = ()) -> No
         raise Forbidden(f"SNS message signature does not verify ({type(e).__name__})") from None
 
 
+def _split(url: str) -> SplitResult | None:
+    """`url`'s parts, or None where it is no URL at all (`https://[::1`, a port of letters)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parses the port, raising ValueError for a bad one
+        return parts
+    except ValueError:
+        return None
+
+
 def is_loopback_url(url: str) -> bool:
     """Whether `url` is http(s) to localhost or a loopback address (the only hosts we GET)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    parts = _split(url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         return False
     if parts.hostname == "localhost":
         return True

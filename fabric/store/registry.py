@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from fabric.errors import (ArtifactNotFound, ChannelNotFound, Conflict, FabricError, InvalidInput,
                      MissingChunks, VersionExists, VersionNotFound)
 from fabric.core.manifest import Manifest, check_name
+from fabric.store import fence
 from fabric.store.store import Store
 
 _CAS_TRIES = 30
@@ -64,27 +65,40 @@ class Registry:
     # --- versions ------------------------------------------------------------
 
     def commit(self, manifest: Manifest) -> str:
-        """Record `manifest` as a version. Every chunk must already be stored."""
+        """Record `manifest` as a version. Every chunk must already be stored.
+
+        Fenced against gc (`fabric.store.fence`): the manifest, then an intent naming it,
+        then a wait while a gc sweeps, and only then the check that every chunk is
+        present, so no sweep can delete a chunk of a version after that check.
+        """
         manifest.validate()
-        missing = self.store.missing(manifest.chunk_ids())
-        if missing:
-            raise MissingChunks(
-                f"{manifest.artifact}@{manifest.version} names {len(missing)} chunk(s) the store "
-                f"lacks, e.g. {missing[0]}: upload them before committing"
-            )
         key = _version_key(manifest.artifact, manifest.version)
         existing = self.store.get_ref(key)
         if existing is not None:
             return self._same_content(manifest, existing)
         canonical, mid = manifest.canonical(), manifest.id
         self.store.put_manifest(mid, canonical)
+        intent = fence.write_intent(self.store, mid)
         try:
-            self.store.cas_ref(key, mid.encode(), None)
-        except Conflict:
-            existing = self.store.get_ref(key)
-            if existing is None:
-                raise Conflict(f"{manifest.artifact}@{manifest.version} changed concurrently; try again") from None
-            return self._same_content(manifest, existing)
+            fence.wait_for_sweeps(self.store)
+            missing = self.store.missing(manifest.chunk_ids())
+            if missing:
+                raise MissingChunks(
+                    f"{manifest.artifact}@{manifest.version} names {len(missing)} chunk(s) the store "
+                    f"lacks, e.g. {missing[0]}: upload them before committing"
+                )
+            if not self.store.has_manifest(mid):  # an older copy of it was collected by that sweep
+                return self.commit(manifest)
+            intent.check_age()
+            try:
+                self.store.cas_ref(key, mid.encode(), None)
+            except Conflict:
+                existing = self.store.get_ref(key)
+                if existing is None:
+                    raise Conflict(f"{manifest.artifact}@{manifest.version} changed concurrently; try again") from None
+                return self._same_content(manifest, existing)
+        finally:
+            fence.delete_intent(self.store, intent)
         return mid
 
     def _same_content(self, manifest: Manifest, existing: bytes) -> str:
@@ -121,6 +135,11 @@ class Registry:
 
     def artifacts(self) -> list[str]:
         return sorted({k.split("/", 1)[0] for k in self.store.list_refs("")})
+
+    def version_keys(self) -> list[tuple[str, str]]:
+        """(artifact, version) of every version in the store, from one listing (no manifest read)."""
+        keys = (k.split("/") for k in self.store.list_refs(""))
+        return [(k[0], k[2]) for k in keys if len(k) == 3 and k[1] == "versions"]
 
     def versions(self, artifact: str) -> list[str]:
         """Version names of `artifact`, oldest first (by the manifests' `created`)."""
@@ -160,11 +179,33 @@ class Registry:
         self.manifest_id(artifact, version)  # the version must exist
         return self._move(artifact, channel, lambda ch: {"action": "promote", "version": version})
 
-    def rollback(self, artifact: str, channel: str) -> Channel:
-        def step(ch: Channel | None) -> dict:
-            if ch is None or len(ch.stack) < 2:
-                raise InvalidInput(f"channel {artifact}:{channel} has no earlier version to roll back to")
-            return {"action": "rollback", "version": ch.stack[-2]}
+    def rollback(self, artifact: str, channel: str, *, steps: int | None = None,
+                 to: str | None = None) -> Channel:
+        """Pop the channel's stack `steps` times (default 1), or until `to` is on top.
+
+        Each pop appends one `rollback` entry, all in one compare-and-swap, so the history
+        keeps the one-entry-per-pop rule readers replay.
+        """
+        if steps is not None and to is not None:
+            raise InvalidInput("rollback takes steps or to, not both")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise InvalidInput(f"rollback steps must be a whole number ≥ 1, not {steps!r}")
+        if to is not None:
+            check_name("version", to)
+
+        def step(ch: Channel | None) -> list[dict]:
+            stack = ch.stack if ch else []
+            if to is not None:
+                if to not in stack[:-1]:
+                    raise InvalidInput(f"channel {artifact}:{channel} has no earlier version {to!r} to roll "
+                                       f"back to (its stack, oldest first: {', '.join(stack) or 'empty'})")
+                n = len(stack) - 1 - max(i for i, v in enumerate(stack[:-1]) if v == to)
+            else:
+                n = steps or 1
+                if len(stack) < n + 1:
+                    raise InvalidInput(f"channel {artifact}:{channel} has {max(len(stack) - 1, 0)} earlier "
+                                       f"version(s) on its stack; cannot roll back {n}")
+            return [{"action": "rollback", "version": stack[-2 - i]} for i in range(n)]
         return self._move(artifact, channel, step)
 
     def _move(self, artifact: str, channel: str, step) -> Channel:
@@ -173,8 +214,10 @@ class Registry:
         for attempt in range(_CAS_TRIES):
             raw = self.store.get_ref(key)
             current = _channel_from(artifact, channel, raw) if raw else None
-            entry = dict(step(current), at=now_rfc3339())
-            history = (current.history if current else ()) + (entry,)
+            moves = step(current)
+            at = now_rfc3339()
+            entries = tuple(dict(e, at=at) for e in (moves if isinstance(moves, list) else [moves]))
+            history = (current.history if current else ()) + entries
             new = Channel(artifact, channel, history)
             try:
                 self.store.cas_ref(key, json.dumps(new.to_json(), sort_keys=True).encode(), raw)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from fabric.config import read_toml
+from fabric.config import MIN_SECRET, read_toml
 from fabric.errors import ConfigError, Forbidden, Unauthorized
 
 SCOPES = ("pull", "publish", "admin")
@@ -121,8 +121,8 @@ def _secret_hash(e: dict, where: str) -> bytes:
         raise ConfigError(f"{where}: give exactly one of secret or secret_sha256")
     if "secret" in e:
         secret = e["secret"]
-        if not isinstance(secret, str) or len(secret) < 16:
-            raise ConfigError(f"{where}.secret: must be a string of at least 16 characters")
+        if not isinstance(secret, str) or len(secret) < MIN_SECRET:
+            raise ConfigError(f"{where}.secret: must be a string of at least {MIN_SECRET} characters")
         return hashlib.sha256(secret.encode()).digest()
     try:
         digest = bytes.fromhex(e["secret_sha256"])

@@ -22,6 +22,7 @@ import aiohttp
 
 from fabric.config import encode_mode
 from fabric.core import codec, digest
+from fabric.core.boundedjson import decode as decode_json
 from fabric.core.codec import Encoding
 from fabric.core.policy import EncodePolicy, Mode
 from fabric.wire import frames
@@ -85,7 +86,7 @@ class OriginClient:
             raise TransferError(f"{method} {self.url}{path}: timed out") from None
 
     async def _json(self, method: str, path: str, **kw) -> Any:
-        return json.loads(await self._request(method, path, **kw))
+        return decode_json(await self._request(method, path, **kw), what=f"the answer to {method} {path}")
 
     async def call(self, method: str, path: str, body: dict | None = None) -> Any:
         """A JSON request to any endpoint (site agent APIs, tools)."""
@@ -170,7 +171,7 @@ class OriginClient:
         for i in range(0, len(ids), MAX_IDS):
             body, _, headers = await self._request("POST", CHUNKS_HAS, with_headers=True,
                                                    json={"ids": ids[i:i + MAX_IDS]})
-            out += json.loads(body)["missing"]
+            out += decode_json(body, what="the answer to has")["missing"]
             self.upload_encodings = parse_encodings(headers.get(ENCODINGS_HEADER))
         return out
 
@@ -197,7 +198,7 @@ class OriginClient:
                     elif line.startswith("data:"):
                         data += line[5:].strip()
                     elif not line and data:
-                        yield event, json.loads(data)
+                        yield event, decode_json(data, what=f"event {event!r} from {self.url}")
                         event, data = "message", ""
         except aiohttp.ClientError as e:
             raise TransferError(f"event stream from {self.url}: {e}") from None
@@ -208,7 +209,7 @@ class OriginClient:
 def error_from(status: int, body: bytes) -> FabricError:
     """The typed error a server's JSON error body names (or a TransferError)."""
     try:
-        obj = json.loads(body)
+        obj = decode_json(body, what="an error body")
         return from_code(obj["code"], obj["message"])
     except (ValueError, KeyError, TypeError):
         return TransferError(f"HTTP {status}: {body[:200]!r}")

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from fabric.wire import frames as wire
+from fabric.core.boundedjson import decode as decode_json
 from fabric.wire.auth import Authenticator, Principal
 from fabric.wire.protocol import MAX_JSON
 from fabric.errors import FabricError, InvalidInput, PayloadTooLarge
@@ -159,12 +160,9 @@ def base_app(*, tokens: Authenticator, store: Store | None = None,
 
 
 async def read_json(request: web.Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidInput("request body is not valid JSON") from None
-    except RecursionError:  # the decoder gives up on deep nesting ([[[[…]]]]) this way
-        raise InvalidInput("request body is nested too deeply") from None
+    """The request's body, a JSON object, through the one bounded decoder (`fabric.core.boundedjson`):
+    not UTF-8 or JSON, too deep, a huge integer, NaN or Infinity is a 422 `invalid_input`."""
+    body = decode_json(await request.read(), what="request body")
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
     return body

@@ -110,7 +110,7 @@ def etag_of(s3, bucket: str, key: str) -> str:
 
 # --- configuration ---------------------------------------------------------------------------------
 
-BASE = {"listen": "127.0.0.1:7100", "token": "t", "store": "/tmp/s",
+BASE = {"listen": "127.0.0.1:7100", "token": "hook-token-0123456789", "store": "/tmp/s",
         "rule": [{"bucket": "b", "prefix": "runs/{run}/step-{step}/", "artifact": "{run}",
                   "version": "step-{step}", "complete": "dcp"}]}
 
@@ -154,7 +154,7 @@ def test_config_errors_name_the_key(raw, key):
 def test_fabric_hook_refuses_a_bad_config_at_start_up(tmp_path):
     from helpers.origin import fabric
     bad = tmp_path / "bad.toml"
-    bad.write_text('listen = "127.0.0.1:7100"\ntoken = "t"\nstore = "s"\n[[rule]]\nbucket = "b"\n'
+    bad.write_text('listen = "127.0.0.1:7100"\ntoken = "hook-token-0123456789"\nstore = "s"\n[[rule]]\nbucket = "b"\n'
                    'prefix = "runs/{run}/"\nartifact = "{run}"\nversion = "v"\ncomplete = "dpc"\n')
     p = fabric("hook", "--config", bad, timeout=60)
     assert p.returncode == 1

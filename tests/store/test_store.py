@@ -30,7 +30,6 @@ from fabric.store.registry import now_rfc3339
 from fabric.store.store import TAG_RAW, TAG_ZSTD
 
 from helpers.files import random_bytes
-from helpers.s3 import SUITE_BUCKET
 from helpers.store import chunk_files, count_up_concurrently
 
 
@@ -42,20 +41,7 @@ def _put(store, data: bytes) -> str:
 
 # --- one fixture per backend ------------------------------------------------------------------
 
-@pytest.fixture(params=["local", "s3"])
-def kind(request):
-    return request.param
-
-
-@pytest.fixture
-def make_store(kind, tmp_path, request):
-    """Open (creating on first use) this test's store on the backend under test."""
-    if kind == "local":
-        return lambda **kw: open_store(tmp_path / "store", **kw)
-    weed = request.getfixturevalue("suite_weed")
-    url = f"s3://{SUITE_BUCKET}/{uuid.uuid4().hex[:12]}"
-    return lambda **kw: open_store(url, s3=weed.options, **kw)
-
+# `kind` and `make_store` (one store per backend) are in tests/store/conftest.py
 
 @pytest.fixture
 def store(make_store) -> Store:
