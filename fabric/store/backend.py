@@ -24,7 +24,8 @@ capability is declared. A backend that declares a capability implements its verb
     link           link_in(key, src) -> bool             hard-link a file in (False: other file system)
     temp_files     sweep_temp() -> int                   remove a crashed writer's temp files
 
-Keys are `/`-separated, relative, and made only by `fabric.store.store` itself.
+Keys are `/`-separated, relative, and made only by `fabric.store.store` (and the
+commit fence's two, by `fabric.store.fence`).
 """
 
 from __future__ import annotations

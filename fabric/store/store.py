@@ -8,6 +8,7 @@ Layout (specified in docs/formats.md, "Store layout"):
     refs/<artifact>/versions/<version>   the manifest id, as text
     refs/<artifact>/channels/<channel>   channel JSON (current version and history)
     packs/<hh>/<32 hex>                  files shared with a pulled folder (`fabric.store.packs`)
+    gc/sweep, gc/intents/<32 hex>        the commit fence between gc and commits (`fabric.store.fence`)
 
 An S3 store (`s3://bucket/prefix`, `fabric.store.s3`) holds the same keys as objects.
 What a backend can do beyond the five verbs is declared in its `capabilities`
