@@ -372,6 +372,7 @@ class _Engine:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, TransferError, wire.BadFrame, OSError) as e:
             self._bench(source, e)
+        log.debug("fetch batch", source=source.url, asked=len(ids), got=len(done), again=len(retry))
         return [c for c in ids if c not in done]
 
     def _stall_guard(self, read):

@@ -55,6 +55,7 @@ class SiteAgent:
         self.registry = Registry(self.store)
         self.statefile = StateFile(self.layout)
         self.metrics = AgentMetrics()  # served once `agents.site.app.create_app` registers them
+        self.metrics.high_watermark.set(cfg.retention.high_watermark)
         self.origin = OriginClient(cfg.origin, cfg.token)
         self.plan = SourcePlan(cfg, self.origin)
         self.upstream = self.plan.upstream(Inflight())

@@ -18,7 +18,8 @@ from aiohttp import web
 from fabric.wire.auth import TokenTable
 from fabric.wire.chunks import chunk_routes
 from fabric.wire.protocol import SITE, SITE_PINS
-from fabric.wire.server import METRICS, base_app, principal, read_json, run_until_signalled
+from fabric import logs
+from fabric.wire.server import METRICS, add_metrics_listener, base_app, principal, read_json, run_until_signalled
 
 from agents.site.agent import SiteAgent
 from agents.site.config import SiteConfig
@@ -82,7 +83,11 @@ async def _background(app: web.Application):
 
 
 def run_agent(cfg: SiteConfig) -> None:
+    logs.bind("agent", site=cfg.site)
+
     async def main():
         agent = SiteAgent(cfg)
-        await run_until_signalled(create_app(agent), cfg.listen, None, f"agent {cfg.site}")
+        app = create_app(agent)
+        add_metrics_listener(app, cfg.metrics_listen)
+        await run_until_signalled(app, cfg.listen, None, f"agent {cfg.site}")
     asyncio.run(main())

@@ -9,6 +9,8 @@
     topology = "topology/demo.toml"           # optional; without it the origin is the only source
     upstreams = ["http://hub.example:7070"]   # optional; overrides the topology
     tokens = "tokens.toml"                    # optional; who may fetch from this relay
+    metrics_listen = "0.0.0.0:9470"           # optional; /metrics here without a token
+    log_level = "info"                        # debug | info | warning | error
     [retention]
     keep = 3
     high_watermark = 0.90                     # fraction of the disk; above it, prune to `keep_min`
@@ -34,12 +36,13 @@ from pathlib import Path
 
 from fabric.config import Checker, parse_byte_rate, read_toml, resolve_path
 from fabric.core.manifest import check_name
+from fabric.logs import LEVELS
 from fabric.wire.server import parse_listen
 
 from agents.site.rollout import RolloutOptions
 
 _TOP = {"site", "data", "listen", "origin", "token", "token_file", "follow", "topology",
-        "upstreams", "tokens", "retention", "sync", "workers", "log_level", "report_interval"}
+        "upstreams", "tokens", "retention", "sync", "workers", "log_level", "report_interval", "metrics_listen"}
 _RETENTION = {"keep", "high_watermark", "low_watermark"}
 _SYNC = {"connections", "max_rate", "stall_timeout", "give_up_after", "resync_interval"}
 _WORKERS = {"canary_timeout", "load_timeout", "forget_after"}
@@ -77,6 +80,7 @@ class SiteConfig:
     log_level: str = "info"
     report_interval: float = 5.0
     workers: RolloutOptions = field(default_factory=RolloutOptions)
+    metrics_listen: str | None = None  # HOST:PORT for a token-free /metrics listener
 
     @classmethod
     def load(cls, path: str | Path) -> "SiteConfig":
@@ -109,10 +113,21 @@ class SiteConfig:
             tokens=resolve_path(base, c.string("tokens")) if "tokens" in raw else None,
             retention=_retention(c.table("retention"), f"{where}: retention"),
             sync=_sync(c.table("sync"), f"{where}: sync"),
-            log_level=c.string("log_level", "info"),
+            log_level=c.choice("log_level", LEVELS, "info"),
             report_interval=c.number("report_interval", 5.0, minimum=0.1),
             workers=_workers(c.table("workers")),
+            metrics_listen=_metrics_listen(c),
         )
+
+
+def _metrics_listen(c: Checker) -> str | None:
+    value = c.optional("metrics_listen")
+    if value is not None:
+        try:
+            parse_listen(value)
+        except Exception:
+            c.fail("metrics_listen", f"must be HOST:PORT, got {value!r}")
+    return value
 
 
 def _token(c: Checker, base: Path) -> str:

@@ -18,6 +18,7 @@ version serving; the loop retries with backoff. File I/O runs in threads.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from fabric.errors import FabricError
@@ -53,15 +54,18 @@ class Deployer:
             target = ch.target
             if target is None or target == ch.active or target in self.site.statefile.state.bad.get(artifact, []):
                 continue
+            t0 = time.monotonic()
             try:
                 await self.deploy(ch, target)
+                if ch.active == target:
+                    self.site.metrics.count_deploy("activated", time.monotonic() - t0)
                 backoff = 1.0
             except Exception as e:  # noqa: BLE001 - a failed deploy must never stop the loop
                 if not isinstance(e, FabricError):
                     log.error("unexpected deploy error", artifact=artifact, error=repr(e))
                     e = FabricError(repr(e))
                 ch.error = f"{e.code}: {e.message}"
-                self.site.metrics.count_deploy("failed")
+                self.site.metrics.count_deploy("failed", time.monotonic() - t0)
                 log.error("deploy failed; the active version keeps serving", artifact=artifact,
                           version=target, active=ch.active, error=e.message, code=e.code, retry_in_s=backoff)
                 asyncio.get_running_loop().call_later(backoff, self._wake[artifact].set)
@@ -75,7 +79,7 @@ class Deployer:
             ch.syncing, ch.error = version, None
             manifest = await fetch_manifest(site.store, site.origin, artifact, version)
             ch.bytes_total, ch.bytes_done = sum(manifest.unique_chunks().values()), 0
-            site.metrics.sync_total.labels(artifact).set(ch.bytes_total)
+            site.metrics.sync_expected.labels(artifact).set(ch.bytes_total)
 
             def progress(n: int) -> None:
                 ch.bytes_done += n
@@ -101,7 +105,7 @@ class Deployer:
     async def _activate(self, ch: ChannelStatus, version: str) -> None:
         """Flip `current/<artifact>` to `version`, record it, roll it out, prune. Holds `lock`."""
         site, artifact = self.site, ch.artifact
-        previous = ch.active
+        previous, t0 = ch.active, time.monotonic()
         await asyncio.to_thread(site.layout.activate, artifact, version)
         ch.active = version
         history = site.statefile.state.history.setdefault(artifact, [])
@@ -109,7 +113,7 @@ class Deployer:
             history.remove(version)
         history.append(version)
         await site.statefile.save()
-        site.metrics.count_deploy("activated")
+        site.metrics.activation_seconds.observe(time.monotonic() - t0)
         site.set_active_metric()
         log.info("version activated", artifact=artifact, version=version, site=site.cfg.site)
         await site.rollout.on_activated(artifact, version, previous)
@@ -122,6 +126,7 @@ class Deployer:
             bad = site.statefile.state.bad.setdefault(artifact, [])
             if version not in bad:
                 bad.append(version)
+                site.metrics.count_rejection(artifact)
             if await asyncio.to_thread(site.layout.active, artifact) == version:
                 if previous:
                     await asyncio.to_thread(site.layout.activate, artifact, previous)

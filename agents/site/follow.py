@@ -54,6 +54,7 @@ class Follower:
             try:
                 async for event, data in self.origin.events():
                     backoff = 0.5
+                    log.debug("event received", event=event, data=data)
                     if event == "hello":
                         await self.resync()
                     elif event == "channel" and data.get("artifact") in self.channels:

@@ -63,6 +63,7 @@ class Relay:
         lacking = await asyncio.to_thread(self.store.missing, [c for c in ids if c not in self.inflight])
         owned, _ = self.inflight.claim([c for c in lacking if c not in self.inflight])
         if owned:
+            log.debug("pull-through", chunks=len(owned), asked=len(ids))
             asyncio.get_running_loop().create_task(self._pull_through(owned))
 
     async def _pull_through(self, ids: list[str]) -> None:

@@ -42,9 +42,10 @@ from fabric.hook.envelopes import Envelope, parse
 from fabric.hook.queue import Queue
 from fabric.hook.sns import is_loopback_url, verify
 from fabric.hook.publisher import HookMetrics, Worker
+from fabric import logs
 from fabric.logs import get_logger
 from fabric.wire.auth import Principal
-from fabric.wire.server import Metrics, base_app, run_until_signalled
+from fabric.wire.server import Metrics, add_metrics_listener, base_app, run_until_signalled
 
 log = get_logger("hook")
 CONFIG = web.AppKey("config", HookConfig)
@@ -241,6 +242,9 @@ async def _work(app: web.Application) -> None:
 
 
 def run_hook(cfg: HookConfig) -> None:
+    logs.bind("hook")
     log.info("hook starting", rules=len(cfg.rules), queue=str(cfg.queue),
              target=cfg.origin or cfg.store, s3=cfg.s3.endpoint)
-    asyncio.run(run_until_signalled(create_app(cfg), cfg.listen, None, "hook"))
+    app = create_app(cfg)
+    add_metrics_listener(app, cfg.metrics_listen)
+    asyncio.run(run_until_signalled(app, cfg.listen, None, "hook"))

@@ -1,6 +1,8 @@
 """Push-hook configuration: one typed object, loaded from TOML and checked at start-up.
 
     listen = "127.0.0.1:7100"
+    metrics_listen = "0.0.0.0:9471"      # optional; /metrics here without a token
+    log_level = "info"                   # debug | info | warning | error
     token = "…"                          # stores send Authorization: Bearer <token>
     origin = "http://origin:7000"        # publish to this origin with origin_token …
     origin_token = "…"
@@ -34,10 +36,11 @@ from pathlib import Path
 
 from fabric.config import Checker, parse_duration, read_toml, resolve_path
 from fabric.core.manifest import check_name
+from fabric.logs import LEVELS
 from fabric.wire.server import parse_listen
 
 _TOP = {"listen", "token", "origin", "origin_token", "store", "queue", "rescan_interval", "retry_max",
-        "log_level", "s3", "sns", "rule"}
+        "log_level", "s3", "sns", "rule", "metrics_listen"}
 _S3 = {"endpoint", "access_key", "secret_key", "region"}
 _SNS = {"verify", "cert_dir", "topics"}
 _RULE = {"bucket", "prefix", "artifact", "version", "channel", "complete"}
@@ -107,6 +110,7 @@ class HookConfig:
     log_level: str = "info"
     s3: S3Settings = field(default_factory=S3Settings)
     sns: SnsSettings = field(default_factory=SnsSettings)
+    metrics_listen: str | None = None  # HOST:PORT for a token-free /metrics listener
 
     @classmethod
     def load(cls, path: str | Path, *, listen: str | None = None) -> "HookConfig":
@@ -150,13 +154,24 @@ class HookConfig:
             store=store if not store or store.startswith("s3://") else str(resolve_path(base, store)),
             rescan_interval=c.duration("rescan_interval", 60.0),
             retry_max=c.duration("retry_max", 60.0, minimum=0.1),
-            log_level=c.string("log_level", "info"),
+            log_level=c.choice("log_level", LEVELS, "info"),
+            metrics_listen=_metrics_listen(c),
             s3=S3Settings(s3.optional("endpoint"), s3.optional("access_key"), s3.optional("secret_key"),
                           s3.optional("region")),
             sns=SnsSettings(sns.boolean("verify", True),
                             resolve_path(base, sns.string("cert_dir")) if "cert_dir" in sns.raw else None,
                             tuple(sns.strings("topics"))),
         )
+
+
+def _metrics_listen(c: Checker) -> str | None:
+    value = c.optional("metrics_listen")
+    if value is not None:
+        try:
+            parse_listen(value)
+        except Exception:
+            c.fail("metrics_listen", f"must be HOST:PORT, got {value!r}")
+    return value
 
 
 def compile_prefix(pattern: str) -> tuple[re.Pattern, list[str]]:

@@ -36,20 +36,25 @@ from fabric.errors import BadFrame, Forbidden, InvalidInput, InvalidManifest
 from fabric.wire.events import EventLog, sse_handler
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest, check_name
+from fabric.origin.metrics import OriginMetrics
 from fabric.store.registry import Registry
-from fabric.wire.server import METRICS, STORE, base_app, principal, read_json, run_until_signalled
+from fabric import logs
+from fabric.wire.server import METRICS, STORE, add_metrics_listener, base_app, principal, read_json, run_until_signalled
 from fabric.store.store import Store
 
 log = get_logger("origin")
 EVENTS = web.AppKey("events", EventLog)
 REGISTRY = web.AppKey("registry", Registry)
 SITES = web.AppKey("sites", dict)
+SITE_METRICS = web.AppKey("site_metrics", OriginMetrics)
 _MAX_SITES = 10_000
 _UPLOAD_AHEAD = 4  # uploaded chunks being verified and stored while the next is read
 
 
 def create_app(store: Store, tokens: TokenTable) -> web.Application:
-    app = base_app(store=store, tokens=tokens)
+    app = base_app(store=store, tokens=tokens, refresh_metrics=lambda: app[SITE_METRICS].refresh(app[SITES],
+                                                                                                   app[REGISTRY]))
+    app[SITE_METRICS] = OriginMetrics(app[METRICS].registry)
     app[REGISTRY] = Registry(store)
     app[EVENTS] = EventLog()
     app.on_shutdown.append(lambda a: a[EVENTS].close())
@@ -200,5 +205,10 @@ def _store_upload(store: Store, frame: frames.Frame) -> int:
     return len(frame.payload)
 
 
-def run_origin(*, store: Store, listen: str, tokens: TokenTable, tls: ssl.SSLContext | None = None) -> None:
-    asyncio.run(run_until_signalled(create_app(store, tokens), listen, tls, "origin"))
+def run_origin(*, store: Store, listen: str, tokens: TokenTable, tls: ssl.SSLContext | None = None,
+               metrics_listen: str | None = None) -> None:
+    """Serve until signalled; `metrics_listen` ("HOST:PORT") adds a token-free /metrics listener."""
+    logs.bind("origin")
+    app = create_app(store, tokens)
+    add_metrics_listener(app, metrics_listen)
+    asyncio.run(run_until_signalled(app, listen, tls, "origin"))

@@ -10,13 +10,16 @@ The origin (`fabric.origin.app`), the site agents' relays and the push hook
 * counts requests, errors and latency for `/metrics`.
 
 `read_json` reads a request's JSON body; `serve`, `tls_context` and
-`run_until_signalled` start a server. Chunk serving is `fabric.wire.chunks`.
+`run_until_signalled` start a server; `add_metrics_listener` adds a token-free
+/metrics listener beside it. Chunk serving is `fabric.wire.chunks`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import platform
 import signal
 import ssl
 import time
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from fabric.wire import frames as wire
@@ -41,10 +44,17 @@ PUBLIC = {"/livez", "/readyz"}  # the health probes; everything else, /metrics t
 
 @dataclass
 class Metrics:
+    """What every server counts (`fabric_http_*`, chunks, errors, `fabric_build_info`), on
+    its role's registry. Prometheus's conventions: counters end in `_total` (the client
+    adds it), gauges never do, durations are `_seconds` histograms."""
+
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self):
         r = self.registry
+        self.build = Gauge("fabric_build_info", "1, labelled with the Fabric version and the Python it runs on",
+                           ["version", "python"], registry=r)
+        self.build.labels(_version(), platform.python_version()).set(1)
         self.requests = Counter("fabric_http_requests", "HTTP requests", ["route", "status"], registry=r)
         self.latency = Histogram("fabric_http_request_seconds", "Request latency", ["route"], registry=r)
         self.errors = Counter("fabric_errors", "Errors returned, by code", ["code"], registry=r)
@@ -58,10 +68,18 @@ class Metrics:
         self.chunks_in = Counter("fabric_chunks_received", "Chunks received and stored", registry=r)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("edge-fabric")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 STORE = web.AppKey("store", Store)
 TOKENS = web.AppKey("tokens", Authenticator)
 METRICS = web.AppKey("metrics", Metrics)
 ON_ERROR = web.AppKey("on_error", Callable)  # sees each FabricError the edge answers (base_app)
+REFRESH_METRICS = web.AppKey("refresh_metrics", Callable)  # awaited before each /metrics answer
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
@@ -147,16 +165,45 @@ def base_app(*, tokens: Authenticator, store: Store | None = None,
         body = ok if isinstance(ok, dict) else {"ready": bool(ok)}
         return web.json_response(body, status=200 if body["ready"] else 503)
 
-    async def metrics_page(request):
-        if refresh_metrics is not None:
-            await refresh_metrics()
-        body = generate_latest(request.app[METRICS].registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
+    if refresh_metrics is not None:
+        app[REFRESH_METRICS] = refresh_metrics
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    async def metrics_page(request: web.Request) -> web.Response:
+        return await metrics_response(request.app)
+
     app.router.add_get("/metrics", metrics_page)
     return app
+
+
+async def metrics_response(app: web.Application) -> web.Response:
+    """The Prometheus text of `app`'s registry, its gauges refreshed first."""
+    if REFRESH_METRICS in app:
+        await app[REFRESH_METRICS]()
+    body = generate_latest(app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_metrics_listener(app: web.Application, listen: str | None) -> None:
+    """Also serve `app`'s /metrics on `listen` ("HOST:PORT"), without a token, as
+    Dragonfly's dfdaemon does; it starts and stops with `app`. The main listener's
+    /metrics still needs a token. Nothing without `listen`."""
+    if not listen:
+        return
+    host, port = parse_listen(listen)
+
+    async def page(_request: web.Request) -> web.Response:
+        return await metrics_response(app)
+
+    async def listener(_app: web.Application):
+        side = web.Application()
+        side.router.add_get("/metrics", page)
+        runner = await serve(side, host, port)
+        log.info("metrics listening", host=host, port=bound_port(runner))
+        yield
+        await runner.cleanup()
+
+    app.cleanup_ctx.append(listener)
 
 
 async def read_json(request: web.Request) -> dict:
@@ -212,7 +259,7 @@ async def run_until_signalled(app: web.Application, listen: str, tls: ssl.SSLCon
     from fabric.wire.systemd import Notifier
     host, port = parse_listen(listen)
     runner = await serve(app, host, port, tls)
-    get_logger(what).info(f"{what} listening", host=host, port=bound_port(runner), tls=tls is not None)
+    log.info(f"{what} listening", host=host, port=bound_port(runner), tls=tls is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -223,7 +270,7 @@ async def run_until_signalled(app: web.Application, listen: str, tls: ssl.SSLCon
     try:
         await stop.wait()
     finally:
-        get_logger(what).info(f"{what} stopping")
+        log.info(f"{what} stopping")
         notifier.notify("STOPPING=1")
         watchdog.cancel()
         await runner.cleanup()
