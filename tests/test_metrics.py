@@ -166,11 +166,23 @@ def test_a_bad_metrics_listen_is_refused_naming_the_key(where, raw):
     assert f"{where}.toml: metrics_listen: must be HOST:PORT" in e.value.message
 
 
-def test_metrics_names_are_unchanged_for_the_tokened_origin_route(tmp_path):
-    origin = start_origin(tmp_path / "origin", ALL_TOKENS)
-    try:
-        assert request(origin.url, "GET", "/metrics", timeout=5).status == 401
-        assert origin.metrics(ADMIN_SECRET)["fabric_build_info{python=\"%s\",version=\"0.1.0\"}"
-                                            % platform.python_version()] == 1
-    finally:
-        origin.stop()
+def test_the_origin_metrics_listener_answers_without_a_token_and_the_main_one_still_refuses(tmp_path):
+    from helpers.origin import OriginProcess, write_token_file
+    mport = free_port()
+    tokens = write_token_file(tmp_path / "tokens.toml", ALL_TOKENS)
+    with OriginProcess(tmp_path / "store", tokens, tmp_path / "origin.log",
+                       args=["--metrics-listen", f"127.0.0.1:{mport}"]) as origin:
+        status, text = _scrape(f"http://127.0.0.1:{mport}")
+        assert status == 200, text
+        m = parse_metrics(text)
+        assert m[f'fabric_build_info{{python="{platform.python_version()}",version="0.1.0"}}'] == 1
+        assert _scrape(origin.url)[0] == 401
+        assert origin.metrics(ADMIN_SECRET)["fabric_bytes_sent_total"] == 0
+        assert request(f"http://127.0.0.1:{mport}", "GET", "/v1/artifacts", timeout=5).status == 404  # metrics only
+
+
+def test_a_bad_metrics_listen_flag_is_refused_naming_the_flag(tmp_path):
+    from helpers.origin import fabric, write_token_file
+    tokens = write_token_file(tmp_path / "tokens.toml", ALL_TOKENS)
+    p = fabric("origin", "--store", tmp_path / "s", "--tokens", tokens, "--metrics-listen", "nowhere", timeout=60)
+    assert p.returncode == 1 and "--metrics-listen 'nowhere': expected HOST:PORT" in p.stderr, p.stderr

@@ -23,6 +23,8 @@ def origin_cmd(store: Optional[str] = StoreOpt,
                tls_cert: Optional[str] = typer.Option(None, "--tls-cert"),
                tls_key: Optional[str] = typer.Option(None, "--tls-key"),
                log_level: str = typer.Option("info", "--log-level"),
+               metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen",
+                                                            help="HOST:PORT serving /metrics without a token."),
                s3_endpoint: Optional[str] = S3EndpointOpt, s3_access_key: Optional[str] = S3KeyOpt,
                s3_secret_key: Optional[str] = S3SecretOpt):
     """Serve a store (a folder, or s3://BUCKET/PREFIX) as an origin over HTTP(S)."""
@@ -35,7 +37,18 @@ def origin_cmd(store: Optional[str] = StoreOpt,
         table = TokenTable.from_file(tokens)
         s3 = s3_options(s3_endpoint, s3_access_key, s3_secret_key)
         origin_mod.run_origin(store=open_local_store(store, create=True, s3=s3), listen=listen, tokens=table,
-                              tls=tls_context(tls_cert, tls_key))
+                              tls=tls_context(tls_cert, tls_key), metrics_listen=_metrics_listen(metrics_listen))
+
+
+def _metrics_listen(value: str | None) -> str | None:
+    from fabric.errors import InvalidInput
+    from fabric.wire.server import parse_listen
+    if value is not None:
+        try:
+            parse_listen(value)
+        except InvalidInput:
+            raise InvalidInput(f"--metrics-listen {value!r}: expected HOST:PORT") from None
+    return value
 
 
 @commands.command("hook")
