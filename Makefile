@@ -23,7 +23,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/python -m fabric.demo
 
+# promtool checks deploy/observability/alerts.yml: Debian's prometheus package, installed once as root;
+# without it tests/deploy/test_observability.py skips that check.
+OBSERVABILITY_TOOLS := prometheus
+
 test: venv
+	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends $(OBSERVABILITY_TOOLS); } || echo "promtool not installed: the alert rules' check will skip"
 	$(BIN)/python -m pytest -q
 
 # The peers the benchmarks compare with, from Debian's packages (installed once, as root).

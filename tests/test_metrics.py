@@ -6,44 +6,22 @@ from __future__ import annotations
 import platform
 import socket
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agents.site.agent import SiteAgent
-from agents.site.app import create_app as agent_app
 from agents.site.config import SiteConfig
-from fabric.hook.app import create_app as hook_app
 from fabric.hook.config import HookConfig
-from fabric.origin.app import create_app as origin_app
 from fabric.store.store import open_store
-from fabric.wire.auth import TokenTable
-from fabric.wire.server import METRICS
 
 from helpers.agent import SITE_SECRETS, SITE_TOKENS, AgentProcess
 from helpers.http import request
 from helpers.origin import ADMIN_SECRET, DEFAULT_TOKENS, parse_metrics, start_origin
 from helpers.ports import free_port
+from helpers.registries import server_registries
 from helpers.s3 import HookProcess, hook_config
 
 ALL_TOKENS = DEFAULT_TOKENS + SITE_TOKENS
-
-
-def server_registries(tmp_path: Path) -> dict[str, CollectorRegistry]:
-    """The registry each server role serves at /metrics, from apps built in this process."""
-    tokens = TokenTable.from_dict({"token": ALL_TOKENS})
-    origin = origin_app(open_store(tmp_path / "o", create=True), tokens)
-    site = SiteConfig.from_dict({"site": "solo", "data": str(tmp_path / "site"), "listen": "127.0.0.1:1",
-                                 "origin": "http://127.0.0.1:1", "token": SITE_SECRETS["solo"],
-                                 "follow": ["m:prod"]})
-    agent = agent_app(SiteAgent(site))
-    hook = hook_app(HookConfig.from_dict({"listen": "127.0.0.1:1", "token": "hook-token-0123456789",
-                                          "store": str(tmp_path / "hs"), "queue": str(tmp_path / "q.db"),
-                                          "s3": {"endpoint": "http://127.0.0.1:1"},
-                                          "rule": [{"bucket": "b", "prefix": "r/{run}/", "artifact": "{run}",
-                                                    "version": "v1", "complete": "dcp"}]}), start_worker=False)
-    return {name: app[METRICS].registry for name, app in (("origin", origin), ("agent", agent), ("hook", hook))}
 
 
 def test_every_metric_follows_prometheus_naming(tmp_path):
@@ -185,4 +163,4 @@ def test_a_bad_metrics_listen_flag_is_refused_naming_the_flag(tmp_path):
     from helpers.origin import fabric, write_token_file
     tokens = write_token_file(tmp_path / "tokens.toml", ALL_TOKENS)
     p = fabric("origin", "--store", tmp_path / "s", "--tokens", tokens, "--metrics-listen", "nowhere", timeout=60)
-    assert p.returncode == 1 and "--metrics-listen 'nowhere': expected HOST:PORT" in p.stderr, p.stderr
+    assert p.returncode == 2 and "--metrics-listen 'nowhere': expected HOST:PORT" in p.stderr, p.stderr
