@@ -26,18 +26,34 @@ def origin_cmd(store: Optional[str] = StoreOpt,
                metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen",
                                                             help="HOST:PORT serving /metrics without a token."),
                s3_endpoint: Optional[str] = S3EndpointOpt, s3_access_key: Optional[str] = S3KeyOpt,
-               s3_secret_key: Optional[str] = S3SecretOpt):
+               s3_secret_key: Optional[str] = S3SecretOpt,
+               upload_quota: str = typer.Option("256G", "--upload-quota",
+                                                help="Bytes of uploads no version names yet, per token."),
+               orphan_grace: str = typer.Option("1h", "--orphan-grace",
+                                                help="How long an upload no version names is kept."),
+               orphan_interval: str = typer.Option("1h", "--orphan-interval",
+                                                   help="Time between sweeps of orphaned uploads (0: none).")):
     """Serve a store (a folder, or s3://BUCKET/PREFIX) as an origin over HTTP(S)."""
     from fabric import logs
+    from fabric.config import parse_byte_rate, parse_duration
+    from fabric.errors import InvalidInput
     from fabric.origin import app as origin_mod
+    from fabric.origin.quotas import OriginLimits
     from fabric.wire.server import tls_context
     from fabric.wire.auth import TokenTable
     with errors(False):
         logs.setup(log_level)
         table = TokenTable.from_file(tokens)
         s3 = s3_options(s3_endpoint, s3_access_key, s3_secret_key)
+        try:  # the same notations as a site's max_rate and durations
+            limits = OriginLimits(upload_quota=int(parse_byte_rate(upload_quota)),
+                                  orphan_grace=parse_duration(orphan_grace),
+                                  orphan_interval=parse_duration(orphan_interval))
+        except ValueError as e:
+            raise InvalidInput(f"fabric origin: {e}") from None
         origin_mod.run_origin(store=open_local_store(store, create=True, s3=s3), listen=listen, tokens=table,
-                              tls=tls_context(tls_cert, tls_key), metrics_listen=_metrics_listen(metrics_listen))
+                              tls=tls_context(tls_cert, tls_key), limits=limits,
+                              metrics_listen=_metrics_listen(metrics_listen))
 
 
 def _metrics_listen(value: str | None) -> str | None:

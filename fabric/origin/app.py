@@ -37,6 +37,7 @@ from fabric.wire.events import EventLog, sse_handler
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest, check_name
 from fabric.origin.metrics import OriginMetrics
+from fabric.origin.quotas import REPORTS, UPLOADS, OriginLimits, QuotaMetrics, SiteReports, UploadQuota, sweeper
 from fabric.store.registry import Registry
 from fabric import logs
 from fabric.wire.server import METRICS, STORE, add_metrics_listener, base_app, principal, read_json, run_until_signalled
@@ -47,11 +48,10 @@ EVENTS = web.AppKey("events", EventLog)
 REGISTRY = web.AppKey("registry", Registry)
 SITES = web.AppKey("sites", dict)
 SITE_METRICS = web.AppKey("site_metrics", OriginMetrics)
-_MAX_SITES = 10_000
 _UPLOAD_AHEAD = 4  # uploaded chunks being verified and stored while the next is read
 
 
-def create_app(store: Store, tokens: TokenTable) -> web.Application:
+def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = None) -> web.Application:
     app = base_app(store=store, tokens=tokens, refresh_metrics=lambda: app[SITE_METRICS].refresh(app[SITES],
                                                                                                    app[REGISTRY]))
     app[SITE_METRICS] = OriginMetrics(app[METRICS].registry)
@@ -59,6 +59,9 @@ def create_app(store: Store, tokens: TokenTable) -> web.Application:
     app[EVENTS] = EventLog()
     app.on_shutdown.append(lambda a: a[EVENTS].close())
     app[SITES] = {}
+    quota_metrics, limits = QuotaMetrics(app[METRICS].registry), limits or OriginLimits()
+    app[UPLOADS], app[REPORTS] = UploadQuota(limits, quota_metrics), SiteReports(app[SITES], quota_metrics)
+    app.cleanup_ctx.append(sweeper(store, limits, quota_metrics))  # collects orphaned uploads
     chunk_routes(app)
     r = app.router
     r.add_get(ARTIFACTS, list_artifacts)
@@ -114,6 +117,7 @@ async def commit_manifest(request: web.Request) -> web.Response:
     if (manifest.artifact, manifest.version) != (artifact, version):
         raise InvalidManifest(f"manifest is for {manifest.artifact}@{manifest.version}, URL says {artifact}@{version}")
     mid = await asyncio.to_thread(request.app[REGISTRY].commit, manifest)
+    request.app[UPLOADS].settle(manifest.chunk_ids())
     log.info("version committed", artifact=artifact, version=version, manifest_id=mid,
              by=principal(request).name)
     request.app[EVENTS].append({"type": "version", "artifact": artifact, "version": version, "manifest_id": mid})
@@ -158,10 +162,9 @@ async def report_site(request: web.Request) -> web.Response:
     p = principal(request)
     if p.name != site and not p.may("admin"):
         raise Forbidden(f"token {p.name!r} may not report for site {site!r}")
-    body = await read_json(request)
+    body, size = await request.app[REPORTS].read(request)  # bounded (fabric.origin.quotas)
     sites: dict = request.app[SITES]
-    if site not in sites and len(sites) >= _MAX_SITES:
-        raise InvalidInput("too many sites")
+    request.app[REPORTS].admit(site, size)
     sites[site] = dict(body, site=site, received=time.time())
     return web.json_response({"ok": True})
 
@@ -186,6 +189,7 @@ async def upload_chunks(request: web.Request) -> web.Response:
         async for frame in frames.FrameReader(request.content.readexactly):
             if frame.kind != frames.FRAME_CHUNK:
                 raise BadFrame("an upload may contain only chunk frames")
+            request.app[UPLOADS].charge(principal(request).name, frame.chunk_id, len(frame.payload))
             storing.add(asyncio.create_task(asyncio.to_thread(_store_upload, store, frame)))
             if len(storing) >= _UPLOAD_AHEAD:
                 done, storing = await asyncio.wait(storing, return_when=asyncio.FIRST_COMPLETED)
@@ -206,9 +210,9 @@ def _store_upload(store: Store, frame: frames.Frame) -> int:
 
 
 def run_origin(*, store: Store, listen: str, tokens: TokenTable, tls: ssl.SSLContext | None = None,
-               metrics_listen: str | None = None) -> None:
+               metrics_listen: str | None = None, limits: OriginLimits | None = None) -> None:
     """Serve until signalled; `metrics_listen` ("HOST:PORT") adds a token-free /metrics listener."""
     logs.bind("origin")
-    app = create_app(store, tokens)
+    app = create_app(store, tokens, limits)
     add_metrics_listener(app, metrics_listen)
     asyncio.run(run_until_signalled(app, listen, tls, "origin"))

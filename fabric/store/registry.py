@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 from fabric.errors import (ArtifactNotFound, ChannelNotFound, Conflict, FabricError, InvalidInput,
                      MissingChunks, VersionExists, VersionNotFound)
+from fabric.core.boundedjson import decode as decode_json
 from fabric.core.manifest import Manifest, check_name
 from fabric.store import fence
 from fabric.store.store import Store
@@ -77,12 +78,15 @@ class Registry:
         if existing is not None:
             return self._same_content(manifest, existing)
         canonical, mid = manifest.canonical(), manifest.id
+        had = self.store.has_manifest(mid)
         self.store.put_manifest(mid, canonical)
         intent = fence.write_intent(self.store, mid)
         try:
             fence.wait_for_sweeps(self.store)
             missing = self.store.missing(manifest.chunk_ids())
             if missing:
+                if not had:  # a refused commit leaves nothing behind
+                    self.store.delete_manifest(mid)
                 raise MissingChunks(
                     f"{manifest.artifact}@{manifest.version} names {len(missing)} chunk(s) the store "
                     f"lacks, e.g. {missing[0]}: upload them before committing"
@@ -202,9 +206,11 @@ class Registry:
                 n = len(stack) - 1 - max(i for i, v in enumerate(stack[:-1]) if v == to)
             else:
                 n = steps or 1
+                if len(stack) < 2:
+                    raise InvalidInput(f"channel {artifact}:{channel} has no earlier version to roll back to")
                 if len(stack) < n + 1:
-                    raise InvalidInput(f"channel {artifact}:{channel} has {max(len(stack) - 1, 0)} earlier "
-                                       f"version(s) on its stack; cannot roll back {n}")
+                    raise InvalidInput(f"channel {artifact}:{channel} has only {len(stack) - 1} earlier "
+                                       f"version(s) on its stack; cannot roll back {n} steps")
             return [{"action": "rollback", "version": stack[-2 - i]} for i in range(n)]
         return self._move(artifact, channel, step)
 
@@ -244,7 +250,7 @@ def _channel_key(artifact: str, channel: str) -> str:
 
 def _channel_from(artifact: str, name: str, raw: bytes) -> Channel:
     try:
-        obj = json.loads(raw)
+        obj = decode_json(raw, what=f"channel {artifact}:{name}")
         history = tuple(
             {"action": e["action"], "version": e["version"], "at": e["at"]} for e in obj["history"]
         )

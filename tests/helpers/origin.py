@@ -68,8 +68,9 @@ def parse_metrics(text: str) -> dict[str, float]:
 class OriginProcess:
     """`fabric origin --store STORE --listen 127.0.0.1:PORT --tokens FILE`, logging to a file."""
 
-    def __init__(self, store: Path, tokens: Path, log: Path, port: int | None = None):
+    def __init__(self, store: Path, tokens: Path, log: Path, port: int | None = None, args: list[str] = ()):
         self.store, self.tokens, self.log_path = Path(store), Path(tokens), Path(log)
+        self.args = [str(a) for a in args]  # more `fabric origin` flags
         self._fixed_port = port is not None
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
@@ -83,7 +84,7 @@ class OriginProcess:
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
                     FABRIC + ["origin", "--store", str(self.store), "--listen", f"127.0.0.1:{self.port}",
-                              "--tokens", str(self.tokens)],
+                              "--tokens", str(self.tokens), *self.args],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env())
             if self._wait_live(timeout):
                 return self
