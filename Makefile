@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch is pinned here (a CPU wheel is on disk); the library itself keeps it optional and loose.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test fuzz bench venv clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: venv
 	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends $(OBSERVABILITY_TOOLS); } || echo "promtool not installed: the alert rules' check will skip"
 	$(BIN)/python -m pytest -q
+
+# The generated-input suite at full size (make test runs it with 1500 cases): origin, agent, hook, parsers.
+fuzz: venv
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/fuzz --fuzz-cases 10000
 
 # The peers the benchmarks compare with, from Debian's packages (installed once, as root).
 BENCH_TOOLS := rsync casync nginx-light aria2 curl zstd time

@@ -17,6 +17,11 @@ from fabric.store.store import open_store
 from helpers.s3 import SUITE_BUCKET
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-cases", type=int, default=1500,
+                     help="generated inputs tests/fuzz sends in all (make fuzz: 10000)")
+
+
 # --- environment -------------------------------------------------------------------
 
 @pytest.fixture(autouse=True)
