@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 from fabric.errors import (ArtifactNotFound, ChannelNotFound, Conflict, FabricError, InvalidInput,
                      MissingChunks, VersionExists, VersionNotFound)
 from fabric.core.boundedjson import decode as decode_json
-from fabric.core.boundedjson import decode as decode_json
 from fabric.core.manifest import Manifest, check_name
 from fabric.store import fence
 from fabric.store.store import Store
