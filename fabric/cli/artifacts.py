@@ -7,6 +7,7 @@ the registry, fabric.gc, fabric.fsck) and prints the result through fabric/cli/o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -18,17 +19,23 @@ from fabric import gc as gc_mod
 from fabric.cli.options import (JsonOpt, OriginOpt, S3EndpointOpt, S3KeyOpt, S3SecretOpt, StoreOpt, TokenOpt,
                                 open_local_store, open_registry, open_target, parse_meta, parse_rate,
                                 s3_options)
-from fabric.cli.output import emit, errors, out, progress_bar, size, table
+from fabric.cli import exits
+from fabric.cli.dryrun import DryRunTarget, existing_store, local_holds, publish_plan, pull_plan, remote_holds
+from fabric.cli.output import emit, errors, esc, out, progress_bar, size, table
 from fabric.config import load_client_config
 from fabric.core.manifest import diff
 from fabric.errors import InvalidInput
 from fabric.publish import collect_files, publish as publish_fn
-from fabric.pull import materialize, pull_remote
+from fabric.pull import check_dest, materialize, pull_remote
 from fabric.store.registry import Registry, parse_ref
 from fabric.transfer import FetchOptions
-from fabric.wire.client import OriginClient, RemoteTarget
+from fabric.wire.client import OriginClient, RemoteRegistry, RemoteTarget, SyncOrigin
 
 commands = typer.Typer()
+
+
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no report (errors still go to "
+                        "stderr; --json still prints its report).")
 
 
 @commands.command()
@@ -37,6 +44,9 @@ def publish(src: str = typer.Argument(..., help="File or folder to publish, or s
             version: Optional[str] = typer.Option(None, help="Version name (default: UTC timestamp)."),
             channel: Optional[str] = typer.Option(None, help="Move this channel to the new version."),
             meta: List[str] = typer.Option([], "--meta", help="Metadata key=value (repeatable)."),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Read and hash SRC, and report the chunks and "
+                                         "bytes that are new vs already held where it would go; store nothing."),
+            quiet: bool = QuietOpt,
             store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
             token: Optional[str] = TokenOpt, as_json: bool = JsonOpt,
             s3_endpoint: Optional[str] = S3EndpointOpt, s3_access_key: Optional[str] = S3KeyOpt,
@@ -55,20 +65,47 @@ def publish(src: str = typer.Argument(..., help="File or folder to publish, or s
             total = sum(s.size for s in source)
         else:
             source, total = src, sum(p.stat().st_size for _, p in collect_files(Path(src)))
+        if dry_run:
+            return _publish_dry(source, total, artifact, version, channel, metadata, store, origin, token, s3,
+                                quiet, as_json)
+        from fabric import tracing
+        tracing.setup("fabric-publish")  # with FABRIC_TRACES_FILE (and the tracing extra): the version's trace
         with open_target(store, origin, token, s3) as target, \
-                progress_bar(total, f"publish {artifact}", as_json) as progress:
+                progress_bar(total, f"publish {artifact}", quiet) as progress, \
+                tracing.span("publish", artifact=artifact, version=version, channel=channel):
             r = publish_fn(source, artifact=artifact, target=target, version=version,
                            channel=channel, metadata=metadata, progress=progress)
         report = r.to_json()
         report["bytes_sent"] = r.written_bytes if isinstance(target, RemoteTarget) else 0
 
         def human():
-            out.print(f"published [bold]{r.artifact}@{r.version}[/bold]"
-                      + (f" → channel {r.channel}" if r.channel else ""))
+            out.print(f"published [bold]{esc(r.artifact)}@{esc(r.version)}[/bold]"
+                      + (f" → channel {esc(r.channel)}" if r.channel else ""))
             out.print(f"  files {r.files}, {size(r.bytes)} in {r.chunks} chunks; "
                       f"new {size(r.new_bytes)} ({r.new_chunks} chunks, {size(r.written_bytes)} stored or sent); "
                       f"deduplicated {r.dedup_ratio:.1%}; {r.seconds:.2f}s")
-        emit(report, as_json, human)
+        emit(report, as_json, human, quiet)
+
+
+def _publish_dry(source, total, artifact, version, channel, metadata, store, origin, token, s3, quiet, as_json):
+    cfg = load_client_config(store=store, origin=origin, token=token)
+    with contextlib.ExitStack() as stack:
+        if origin or (cfg.origin and not store):
+            so = stack.enter_context(SyncOrigin(cfg.origin, cfg.token))
+            target, where = DryRunTarget(remote_holds(so), RemoteRegistry(so)), cfg.origin
+        else:
+            s = existing_store(open_local_store, store, s3=s3)
+            target = DryRunTarget(local_holds(s), Registry(s) if s else None)
+            where = cfg.store
+        with progress_bar(total, f"publish {artifact} (dry run)", quiet) as progress:
+            r = publish_fn(source, artifact=artifact, target=target, version=version,
+                           channel=channel, metadata=metadata, progress=progress)
+    plan = publish_plan(r, target)
+    emit(dict(plan.to_json(), target=where), as_json, lambda: out.print(
+        f"would publish [bold]{esc(plan.artifact)}@{esc(plan.version)}[/bold] to {esc(where)}: "
+        f"{plan.files} files, {size(plan.bytes)}; new {plan.chunks_new} chunks ({size(plan.bytes_new)}) "
+        f"to store or send, {plan.chunks_present} chunks ({size(plan.bytes_present)}) already there; "
+        f"nothing written"), quiet)
 
 
 @commands.command()
@@ -76,9 +113,13 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
          dest: str = typer.Argument(..., help="Folder to write the version into."),
          force: bool = typer.Option(False, "--force", help="Replace a non-empty DEST."),
          connections: int = typer.Option(4, help="Parallel connections (with --origin)."),
-         max_rate: Optional[str] = typer.Option(None, "--max-rate", help="Bandwidth cap, e.g. 100M (bytes/s)."),
+         max_rate: Optional[str] = typer.Option(None, "--max-rate", help="With --origin: cap the transfer at "
+                                                "this many bytes per second, e.g. 100M (K, M, G: powers of 1000)."),
          copy: bool = typer.Option(False, "--copy", help="With --origin: the store keeps its own copy of "
                                    "each fetched chunk instead of sharing DEST's files (hard links)."),
+         dry_run: bool = typer.Option(False, "--dry-run", help="Report the chunks and bytes the store lacks "
+                                      "(what would be fetched); write nothing."),
+         quiet: bool = QuietOpt,
          store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
          token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
     """Write a version's files into DEST, byte for byte (fetching missing chunks from --origin).
@@ -86,21 +127,29 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
     With --origin, each fetched chunk is written once, into DEST, and the store shares
     DEST's files through hard links (packs) where it is on the same file system, so a
     later pull reuses them. A program that then rewrites a DEST file in place spoils the
-    store's copy: Fabric detects that and fetches those chunks again.
+    store's copy: Fabric detects that and fetches those chunks again. Ctrl-C stops a
+    pull at once (exit code 130); the chunks already fetched stay in the store, so the
+    next pull resumes from them.
     """
     with errors(as_json):
         t0 = time.monotonic()
+        rate = parse_rate(max_rate)
+        if connections < 1:
+            raise InvalidInput(f"--connections must be at least 1, not {connections}")
         cfg = load_client_config(store=store, origin=origin, token=token)
-        s = open_local_store(store, create=bool(origin or cfg.origin))
+        remote = bool(origin or cfg.origin)
         artifact, version, channel = parse_ref(ref)
-        if origin or cfg.origin:
+        if dry_run:
+            return _pull_dry(cfg, store, remote, artifact, version, channel, dest, force, quiet, as_json)
+        s = open_local_store(store, create=remote)
+        if remote:
             report = _pull_remote(cfg, s, artifact, version, channel, dest, force, connections,
-                                  parse_rate(max_rate), copy, as_json)
+                                  rate, copy, quiet)
         else:
             reg = Registry(s)
             version = reg.resolve(artifact, version=version, channel=channel)
             m = reg.manifest(artifact, version)
-            with progress_bar(m.size, f"pull {artifact}@{version}", as_json) as progress:
+            with progress_bar(m.size, f"pull {artifact}@{version}", quiet) as progress:
                 materialize(s, m, dest, overwrite=force, progress=progress)
             report = {"artifact": artifact, "version": version, "manifest_id": m.id, "dest": dest,
                       "files": len(m.files), "bytes": m.size, "chunks_fetched": 0,
@@ -108,12 +157,19 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
                       "wire_ratio": None, "packed": False,
                       "seconds": round(time.monotonic() - t0, 3)}
         emit(report, as_json, lambda: out.print(
-            f"pulled [bold]{artifact}@{report['version']}[/bold] into {dest}: {report['files']} files, "
+            f"pulled [bold]{esc(artifact)}@{esc(report['version'])}[/bold] into {esc(dest)}: {report['files']} files, "
             f"{size(report['bytes'])}; fetched {report['chunks_fetched']} chunks "
-            f"({size(report['bytes_received'])} on the wire), reused {report['chunks_reused']}"))
+            f"({size(report['bytes_received'])} on the wire), reused {report['chunks_reused']}"), quiet)
 
 
 def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, max_rate, copy, quiet) -> dict:
+    def sized(progress, m) -> None:
+        """Size the bar by the chunks to write, and count the ones the store holds as done."""
+        sizes = m.unique_chunks()
+        held = set(sizes) - set(s.missing(list(sizes)))
+        progress.set_total(sum(sizes.values()))
+        progress.reused(len(held), sum(sizes[c] for c in held))
+
     async def run():
         async with OriginClient(cfg.origin, cfg.token, connections=connections) as client:
             label = f"pull {artifact}" + (f"@{version}" if version else f":{channel}" if channel else "")
@@ -121,9 +177,27 @@ def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, m
                 result, _ = await pull_remote(client, s, artifact, dest, version=version, channel=channel,
                                               overwrite=force, progress=progress, copy=copy,
                                               options=FetchOptions(connections=connections, max_rate=max_rate),
-                                              on_manifest=progress and (lambda m: progress.set_total(m.size)))
+                                              on_manifest=progress and (lambda m: sized(progress, m)))
             return result.to_json()
     return asyncio.run(run())
+
+
+def _pull_dry(cfg, store, remote, artifact, version, channel, dest, force, quiet, as_json) -> None:
+    check_dest(Path(dest).absolute(), force)
+    s = existing_store(open_local_store, store) if remote else open_local_store(store)
+    if remote:
+        with SyncOrigin(cfg.origin, cfg.token) as so:
+            version = so.resolve(artifact, version, channel)
+            m = so.manifest(artifact, version)
+    else:
+        reg = Registry(s)
+        version = reg.resolve(artifact, version=version, channel=channel)
+        m = reg.manifest(artifact, version)
+    plan = pull_plan(m, s)
+    emit(dict(plan.to_json(), dest=dest), as_json, lambda: out.print(
+        f"would pull [bold]{esc(artifact)}@{esc(version)}[/bold] into {esc(dest)}: {plan.files} files, "
+        f"{size(plan.bytes)}; fetch {plan.chunks_new} chunks ({size(plan.bytes_new)}) the store lacks, "
+        f"reuse {plan.chunks_present} ({size(plan.bytes_present)}); nothing written"), quiet)
 
 
 @commands.command("ls")
@@ -164,23 +238,24 @@ def show(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
                "channels": {c.name: c.version for c in reg.channels(artifact)}}
 
         def human():
-            out.print(f"[bold]{artifact}@{version}[/bold]  {m.id}")
-            out.print(f"  created {m.created}, parent {m.parent or '-'}, metadata {m.metadata or '-'}")
+            out.print(f"[bold]{esc(artifact)}@{esc(version)}[/bold]  {m.id}")
+            out.print(f"  created {esc(m.created)}, parent {esc(m.parent or '-')}, metadata {esc(m.metadata or '-')}")
             out.print(f"  {len(m.files)} files, {size(m.size)}, {len(m.unique_chunks())} unique chunks, "
                       f"{len(m.tensors)} tensors")
             table(["path", "size", "chunks", "mode"],
-                   [{"path": f.path, "size": size(f.size), "chunks": len(f.chunks), "mode": oct(f.mode)}
-                    for f in m.files])
+                  [{"path": f.path, "size": size(f.size), "chunks": len(f.chunks), "mode": oct(f.mode)}
+                   for f in m.files])
             out.print(f"  vs parent: +{len(d.files_added)} -{len(d.files_removed)} ~{len(d.files_changed)} files, "
                       f"{len(d.tensors_changed)} tensors changed, {d.new_chunks} new chunks ({size(d.new_bytes)})")
             for t in d.tensors_changed[:20]:
-                out.print(f"    changed {t}")
+                out.print(f"    changed {esc(t)}")
         emit(obj, as_json, human)
 
 
 @commands.command()
-def promote(ref: str = typer.Argument(..., help="NAME@VERSION"),
-            channel: str = typer.Option(..., "--channel", "-c"),
+def promote(ref: str = typer.Argument(..., help="NAME@VERSION: the version the channel is to point at."),
+            channel: str = typer.Option(..., "--channel", "-c", help="The channel to move (created if new)."),
+            quiet: bool = QuietOpt,
             store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
             token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
     """Point CHANNEL at a version."""
@@ -189,24 +264,35 @@ def promote(ref: str = typer.Argument(..., help="NAME@VERSION"),
         if not version:
             raise InvalidInput("promote needs NAME@VERSION")
         ch = reg.promote(artifact, version, channel)
-        emit(ch.to_json(), as_json, lambda: out.print(f"{artifact}:{channel} → {ch.version}"))
+        emit(ch.to_json(), as_json, lambda: out.print(f"{esc(artifact)}:{esc(channel)} → {esc(ch.version)}"), quiet)
 
 
 @commands.command()
 def rollback(name: str = typer.Argument(..., help="Artifact name."),
-             channel: str = typer.Option(..., "--channel", "-c"),
+             channel: str = typer.Option(..., "--channel", "-c", help="The channel to move back."),
+             to: Optional[str] = typer.Option(None, "--to", help="Roll back to this earlier version of the "
+                                              "channel (the nearest one on its stack)."),
+             steps: Optional[int] = typer.Option(None, "--steps", help="Roll back this many promotions "
+                                                 "(default 1)."),
+             quiet: bool = QuietOpt,
              store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
              token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
-    """Move CHANNEL back to the version it pointed at before the last promotion."""
+    """Move CHANNEL back to the version before the last promotion (or --steps N back, or --to VERSION)."""
     with errors(as_json), open_registry(store, origin, token) as reg:
-        ch = reg.rollback(name, channel)
-        emit(ch.to_json(), as_json, lambda: out.print(f"{name}:{channel} → {ch.version} (rolled back)"))
+        if to is not None and steps is not None:
+            raise InvalidInput("rollback takes --to or --steps, not both")
+        if steps is not None and steps < 1:
+            raise InvalidInput(f"--steps must be at least 1, not {steps}")
+        ch = reg.rollback(name, channel, steps=steps, to=to)
+        emit(ch.to_json(), as_json,
+             lambda: out.print(f"{esc(name)}:{esc(channel)} → {esc(ch.version)} (rolled back)"), quiet)
 
 
 @commands.command()
 def gc(keep: int = typer.Option(..., "--keep", help="Versions to keep per artifact."),
-       dry_run: bool = typer.Option(False, "--dry-run"),
+       dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be deleted; delete nothing."),
        grace: float = typer.Option(3600.0, help="Spare chunks younger than this (seconds)."),
+       quiet: bool = QuietOpt,
        store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
     """Delete old versions and the chunks no remaining version needs."""
     with errors(as_json):
@@ -214,23 +300,24 @@ def gc(keep: int = typer.Option(..., "--keep", help="Versions to keep per artifa
         emit(r.to_json(), as_json, lambda: out.print(
             f"{'would delete' if dry_run else 'deleted'} {len(r.versions_deleted)} versions, "
             f"{r.manifests_deleted} manifests, {r.chunks_deleted} chunks, {r.packs_deleted} packs "
-            f"({size(r.bytes_freed)})"))
+            f"({size(r.bytes_freed)})"), quiet)
 
 
 @commands.command()
 def fsck(repair: bool = typer.Option(False, "--repair", help="Remove bad chunks and temp files."),
+         quiet: bool = QuietOpt,
          store: Optional[str] = StoreOpt, as_json: bool = JsonOpt):
-    """Verify every chunk, manifest and version in a store."""
+    """Verify every chunk, manifest and version in a store (exit code 6 if it finds problems)."""
     with errors(as_json):
         r = fsck_mod.fsck(open_local_store(store), repair=repair)
 
         def human():
             out.print(f"{r.chunks} chunks, {r.manifests} manifests, {r.versions} versions checked")
             for c in r.bad_chunks:
-                out.print(f"  [red]bad chunk[/red] {c}" + (" (removed)" if repair else ""))
+                out.print(f"  [red]bad chunk[/red] {esc(c)}" + (" (removed)" if repair else ""))
             for v in r.bad_versions:
-                out.print(f"  [red]incomplete version[/red] {v}")
+                out.print(f"  [red]incomplete version[/red] {esc(v)}")
             out.print("[green]ok[/green]" if r.ok else "[red]problems found[/red]")
-        emit(r.to_json(), as_json, human)
+        emit(r.to_json(), as_json, human, quiet)
         if not r.ok and not repair:
-            raise typer.Exit(1)
+            raise typer.Exit(exits.INTEGRITY)

@@ -26,7 +26,8 @@ JsonOpt = typer.Option(False, "--json", help="Print a JSON report on stdout.")
 S3EndpointOpt = typer.Option(None, "--s3-endpoint", help="S3 endpoint URL for s3:// paths (or AWS_ENDPOINT_URL).")
 S3KeyOpt = typer.Option(None, "--s3-access-key", help="S3 access key (or AWS_ACCESS_KEY_ID).")
 S3SecretOpt = typer.Option(None, "--s3-secret-key", help="S3 secret key (or AWS_SECRET_ACCESS_KEY).")
-AgentOpt = typer.Option("http://127.0.0.1:7070", "--agent", help="The site agent's URL.")
+AgentOpt = typer.Option(None, "--agent", help="The site agent's URL (or FABRIC_AGENT; default "
+                        "http://127.0.0.1:7070).")
 
 
 def open_local_store(store: Optional[str], create: bool = False, s3=None):
@@ -80,6 +81,9 @@ def parse_rate(text: Optional[str]) -> Optional[float]:
     if not text:
         return None
     try:
-        return parse_byte_rate(text)
+        rate = parse_byte_rate(text)
     except ValueError:
         raise InvalidInput(f"--max-rate {text!r}: expected bytes per second, e.g. 50M") from None
+    if rate <= 0:
+        raise InvalidInput(f"--max-rate {text!r}: must be more than 0 bytes per second")
+    return rate

@@ -3,7 +3,11 @@
 A report goes to stdout as a table or sentence, or as JSON with `--json`; progress and
 errors go to stderr, so `--json` output on stdout stays machine-readable. An error is a
 `FabricError` turned into one line `error[code]: message` (plus a hint where one helps)
-or, with `--json`, a JSON object on stdout; either way the process exits 1.
+or, with `--json`, a JSON object on stdout; the exit code comes from exits.py's table.
+`--quiet` drops the progress bars and the human report (never an error, never the JSON
+report). Every size a person reads goes through `size` (IEC units: KiB, MiB), progress
+bars included; every string from outside (names, paths, site reports) is printed with
+rich markup escaped (`esc`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, ProgressColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
+from fabric.cli.exits import exit_code
 from fabric.errors import FabricError
 
 out = Console()
@@ -44,7 +50,7 @@ def fail(e: FabricError, as_json: bool) -> None:
                   soft_wrap=True)
         if e.code in HINTS:
             err.print(f"  hint: {HINTS[e.code]}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    raise typer.Exit(exit_code(e))
 
 
 @contextmanager
@@ -55,17 +61,23 @@ def errors(as_json: bool):
         fail(e, as_json)
 
 
-def emit(obj: dict, as_json: bool, human) -> None:
+def emit(obj: dict, as_json: bool, human, quiet: bool = False) -> None:
     if as_json:
         print(json.dumps(obj, indent=2, default=str))
-    else:
+    elif not quiet:
         human()
 
 
+def esc(value) -> str:
+    """Any value as text that rich prints literally: `[/]` in a name is not markup."""
+    return escape(str(value))
+
+
 def table(cols: list[str], rows: list[dict]) -> None:
+    """Rows as a table; cells are printed literally (no rich markup)."""
     t = Table(*cols)
     for r in rows:
-        t.add_row(*[_cell(r[c]) for c in cols])
+        t.add_row(*[Text(_cell(r[c])) for c in cols])
     out.print(t)
 
 
@@ -85,25 +97,46 @@ def size(n: float) -> str:
     return str(n)
 
 
+class _Bytes(ProgressColumn):
+    """Bytes done of the total, in `size`'s units."""
+
+    def render(self, task) -> Text:
+        total = "?" if task.total is None else size(task.total)
+        return Text(f"{size(task.completed)}/{total}", style="progress.download")
+
+
+class _Speed(ProgressColumn):
+    """Bytes per second, in `size`'s units."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{size(speed)}/s", style="progress.data.speed")
+
+
 @contextmanager
 def progress_bar(total: int | None, label: str, quiet: bool):
-    if quiet or not err.is_terminal:  # a bar drawn into a pipe or log is noise (and a stray blank line)
+    """A bar on stderr (with or without `--json`, which writes stdout), unless `quiet`
+    or stderr is not a terminal: a bar drawn into a pipe or log is noise."""
+    if quiet or not err.is_terminal:
         yield None
         return
-    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
+    columns = ("{task.description}", BarColumn(), _Bytes(), _Speed(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
-        yield _Bar(bar, bar.add_task(label, total=total))
+        yield _Bar(bar, bar.add_task(esc(label), total=total), esc(label))
 
 
 class _Bar:
     """A progress callback: `bar(n)` advances by n bytes; `set_total` sizes it once known."""
 
-    def __init__(self, bar: Progress, task):
-        self.bar, self.task = bar, task
+    def __init__(self, bar: Progress, task, label: str):
+        self.bar, self.task, self.label = bar, task, label
 
     def __call__(self, n: int) -> None:
         self.bar.advance(self.task, n)
 
     def set_total(self, total: int) -> None:
         self.bar.update(self.task, total=total)
+
+    def reused(self, chunks: int, nbytes: int) -> None:
+        """Count chunks the store already held: done at once, and named in the label."""
+        self.bar.update(self.task, advance=nbytes, description=f"{self.label} ({chunks} chunks reused)")

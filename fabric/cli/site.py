@@ -1,23 +1,28 @@
 """`fabric status|pin|unpin`: what the sites report, and pins at one site's agent.
 
-`status` reads the site reports the origin keeps; `pin` and `unpin` call a site agent.
+`status` reads the site reports the origin keeps, treating every field of them as
+untrusted; `pin` and `unpin` call a site agent (--agent, FABRIC_AGENT or the config file).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional
 
 import typer
 
 from fabric.cli.options import AgentOpt, JsonOpt, OriginOpt, TokenOpt
-from fabric.cli.output import emit, errors, out, table
+from fabric.cli.output import emit, errors, esc, out, table
 from fabric.config import load_client_config
 from fabric.errors import InvalidInput
 from fabric.store.registry import parse_ref
 from fabric.wire.client import SyncOrigin
 
 commands = typer.Typer()
+
+
+AgentTokenOpt = typer.Option(None, "--token", help="Bearer token for --agent (or FABRIC_TOKEN).")
 
 
 @commands.command()
@@ -29,50 +34,81 @@ def status(origin: Optional[str] = OriginOpt, token: Optional[str] = TokenOpt, a
             raise InvalidInput("status needs --origin URL (or FABRIC_ORIGIN)")
         with SyncOrigin(cfg.origin, cfg.token) as so:
             sites = so.sites()
-        rows = []
-        for site in sites:
-            age = time.time() - site.get("received", 0)
-            for ch in site.get("channels", []):
-                syncing = ""
-                if ch.get("syncing"):
-                    total = ch.get("bytes_total") or 0
-                    pct = f" {100 * ch.get('bytes_done', 0) / total:.0f}%" if total else ""
-                    syncing = f"{ch['syncing']}{pct}"
-                workers = ", ".join(f"{w['worker']}={w.get('serving') or '-'}"
-                                    + ("" if w.get("state") == "serving" else f" ({w.get('state')})")
-                                    for w in site.get("workers", []) if w.get("artifact") == ch["artifact"])
-                rows.append({"site": site["site"], "channel": f"{ch['artifact']}:{ch['channel']}",
-                             "active": ch.get("active"), "target": ch.get("target"), "syncing": syncing,
-                             "workers": workers, "error": ch.get("error") or "", "seen": f"{age:.0f}s ago"})
-        emit({"sites": sites}, as_json,
-              lambda: table(["site", "channel", "active", "target", "syncing", "workers", "error", "seen"], rows))
+        rows = [row for site in _items(sites) for row in _site_rows(site)]
+
+        def human():
+            if not _items(sites):
+                out.print(f"no sites have reported to {esc(cfg.origin)} yet")
+            else:
+                table(["site", "channel", "active", "target", "syncing", "workers", "error", "seen"], rows)
+        emit({"sites": sites}, as_json, human)
 
 
-def _agent_call(agent: str, token: Optional[str], method: str, path: str, body: Optional[dict]) -> dict:
-    cfg = load_client_config(token=token)
-    with SyncOrigin(agent, cfg.token) as so:
+# A site report is what a site said about itself: every field is untrusted, any may be
+# missing or of the wrong type, and none may crash `status` (tests/cli/test_hostile.py).
+
+def _items(value) -> list[dict]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _text(value) -> str:
+    return "" if value is None or isinstance(value, (dict, list)) else str(value)[:200]
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) else None
+
+
+def _site_rows(site: dict) -> list[dict]:
+    received = _number(site.get("received"))
+    seen = f"{time.time() - received:.0f}s ago" if received is not None else "?"
+    rows = []
+    for ch in _items(site.get("channels")):
+        syncing = ""
+        if ch.get("syncing"):
+            total, done = _number(ch.get("bytes_total")) or 0, _number(ch.get("bytes_done")) or 0
+            pct = f" {100 * done / total:.0f}%" if total > 0 else ""
+            syncing = f"{_text(ch['syncing'])}{pct}"
+        workers = ", ".join(f"{_text(w.get('worker'))}={_text(w.get('serving')) or '-'}"
+                            + ("" if w.get("state") == "serving" else f" ({_text(w.get('state'))})")
+                            for w in _items(site.get("workers")) if w.get("artifact") == ch.get("artifact"))
+        rows.append({"site": _text(site.get("site")), "channel": f"{_text(ch.get('artifact'))}:{_text(ch.get('channel'))}",
+                     "active": _text(ch.get("active")), "target": _text(ch.get("target")), "syncing": syncing,
+                     "workers": workers, "error": _text(ch.get("error")), "seen": seen})
+    return rows
+
+
+def _agent_call(agent: Optional[str], token: Optional[str], method: str, path: str, body: Optional[dict]) -> dict:
+    cfg = load_client_config(token=token, agent=agent)
+    with SyncOrigin(cfg.agent, cfg.token) as so:
         return so.call(method, path, body)
+
+
+def _pins(r) -> str:
+    pins = r.get("pins") if isinstance(r, dict) else None
+    return ", ".join(map(_text, pins)) if isinstance(pins, list) else ""
 
 
 @commands.command()
 def pin(ref: str = typer.Argument(..., help="NAME@VERSION to keep at the site whatever retention says."),
-        agent: str = AgentOpt, token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
+        agent: Optional[str] = AgentOpt, token: Optional[str] = AgentTokenOpt, as_json: bool = JsonOpt):
     """Pin a version at a site, so retention never removes it."""
     with errors(as_json):
         artifact, version, _ = parse_ref(ref)
         if not version:
             raise InvalidInput("pin needs NAME@VERSION")
         r = _agent_call(agent, token, "POST", "/v1/site/pins", {"artifact": artifact, "version": version})
-        emit(r, as_json, lambda: out.print(f"pinned {ref}; pins: {', '.join(r['pins'])}"))
+        emit(r, as_json, lambda: out.print(f"pinned {esc(ref)}; pins: {esc(_pins(r))}"))
 
 
 @commands.command()
-def unpin(ref: str = typer.Argument(..., help="NAME@VERSION"),
-          agent: str = AgentOpt, token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
+def unpin(ref: str = typer.Argument(..., help="NAME@VERSION whose pin to remove."),
+          agent: Optional[str] = AgentOpt, token: Optional[str] = AgentTokenOpt, as_json: bool = JsonOpt):
     """Remove a pin at a site."""
     with errors(as_json):
         artifact, version, _ = parse_ref(ref)
         if not version:
             raise InvalidInput("unpin needs NAME@VERSION")
         r = _agent_call(agent, token, "DELETE", f"/v1/site/pins/{artifact}/{version}", None)
-        emit(r, as_json, lambda: out.print(f"unpinned {ref}; pins: {', '.join(r['pins']) or '-'}"))
+        emit(r, as_json, lambda: out.print(f"unpinned {esc(ref)}; pins: {esc(_pins(r) or '-')}"))

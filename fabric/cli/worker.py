@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from fabric.config import load_client_config
+from fabric.cli.exits import exit_code
 from fabric.errors import FabricError, InvalidInput
 
 worker_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -62,4 +63,4 @@ def demo(agent: str = typer.Option("http://127.0.0.1:7070", "--agent", help="The
                                health_timeout=health_timeout)
     except FabricError as e:
         typer.echo(f"error[{e.code}]: {e.message}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(exit_code(e))

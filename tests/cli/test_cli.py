@@ -30,8 +30,15 @@ def src_size(src):
     return sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
 
 
+# The exit code each error code should give (README "Using the CLI"): 2 usage, 3 not found,
+# 4 auth, 5 network, 6 integrity, 7 conflict.
+EXIT = {"artifact_not_found": 3, "version_not_found": 3, "channel_not_found": 3, "not_found": 3,
+        "invalid_name": 2, "invalid_input": 2, "invalid_config": 2, "bad_source": 2, "invalid_safetensors": 2,
+        "version_exists": 7, "destination_exists": 7, "missing_chunks": 7}
+
+
 def _error_line(p: subprocess.CompletedProcess, code: str) -> str:
-    assert p.returncode == 1, p
+    assert p.returncode == EXIT[code], p
     first = p.stderr.splitlines()[0]
     assert first.startswith(f"error[{code}]: "), p.stderr
     assert "Traceback" not in p.stderr
@@ -96,7 +103,7 @@ def test_store_from_the_environment(tmp_path, src):
     assert cli_json("ls", env=env)["items"][0]["artifact"] == "m"
     assert (tmp_path / "envstore" / "fabric-store.json").exists()
     # --store wins over FABRIC_STORE
-    assert cli_json("ls", store=tmp_path / "other", env=env, expect_rc=1)["error"]["code"] == "not_found"
+    assert cli_json("ls", store=tmp_path / "other", env=env, expect_rc=3)["error"]["code"] == "not_found"
 
 
 def test_store_from_the_config_file(tmp_path, src):
@@ -109,7 +116,7 @@ def test_store_from_the_config_file(tmp_path, src):
     _error_line(run_cli("ls", env=env), "invalid_config")
 
 
-# --- errors: `error[code]: message`, exit 1, nothing half-written ------------------------------------
+# --- errors: `error[code]: message`, the exit code for its kind, nothing half-written ------------------------------------
 
 @pytest.fixture
 def st(tmp_path, src):
@@ -168,7 +175,7 @@ def test_errors(ro_store, args, code, needle):
 @pytest.mark.parametrize("args, code, needle", [ERRORS[0], ERRORS[9], ERRORS[11], ERRORS[12]])
 def test_errors_as_json(ro_store, args, code, needle):
     p = run_cli(*[a.format(tmp=ro_store.parent) for a in args], "--json", store=ro_store)
-    assert p.returncode == 1 and p.stderr == ""
+    assert p.returncode == EXIT[code] and p.stderr == ""
     err = json.loads(p.stdout)["error"]
     assert err["code"] == code and needle in err["message"]
 
@@ -221,12 +228,12 @@ def test_fsck_exit_status_and_repair(st):
     raw = bytearray(victim.read_bytes())
     raw[-1] ^= 1
     victim.write_bytes(bytes(raw))
-    bad = cli_json("fsck", store=st, expect_rc=1)
+    bad = cli_json("fsck", store=st, expect_rc=6)  # integrity
     cid = "blake3:" + victim.name
     assert bad["ok"] is False and bad["bad_chunks"] == [cid]
     assert chunk_key(cid) == victim.relative_to(st).as_posix()
     p = run_cli("fsck", store=st)
-    assert p.returncode == 1 and cid in p.stdout
+    assert p.returncode == 6 and cid in p.stdout
     fixed = cli_json("fsck", "--repair", store=st)
     assert fixed["removed"] == 1 and not victim.exists()
     assert fixed["bad_versions"] == ["m@v1: 1 chunk(s) missing"]
