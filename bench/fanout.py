@@ -230,7 +230,7 @@ def log_events(lab: Lab, site: str) -> dict[str, dict]:
 
 def run_fabric(lab: Lab, work: Path, src: Path, tokens: Path, topo_file: Path | None,
                timeout: float) -> tuple[Outcome, dict, list[list[str]]]:
-    env = {**os.environ, "FABRIC_CONFIG": str(work / "no-config.toml"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "FABRIC_CONFIG": os.devnull, "PYTHONUNBUFFERED": "1"}
     origin = lab.start_origin(work / "origin-store", tokens, env=env)
     agents = {}
     for s in SITES:

@@ -437,7 +437,7 @@ def _child_env() -> dict:
     path = os.environ.get("PYTHONPATH")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FABRIC_")}
     env["PYTHONPATH"] = root + (os.pathsep + path if path else "")
-    env["FABRIC_CONFIG"] = "/nonexistent/fabric-bench-config.toml"
+    env["FABRIC_CONFIG"] = os.devnull
     return env
 
 

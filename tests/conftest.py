@@ -27,9 +27,11 @@ def pytest_addoption(parser):
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path_factory):
     """No test reads the user's config file or an inherited FABRIC_* variable."""
-    for var in ("FABRIC_STORE", "FABRIC_ORIGIN", "FABRIC_TOKEN"):
+    for var in ("FABRIC_STORE", "FABRIC_ORIGIN", "FABRIC_TOKEN", "FABRIC_AGENT"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("FABRIC_CONFIG", str(tmp_path_factory.getbasetemp() / "no-such-config.toml"))
+    empty = tmp_path_factory.getbasetemp() / "empty-config.toml"  # FABRIC_CONFIG must name a file that exists
+    empty.touch()
+    monkeypatch.setenv("FABRIC_CONFIG", str(empty))
 
 
 # --- stores --------------------------------------------------------------------------

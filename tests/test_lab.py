@@ -321,7 +321,7 @@ def test_agents_in_the_lab_carry_each_chunk_once_over_the_origin_link(tmp_path):
                                 for s in sites))
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "weights.bin").write_bytes(os.urandom(3_000_000))
-    env = {"FABRIC_CONFIG": str(tmp_path / "no-config.toml")}
+    env = {"FABRIC_CONFIG": os.devnull}
     with Lab(DEMO, rates={SHAPED: "100mbit"}, stop_grace=1) as lab:  # `fabric origin` lingers after TERM once an SSE client has gone
         lab.start_origin(tmp_path / "store", tokens, env=env)
         for s in sites:

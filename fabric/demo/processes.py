@@ -42,7 +42,7 @@ class Processes:
         self.all: list[subprocess.Popen] = []
         # No FABRIC_* variable or config file of the user's leaks into the demo's processes.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FABRIC_")}
-        self.env["FABRIC_CONFIG"] = str(d.root / "no-client-config.toml")
+        self.env["FABRIC_CONFIG"] = os.devnull  # an empty client config, whatever the user has
 
     def _env(self, token: str | None, extra: dict | None) -> dict:
         env = dict(self.env, **(extra or {}))

@@ -100,15 +100,15 @@ def test_agent_refuses_bad_config_and_missing_topology(tmp_path):
     from helpers.origin import fabric
     bad = write_config(tmp_path / "bad.toml", {"site": "s1", "data": str(tmp_path / "d"), "listen": "x"})
     p = fabric("agent", "--config", bad, timeout=60)
-    assert p.returncode == 1 and "listen" in p.stderr
+    assert p.returncode == 2 and "listen" in p.stderr
     cfg = _cfg(data=str(tmp_path / "d"), topology=str(tmp_path / "missing.toml"))
     p = fabric("agent", "--config", write_config(tmp_path / "t.toml", cfg), timeout=60)
-    assert p.returncode == 1 and "missing.toml" in p.stderr
+    assert p.returncode == 2 and "missing.toml" in p.stderr
     topo = tmp_path / "topo.toml"
     topo.write_text('[[site]]\nname = "other"\nregion = "eu"\nupstream = "origin"\n')
     cfg = _cfg(data=str(tmp_path / "d"), topology=str(topo))
     p = fabric("agent", "--config", write_config(tmp_path / "t2.toml", cfg), timeout=60)
-    assert p.returncode == 1 and "'s1' is not in the topology" in p.stderr
+    assert p.returncode == 2 and "'s1' is not in the topology" in p.stderr
 
 
 # --- the happy path through a relay tree -------------------------------------------------------

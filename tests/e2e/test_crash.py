@@ -70,9 +70,9 @@ def test_kill_9_mid_publish_leaves_no_half_version(tmp_path, big_src):
     assert report["ok"] is True and report["versions"] == 0 and report["chunks"] == len(survivors)
     assert cli_json("ls", store=st)["items"] == []
     p = run_cli("ls", "big", store=st)
-    assert p.returncode == 1 and p.stderr.startswith("error[artifact_not_found]")
+    assert p.returncode == 3 and p.stderr.startswith("error[artifact_not_found]")
     p = run_cli("pull", "big@v1", tmp_path / "half", store=st)
-    assert p.returncode == 1 and not (tmp_path / "half").exists()
+    assert p.returncode == 3 and not (tmp_path / "half").exists()
     assert _objects(st, "manifests") == [] and _objects(st, "refs") == []
 
     # publishing again completes and reuses every chunk the killed run stored

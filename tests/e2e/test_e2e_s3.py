@@ -183,7 +183,7 @@ def test_publish_from_a_bucket_streams_objects_and_notices_changes(tmp_path, wee
     # the explicit endpoint flag works too, and a missing prefix is a clear error
     env_less = fabric("publish", f"s3://{bucket}/nothing-here/", "--artifact", "exp", "--store", tmp_path / "store",
                       "--s3-endpoint", weed.endpoint)
-    assert env_less.returncode == 1 and "holds no objects" in env_less.stderr
+    assert env_less.returncode == 2 and "holds no objects" in env_less.stderr
     # an object overwritten between listing and reading: SourceChanged, nothing committed
     sources = list_sources(f"s3://{bucket}/exp/ckpt-1200/", s3=weed.options)
     s3.put_object(Bucket=bucket, Key="exp/ckpt-1200/a dir/b+c.json", Body=b'{"x": 2}')

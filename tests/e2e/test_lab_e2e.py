@@ -83,7 +83,7 @@ class Tree:
 
     def __init__(self, lab: Lab, tmp: Path):
         self.lab, self.tmp = lab, tmp
-        self.env = {**os.environ, "FABRIC_CONFIG": str(tmp / "no-config.toml")}
+        self.env = {**os.environ, "FABRIC_CONFIG": os.devnull}
         tokens = tmp / "tokens.toml"
         tokens.write_text(f'[[token]]\nname = "publisher"\nsecret = "{PUBLISH_SECRET}"\nscopes = ["publish", "pull"]\n'
                           + "".join(f'[[token]]\nname = "{s}"\nsecret = "{SECRETS[s]}"\nscopes = ["pull"]\n'

@@ -92,7 +92,7 @@ def test_malformed_token_file_stops_the_origin_with_a_config_error(tmp_path):
     tokens = tmp_path / "tokens.toml"
     tokens.write_text('[[token]]\nname = "a"\nsecret = "0123456789abcdefgh"\nscopes = ["pull"]\nartifact = ["x"]\n')
     p = fabric("origin", "--store", tmp_path / "s", "--listen", "127.0.0.1:0", "--tokens", tokens, timeout=30)
-    assert p.returncode == 1
+    assert p.returncode == 2  # a config error: the usage exit code
     assert "error[invalid_config]" in p.stderr and "'artifact'" in p.stderr
 
 
@@ -224,7 +224,7 @@ def test_admin_token_may_do_everything(origin):
 
 def test_cli_with_a_wrong_token_fails_cleanly(origin):
     p = fabric("ls", "--origin", origin.url, "--token", "wrong-token-0123456789", timeout=60)
-    assert p.returncode == 1 and "error[unauthorized]" in p.stderr
+    assert p.returncode == 4 and "error[unauthorized]" in p.stderr
     p = fabric("ls", "--origin", origin.url, "--token", PULL_SECRET, "--json", timeout=60)
     assert p.returncode == 0 and {i["artifact"] for i in json.loads(p.stdout)["items"]} == {"llama-7b", "other"}
 

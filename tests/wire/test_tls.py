@@ -76,7 +76,7 @@ def test_origin_over_tls_publish_and_pull(tmp_path):
         # A client that does not trust the certificate refuses to talk.
         untrusted = subprocess.run(FABRIC + ["ls", "--origin", url, "--token", PULL_SECRET],
                                    capture_output=True, text=True, env=clean_env())
-        assert untrusted.returncode == 1 and "transfer_failed" in untrusted.stderr
+        assert untrusted.returncode == 5 and "transfer_failed" in untrusted.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=15)
