@@ -6,7 +6,7 @@ string `code` (used in JSON error bodies and `--json` output) and an HTTP status
 inherits it, so `except FileNotFoundError` still works for callers who do not know
 Fabric's types.
 
-Raise where the problem is found; turn into a CLI message (`fabric.cli.app`) or an
+Raise where the problem is found; turn into a CLI message and exit code (`fabric.cli.output`, `fabric.cli.exits`) or an
 HTTP response (`fabric.wire.frames.error_response`) only at the edge.
 """
 
