@@ -49,6 +49,11 @@ def encode_mode() -> Mode | None:
     return parse_mode(os.environ.get("FABRIC_ENCODE", "auto"))
 
 
+def traces_file() -> str | None:
+    """Where `fabric.tracing` appends this process's spans (`FABRIC_TRACES_FILE`), or None."""
+    return os.environ.get("FABRIC_TRACES_FILE") or None
+
+
 def systemd_notify_env() -> tuple[str | None, float | None]:
     """systemd's `NOTIFY_SOCKET`, and the watchdog interval in seconds (`WATCHDOG_USEC`).
 

@@ -29,6 +29,7 @@ from typing import Callable
 
 import aiohttp
 
+from fabric import tracing
 from fabric.wire import frames as wire
 from fabric.wire.client import OriginClient, error_from
 from fabric.wire.negotiate import fetch_body, request_fields
@@ -346,7 +347,7 @@ class _Engine:
         retry: set[str] = set()  # reference mismatches: asked for again, standalone
         body = fetch_body(ids, self.delta_fields, self.standalone)
         try:
-            async with source.client.session.post(f"{source.url}{CHUNKS_FETCH}", json=body) as resp:
+            async with source.client.session.post(f"{source.url}{CHUNKS_FETCH}", json=body, headers=tracing.headers()) as resp:
                 if resp.status in (401, 403):  # retrying will not help: drop the source, say why
                     self._refused(source, error_from(resp.status, await resp.read()))
                     return list(ids)

@@ -18,7 +18,7 @@ from aiohttp import web
 from fabric.wire.auth import TokenTable
 from fabric.wire.chunks import chunk_routes
 from fabric.wire.protocol import SITE, SITE_PINS
-from fabric import logs
+from fabric import logs, tracing
 from fabric.wire.server import METRICS, add_metrics_listener, base_app, principal, read_json, run_until_signalled
 
 from agents.site.agent import SiteAgent
@@ -84,6 +84,7 @@ async def _background(app: web.Application):
 
 def run_agent(cfg: SiteConfig) -> None:
     logs.bind("agent", site=cfg.site)
+    tracing.setup("fabric-agent")
 
     async def main():
         agent = SiteAgent(cfg)

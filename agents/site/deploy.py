@@ -21,6 +21,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from fabric import tracing
 from fabric.errors import FabricError
 from fabric.logs import get_logger
 from fabric.pull import Sink, fetch_manifest, pull
@@ -74,6 +75,13 @@ class Deployer:
                 ch.syncing = None
 
     async def deploy(self, ch: ChannelStatus, version: str) -> None:
+        """Deploy `version`, in an `agent.deploy` span under the version's trace (`fabric.tracing`)."""
+        parent = ch.trace[1] if ch.trace and ch.trace[0] == version else None
+        with tracing.span("agent.deploy", parent=parent, site=self.site.cfg.site, artifact=ch.artifact,
+                          version=version):
+            await self._deploy(ch, version)
+
+    async def _deploy(self, ch: ChannelStatus, version: str) -> None:
         site, artifact = self.site, ch.artifact
         async with self.lock:
             ch.syncing, ch.error = version, None

@@ -34,9 +34,10 @@ class ChannelStatus:
     bytes_total: int = 0
     error: str | None = None
     updated: float = field(default_factory=time.time)
+    trace: tuple[str, str] | None = None  # (version, its traceparent from the origin's event: fabric.tracing)
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "trace"}
 
 
 class Follower:
@@ -60,6 +61,8 @@ class Follower:
                     elif event == "channel" and data.get("artifact") in self.channels:
                         ch = self.channels[data["artifact"]]
                         if data.get("channel") == ch.channel:
+                            if data.get("traceparent") and data.get("version"):
+                                ch.trace = (data["version"], str(data["traceparent"]))
                             self.want(ch, data.get("version"))
             except FabricError as e:
                 log.warning("event stream lost", origin=self.origin.url, error=e.message, retry_in_s=backoff)

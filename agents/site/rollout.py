@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from fabric.errors import Conflict, FabricError, InvalidInput, NotFound
+from fabric import tracing
 from fabric.logs import get_logger
 from fabric.core.manifest import check_name
 from fabric.wire.protocol import MANIFESTS, WORKERS  # the paths, shared with agents.worker.hotloader
@@ -94,6 +95,7 @@ class Assignment:
     role: str  # "join", "canary", "rollout", "revert"
     previous: str | None = None
     at: float = field(default_factory=time.time)
+    traceparent: str | None = None  # the deploy span that assigned it: the worker's load span's parent
 
 
 @dataclass
@@ -249,7 +251,7 @@ class Rollout:
 
     def _assign(self, w: Worker, version: str | None, role: str, previous: str | None = None) -> Assignment:
         self._seq += 1
-        w.assignment = Assignment(self._seq, w.artifact, version, role, previous)
+        w.assignment = Assignment(self._seq, w.artifact, version, role, previous, traceparent=tracing.traceparent())
         w.result = None
         w.answered.clear()
         w.changed.set()
@@ -333,7 +335,7 @@ class Rollout:
 
     async def _assignment_body(self, a: Assignment) -> dict:
         body = {"seq": a.seq, "artifact": a.artifact, "version": a.version, "role": a.role,
-                "previous": a.previous, "path": None, "manifest": None}
+                "previous": a.previous, "path": None, "manifest": None, "traceparent": a.traceparent}
         if a.version is not None:
             m = await asyncio.to_thread(self.site.registry.manifest, a.artifact, a.version)
             body["path"] = str(self.site.layout.version_dir(a.artifact, a.version))

@@ -28,6 +28,7 @@ from urllib.parse import quote, urlencode
 
 import torch
 
+from fabric import tracing
 from fabric.wire.client import OriginClient
 from fabric.errors import FabricError, InvalidInput, NotFound
 from fabric.logs import get_logger
@@ -179,7 +180,9 @@ class HotLoader:
                 continue
             handled = a
             await self._ensure_base_manifest(client)
-            rep = await asyncio.to_thread(self._apply, a)
+            with tracing.span("worker.load", parent=a.get("traceparent"), worker=self.worker_id,
+                              artifact=self.artifact, version=a.get("version")):  # a child of the deploy
+                rep = await asyncio.to_thread(self._apply, a)
             body = dict(rep, seq=a["seq"], serving=self.live.version)
             self.reports.append(body)
             with self._changed:

@@ -142,6 +142,9 @@ def run_worker(*, agent: str, artifact: str, channel: str | None, listen: str, m
                token: str | None = None, worker_id: str | None = None, poll_s: float = 15.0,
                slow_load: float = 0.0, health_timeout: float = 10.0) -> None:
     """Serve DemoModel on `listen`, hot-loading what the agent assigns, until SIGTERM."""
+    from fabric import logs, tracing
+    logs.bind("worker")
+    tracing.setup("fabric-worker")
     torch.manual_seed(0)
     loads = {"n": 0}
 

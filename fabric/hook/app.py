@@ -42,7 +42,7 @@ from fabric.hook.envelopes import Envelope, parse
 from fabric.hook.queue import Queue
 from fabric.hook.sns import is_loopback_url, verify
 from fabric.hook.publisher import HookMetrics, Worker
-from fabric import logs
+from fabric import logs, tracing
 from fabric.logs import get_logger
 from fabric.wire.auth import Principal
 from fabric.wire.server import Metrics, add_metrics_listener, base_app, run_until_signalled
@@ -243,6 +243,7 @@ async def _work(app: web.Application) -> None:
 
 def run_hook(cfg: HookConfig) -> None:
     logs.bind("hook")
+    tracing.setup("fabric-hook")
     log.info("hook starting", rules=len(cfg.rules), queue=str(cfg.queue),
              target=cfg.origin or cfg.store, s3=cfg.s3.endpoint)
     app = create_app(cfg)

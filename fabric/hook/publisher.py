@@ -34,6 +34,7 @@ from fabric.errors import (ChannelNotFound, FabricError, InvalidInput, InvalidNa
                      VersionExists)
 from fabric.hook.config import HookConfig, Rule
 from fabric.hook.queue import Queue
+from fabric import tracing
 from fabric.logs import get_logger
 from fabric.publish import publish
 from fabric.s3source import S3Source
@@ -302,9 +303,10 @@ class Worker:
         sources = [S3Source(self.s3, bucket, key, rel, size, etag) for rel, (key, size, etag, _) in objects.items()]
         try:
             target = self.target()
-            result = publish(sources, artifact=artifact, version=version, target=target,
-                             metadata={"source": f"s3://{bucket}/{prefix}"})
-            promoted = self._promote(rule, cp, target, completed_at)
+            with tracing.span("publish", artifact=artifact, version=version, source=f"s3://{bucket}/{prefix}"):
+                result = publish(sources, artifact=artifact, version=version, target=target,
+                                 metadata={"source": f"s3://{bucket}/{prefix}"})
+                promoted = self._promote(rule, cp, target, completed_at)
         except (VersionExists, InvalidName) as e:
             self._fail_checkpoint(cp, e)
             return

@@ -37,6 +37,8 @@ from fabric.wire.events import EventLog, sse_handler
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest, check_name
 from fabric.origin.metrics import OriginMetrics
+from fabric.core.lru import LRU
+from fabric import tracing
 from fabric.origin.quotas import REPORTS, UPLOADS, OriginLimits, QuotaMetrics, SiteReports, UploadQuota, sweeper
 from fabric.store.registry import Registry
 from fabric import logs
@@ -48,6 +50,7 @@ EVENTS = web.AppKey("events", EventLog)
 REGISTRY = web.AppKey("registry", Registry)
 SITES = web.AppKey("sites", dict)
 SITE_METRICS = web.AppKey("site_metrics", OriginMetrics)
+TRACES = web.AppKey("traces", LRU)  # (artifact, version) -> the traceparent its commit came with
 _UPLOAD_AHEAD = 4  # uploaded chunks being verified and stored while the next is read
 
 
@@ -55,6 +58,7 @@ def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = N
     app = base_app(store=store, tokens=tokens, refresh_metrics=lambda: app[SITE_METRICS].refresh(app[SITES],
                                                                                                    app[REGISTRY]))
     app[SITE_METRICS] = OriginMetrics(app[METRICS].registry)
+    app[TRACES] = LRU(4096)
     app[REGISTRY] = Registry(store)
     app[EVENTS] = EventLog()
     app.on_shutdown.append(lambda a: a[EVENTS].close())
@@ -116,11 +120,18 @@ async def commit_manifest(request: web.Request) -> web.Response:
     manifest = Manifest.from_bytes(await request.read())
     if (manifest.artifact, manifest.version) != (artifact, version):
         raise InvalidManifest(f"manifest is for {manifest.artifact}@{manifest.version}, URL says {artifact}@{version}")
-    mid = await asyncio.to_thread(request.app[REGISTRY].commit, manifest)
+    with tracing.span("origin.commit", parent=request.headers.get(tracing.HEADER), artifact=artifact,
+                      version=version):
+        mid = await asyncio.to_thread(request.app[REGISTRY].commit, manifest)
+        trace = tracing.traceparent() or request.headers.get(tracing.HEADER)  # passed on, traced here or not
     request.app[UPLOADS].settle(manifest.chunk_ids())
     log.info("version committed", artifact=artifact, version=version, manifest_id=mid,
              by=principal(request).name)
-    request.app[EVENTS].append({"type": "version", "artifact": artifact, "version": version, "manifest_id": mid})
+    event = {"type": "version", "artifact": artifact, "version": version, "manifest_id": mid}
+    if trace:
+        request.app[TRACES].put((artifact, version), trace)
+        event["traceparent"] = trace
+    request.app[EVENTS].append(event)
     return web.json_response({"artifact": artifact, "version": version, "manifest_id": mid}, status=201)
 
 
@@ -151,8 +162,9 @@ async def move_channel(request: web.Request) -> web.Response:
         raise InvalidInput("'action' must be 'promote' or 'rollback'")
     log.info("channel moved", artifact=artifact, channel=channel, version=ch.version, action=action,
              by=principal(request).name)
-    request.app[EVENTS].append({"type": "channel", "artifact": artifact, "channel": channel,
-                                "version": ch.version, "action": action})
+    event = {"type": "channel", "artifact": artifact, "channel": channel, "version": ch.version, "action": action}
+    trace = request.app[TRACES].get((artifact, ch.version))  # the version's trace, for the sites' deploys
+    request.app[EVENTS].append(event | ({"traceparent": trace} if trace else {}))
     return web.json_response(ch.to_json())
 
 
@@ -213,6 +225,7 @@ def run_origin(*, store: Store, listen: str, tokens: TokenTable, tls: ssl.SSLCon
                metrics_listen: str | None = None, limits: OriginLimits | None = None) -> None:
     """Serve until signalled; `metrics_listen` ("HOST:PORT") adds a token-free /metrics listener."""
     logs.bind("origin")
+    tracing.setup("fabric-origin")
     app = create_app(store, tokens, limits)
     add_metrics_listener(app, metrics_listen)
     asyncio.run(run_until_signalled(app, listen, tls, "origin"))

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Coroutine, Iterable
 
 import aiohttp
 
+from fabric import tracing
 from fabric.config import encode_mode
 from fabric.core import codec, digest
 from fabric.core.boundedjson import decode as decode_json
@@ -74,6 +75,7 @@ class OriginClient:
     # --- plumbing --------------------------------------------------------------
 
     async def _request(self, method: str, path: str, *, with_headers: bool = False, **kw):
+        kw["headers"] = tracing.headers() | (kw.get("headers") or {})  # the current span's trace, if any
         try:
             async with self.session.request(method, self.url + path, **kw) as resp:
                 body = await resp.read()
@@ -118,10 +120,12 @@ class OriginClient:
             raise InvalidManifest(f"{self.url} answered {artifact}@{version} with {m.artifact}@{m.version}")
         return m
 
-    async def commit(self, manifest: Manifest) -> str:
+    async def commit(self, manifest: Manifest, *, traceparent: str | None = None) -> str:
+        """Commit `manifest`; `traceparent` (`fabric.tracing`) makes the origin's span and the
+        version's events part of the publisher's trace."""
         path = f"{ARTIFACTS}/{manifest.artifact}/versions/{manifest.version}"
-        body = await self._json("PUT", path, data=manifest.canonical(),
-                                headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"} | ({tracing.HEADER: traceparent} if traceparent else {})
+        body = await self._json("PUT", path, data=manifest.canonical(), headers=headers)
         return body["manifest_id"]
 
     async def channels(self, artifact: str) -> list[Channel]:
@@ -318,7 +322,8 @@ class RemoteTarget:
         """Nothing to do: every `offer` has uploaded its chunks before returning."""
 
     def commit(self, manifest: Manifest) -> str:
-        return self.origin.commit(manifest)
+        with tracing.span("publish.commit", artifact=manifest.artifact, version=manifest.version):
+            return self.origin.commit(manifest, traceparent=tracing.traceparent())  # read in this thread
 
     def promote(self, artifact: str, version: str, channel: str) -> None:
         self.origin.promote(artifact, version, channel)

@@ -35,6 +35,7 @@ from fabric.core.boundedjson import decode as decode_json
 from fabric.wire.auth import Authenticator, Principal
 from fabric.wire.protocol import MAX_JSON
 from fabric.errors import FabricError, InvalidInput, PayloadTooLarge
+from fabric import tracing
 from fabric.logs import get_logger
 from fabric.store.store import Store
 
@@ -100,7 +101,8 @@ async def _edge(request: web.Request, handler):
     try:
         if request.path not in PUBLIC:
             request[PRINCIPAL] = request.app[TOKENS].authenticate(request.headers.get("Authorization"))
-        resp = await handler(request)
+        with tracing.incoming(f"http {request.method} {route}", request.headers):  # a hub serving an edge's deploy
+            resp = await handler(request)
         status = resp.status
         return resp
     except FabricError as e:
