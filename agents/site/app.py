@@ -1,7 +1,8 @@
 """The site agent's HTTP app and entry point: routes, background tasks, `run_agent`.
 
     GET    /v1/chunks/...                       the chunk API, as at the origin (relay, pull-through)
-    GET    /v1/site                             this site's status (`pull` scope)
+    GET    /v1/site                             this site's status (admin; or a token marked as this
+                                                site's, for the artifacts it may pull)
     POST   /v1/site/pins                        pin a materialised version (`admin` scope)
     DELETE /v1/site/pins/{artifact}/{version}   unpin it (`admin` scope)
     ...    /v1/site/workers, /v1/site/manifests the hot-load API (`agents.site.rollout`)
@@ -15,14 +16,17 @@ import asyncio
 
 from aiohttp import web
 
-from fabric.wire.auth import TokenTable
+from fabric.store.chunk_index import ChunkIndex
+from fabric.wire.auth import TokenTable, visible_report
 from fabric.wire.chunks import chunk_routes
 from fabric.wire.protocol import SITE, SITE_PINS
 from fabric import logs, tracing
+from fabric.errors import Forbidden
 from fabric.wire.server import METRICS, add_metrics_listener, base_app, principal, read_json, run_until_signalled
 
 from agents.site.agent import SiteAgent
 from agents.site.config import SiteConfig
+from agents.site.relay import RelaySource
 
 AGENT = web.AppKey("agent", SiteAgent)
 
@@ -36,7 +40,8 @@ def create_app(agent: SiteAgent) -> web.Application:
     app = base_app(store=agent.store, tokens=tokens, ready=ready)
     app[AGENT] = agent
     agent.metrics.register(app[METRICS].registry)
-    chunk_routes(app, get=agent.relay.get, prepare=agent.relay.prepare)
+    index = ChunkIndex(RelaySource(agent.registry, agent.origin))  # which child may see which chunk
+    chunk_routes(app, index=index, get=agent.relay.get, prepare=agent.relay.prepare)
     agent.rollout.add_routes(app)
     app.router.add_get(SITE, _status)
     app.router.add_post(SITE_PINS, _pin)
@@ -47,12 +52,17 @@ def create_app(agent: SiteAgent) -> web.Application:
 
 def _own_token(cfg: SiteConfig) -> TokenTable:
     """Without a token file, the relay trusts only the site's own token (pull and admin)."""
-    return TokenTable.from_dict({"token": [{"name": cfg.site, "secret": cfg.token, "scopes": ["pull", "admin"]}]})
+    return TokenTable.from_dict({"token": [{"name": cfg.site, "secret": cfg.token, "scopes": ["pull", "admin"],
+                                            "site": cfg.site}]})
 
 
 async def _status(request: web.Request) -> web.Response:
-    principal(request).require("pull")
-    return web.json_response(request.app[AGENT].status())
+    """The site's status: all of it for an admin; for a token marked as this site's (`site`
+    in the token file), the artifacts it may pull; anyone else is refused."""
+    p, agent = principal(request), request.app[AGENT]
+    if not p.speaks_for(agent.cfg.site):
+        raise Forbidden(f"token {p.name!r} may not read the status of site {agent.cfg.site!r}")
+    return web.json_response(visible_report(p, agent.status()))
 
 
 async def _pin(request: web.Request) -> web.Response:

@@ -9,6 +9,11 @@ the readers of a chunk being fetched wait for it, up to `give_up_after`.
 A sibling peer sends `PEER_HEADER`: it wants only what this site holds, so its request
 starts no fetch and waits on none (siblings fetching the same chunks would otherwise
 wait on each other until they stall).
+
+Children see only the chunks their tokens may pull (`fabric.wire.chunks.visible`), as
+this site's chunk index tells (`RelaySource`): the versions this site holds, and those
+the origin shows this site's token, so it can vouch for a version's chunks before it
+has fetched them itself.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from dataclasses import replace
+from typing import Iterable
 
 from aiohttp import web
 
 from fabric.errors import FabricError, NotFound
 from fabric.logs import get_logger
 from fabric.pull import Upstream
+from fabric.store.registry import Registry
 from fabric.store.store import Store
+from fabric.wire.client import OriginClient
 from fabric.transfer import fetch_chunks
 from fabric.wire.protocol import PEER_HEADER
 
@@ -73,3 +81,28 @@ class Relay:
             self.metrics.count_sources(stats)
         except FabricError as e:
             log.warning("pull-through failed", chunks=len(ids), error=e.message)
+
+
+class RelaySource:
+    """The versions a relay's chunk index (`fabric.store.chunk_index`) learns: those this
+    site holds (its registry), and those the origin lists for this site's token. With the
+    origin out of reach, the ones held here still count."""
+
+    def __init__(self, registry: Registry, origin: OriginClient):
+        self.registry, self.origin = registry, origin
+
+    async def version_keys(self) -> Iterable[tuple[str, str]]:
+        keys = set(await asyncio.to_thread(self.registry.version_keys))
+        try:
+            for artifact in await self.origin.artifacts():
+                keys.update((artifact, v["version"]) for v in await self.origin.versions(artifact))
+        except FabricError as e:
+            log.warning("chunk index: the origin's versions are out of reach", error=e.message)
+        return keys
+
+    async def chunk_ids(self, artifact: str, version: str) -> Iterable[str]:
+        try:
+            manifest = await asyncio.to_thread(self.registry.manifest, artifact, version)
+        except NotFound:
+            manifest = await self.origin.manifest(artifact, version)
+        return manifest.chunk_ids()

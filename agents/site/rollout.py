@@ -17,8 +17,11 @@ Terms (docs/hotload.md has the full picture and the wire examples):
   worker is (re)assigned that one. A newer activation cancels the rollout in
   progress (newest wins; a worker loads one version at a time).
 
-Workers talk to the agent's own HTTP API (routes below, `pull` scope); this module
-imports no torch, and `agents.worker.hotloader` imports its wire definitions from here.
+Workers talk to the agent's own HTTP API (routes below). Every route needs `pull` on the
+worker's artifact, and a worker id belongs to the token that registered it: only that
+token (or an admin one) may poll, report for, re-register or deregister it; the list
+shows only workers and rollouts of artifacts the token may pull. This module imports no
+torch, and `agents.worker.hotloader` imports its wire definitions from here.
 
     POST   /v1/site/workers                          register {"worker", "artifact", ...}
     GET    /v1/site/workers                          workers and rollouts (status)
@@ -38,11 +41,12 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from fabric.errors import Conflict, FabricError, InvalidInput, NotFound
+from fabric.errors import Conflict, FabricError, Forbidden, InvalidInput, NotFound
 from fabric import tracing
 from fabric.logs import get_logger
 from fabric.core.manifest import check_name
 from fabric.wire.protocol import MANIFESTS, WORKERS  # the paths, shared with agents.worker.hotloader
+from fabric.wire.auth import Principal
 from fabric.wire.server import principal, read_json
 
 from agents.site.fields import MAX_POLL_S, MIN_POLL_S  # noqa: F401 - the rollout wire's limits, named here too
@@ -102,6 +106,7 @@ class Assignment:
 class Worker:
     id: str
     artifact: str
+    owner: str | None = None  # the name of the token that registered it (None: registered in-process)
     channel: str | None = None
     mode: str | None = None
     poll_s: float = 15.0
@@ -270,9 +275,15 @@ class Rollout:
 
     # --- worker requests -------------------------------------------------------------------
 
-    def register(self, body: dict) -> dict:
+    def register(self, body: dict, p: Principal | None = None) -> dict:
+        """Register (or re-register) a worker. `p`, the calling token, needs `pull` on the
+        artifact and, for an id already registered, must be the token that holds it (or an admin)."""
         wid = check_worker_id(body.get("worker"))
         artifact = check_name("artifact", body.get("artifact"))
+        if p is not None:
+            p.require("pull", artifact)
+            if wid in self.workers:
+                self.owned(wid, p)
         channel = body.get("channel")
         followed = self.site.channels.get(artifact)
         if followed is None:
@@ -281,7 +292,7 @@ class Rollout:
             raise Conflict(f"this site serves {artifact}:{followed.channel}, not {artifact}:{channel}")
         w = self.workers.get(wid)
         if w is None or w.artifact != artifact:
-            w = self.workers[wid] = Worker(wid, artifact)
+            w = self.workers[wid] = Worker(wid, artifact, owner=p.name if p else None)
         w.channel, w.mode = channel or followed.channel, _scalar(body.get("mode"), "mode")
         w.serving = _version_or_none(body.get("serving"))
         w.poll_s = _poll(body.get("poll_s", w.poll_s))
@@ -304,8 +315,16 @@ class Rollout:
             raise NotFound(f"no worker {wid!r} registered here (register again)")
         return w
 
-    async def poll(self, request: web.Request, wid: str) -> dict:
+    def owned(self, wid: str, p: Principal) -> Worker:
+        """The worker `wid`, if token `p` may act for it: the token that registered it, while it
+        may still pull the artifact, or an admin token; else Forbidden."""
         w = self.worker(wid)
+        if not p.admin and (w.owner != p.name or not p.may("pull", w.artifact)):
+            raise Forbidden(f"worker {wid!r} was registered by another token")
+        return w
+
+    async def poll(self, request: web.Request, wid: str) -> dict:
+        w = self.owned(wid, principal(request))
         after = _int(request.query.get("after", "0"), "after")
         wait = _poll(request.query.get("wait", w.poll_s))
         was_dead = w.dead
@@ -367,7 +386,8 @@ class Rollout:
     # --- status --------------------------------------------------------------------------------
 
     def status(self) -> list[dict]:
-        """One row per worker (dead ones for a while), for SiteAgent.status()["workers"]."""
+        """One row per worker (dead ones for a while), for SiteAgent.status()["workers"]
+        (the HTTP list shows a token only those of artifacts it may pull)."""
         now = time.monotonic()
         for wid, w in list(self.workers.items()):
             if w.dead and now - w.last_seen > self.options.forget_after:
@@ -396,24 +416,26 @@ class Rollout:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _h_register(self, request: web.Request) -> web.Response:
-        principal(request).require("pull")
-        return web.json_response(self.register(await read_json(request)))
+        return web.json_response(self.register(await read_json(request), principal(request)))
 
     async def _h_list(self, request: web.Request) -> web.Response:
-        principal(request).require("pull")
-        return web.json_response({"workers": self.status(), "rollouts": self.rollouts_json()})
+        p = principal(request)
+        p.require("pull")
+        return web.json_response({"workers": [w for w in self.status() if p.may("pull", w["artifact"])],
+                                  "rollouts": [r for r in self.rollouts_json() if p.may("pull", r["artifact"])]})
 
     async def _h_poll(self, request: web.Request) -> web.Response:
-        principal(request).require("pull")
         return web.json_response(await self.poll(request, request.match_info["worker"]))
 
     async def _h_report(self, request: web.Request) -> web.Response:
-        principal(request).require("pull")
-        return web.json_response(self.report(request.match_info["worker"], await read_json(request)))
+        wid = self.owned(request.match_info["worker"], principal(request)).id
+        return web.json_response(self.report(wid, await read_json(request)))
 
     async def _h_deregister(self, request: web.Request) -> web.Response:
-        principal(request).require("pull")
-        self.deregister(request.match_info["worker"])
+        wid = request.match_info["worker"]
+        if wid in self.workers:
+            self.owned(wid, principal(request))
+        self.deregister(wid)
         return web.json_response({"ok": True})
 
     async def _h_manifest(self, request: web.Request) -> web.Response:

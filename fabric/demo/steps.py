@@ -191,7 +191,7 @@ def step_start_sites(d: Demo) -> None:
     # and one pull token per site, named after it (a site reports its state under its own name).
     d.secrets = {name: secrets.token_hex(16) for name in ["admin", *d.sites]}
     entries = [{"name": "admin", "secret": d.secrets["admin"], "scopes": ["admin", "publish", "pull"]}]
-    entries += [{"name": s, "secret": d.secrets[s], "scopes": ["pull"]} for s in d.sites]
+    entries += [{"name": s, "secret": d.secrets[s], "scopes": ["pull"], "site": s} for s in d.sites]
     write_toml(d.root / "tokens.toml", {"token": entries}, "# The demo's tokens (generated secrets).\n")
     (d.root / "tokens").mkdir()
     for name, secret in d.secrets.items():

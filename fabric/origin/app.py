@@ -28,8 +28,9 @@ import time
 from aiohttp import web
 
 from fabric.wire import frames
-from fabric.wire.auth import TokenTable
-from fabric.wire.chunks import chunk_routes
+from fabric.wire.auth import TokenTable, visible_report
+from fabric.wire.chunks import INDEX, chunk_routes, upload_references
+from fabric.store.chunk_index import ChunkIndex, RegistrySource
 from fabric.wire.negotiate import serve_manifest
 from fabric.wire.protocol import ARTIFACTS, CHUNKS_UPLOAD, EVENTS as EVENTS_PATH, SITES as SITES_PATH
 from fabric.errors import BadFrame, Forbidden, InvalidInput, InvalidManifest
@@ -66,7 +67,7 @@ def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = N
     quota_metrics, limits = QuotaMetrics(app[METRICS].registry), limits or OriginLimits()
     app[UPLOADS], app[REPORTS] = UploadQuota(limits, quota_metrics), SiteReports(app[SITES], quota_metrics)
     app.cleanup_ctx.append(sweeper(store, limits, quota_metrics))  # collects orphaned uploads
-    chunk_routes(app)
+    chunk_routes(app, index=ChunkIndex(RegistrySource(app[REGISTRY])))  # who may see which chunk
     r = app.router
     r.add_get(ARTIFACTS, list_artifacts)
     r.add_get(f"{ARTIFACTS}/{{artifact}}/versions", list_versions)
@@ -83,9 +84,10 @@ def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = N
     return app
 
 
-def _artifact(request: web.Request, scope: str) -> str:
+def _artifact(request: web.Request, *scopes: str) -> str:
+    """The path's artifact, if the token may do one of `scopes` on it (else Forbidden)."""
     artifact = check_name("artifact", request.match_info["artifact"])
-    principal(request).require(scope, artifact)
+    principal(request).require_any(scopes, artifact)
     return artifact
 
 
@@ -96,7 +98,7 @@ async def list_artifacts(request: web.Request) -> web.Response:
 
 
 async def list_versions(request: web.Request) -> web.Response:
-    artifact = _artifact(request, "pull")
+    artifact = _artifact(request, "pull", "publish")  # a publisher finds its parent version here
     reg: Registry = request.app[REGISTRY]
 
     def load():
@@ -125,6 +127,7 @@ async def commit_manifest(request: web.Request) -> web.Response:
         mid = await asyncio.to_thread(request.app[REGISTRY].commit, manifest)
         trace = tracing.traceparent() or request.headers.get(tracing.HEADER)  # passed on, traced here or not
     request.app[UPLOADS].settle(manifest.chunk_ids())
+    request.app[INDEX].add(artifact, version, manifest.chunk_ids())
     log.info("version committed", artifact=artifact, version=version, manifest_id=mid,
              by=principal(request).name)
     event = {"type": "version", "artifact": artifact, "version": version, "manifest_id": mid}
@@ -136,13 +139,13 @@ async def commit_manifest(request: web.Request) -> web.Response:
 
 
 async def list_channels(request: web.Request) -> web.Response:
-    artifact = _artifact(request, "pull")
+    artifact = _artifact(request, "pull", "publish")
     chans = await asyncio.to_thread(request.app[REGISTRY].channels, artifact)
     return web.json_response({"artifact": artifact, "channels": [c.to_json() for c in chans]})
 
 
 async def get_channel(request: web.Request) -> web.Response:
-    artifact = _artifact(request, "pull")
+    artifact = _artifact(request, "pull", "publish")  # a publisher's parent: the channel's version
     ch = await asyncio.to_thread(request.app[REGISTRY].channel, artifact, request.match_info["channel"])
     return web.json_response(ch.to_json())
 
@@ -169,10 +172,11 @@ async def move_channel(request: web.Request) -> web.Response:
 
 
 async def report_site(request: web.Request) -> web.Response:
-    """A site agent's status report; a site may report only under its own token's name."""
+    """A site agent's status report: only under a token marked as that site's (`site` in the
+    token file), or an admin token."""
     site = check_name("site", request.match_info["site"])
     p = principal(request)
-    if p.name != site and not p.may("admin"):
+    if not p.speaks_for(site):
         raise Forbidden(f"token {p.name!r} may not report for site {site!r}")
     body, size = await request.app[REPORTS].read(request)  # bounded (fabric.origin.quotas)
     sites: dict = request.app[SITES]
@@ -182,8 +186,11 @@ async def report_site(request: web.Request) -> web.Response:
 
 
 async def list_sites(request: web.Request) -> web.Response:
-    principal(request).require("pull")
-    return web.json_response({"sites": sorted(request.app[SITES].values(), key=lambda s: s["site"])})
+    """Every site's report for an admin; for another token, its own site's (`site` in the token
+    file), with only the artifacts it may pull."""
+    p = principal(request)
+    sites = [visible_report(p, r) for r in request.app[SITES].values() if p.admin or r["site"] == p.site]
+    return web.json_response({"sites": sorted(sites, key=lambda s: s["site"])})
 
 
 async def upload_chunks(request: web.Request) -> web.Response:
@@ -202,7 +209,8 @@ async def upload_chunks(request: web.Request) -> web.Response:
             if frame.kind != frames.FRAME_CHUNK:
                 raise BadFrame("an upload may contain only chunk frames")
             request.app[UPLOADS].charge(principal(request).name, frame.chunk_id, len(frame.payload))
-            storing.add(asyncio.create_task(asyncio.to_thread(_store_upload, store, frame)))
+            refs = await upload_references(request, frame)  # only chunks this token may pull
+            storing.add(asyncio.create_task(asyncio.to_thread(_store_upload, store, frame, refs)))
             if len(storing) >= _UPLOAD_AHEAD:
                 done, storing = await asyncio.wait(storing, return_when=asyncio.FIRST_COMPLETED)
                 sizes += [t.result() for t in done]
@@ -214,9 +222,9 @@ async def upload_chunks(request: web.Request) -> web.Response:
     return web.json_response({"stored": len(sizes), "bytes": sum(sizes)})
 
 
-def _store_upload(store: Store, frame: frames.Frame) -> int:
+def _store_upload(store: Store, frame: frames.Frame, references: frames.References) -> int:
     """Decode an uploaded frame, check it against its id, store it; its payload size. In a thread."""
-    data = frames.decode_frame(frame, references=frames.store_references(store))  # byte planes too (docs/encodings.md)
+    data = frames.decode_frame(frame, references=references)  # byte planes too (docs/encodings.md)
     store.put_chunk(frame.chunk_id, data, verified=True)
     return len(frame.payload)
 

@@ -7,6 +7,7 @@ A token file (TOML) lists bearer tokens:
     secret = "…"               # or secret_sha256 = "<hex>", so the file need not hold secrets
     scopes = ["pull"]          # any of: pull, publish, admin
     artifacts = ["llama-*"]    # glob patterns (fnmatch); default ["*"]
+    site = "site-fra"          # optional: the site this token reports for (POST /v1/sites/{site})
 
 A presented token is hashed once and compared with every entry's hash in constant
 time, so neither a match nor its position leaks through timing. Secrets are never
@@ -23,10 +24,11 @@ from pathlib import Path
 from typing import Protocol
 
 from fabric.config import MIN_SECRET, read_toml
-from fabric.errors import ConfigError, Forbidden, Unauthorized
+from fabric.core.manifest import check_name
+from fabric.errors import ConfigError, Forbidden, InvalidName, Unauthorized
 
 SCOPES = ("pull", "publish", "admin")
-_ENTRY_KEYS = {"name", "secret", "secret_sha256", "scopes", "artifacts"}
+_ENTRY_KEYS = {"name", "secret", "secret_sha256", "scopes", "artifacts", "site"}
 
 
 @dataclass(frozen=True)
@@ -34,16 +36,45 @@ class Principal:
     name: str
     scopes: frozenset[str]
     artifacts: tuple[str, ...]
+    site: str | None = None  # the site this token speaks for (its reports), if any
+
+    @property
+    def admin(self) -> bool:
+        return "admin" in self.scopes
 
     def may(self, scope: str, artifact: str | None = None) -> bool:
-        if scope not in self.scopes and "admin" not in self.scopes:
+        if scope not in self.scopes and not self.admin:
             return False
         return artifact is None or any(fnmatch.fnmatchcase(artifact, p) for p in self.artifacts)
 
     def require(self, scope: str, artifact: str | None = None) -> None:
-        if not self.may(scope, artifact):
+        self.require_any((scope,), artifact)
+
+    def require_any(self, scopes: tuple[str, ...], artifact: str | None = None) -> None:
+        """Forbidden unless the token may do one of `scopes` (on `artifact`, if given)."""
+        if not any(self.may(s, artifact) for s in scopes):
             what = f" on artifact {artifact!r}" if artifact else ""
-            raise Forbidden(f"token {self.name!r} lacks the {scope!r} scope{what}")
+            raise Forbidden(f"token {self.name!r} lacks the {' or '.join(map(repr, scopes))} scope{what}")
+
+    def speaks_for(self, site: str) -> bool:
+        """May this token report for `site`: its own (the entry's `site`), or any as admin."""
+        return self.admin or self.site == site
+
+
+def visible_report(p: Principal, report: dict) -> dict:
+    """What of a site's report (its `/v1/site` status, as sent to `POST /v1/sites/{site}`)
+    token `p` may read: all of it as admin; else the parts about artifacts it may pull."""
+    if p.admin:
+        return report
+    out = dict(report)
+    for key in ("channels", "workers", "rollouts"):
+        if isinstance(report.get(key), list):
+            out[key] = [r for r in report[key] if isinstance(r, dict) and p.may("pull", str(r.get("artifact")))]
+    if isinstance(report.get("pins"), list):
+        out["pins"] = [k for k in report["pins"] if isinstance(k, str) and p.may("pull", k.split("@", 1)[0])]
+    if isinstance(report.get("bad"), dict):
+        out["bad"] = {k: v for k, v in report["bad"].items() if p.may("pull", k.split("@", 1)[0])}
+    return out
 
 
 class Authenticator(Protocol):
@@ -113,7 +144,13 @@ def _parse_entry(e: object, where: str) -> _Entry:
     patterns = e.get("artifacts", ["*"])
     if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
         raise ConfigError(f"{where}.artifacts: must be a list of glob patterns")
-    return _Entry(Principal(name, frozenset(scopes), tuple(patterns)), _secret_hash(e, where))
+    site = e.get("site")
+    if site is not None:
+        try:
+            check_name("site", site)
+        except InvalidName as err:
+            raise ConfigError(f"{where}.site: {err.message}") from None
+    return _Entry(Principal(name, frozenset(scopes), tuple(patterns), site), _secret_hash(e, where))
 
 
 def _secret_hash(e: dict, where: str) -> bytes:

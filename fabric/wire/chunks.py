@@ -7,6 +7,12 @@ store, zero-copy). With them (docs/encodings.md, "Negotiation") the server plans
 references (`plan_request`, cached in the app's `PlanCache`) and encodes each chunk
 (`serving_getter`, `encode_data`) in the mode the peer's `EncodePolicy` predicts
 fastest; the app owns those policies (`PeerPolicies`, under `POLICIES`).
+
+Who sees a chunk (docs/protocol.md, "Authentication and scopes"): a chunk is served,
+or reported held, only to a token that may pull an artifact whose versions reference
+it (`has` also counts `publish` on such an artifact), as the role's `ChunkIndex`
+tells; to anyone else it is missing. An admin token sees every chunk. An upload's
+references (`upload_references`) may name only chunks the uploader may pull.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from fabric.core.codec import Encoding
 from fabric.core.manifest import Manifest
 from fabric.core.policy import EncodePolicy, Mode, PeerPolicies
 from fabric.core.refplan import STANDALONE, ChunkHint, Plan, PlanCache, plan_references
-from fabric.errors import ChunkNotFound, CorruptChunk, InvalidInput, NotFound, PayloadTooLarge
+from fabric.errors import (ChunkNotFound, CorruptChunk, FabricError, InvalidInput, NotFound, PayloadTooLarge,
+                           ReferenceMismatch)
+from fabric.store.chunk_index import ChunkIndex
 from fabric.store.registry import Registry
 from fabric.store.store import Store, StoredFile
 from fabric.wire import frames
@@ -36,6 +44,7 @@ from fabric.wire.protocol import (CHUNK_STREAM, CHUNKS_FETCH, CHUNKS_HAS, ENCODI
 from fabric.wire.server import METRICS, STORE, Metrics, principal, read_json
 
 PLANS = web.AppKey("plans", PlanCache)
+INDEX = web.AppKey("chunk_index", ChunkIndex)
 POLICIES = web.AppKey("policies", PeerPolicies)
 _READ_AHEAD = 3  # stored chunks read ahead of the one being sent
 
@@ -66,47 +75,88 @@ def store_getter(store: Store) -> ChunkGetter:
 Prepare = Callable[[web.Request, list[str]], Awaitable[None]]
 
 
-def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: Prepare | None = None) -> None:
+async def visible(request: web.Request, ids: Iterable[str], scopes: tuple[str, ...] = ("pull",)) -> set[str]:
+    """The ids the request's token may see: referenced by a version of an artifact it may
+    do one of `scopes` on (the app's `INDEX` says which), or every id for an admin."""
+    p = principal(request)
+    if p.admin:
+        return set(ids)
+    referenced = await request.app[INDEX].artifacts(ids)
+    return {cid for cid, arts in referenced.items() if any(p.may(s, a) for a in arts for s in scopes)}
+
+
+async def upload_references(request: web.Request, frame: frames.Frame) -> frames.References:
+    """The reference lookup for decoding one uploaded frame: the chunk its payload names,
+    if the uploader may pull it, from the app's store; anything else is "not available"
+    (absent and forbidden alike, so the answer says nothing about other artifacts' chunks)."""
+    try:
+        ref_id = codec.body_reference(frame.encoding, frame.payload) if frame.kind == frames.FRAME_CHUNK else None
+    except FabricError:  # an unknown encoding, a malformed payload: the decoder says so
+        ref_id = None
+    allowed = await visible(request, [ref_id]) if ref_id and digest.is_valid(ref_id) else set()
+    store: Store = request.app[STORE]
+
+    def read(ref_id: str) -> bytes:
+        unavailable = ReferenceMismatch(f"reference {ref_id} is not available to this token: "
+                                        "upload the chunk without references")
+        if ref_id not in allowed:
+            raise unavailable
+        try:
+            return store.get_chunk(ref_id)
+        except (NotFound, CorruptChunk):
+            raise unavailable from None
+    return read
+
+
+def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | None = None,
+                 prepare: Prepare | None = None) -> None:
     """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store).
 
-    `prepare`, if given, sees each fetch's ids before any is served: a relay uses it
-    to start fetching the ones it lacks from upstream (pull-through). The app keeps the
+    `index` tells which artifacts reference a chunk (who may see it; kept as `INDEX`).
+    `prepare`, if given, sees each fetch's visible ids before any is served: a relay uses
+    it to start fetching the ones it lacks from upstream (pull-through). The app keeps the
     plan cache (`PLANS`) and one encode policy per peer (`POLICIES`).
     """
     get = get or store_getter(app[STORE])
+    app[INDEX] = index
     app[PLANS] = PlanCache()
     app[POLICIES] = PeerPolicies(workers=min(_READ_AHEAD, os.cpu_count() or 1), fixed=encode_mode())
 
     async def has(request: web.Request) -> web.Response:
-        _require_any(request, "pull", "publish")
+        principal(request).require_any(("pull", "publish"))
         ids = read_ids(await read_json(request))
         store: Store = request.app[STORE]
         missing = await asyncio.to_thread(store.missing, ids)
+        held = [cid for cid in ids if cid not in set(missing)]
+        shown = await visible(request, held, ("pull", "publish")) if held else set()
+        missing = [cid for cid in ids if cid not in shown]  # held but not shown: as missing, in order
         return web.json_response({"missing": missing}, headers={ENCODINGS_HEADER: ",".join(ENCODINGS)})
 
     async def fetch(request: web.Request) -> web.StreamResponse:
-        _require_any(request, "pull")
+        principal(request).require("pull")
         body = await read_json(request)
         ids = read_ids(body)
+        shown = await visible(request, ids)
+        hidden = {cid for cid in ids if cid not in shown}  # answered with missing frames
         if prepare:
-            await prepare(request, ids)
+            await prepare(request, [cid for cid in ids if cid in shown])
         # delta fields (docs/encodings.md, Negotiation): encode per chunk; else stored forms
         p, store = principal(request), request.app[STORE]
         plan = await plan_for_request(store, body, may=lambda a: p.may("pull", a), cache=request.app[PLANS])
         policy = request.app[POLICIES].get((p.name, request.remote)) if plan else None
         if plan and prepare is None and store.local and policy.choose() == Mode.STORED:
             plan = None  # the link outruns the codec: this batch goes out stored, zero-copy
-        read = serving_getter(get, store, plan, policy) if plan else get
+        read = _hiding(serving_getter(get, store, plan, policy) if plan else get, hidden)
         metrics: Metrics = request.app[METRICS]
         resp = web.StreamResponse(headers={"Content-Type": CHUNK_STREAM})
-        length = await _stream_length(store, ids) if prepare is None and plan is None else None
+        length = await _stream_length(store, ids, hidden) if prepare is None and plan is None else None
         if length is not None:
             resp.content_length = length  # no chunked encoding: frames go out as they are
         await resp.prepare(request)
         await resp.write(MAGIC)
         if length is not None and store.local:
             metrics.fetches.labels("sendfile").inc()
-            await _sendfile_frames(request, resp, store, ids, metrics, policy)  # stored forms, zero-copy
+            await _sendfile_frames(request, resp, store, ids, metrics, policy, hidden)  # stored forms, zero-copy
         else:
             metrics.fetches.labels("encoded" if plan else "stored").inc()
             await _send_frames(resp, ids, read, plan, policy, metrics)
@@ -116,6 +166,16 @@ def chunk_routes(app: web.Application, get: ChunkGetter | None = None, prepare: 
 
     app.router.add_post(CHUNKS_HAS, has)
     app.router.add_post(CHUNKS_FETCH, fetch)
+
+
+def _hiding(read, hidden: set[str]):
+    """`read`, answering None (a missing frame) for the ids in `hidden`."""
+    if not hidden:
+        return read
+
+    async def shown(chunk_id: str):
+        return None if chunk_id in hidden else await read(chunk_id)
+    return shown
 
 
 async def _send_frames(resp: web.StreamResponse, ids: list[str], read, plan, policy, metrics: Metrics) -> None:
@@ -148,7 +208,8 @@ async def _send_frames(resp: web.StreamResponse, ids: list[str], read, plan, pol
 
 
 async def _sendfile_frames(request: web.Request, resp: web.StreamResponse, store: Store, ids: list[str],
-                           metrics: Metrics, policy: EncodePolicy | None = None) -> None:
+                           metrics: Metrics, policy: EncodePolicy | None = None,
+                           hidden: set[str] = frozenset()) -> None:
     """Frames whose payloads the kernel copies straight from the chunk files (sendfile).
 
     Only for a local store serving stored forms, where the response length is known.
@@ -156,7 +217,7 @@ async def _sendfile_frames(request: web.Request, resp: web.StreamResponse, store
     """
     loop = asyncio.get_running_loop()
     for cid in ids:
-        opened = await asyncio.to_thread(_open_chunk, store, cid)
+        opened = None if cid in hidden else await asyncio.to_thread(_open_chunk, store, cid)
         if opened is None:
             metrics.chunks_missing.inc()
             await resp.write(frames.missing_frame(cid))
@@ -187,7 +248,7 @@ def _open_chunk(store: Store, chunk_id: str) -> tuple[StoredFile, int] | None:
     return stored, stored.size
 
 
-async def _stream_length(store: Store, ids: list[str]) -> int | None:
+async def _stream_length(store: Store, ids: list[str], hidden: set[str]) -> int | None:
     """The exact size of the chunk stream for `ids`, if the store can tell without reading.
 
     Knowing it lets the response carry a Content-Length instead of chunked encoding,
@@ -196,6 +257,7 @@ async def _stream_length(store: Store, ids: list[str]) -> int | None:
     sizes = await asyncio.to_thread(store.stored_sizes, ids)
     if sizes is None:
         return None
+    sizes = [None if cid in hidden else n for cid, n in zip(ids, sizes)]
     total = sum(frames.missing_frame_size() if n is None else frames.chunk_frame_size(n - 1) for n in sizes)
     return len(MAGIC) + total + frames.end_frame_size()
 
@@ -205,12 +267,6 @@ def _raw_size(tag: int, payload: memoryview) -> int:
         size = zstandard.frame_content_size(payload)
         return size if size >= 0 else 0
     return len(payload)
-
-
-def _require_any(request: web.Request, *scopes: str) -> None:
-    p = principal(request)
-    if not any(p.may(s) for s in scopes):
-        p.require(scopes[0])
 
 
 # --- planning a request --------------------------------------------------------------------

@@ -17,7 +17,8 @@ SITE_SECRETS = {  # each site's own token (pull scope); long and distinctive for
     "edge-b": "edge-b-token-94c0e2a7f6d1b385",
     "solo": "solo-token-2e8f4a6c0b9d7153",
 }
-SITE_TOKENS = [{"name": name, "secret": secret, "scopes": ["pull"]} for name, secret in SITE_SECRETS.items()]
+SITE_TOKENS = [{"name": name, "secret": secret, "scopes": ["pull"], "site": name}  # `site`: it reports as that site
+               for name, secret in SITE_SECRETS.items()]
 
 
 def write_config(path: Path, settings: dict, retention: dict | None = None, sync: dict | None = None) -> Path:
