@@ -112,17 +112,18 @@ def _mark(store: Store, manifests: set[str], *, missing_ok: bool = False) -> set
 
 def _sweep(store: Store, live_manifests: set[str], live_chunks: set[str], cutoff: float, report: GcReport,
            check: Callable[[], None] | None) -> None:
-    """Delete what is unreferenced and older than `cutoff`; `check` (None: a dry run)
+    """Delete what is unreferenced and modified at or before `cutoff` (S3 times have whole
+    seconds: with grace 0 what was written in the lease's second goes too); `check` (None: a dry run)
     runs before every delete and raises once gc may no longer delete."""
     for info in list(store.backend.list("manifests/")):
         mid = "blake3:" + info.key.rsplit("/", 1)[-1].removesuffix(".json")
-        if mid not in live_manifests and info.mtime < cutoff:
+        if mid not in live_manifests and info.mtime <= cutoff:
             report.manifests_deleted += 1
             if check:
                 check()
                 store.delete_manifest(mid)
     for cid, info in list(store.iter_chunks()):
-        if cid not in live_chunks and info.mtime < cutoff:
+        if cid not in live_chunks and info.mtime <= cutoff:
             report.chunks_deleted += 1
             report.bytes_freed += info.size
             if check:
@@ -136,7 +137,7 @@ def _sweep_packs(store: Store, cutoff: float, report: GcReport, check: Callable[
     # packs are not counted: the report errs on the side of what stays.
     used = {ref.pack for _, ref in store.pack_refs()}
     for info in list(store.iter_packs()):
-        if info.key not in used and info.mtime < cutoff:
+        if info.key not in used and info.mtime <= cutoff:
             report.packs_deleted += 1
             report.bytes_freed += info.size
             if check:
