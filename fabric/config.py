@@ -54,6 +54,22 @@ def traces_file() -> str | None:
     return os.environ.get("FABRIC_TRACES_FILE") or None
 
 
+def server_limits_env() -> dict[str, float]:
+    """`FABRIC_SERVER_LIMITS`, e.g. "header_timeout=5,max_connections=256": overrides of what
+    every server gives a connection (`fabric.wire.connections.ServerLimits` checks the names)."""
+    raw = os.environ.get("FABRIC_SERVER_LIMITS", "").strip()
+    out: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"FABRIC_SERVER_LIMITS: {item!r} is not NAME=NUMBER") from None
+        if not sep or not math.isfinite(out[key.strip()]) or out[key.strip()] <= 0:
+            raise ConfigError(f"FABRIC_SERVER_LIMITS: {item!r} is not NAME=NUMBER (a positive number)")
+    return out
+
+
 def systemd_notify_env() -> tuple[str | None, float | None]:
     """systemd's `NOTIFY_SOCKET`, and the watchdog interval in seconds (`WATCHDOG_USEC`).
 

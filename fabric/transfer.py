@@ -10,9 +10,12 @@ then given to the caller's sink (`store_sink` puts it in the store); so a transf
 that is killed resumes from what it stored. `FetchOptions` holds the knobs.
 
 Faults, and what happens:
-* a connection error, HTTP error, malformed stream or a read that stalls longer than
-  `stall_timeout`: the source is benched with exponential backoff and the batch's
-  unfinished chunks go back on the queue for any source;
+* a connection error, HTTP error, malformed stream, or an answer that while we wait
+  for it delivers under `min_rate` B/s over `stall_timeout` s (`fabric.pacing`; a stop
+  or a drip fails within that window, whatever the frame's size): the source is benched
+  with exponential backoff and the batch's unfinished chunks go back for any source;
+* a frame for a chunk this request did not ask for, or asked for and already got: the
+  source is cut off at once (no more of its bytes are read) and it counts as a bad chunk;
 * a source that says it lacks a chunk, or sends bytes that do not match the id: that
   source is excluded for that chunk, and the chunk is fetched elsewhere; a source
   that lies `max_bad` times is dropped for the rest of the transfer;
@@ -30,10 +33,11 @@ from typing import Callable
 import aiohttp
 
 from fabric import tracing
+from fabric.pacing import ProgressFloor, RateLimit
 from fabric.wire import frames as wire
-from fabric.wire.client import OriginClient, error_from
+from fabric.wire.client import OriginClient, error_from, read_body
 from fabric.wire.negotiate import fetch_body, request_fields
-from fabric.wire.protocol import CHUNKS_FETCH, MAX_IDS
+from fabric.wire.protocol import CHUNKS_FETCH, MAX_IDS, MAX_JSON
 from fabric.errors import FabricError, IntegrityError, InvalidInput, ReferenceMismatch, StoreFull, TransferError
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest
@@ -53,7 +57,8 @@ class FetchOptions:
     connections: int = 4  # batches in flight at once
     batch_bytes: int = BATCH_BYTES  # about this many bytes of chunks per request
     max_rate: float | None = None  # bytes per second, all connections together
-    stall_timeout: float = 30.0  # a read making no progress this long benches its source
+    stall_timeout: float = 30.0  # seconds of waiting over which a source must deliver …
+    min_rate: float = 8 << 10  # … at least this many bytes per second, or be benched
     give_up_after: float = 120.0  # TransferError after this long without any progress
     max_bad: int = 3  # chunks failing verification before a source is dropped
 
@@ -109,23 +114,6 @@ class _Batch:
     ids: list[str]
     excluded: dict[str, set[str]] = field(default_factory=dict)  # chunk id -> source urls to avoid
     preferred: SourceState | None = None  # asked before the usual order (the chunks' owner)
-
-
-class RateLimit:
-    """A token bucket over bytes: `await limit.take(n)` sleeps to keep under `rate` B/s."""
-
-    def __init__(self, rate: float):
-        self.rate = rate
-        self._allowance = rate
-        self._last = time.monotonic()
-
-    async def take(self, n: int) -> None:
-        now = time.monotonic()
-        self._allowance = min(self.rate, self._allowance + (now - self._last) * self.rate)
-        self._last = now
-        self._allowance -= n
-        if self._allowance < 0:
-            await asyncio.sleep(-self._allowance / self.rate)
 
 
 class Inflight:
@@ -262,6 +250,7 @@ class _Engine:
         self.preferred: dict[str, SourceState] = {}
         self.refusal: FabricError | None = None  # a 401/403 from a source, reported if all else fails
         self.stall_timeout, self.give_up_after = options.stall_timeout, options.give_up_after
+        self.min_rate = options.min_rate
         self.max_bad = options.max_bad
         self.limit = RateLimit(options.max_rate) if options.max_rate else None
         self.progress = progress
@@ -349,22 +338,11 @@ class _Engine:
         try:
             async with source.client.session.post(f"{source.url}{CHUNKS_FETCH}", json=body, headers=tracing.headers()) as resp:
                 if resp.status in (401, 403):  # retrying will not help: drop the source, say why
-                    self._refused(source, error_from(resp.status, await resp.read()))
+                    self._refused(source, error_from(resp.status, await read_body(resp, MAX_JSON, source.url)))
                     return list(ids)
                 if resp.status >= 400:
                     raise TransferError(f"{source.url} answered HTTP {resp.status} to a chunk fetch")
-                reader = wire.FrameReader(self._stall_guard(resp.content.readexactly))
-                receiving: set[asyncio.Task] = set()
-                try:
-                    async for frame in reader:  # read the next frame while earlier ones are stored
-                        receiving.add(asyncio.create_task(self._receive(source, frame, batch, done, retry)))
-                        if len(receiving) >= _RECEIVE_AHEAD:
-                            finished, receiving = await asyncio.wait(receiving, return_when=asyncio.FIRST_COMPLETED)
-                            for t in finished:
-                                t.result()
-                finally:
-                    for t in asyncio.as_completed(receiving):
-                        await t
+                await self._read_answer(source, resp.content, ids, batch, done, retry)
             source.failures = 0
             for cid in ids:  # a complete answer that skipped an id counts as "missing" for it
                 if cid not in done and cid not in retry:
@@ -376,21 +354,30 @@ class _Engine:
         log.debug("fetch batch", source=source.url, asked=len(ids), got=len(done), again=len(retry))
         return [c for c in ids if c not in done]
 
-    def _stall_guard(self, read):
-        async def guarded(n: int) -> bytes:
-            # a stall is no progress for stall_timeout: allow that long per MiB of a big read
-            timeout = self.stall_timeout * max(1.0, n / (1 << 20))
-            try:
-                return await asyncio.wait_for(read(n), timeout)
-            except asyncio.TimeoutError:
-                raise TransferError(f"source stalled for {self.stall_timeout:.0f}s") from None
-        return guarded
+    async def _read_answer(self, source: SourceState, stream, ids: list[str], batch: _Batch, done: set[str],
+                           retry: set[str]) -> None:
+        """Read one chunk-stream answer under the progress floor; each frame is stored while the next is read."""
+        asked, seen = set(ids), set()
+        receiving: set[asyncio.Task] = set()
+        floor = ProgressFloor(stream, window=self.stall_timeout, min_rate=self.min_rate, source=source.url)
+        try:
+            async with floor:
+                async for frame in wire.FrameReader(floor.read):
+                    if frame.chunk_id not in asked or frame.chunk_id in seen:
+                        self._unasked(source, frame, seen)
+                    seen.add(frame.chunk_id)
+                    receiving.add(asyncio.create_task(self._receive(source, frame, batch, done, retry)))
+                    if len(receiving) >= _RECEIVE_AHEAD:
+                        finished, receiving = await asyncio.wait(receiving, return_when=asyncio.FIRST_COMPLETED)
+                        for t in finished:
+                            t.result()
+        finally:
+            for t in asyncio.as_completed(receiving):
+                await t
 
     async def _receive(self, source: SourceState, frame: wire.Frame, batch: _Batch, done: set[str],
                        retry: set[str]) -> None:
         cid = frame.chunk_id
-        if cid not in self.sizes:
-            raise wire.BadFrame(f"{source.url} sent chunk {cid}, which was not asked for")
         if frame.kind == wire.FRAME_MISSING:
             batch.excluded.setdefault(cid, set()).add(source.url)
             return
@@ -428,13 +415,23 @@ class _Engine:
 
     def _bad_chunk(self, source: SourceState, cid: str, batch: _Batch, e: Exception) -> None:
         batch.excluded.setdefault(cid, set()).add(source.url)
+        log.warning("bad chunk from source", source=source.url, chunk=cid, error=str(e))
+        self._count_bad(source)
+
+    def _count_bad(self, source: SourceState) -> None:
         source.bad_chunks += 1
         self.stats.bad_chunks_by_source[source.url] = source.bad_chunks
-        log.warning("bad chunk from source", source=source.url, chunk=cid, error=str(e))
         if source.bad_chunks >= self.max_bad and not source.dropped:
             source.dropped = True
             self.stats.sources_dropped.append(source.url)
             log.warning("source dropped: too many bad chunks", source=source.url)
+
+    def _unasked(self, source: SourceState, frame: wire.Frame, seen: set[str]) -> None:
+        """A frame this answer had no business sending: count it against the source, stop reading it."""
+        again = frame.chunk_id in seen
+        self._count_bad(source)
+        raise wire.BadFrame(f"{source.url} sent chunk {frame.chunk_id} "
+                            f"{'again' if again else 'which this request did not ask for'}")
 
     def _refused(self, source: SourceState, e: FabricError) -> None:
         source.dropped = True

@@ -5,11 +5,20 @@ each followed channel from scratch, and it re-reads them every `resync_interval`
 anyway, so a dropped event costs a delay, never a missed version. It sets a channel's
 `target` and wakes that artifact's deploy loop (`agents.site.deploy`); it never
 deploys itself.
+
+Whatever ends a stream — the origin restarting, a broken connection, a stream that
+breaks the protocol's limits (`fabric.wire.events.read_events`), a bug in handling an
+event — the follower reconnects after a `Backoff` delay: exponential, and jittered so
+that the sites of an origin that restarts do not all reconnect at the same instant.
+(`stamina` and `tenacity` retry one call on a schedule that starts with the call and
+cannot be reset; a follower runs forever and starts its schedule over once a stream
+has stayed up, so the few lines of `Backoff` are its own.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +28,23 @@ from fabric.logs import get_logger
 from fabric.wire.client import OriginClient
 
 log = get_logger("agent")
+RECONNECT_FIRST = 0.5  # seconds: the longest first wait before reconnecting (jittered down to half)
+RECONNECT_MAX = 10.0  # seconds: the longest wait between attempts
+
+
+class Backoff:
+    """Waits that double from `first` up to `longest`, each drawn from [half, all] of it."""
+
+    def __init__(self, first: float = RECONNECT_FIRST, longest: float = RECONNECT_MAX):
+        self.first, self.longest, self.failures = first, longest, 0
+
+    def next(self) -> float:
+        ceiling = min(self.longest, self.first * 2 ** self.failures)
+        self.failures += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 @dataclass
@@ -50,11 +76,11 @@ class Follower:
 
     async def follow_events(self) -> None:
         """Listen to the origin's events forever; re-sync everything on each (re)connect."""
-        backoff = 0.5
+        backoff = Backoff()
         while True:
+            opened = time.monotonic()
             try:
                 async for event, data in self.origin.events():
-                    backoff = 0.5
                     log.debug("event received", event=event, data=data)
                     if event == "hello":
                         await self.resync()
@@ -64,15 +90,24 @@ class Follower:
                             if data.get("traceparent") and data.get("version"):
                                 ch.trace = (data["version"], str(data["traceparent"]))
                             self.want(ch, data.get("version"))
+                error = "the origin ended the stream"
             except FabricError as e:
-                log.warning("event stream lost", origin=self.origin.url, error=e.message, retry_in_s=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+                error = e.message
+            except Exception as e:  # noqa: BLE001 - whatever broke, the follower must come back
+                error = repr(e)
+            if time.monotonic() - opened >= backoff.longest:  # it stayed up: this is a new outage
+                backoff.reset()
+            wait = backoff.next()
+            log.warning("event stream lost", origin=self.origin.url, error=error[:300], retry_in_s=round(wait, 2))
+            await asyncio.sleep(wait)
 
     async def resync_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.resync_interval)
-            await self.resync()
+            try:
+                await self.resync()
+            except Exception as e:  # noqa: BLE001 - one bad answer must not end the periodic resync
+                log.warning("resync failed", origin=self.origin.url, error=repr(e)[:300])
 
     async def resync(self) -> None:
         """Read every followed channel at the origin and deploy what changed."""

@@ -6,7 +6,9 @@
 CLI and for `publish`, whose worker threads call `RemoteTarget.offer` directly.
 
 A server's JSON error body becomes the matching typed `FabricError`
-(`errors.from_code`); a refused or broken connection becomes `TransferError`.
+(`errors.from_code`); a refused or broken connection becomes `TransferError`, and so
+does an answer over its limit (`read_body`: `MAX_ANSWER` for JSON, `MAX_MANIFEST` for a
+manifest), which is refused before more than the limit and one read buffer is held.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ from fabric.core.boundedjson import decode as decode_json
 from fabric.core.codec import Encoding
 from fabric.core.policy import EncodePolicy, Mode
 from fabric.wire import frames
+from fabric.wire.events import read_events
 from fabric.wire.negotiate import ManifestBase, parse_encodings, read_manifest_body
 from fabric.wire.protocol import (ARTIFACTS, CHUNK_STREAM, CHUNKS_HAS, CHUNKS_UPLOAD, ENCODINGS_HEADER, EVENTS,
-                                  MAX_IDS, SITES)
+                                  MAX_ANSWER, MAX_IDS, MAX_MANIFEST, SITES)
 from fabric.errors import (ArtifactNotFound, BadFrame, ChannelNotFound, FabricError, InvalidManifest,
                      TransferError, from_code)
 from fabric.core.manifest import Manifest
 from fabric.store.registry import Channel, _channel_from, resolve_ref
 
-_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection
+READ_TIMEOUT = 60.0  # seconds any one socket read may wait (the event stream's keepalives come every 15)
+_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
 _READ_BUFFER = 4 << 20  # read big chunk frames in few large pieces, not 64 KiB ones
 
 
@@ -74,11 +79,13 @@ class OriginClient:
 
     # --- plumbing --------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, *, with_headers: bool = False, **kw):
+    async def _request(self, method: str, path: str, *, with_headers: bool = False, manifest: bool = False,
+                       **kw):
+        limit = (MAX_MANIFEST, "MAX_MANIFEST") if manifest else (MAX_ANSWER, "MAX_ANSWER")
         kw["headers"] = tracing.headers() | (kw.get("headers") or {})  # the current span's trace, if any
         try:
             async with self.session.request(method, self.url + path, **kw) as resp:
-                body = await resp.read()
+                body = await read_body(resp, limit[0], f"{method} {self.url}{path}", limit[1])
                 if resp.status >= 400:
                     raise error_from(resp.status, body)
                 return (body, resp.content_type, resp.headers) if with_headers else body
@@ -105,7 +112,7 @@ class OriginClient:
     async def manifest(self, artifact: str, version: str, base: ManifestBase | None = None) -> Manifest:
         """The manifest; with `base` (one we hold), fetched as a patch against it."""
         path = f"{ARTIFACTS}/{artifact}/versions/{version}"
-        body, ctype, headers = await self._request("GET", path, with_headers=True,
+        body, ctype, headers = await self._request("GET", path, with_headers=True, manifest=True,
                                                    params={"base": base.version} if base else None)
         try:
             body = read_manifest_body(body, ctype, headers, base)
@@ -187,27 +194,35 @@ class OriginClient:
         return sum(len(p) for *_, p in chunks)
 
     async def events(self, after: int = 0) -> AsyncIterator[tuple[str, dict]]:
-        """Server-sent events as (event type, data); ends when the connection does."""
-        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
+        """Server-sent events as (event type, data); ends when the connection does.
+
+        Each line and event is bounded (`fabric.wire.events.read_events`); a stream that
+        breaks the rules raises `TransferError`, like a broken connection."""
+        source = f"event stream from {self.url}"
         try:
-            async with self.session.get(f"{self.url}{EVENTS}", params={"after": after},
-                                        timeout=timeout) as resp:
+            async with self.session.get(f"{self.url}{EVENTS}", params={"after": after}) as resp:
                 if resp.status >= 400:
-                    raise error_from(resp.status, await resp.read())
-                event, data = "message", ""
-                async for raw in resp.content:
-                    line = raw.decode().rstrip("\n")
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data += line[5:].strip()
-                    elif not line and data:
-                        yield event, decode_json(data, what=f"event {event!r} from {self.url}")
-                        event, data = "message", ""
+                    raise error_from(resp.status, await read_body(resp, MAX_ANSWER, source))
+                async for item in read_events(resp.content.iter_any(), source=source):
+                    yield item
         except aiohttp.ClientError as e:
-            raise TransferError(f"event stream from {self.url}: {e}") from None
+            raise TransferError(f"{source}: {e}") from None
         except asyncio.TimeoutError:
-            raise TransferError(f"event stream from {self.url}: timed out") from None
+            raise TransferError(f"{source}: timed out") from None
+
+
+async def read_body(resp: aiohttp.ClientResponse, limit: int, what: str, name: str = "MAX_ANSWER") -> bytes:
+    """`resp`'s body, refused with `TransferError` as soon as it passes `limit` bytes (the
+    protocol's limit `name`)."""
+    over = f"{what}: the answer is over {name} ({limit} bytes)"
+    if resp.content_length is not None and resp.content_length > limit:
+        raise TransferError(f"{over}: it says {resp.content_length}")
+    body = bytearray()
+    async for piece in resp.content.iter_any():
+        body += piece
+        if len(body) > limit:
+            raise TransferError(over)
+    return bytes(body)
 
 
 def error_from(status: int, body: bytes) -> FabricError:

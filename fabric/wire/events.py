@@ -6,6 +6,10 @@ number that grows by one. Followers read them as server-sent events
 stream opens with a `hello` event naming the log's `epoch`, which changes when the
 server restarts: a follower that sees a new epoch, or that asks for events older
 than the log holds, re-syncs from scratch instead of trusting the sequence.
+
+`read_events` is the client's side: it parses a stream of server-sent events, each
+line and each event at most `MAX_EVENT` bytes, each event's data one JSON object; a
+stream that breaks a rule raises `TransferError`, so the follower reconnects.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import json
 import time
 import uuid
 from collections import deque
-from typing import Callable
+from typing import AsyncIterable, AsyncIterator, Callable
 
 from aiohttp import web
 
-from fabric.errors import InvalidInput
+from fabric.core.boundedjson import decode as decode_json
+from fabric.errors import InvalidInput, TransferError
+from fabric.wire.protocol import MAX_EVENT
 
 _KEEP = 4096
 _KEEPALIVE = 15.0  # seconds between comment lines on an idle stream
@@ -109,3 +115,54 @@ async def _send(resp: web.StreamResponse, event: str, data: dict, event_id: int 
         lines += f"id: {event_id}\n"
     lines += f"data: {json.dumps(data)}\n\n"
     await resp.write(lines.encode())
+
+
+# --- the client's side ------------------------------------------------------------------
+
+async def read_events(chunks: AsyncIterable[bytes], *, source: str, limit: int = MAX_EVENT
+                      ) -> AsyncIterator[tuple[str, dict]]:
+    """Server-sent events from `chunks` (a response body's pieces) as (type, data object).
+
+    Comment lines (`: keepalive`) and fields other than `event` and `data` are skipped.
+    Raises `TransferError` (naming `source`) for a line or an event over `limit` bytes,
+    bytes that are not UTF-8, or data that is not one JSON object.
+    """
+    buf, start = bytearray(), 0
+    event, data, size = "message", [], 0
+    async for chunk in chunks:
+        buf += chunk
+        while (end := buf.find(b"\n", start)) >= 0:
+            line = bytes(buf[start:end]).rstrip(b"\r")
+            start = end + 1
+            if not line:
+                if data:
+                    yield event, _data(event, data, source)
+                event, data, size = "message", [], 0
+                continue
+            size += len(line)
+            if size > limit:
+                raise TransferError(f"{source}: an event over MAX_EVENT ({limit} bytes) with no blank line to end it")
+            name, _, value = _text(line, source).partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+        del buf[:start]
+        start = 0
+        if len(buf) > limit:
+            raise TransferError(f"{source}: an event line over MAX_EVENT ({limit} bytes)")
+
+
+def _text(line: bytes, source: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TransferError(f"{source}: an event line that is not UTF-8") from None
+
+
+def _data(event: str, data: list[str], source: str) -> dict:
+    obj = decode_json("\n".join(data), what=f"{source}: event {event[:40]!r}", error=TransferError)
+    if not isinstance(obj, dict):
+        raise TransferError(f"{source}: event {event[:40]!r} carries {type(obj).__name__}, not a JSON object")
+    return obj

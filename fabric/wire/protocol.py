@@ -45,6 +45,17 @@ MAX_IDS = 4096  # ids per has/fetch request
 MAX_JSON = 8 << 20  # largest JSON request body
 MAX_HAVE = 8  # versions a request may name in `have` (more are ignored)
 
+MAX_ANSWER = 64 << 20  # largest JSON answer a client reads (a manifest: MAX_MANIFEST)
+MAX_EVENT = 1 << 20  # largest server-sent event (its lines together) a follower reads
+
+# --- what a server gives each connection (fabric.wire.connections; docs/protocol.md "Limits") ---
+
+MAX_CONNECTIONS = 1024  # open connections per server (fewer if the open-file limit is low)
+MAX_CONNECTIONS_PER_PEER = 128  # open connections from one IP address
+HEADER_TIMEOUT = 20.0  # seconds from a request's first byte (or the connection's start) to its last header
+BODY_TIMEOUT = 20.0  # seconds over which a request body, while the server waits for it, must reach …
+BODY_MIN_RATE = 1024  # … this many bytes per second
+IDLE_TIMEOUT = 75.0  # seconds a kept-alive connection may wait for its next request
 # --- the chunk stream's frame layout ---------------------------------------------------------
 
 MAGIC = b"FBC1"
@@ -57,5 +68,6 @@ __all__ = [
     "API", "ARTIFACTS", "CHUNKS_HAS", "CHUNKS_FETCH", "CHUNKS_UPLOAD", "EVENTS", "SITES", "SITE", "SITE_PINS",
     "WORKERS", "MANIFESTS", "CHUNK_STREAM", "MANIFEST_PATCH", "ENCODINGS_HEADER", "BASE_HEADER",
     "MANIFEST_ID_HEADER", "PEER_HEADER", "ENCODINGS", "MAX_CHUNK", "MAX_MANIFEST", "MAX_PAYLOAD", "MAX_IDS", "MAX_JSON",
-    "MAX_HAVE", "MAGIC", "FRAME_END", "FRAME_CHUNK", "FRAME_MISSING", "CHUNK_HEAD", "END", "FRAME_OVERHEAD",
+    "MAX_HAVE", "MAX_ANSWER", "MAX_EVENT", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_PEER",
+    "HEADER_TIMEOUT", "BODY_TIMEOUT", "BODY_MIN_RATE", "IDLE_TIMEOUT", "MAGIC", "FRAME_END", "FRAME_CHUNK", "FRAME_MISSING", "CHUNK_HEAD", "END", "FRAME_OVERHEAD",
 ]

@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from fabric.wire import frames as wire
 from fabric.core.boundedjson import decode as decode_json
 from fabric.wire.auth import Authenticator, Principal
+from fabric.wire.connections import GuardedRunner, ServerLimits
 from fabric.wire.protocol import MAX_JSON
 from fabric.errors import FabricError, InvalidInput, PayloadTooLarge
 from fabric import tracing
@@ -219,10 +220,14 @@ async def read_json(request: web.Request) -> dict:
 
 # --- running a server -------------------------------------------------------------------
 
-async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
-                ) -> web.AppRunner:
-    """Start `app` listening; returns the runner (call `await runner.cleanup()` to stop)."""
-    runner = web.AppRunner(app, access_log=None)
+async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None,
+                limits: ServerLimits | None = None) -> web.AppRunner:
+    """Start `app` listening; returns the runner (call `await runner.cleanup()` to stop).
+
+    Every connection gets `limits` (default: the protocol's, with `FABRIC_SERVER_LIMITS`):
+    caps per peer and in total, header and body deadlines (`fabric.wire.connections`).
+    """
+    runner = GuardedRunner(app, limits or ServerLimits.from_env(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()

@@ -73,6 +73,7 @@ class OriginProcess:
         self.args = [str(a) for a in args]  # more `fabric origin` flags
         self._fixed_port = port is not None
         self.port = port or free_port()
+        self.env: dict[str, str] = {}  # FABRIC_* settings for the process (clean_env drops the test's own)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -85,7 +86,7 @@ class OriginProcess:
                 self.proc = subprocess.Popen(
                     FABRIC + ["origin", "--store", str(self.store), "--listen", f"127.0.0.1:{self.port}",
                               "--tokens", str(self.tokens), *self.args],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env())
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env(**self.env))
             if self._wait_live(timeout):
                 return self
             rc = self.proc.poll()

@@ -18,6 +18,7 @@ class ServerProcess:
     def __init__(self, argv: list[str], port: int, log_path: Path, *, name: str, probe: str = "/livez"):
         self.argv, self.port, self.log_path = list(argv), port, Path(log_path)
         self.name, self.probe = name, probe
+        self.env: dict[str, str] = {}  # FABRIC_* settings for the process (clean_env drops the test's own)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -27,7 +28,7 @@ class ServerProcess:
     def spawn(self) -> "ServerProcess":
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(FABRIC + self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=clean_env())
+                                         stdin=subprocess.DEVNULL, env=clean_env(**self.env))
         return self
 
     def start(self, timeout: float = 30.0) -> "ServerProcess":

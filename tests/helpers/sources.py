@@ -9,7 +9,9 @@ serving chunks from a real `Store`, but:
 * ``stall``    — sends `good` correct frames, then the head and half the payload of the
                  next frame, then stops sending (the connection stays open) until closed;
 * ``omit``     — a well-formed but empty answer: no frames, end frame counting 0;
-* ``foreign``  — answers with a chunk frame for an id nobody asked for.
+* ``foreign``  — answers with a chunk frame for an id nobody asked for;
+* ``repeat``   — sends the first asked chunk's (valid) frame `copies` times over;
+* ``drip``     — sends correct frames, `drip` bytes every 0.1 s.
 
 Also `serve_origin`, the real origin app served in-process on a free port.
 """
@@ -30,13 +32,15 @@ from fabric.origin.app import create_app
 from fabric.wire.server import bound_port, serve
 from fabric.store.store import Store
 
-MODES = ("lie", "missing", "stall", "omit", "foreign")
+MODES = ("lie", "missing", "stall", "omit", "foreign", "repeat", "drip")
 
 
 class MisbehavingSource:
-    def __init__(self, store: Store, mode: str, *, good: int = 0):
+    def __init__(self, store: Store, mode: str, *, good: int = 0, copies: int = 100, drip: int = 100):
         assert mode in MODES, mode
         self.store, self.mode, self.good = store, mode, good
+        self.copies, self.drip = copies, drip
+        self.bytes_sent = 0  # written by `repeat` and `drip` (as far as the client let them)
         self.requests = 0
         self.ids_asked: list[str] = []
         self.frames_sent = 0
@@ -81,8 +85,26 @@ class MisbehavingSource:
             await resp.write(wire.chunk_frame(digest.digest(junk), 0, len(junk), junk))
             await resp.write(wire.end_frame(1))
             return resp
+        if self.mode == "repeat":
+            data = await asyncio.to_thread(self.store.get_chunk, ids[0])
+            frame = wire.chunk_frame(ids[0], 0, len(data), data)
+            for _ in range(self.copies):
+                await resp.write(frame)
+                self.bytes_sent += len(frame)
+                self.frames_sent += 1
+            await resp.write(wire.end_frame(self.copies))
+            return resp
         sent = 0
         for cid in ids:
+            if self.mode == "drip":
+                data = await asyncio.to_thread(self.store.get_chunk, cid)
+                frame = wire.chunk_frame(cid, 0, len(data), data)
+                for i in range(0, len(frame), self.drip):
+                    await resp.write(frame[i:i + self.drip])
+                    self.bytes_sent += len(frame[i:i + self.drip])
+                    await asyncio.sleep(0.1)
+                sent += 1
+                continue
             if self.mode == "missing":
                 await resp.write(wire.missing_frame(cid))
                 sent += 1

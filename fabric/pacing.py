@@ -1,0 +1,82 @@
+"""Pacing a transfer: the most it may take (`RateLimit`) and the least a source must give (`ProgressFloor`).
+
+`RateLimit` is a token bucket over payload bytes, shared by a transfer's connections
+(`fabric pull --max-rate`, a site's `max_rate`). `ProgressFloor` watches one chunk-stream
+answer: while the reader waits on it, the source must deliver at least `min_rate` bytes
+per second, measured over windows of `window` seconds (`FetchOptions.stall_timeout`). A
+source that drips bytes, or stops, fails within one window, whatever the size of the
+frame it is in the middle of; time the reader spends elsewhere (verifying, storing,
+sleeping under its own `RateLimit`) does not count against the source. The floor costs
+two clock reads per read and one timer per answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from fabric.errors import TransferError
+
+
+class RateLimit:
+    """A token bucket over bytes: `await limit.take(n)` sleeps to keep under `rate` B/s."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._allowance = rate
+        self._last = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._allowance = min(self.rate, self._allowance + (now - self._last) * self.rate)
+        self._last = now
+        self._allowance -= n
+        if self._allowance < 0:
+            await asyncio.sleep(-self._allowance / self.rate)
+
+
+class ProgressFloor:
+    """Reads `stream` exactly (`read`), failing it with `TransferError` once a window of waiting
+    brings fewer than `min_rate × window` bytes. Use as `async with`: the watch runs inside."""
+
+    def __init__(self, stream: aiohttp.StreamReader, *, window: float, min_rate: float, source: str):
+        self.stream, self.window, self.min_rate, self.source = stream, window, min_rate, source
+        self._waited = 0.0  # seconds spent inside reads, finished ones
+        self._since: float | None = None  # when the read in progress began
+        self._mark = (0.0, 0)  # (seconds waited, bytes received) when the window began
+        self._task: asyncio.Task | None = None
+
+    async def read(self, n: int) -> bytes:
+        self._since = time.monotonic()
+        try:
+            return await self.stream.readexactly(n)
+        finally:
+            self._waited += time.monotonic() - self._since
+            self._since = None
+
+    async def __aenter__(self) -> "ProgressFloor":
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+
+    def waited(self) -> float:
+        return self._waited + (time.monotonic() - self._since if self._since is not None else 0.0)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.window / 8)
+            waited, received = self.waited(), self.stream.total_bytes
+            then_waited, then_received = self._mark
+            if waited - then_waited < self.window:
+                continue
+            got = received - then_received
+            if got < self.min_rate * (waited - then_waited):
+                self.stream.set_exception(TransferError(
+                    f"{self.source} stalled: {got} bytes in {waited - then_waited:.1f}s of waiting, "
+                    f"under the floor of {self.min_rate:g} B/s"))
+                return
+            self._mark = (waited, received)
