@@ -37,7 +37,7 @@ def demo(agent: str = typer.Option("http://127.0.0.1:7070", "--agent", help="The
          base: Optional[str] = typer.Option(None, "--base", help="With --make-weights: start from this version."),
          change: float = typer.Option(1.0, "--change", help="With --base: fraction of tensors to change."),
          nan: bool = typer.Option(False, "--nan", help="With --make-weights: poison a tensor (fails the canary)."),
-         log_level: str = typer.Option("info", "--log-level")):
+         log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error.")):
     """Serve a small MLP over HTTP and hot-swap it as the agent activates versions."""
     from fabric import logs
     try:
