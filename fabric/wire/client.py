@@ -150,8 +150,14 @@ class OriginClient:
     async def promote(self, artifact: str, version: str, channel: str) -> Channel:
         return await self.move_channel(artifact, channel, {"action": "promote", "version": version})
 
-    async def rollback(self, artifact: str, channel: str) -> Channel:
-        return await self.move_channel(artifact, channel, {"action": "rollback"})
+    async def rollback(self, artifact: str, channel: str, *, steps: int | None = None,
+                       to: str | None = None) -> Channel:
+        body: dict = {"action": "rollback"}
+        if steps is not None:
+            body["steps"] = steps
+        if to is not None:
+            body["to"] = to
+        return await self.move_channel(artifact, channel, body)
 
     async def resolve(self, artifact: str, version: str | None, channel: str | None) -> str:
         """The version that `artifact@version`, `artifact:channel` or bare `artifact` names."""
@@ -372,8 +378,9 @@ class RemoteRegistry:
     def promote(self, artifact: str, version: str, channel: str) -> Channel:
         return self.origin.promote(artifact, version, channel)
 
-    def rollback(self, artifact: str, channel: str) -> Channel:
-        return self.origin.rollback(artifact, channel)
+    def rollback(self, artifact: str, channel: str, *, steps: int | None = None,
+                 to: str | None = None) -> Channel:
+        return self.origin.rollback(artifact, channel, steps=steps, to=to)
 
     def resolve(self, artifact: str, *, version: str | None = None, channel: str | None = None) -> str:
         return resolve_ref(self, artifact, version=version, channel=channel, where=f" at {self.origin.client.url}")

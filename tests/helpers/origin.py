@@ -37,7 +37,7 @@ ALL_SECRETS = [PUBLISH_SECRET, PULL_SECRET, ADMIN_SECRET, LLAMA_SECRET, HASHED_S
 def clean_env(**extra: str) -> dict[str, str]:
     """os.environ without FABRIC_* settings and with no config file, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FABRIC_")}
-    env["FABRIC_CONFIG"] = "/nonexistent/fabric-test-config.toml"
+    env["FABRIC_CONFIG"] = os.devnull  # an empty config: FABRIC_CONFIG must name a file that exists
     env.update(extra)
     return env
 
