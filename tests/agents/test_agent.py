@@ -142,7 +142,7 @@ def test_tree_replicates_each_chunk_once_from_the_origin(tmp_path, origin, token
         # Every site reports to the origin, and `fabric status` lists them.
         from helpers.origin import fabric_json
         time.sleep(1.0)
-        st = fabric_json("status", "--origin", origin.url, "--token", PUBLISH_SECRET)
+        st = fabric_json("status", "--origin", origin.url, "--token", ADMIN_SECRET)  # every site: admin only
         actives = {s["site"]: s["channels"][0]["active"] for s in st["sites"]}
         assert actives == {"hub": "v2", "edge-a": "v2", "edge-b": "v2"}
     finally:
