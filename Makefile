@@ -23,11 +23,17 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/python -m fabric.demo
 
+# The status page's test drives a headless Chromium: Debian's, installed once as root (a
+# quick `command -v` when it is there); without it tests/e2e/test_status_page.py skips.
+BROWSER_TOOLS := chromium fonts-dejavu-core
+
 # promtool checks deploy/observability/alerts.yml: Debian's prometheus package, installed once as root;
 # without it tests/deploy/test_observability.py skips that check.
 OBSERVABILITY_TOOLS := prometheus
 
 test: venv
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq $(BROWSER_TOOLS); } || echo "chromium not installed: the status page's test will skip"
 	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends $(OBSERVABILITY_TOOLS); } || echo "promtool not installed: the alert rules' check will skip"
 	$(BIN)/python -m pytest -q

@@ -26,6 +26,7 @@ import asyncio
 import time
 
 from fabric.core.manifest import check_name
+from fabric.core.topology import ORIGIN, Topology
 from fabric.errors import FabricError, NotFound
 from fabric.logs import get_logger
 from fabric.store.registry import Registry
@@ -59,6 +60,7 @@ class SiteAgent:
         self.origin = OriginClient(cfg.origin, cfg.token)
         self.plan = SourcePlan(cfg, self.origin)
         self.upstream = self.plan.upstream(Inflight())
+        self.upstream_name, self.source_names = _link_names(cfg)  # for the report (the status page's tree)
         self.channels = {a: ChannelStatus(a, c, active=self.layout.active(a)) for a, c in cfg.follow}
         self.deployer = Deployer(self)
         self.follower = Follower(self.origin, self.channels, cfg.sync.resync_interval, self.deployer.wake)
@@ -101,6 +103,8 @@ class SiteAgent:
                 "channels": [c.to_json() for c in self.channels.values()],
                 "pins": sorted(self.state.pins), "bad": self.state.bad,
                 "disk_used": round(self.layout.disk_usage(), 4), "workers": self.rollout.status(),
+                "rollouts": self.rollout.rollouts_json(), "upstream": self.upstream_name,
+                "fetched": {self.source_names.get(u, u): n for u, n in self.metrics.fetched.items()},
                 "at": time.time()}
 
     async def report_loop(self) -> None:
@@ -116,3 +120,19 @@ class SiteAgent:
         """Close every client the agent opened."""
         for client in self.plan.clients():
             await client.close()
+
+
+def _link_names(cfg: SiteConfig) -> tuple[str, dict[str, str]]:
+    """The site's upstream (a site name, "origin", or the first `upstreams` URL) and a name for
+    each source URL the topology names ("origin" for the origin), as the status report says them."""
+    names = {cfg.origin.rstrip("/"): ORIGIN}  # keyed as the clients write their URLs
+    topo = Topology.load(cfg.topology) if cfg.topology else None
+    if topo is not None:
+        names.update({s.url.rstrip("/"): s.name for s in topo.sites.values() if s.url})
+        if topo.origin_url:
+            names[topo.origin_url.rstrip("/")] = ORIGIN
+    if cfg.upstreams:
+        return names.get(cfg.upstreams[0], cfg.upstreams[0]), names
+    if topo is not None and cfg.site in topo.sites:
+        return topo.sites[cfg.site].upstream, names
+    return ORIGIN, names

@@ -6,6 +6,7 @@
     POST   /v1/site/pins                        pin a materialised version (`admin` scope)
     DELETE /v1/site/pins/{artifact}/{version}   unpin it (`admin` scope)
     ...    /v1/site/workers, /v1/site/manifests the hot-load API (`agents.site.rollout`)
+    GET    /ui/                                 the status page for this site (`fabric.wire.ui`; public files)
 
 Plus the probes and `/metrics` of `fabric.wire.server.base_app`.
 """
@@ -22,6 +23,7 @@ from fabric.wire.chunks import chunk_routes
 from fabric.wire.protocol import SITE, SITE_PINS
 from fabric import logs, tracing
 from fabric.errors import Forbidden
+from fabric.wire.ui import ui_routes
 from fabric.wire.server import METRICS, add_metrics_listener, base_app, principal, read_json, run_until_signalled
 
 from agents.site.agent import SiteAgent
@@ -46,6 +48,7 @@ def create_app(agent: SiteAgent) -> web.Application:
     app.router.add_get(SITE, _status)
     app.router.add_post(SITE_PINS, _pin)
     app.router.add_delete(f"{SITE_PINS}/{{artifact}}/{{version}}", _unpin)
+    ui_routes(app, role="site", status=SITE)  # the status page (/ui/), polling this site's status
     app.cleanup_ctx.append(_background)
     return app
 

@@ -15,7 +15,9 @@ request stream against every worker while publishing v2, which changes two of th
 model's eight tensors. It shows v2 reaching every site (bytes fetched and from where;
 what left the origin), the workers swapping to v2 under load, the requests and their
 failures, and `fabric status`. The exit status is 1 if a request failed or a site or
-worker did not reach v2.
+worker did not reach v2. Then it prints the origin's status page URL (`/ui/`); with
+`--hold` it also prints the admin token to log in with and keeps every process up
+until Ctrl-C.
 
 Everything lives under `--out` (default `demo-out/`), which is wiped at the start:
 `src/` and `store/` (part 1), `tokens.toml` and `tokens/` (the secrets),
@@ -321,8 +323,9 @@ STEPS: list[tuple[str, Callable[[Demo], None]]] = [
 
 def run(root: Path, console: Console | None = None,
         steps: Sequence[tuple[str, Callable[[Demo], None]]] = STEPS,
-        topology: str | None = None) -> Demo:
-    """Wipe `root`, then run each step in order; every process started is stopped at the end."""
+        topology: str | None = None, hold: bool = False) -> Demo:
+    """Wipe `root`, then run each step in order; every process started is stopped at the end
+    (with `hold`, only after Ctrl-C: the status page stays up meanwhile)."""
     console = console or Console()
     as_given = str(root)
     root = root.resolve()
@@ -334,6 +337,7 @@ def run(root: Path, console: Console | None = None,
         for i, (title, step) in enumerate(steps, 1):
             console.rule(f"[bold]{i}. {title}")
             step(d)
+        status_page(d, hold)
     finally:
         if d.stream is not None:
             d.stream.stop()
@@ -349,6 +353,25 @@ def run(root: Path, console: Console | None = None,
     return d
 
 
+def status_page(d: Demo, hold: bool) -> None:
+    """Say where the origin's status page is; with `hold`, keep every process up until Ctrl-C."""
+    if d.origin is None or d.procs is None:
+        return  # part 2 did not run
+    url, token_file = f"{d.origin.url}/ui/", shown(d, d.root / "tokens" / "admin")
+    if not hold:
+        d.console.print(f"status page: {url} (while the demo runs; log in with the admin token in {token_file}); "
+                        "`python -m fabric.demo --hold` keeps it up after the demo")
+        return
+    d.console.print(f"[bold]status page: {url}[/bold]\n  log in with the admin token: {d.secrets['admin']} "
+                    f"(also in {token_file})\n  every process stays up until Ctrl-C", highlight=False)
+    try:
+        while True:
+            d.procs.check()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        d.console.print("Ctrl-C: stopping")
+
+
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through run()'s finally, which stops the processes
 
@@ -356,6 +379,8 @@ def _terminate(signum, frame):
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fabric.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo-out", help="folder to (re)create (default: demo-out)")
+    parser.add_argument("--hold", action="store_true", help="after the steps, print the status page's URL and "
+                                                             "token, and keep every process up until Ctrl-C")
     parser.add_argument("--topology", help="topology file for part 2 (default: the embedded demo topology, "
                                            "an origin, hub-eu and three edges on ports 7000, 7100-7103)")
     args = parser.parse_args(argv)
@@ -363,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     console = Console()
     try:
-        d = run(Path(args.out), console, topology=topology)
+        d = run(Path(args.out), console, topology=topology, hold=args.hold)
     except DemoFailed as e:
         console.print(f"[red]demo failed: {e}[/red]", highlight=False)
         raise SystemExit(1) from None

@@ -15,6 +15,7 @@ Routes (all JSON unless noted; docs/protocol.md has the full list with examples)
     GET  /v1/events?after=SEQ                            server-sent events: new versions, channel moves
     POST /v1/sites/{site}                                a site agent reports its state
     GET  /v1/sites                                       every site's last report (fabric status)
+    GET  /ui/                                            the live status page (fabric.wire.ui; public files)
 
 Blocking store work runs in threads; handlers only parse, check and move bytes.
 """
@@ -35,6 +36,7 @@ from fabric.wire.negotiate import serve_manifest
 from fabric.wire.protocol import ARTIFACTS, CHUNKS_UPLOAD, EVENTS as EVENTS_PATH, SITES as SITES_PATH
 from fabric.errors import BadFrame, Forbidden, InvalidInput, InvalidManifest
 from fabric.wire.events import EventLog, sse_handler
+from fabric.wire.ui import ui_routes
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest, check_name
 from fabric.origin.metrics import OriginMetrics
@@ -80,8 +82,17 @@ def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = N
     r.add_get(SITES_PATH, list_sites)
     r.add_post(f"{SITES_PATH}/{{site}}", report_site)
     r.add_get(EVENTS_PATH, sse_handler(EVENTS, require=lambda req: principal(req).require("pull"),
-                                                  visible=lambda req, e: principal(req).may("pull", e.get("artifact"))))
+                                                  visible=_event_visible))
+    ui_routes(app, role="origin", status=SITES_PATH, events=EVENTS_PATH)  # the status page, /ui/
     return app
+
+
+def _event_visible(request: web.Request, event: dict) -> bool:
+    """A `site` event goes to whoever may read that site's report (`list_sites`), others by artifact."""
+    p = principal(request)
+    if event.get("type") == "site":
+        return p.admin or p.site == event.get("site")
+    return p.may("pull", event.get("artifact"))
 
 
 def _artifact(request: web.Request, *scopes: str) -> str:
@@ -181,8 +192,23 @@ async def report_site(request: web.Request) -> web.Response:
     body, size = await request.app[REPORTS].read(request)  # bounded (fabric.origin.quotas)
     sites: dict = request.app[SITES]
     request.app[REPORTS].admit(site, size)
+    previous = sites.get(site)
     sites[site] = dict(body, site=site, received=time.time())
+    if previous is None or _substance(previous) != _substance(sites[site]):
+        request.app[EVENTS].append({"type": "site", "site": site})  # the status page re-reads /v1/sites
     return web.json_response({"ok": True})
+
+
+_CLOCKS = ("at", "received", "seen_s_ago")  # what changes in every report: not a reason for a `site` event
+
+
+def _substance(report: object) -> object:
+    """A report without its clock readings, at any depth, to compare with the last one."""
+    if isinstance(report, dict):
+        return {k: _substance(v) for k, v in report.items() if k not in _CLOCKS}
+    if isinstance(report, list):
+        return [_substance(v) for v in report]
+    return report
 
 
 async def list_sites(request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ SITE = f"{API}/site"  # a site agent's own API: status, pins
 SITE_PINS = f"{SITE}/pins"
 WORKERS = f"{SITE}/workers"  # a site agent's rollout API, used by agents.worker.hotloader
 MANIFESTS = f"{SITE}/manifests"
+UI = "/ui"  # the status page's files (fabric.wire.ui): public, like the probes; its data needs a token
 
 # --- content types and headers -------------------------------------------------------------
 
@@ -66,7 +67,7 @@ FRAME_OVERHEAD = 1 + CHUNK_HEAD.size  # a chunk frame's bytes before its payload
 
 __all__ = [
     "API", "ARTIFACTS", "CHUNKS_HAS", "CHUNKS_FETCH", "CHUNKS_UPLOAD", "EVENTS", "SITES", "SITE", "SITE_PINS",
-    "WORKERS", "MANIFESTS", "CHUNK_STREAM", "MANIFEST_PATCH", "ENCODINGS_HEADER", "BASE_HEADER",
+    "WORKERS", "MANIFESTS", "UI", "CHUNK_STREAM", "MANIFEST_PATCH", "ENCODINGS_HEADER", "BASE_HEADER",
     "MANIFEST_ID_HEADER", "PEER_HEADER", "ENCODINGS", "MAX_CHUNK", "MAX_MANIFEST", "MAX_PAYLOAD", "MAX_IDS", "MAX_JSON",
     "MAX_HAVE", "MAX_ANSWER", "MAX_EVENT", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_PEER",
     "HEADER_TIMEOUT", "BODY_TIMEOUT", "BODY_MIN_RATE", "IDLE_TIMEOUT", "MAGIC", "FRAME_END", "FRAME_CHUNK", "FRAME_MISSING", "CHUNK_HEAD", "END", "FRAME_OVERHEAD",

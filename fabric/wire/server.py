@@ -35,6 +35,7 @@ from fabric.core.boundedjson import decode as decode_json
 from fabric.wire.auth import Authenticator, Principal
 from fabric.wire.connections import GuardedRunner, ServerLimits
 from fabric.wire.protocol import MAX_JSON
+from fabric.wire.ui import is_public as is_public_page
 from fabric.errors import FabricError, InvalidInput, PayloadTooLarge
 from fabric import tracing
 from fabric.logs import get_logger
@@ -100,7 +101,7 @@ async def _edge(request: web.Request, handler):
     t0 = time.monotonic()
     status = 500
     try:
-        if request.path not in PUBLIC:
+        if request.path not in PUBLIC and not is_public_page(request.path):  # the status page's files
             request[PRINCIPAL] = request.app[TOKENS].authenticate(request.headers.get("Authorization"))
         with tracing.incoming(f"http {request.method} {route}", request.headers):  # a hub serving an edge's deploy
             resp = await handler(request)
