@@ -292,7 +292,8 @@ def test_the_follower_reconnects_after_a_bad_stream_and_takes_the_next_event():
 
     async def go():
         liar = Liar()
-        calls = _event_server(liar, [HELLO, b"data: " + b"x" * (2 * MAX_EVENT)], [HELLO, channel])
+        bad = b"event: channel\ndata: [1, 2]\n\n"  # valid JSON, not an object: it broke the old follower
+        calls = _event_server(liar, [HELLO, bad], [HELLO, channel])
 
         async def channel_read(request):
             return web.json_response({"artifact": "m", "channel": "prod", "version": "v1", "history": []})
