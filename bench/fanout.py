@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         artifact_bytes = src.stat().st_size
         tokens = work / "tokens.toml"
         tokens.write_text(f'[[token]]\nname = "publisher"\nsecret = "{PUBLISH_SECRET}"\nscopes = ["publish", "pull"]\n'
-                          + "".join(f'[[token]]\nname = "{s}"\nsecret = "{secret(s)}"\nscopes = ["pull"]\n'
+                          + "".join(f'[[token]]\nname = "{s}"\nsite = "{s}"\nsecret = "{secret(s)}"\nscopes = ["pull"]\n'
                                     for s in SITES))
         lower = artifact_bytes * 8 / rate
         topo = lab_topology(shared, args.uplink_rate, args.edge_rate)

@@ -45,7 +45,7 @@ PUBLISH_SECRET, SITE_SECRET = "bench-publish-secret-7d2e", "bench-site-secret-0c
 
 def _tokens(path: Path) -> Path:
     path.write_text(f'[[token]]\nname = "publisher"\nsecret = "{PUBLISH_SECRET}"\nscopes = ["publish", "pull"]\n\n'
-                    f'[[token]]\nname = "site"\nsecret = "{SITE_SECRET}"\nscopes = ["pull"]\n')
+                    f'[[token]]\nname = "site"\nsite = "site"\nsecret = "{SITE_SECRET}"\nscopes = ["pull"]\n')
     return path
 
 

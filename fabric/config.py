@@ -8,13 +8,17 @@ bytes per second (`parse_byte_rate`, "50M"). It imports nothing of Fabric but
 `fabric.errors` and pure `fabric.core` modules, so `fabric.core.topology` may use it.
 
 `ClientConfig` holds what CLI commands need when a flag is not given: the store
-folder, the origin URL and the token. Precedence: command-line flag, then the
-environment (`FABRIC_STORE`, `FABRIC_ORIGIN`, `FABRIC_TOKEN`), then the config file
-(`FABRIC_CONFIG`, default `~/.config/fabric/config.toml`), whose keys are:
+folder, the origin URL, the token and the site agent's URL (for `pin`/`unpin`).
+Precedence: command-line flag, then the environment (`FABRIC_STORE`, `FABRIC_ORIGIN`,
+`FABRIC_TOKEN`, `FABRIC_AGENT`), then the config file (`FABRIC_CONFIG`, default
+`~/.config/fabric/config.toml`; a `FABRIC_CONFIG` naming a missing file is an error),
+then the default (only the agent has one), and `sources` says which gave each. The
+file's keys are:
 
     store = "/var/lib/fabric/store"
     origin = "http://origin:7000"
     token = "…"
+    agent = "http://127.0.0.1:7070"
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pathlib import Path
 from fabric.core.policy import Mode, parse_mode
 from fabric.errors import ConfigError
 
-_KEYS = {"store", "origin", "token"}
+_KEYS = {"store", "origin", "token", "agent"}
+_CLIENT_DEFAULTS = {"agent": "http://127.0.0.1:7070"}
 MIN_SECRET = 16  # the shortest secret any configuration may hold: a hook token, a site token, a token file's
 
 
@@ -38,6 +43,8 @@ class ClientConfig:
     store: str | None = None
     origin: str | None = None
     token: str | None = None
+    agent: str | None = None
+    sources: tuple[tuple[str, str], ...] = ()  # (key, "flag" | "env FABRIC_…" | "file PATH" | "default")
 
 
 def config_path() -> Path:
@@ -47,11 +54,6 @@ def config_path() -> Path:
 def encode_mode() -> Mode | None:
     """The encoding mode `FABRIC_ENCODE` pins (full, light, stored), or None for `auto` (the default)."""
     return parse_mode(os.environ.get("FABRIC_ENCODE", "auto"))
-
-
-def traces_file() -> str | None:
-    """Where `fabric.tracing` appends this process's spans (`FABRIC_TRACES_FILE`), or None."""
-    return os.environ.get("FABRIC_TRACES_FILE") or None
 
 
 def server_limits_env() -> dict[str, float]:
@@ -70,6 +72,11 @@ def server_limits_env() -> dict[str, float]:
     return out
 
 
+def traces_file() -> str | None:
+    """Where `fabric.tracing` appends this process's spans (`FABRIC_TRACES_FILE`), or None."""
+    return os.environ.get("FABRIC_TRACES_FILE") or None
+
+
 def systemd_notify_env() -> tuple[str | None, float | None]:
     """systemd's `NOTIFY_SOCKET`, and the watchdog interval in seconds (`WATCHDOG_USEC`).
 
@@ -84,14 +91,31 @@ def systemd_notify_env() -> tuple[str | None, float | None]:
 
 
 def load_client_config(*, store: str | None = None, origin: str | None = None,
-                       token: str | None = None) -> ClientConfig:
-    """Merge flags, environment and config file (in that order of precedence)."""
-    file = _read_file(config_path())
-    return ClientConfig(
-        store=store or os.environ.get("FABRIC_STORE") or file.get("store"),
-        origin=origin or os.environ.get("FABRIC_ORIGIN") or file.get("origin"),
-        token=token or os.environ.get("FABRIC_TOKEN") or file.get("token"),
-    )
+                       token: str | None = None, agent: str | None = None) -> ClientConfig:
+    """Merge flags, environment, config file and defaults (in that order of precedence).
+
+    An origin or agent URL without an http:// or https:// scheme is a ConfigError
+    naming where it came from.
+    """
+    path = config_path()
+    if os.environ.get("FABRIC_CONFIG") and not path.exists():
+        raise ConfigError(f"FABRIC_CONFIG names {path}, which does not exist")
+    file = _read_file(path)
+    flags = {"store": store, "origin": origin, "token": token, "agent": agent}
+    values, sources = {}, []
+    for key, flag in flags.items():
+        var = f"FABRIC_{key.upper()}"
+        for value, source in ((flag, "flag"), (os.environ.get(var), f"env {var}"),
+                              (file.get(key), f"file {path}"), (_CLIENT_DEFAULTS.get(key), "default")):
+            if value:
+                values[key] = value
+                sources.append((key, source))
+                break
+        if key in ("origin", "agent") and values.get(key) and not values[key].startswith(("http://", "https://")):
+            where = f"--{key}" if sources[-1][1] == "flag" else sources[-1][1]
+            raise ConfigError(f"{where}: {key} URL {values[key]!r} has no scheme; "
+                              f"write it as http://{values[key]} or https://{values[key]}")
+    return ClientConfig(**values, sources=tuple(sources))
 
 
 def read_toml(path: str | Path, what: str) -> dict:

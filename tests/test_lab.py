@@ -317,7 +317,7 @@ def test_agents_in_the_lab_carry_each_chunk_once_over_the_origin_link(tmp_path):
     sites = ["hub-eu", "fra-edge-1", "ams-edge-1", "par-edge-1"]
     tokens = tmp_path / "tokens.toml"
     tokens.write_text('[[token]]\nname = "publisher"\nsecret = "lab-publish-secret-0123"\nscopes = ["publish", "pull"]\n'
-                      + "".join(f'[[token]]\nname = "{s}"\nsecret = "{s}-lab-secret-0123"\nscopes = ["pull"]\n'
+                      + "".join(f'[[token]]\nname = "{s}"\nsite = "{s}"\nsecret = "{s}-lab-secret-0123"\nscopes = ["pull"]\n'
                                 for s in sites))
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "weights.bin").write_bytes(os.urandom(3_000_000))

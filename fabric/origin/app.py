@@ -171,7 +171,10 @@ async def move_channel(request: web.Request) -> web.Response:
         version = check_name("version", body.get("version"))
         ch = await asyncio.to_thread(reg.promote, artifact, version, channel)
     elif action == "rollback":
-        ch = await asyncio.to_thread(reg.rollback, artifact, channel)
+        steps, to = body.get("steps"), body.get("to")
+        if to is not None and not isinstance(to, str):
+            raise InvalidInput("'to' must be a version name")
+        ch = await asyncio.to_thread(reg.rollback, artifact, channel, steps=steps, to=to)
     else:
         raise InvalidInput("'action' must be 'promote' or 'rollback'")
     log.info("channel moved", artifact=artifact, channel=channel, version=ch.version, action=action,

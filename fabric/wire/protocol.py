@@ -45,7 +45,6 @@ MAX_PAYLOAD = MAX_CHUNK + (1 << 20)  # an encoded chunk may be a little larger t
 MAX_IDS = 4096  # ids per has/fetch request
 MAX_JSON = 8 << 20  # largest JSON request body
 MAX_HAVE = 8  # versions a request may name in `have` (more are ignored)
-
 MAX_ANSWER = 64 << 20  # largest JSON answer a client reads (a manifest: MAX_MANIFEST)
 MAX_EVENT = 1 << 20  # largest server-sent event (its lines together) a follower reads
 
@@ -57,6 +56,7 @@ HEADER_TIMEOUT = 20.0  # seconds from a request's first byte (or the connection'
 BODY_TIMEOUT = 20.0  # seconds over which a request body, while the server waits for it, must reach …
 BODY_MIN_RATE = 1024  # … this many bytes per second
 IDLE_TIMEOUT = 75.0  # seconds a kept-alive connection may wait for its next request
+
 # --- the chunk stream's frame layout ---------------------------------------------------------
 
 MAGIC = b"FBC1"

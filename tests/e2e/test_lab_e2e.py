@@ -86,7 +86,7 @@ class Tree:
         self.env = {**os.environ, "FABRIC_CONFIG": os.devnull}
         tokens = tmp / "tokens.toml"
         tokens.write_text(f'[[token]]\nname = "publisher"\nsecret = "{PUBLISH_SECRET}"\nscopes = ["publish", "pull"]\n'
-                          + "".join(f'[[token]]\nname = "{s}"\nsecret = "{SECRETS[s]}"\nscopes = ["pull"]\n'
+                          + "".join(f'[[token]]\nname = "{s}"\nsite = "{s}"\nsecret = "{SECRETS[s]}"\nscopes = ["pull"]\n'
                                     for s in SITES))
         lab.start_origin(tmp / "origin-store", tokens, env=self.env)
         self.procs = {}
