@@ -218,7 +218,7 @@ def test_start_origin_serves_livez_to_an_edge(demo_lab, tmp_path):
 def test_a_process_that_dies_at_start_fails_fast_with_its_log(demo_lab, tmp_path):
     (tmp_path / "tokens.toml").write_text("not a token file")
     t0 = time.monotonic()
-    with pytest.raises(LabError, match=r"exited \(rc=1\)[\s\S]*tokens\.toml"):
+    with pytest.raises(LabError, match=r"exited \(rc=2\)[\s\S]*tokens\.toml"):  # a bad token file: usage (2)
         demo_lab.start_origin(tmp_path / "store", tmp_path / "tokens.toml", port=7001)
     assert time.monotonic() - t0 < 20
     assert demo_lab.ports[ORIGIN] == 7000  # a failed start leaves the lab's URLs alone

@@ -51,6 +51,7 @@ AGENT_ROUTES = [
 HOOK_ROUTES = [("POST", "/events"), ("GET", "/checkpoints")]
 PROBES = [("GET", "/livez"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/nowhere/{a}"),
           ("PATCH", "/v1/artifacts")]
+UI = [("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/{a}")]  # the status page (origin and agent)
 
 TEMPLATES = {  # a valid body per route, for with_field to break one field of
     "/v1/chunks/has": {"ids": [ZERO_ID]}, "/v1/chunks/fetch": {"ids": [ZERO_ID], "have": ["v1"]},
@@ -80,7 +81,7 @@ def tokens_for(role: str):
 
 @st.composite
 def cases(draw, role: str):
-    routes = {"origin": ORIGIN_ROUTES, "agent": AGENT_ROUTES, "hook": HOOK_ROUTES}[role] + PROBES
+    routes = {"origin": ORIGIN_ROUTES + UI, "agent": AGENT_ROUTES + UI, "hook": HOOK_ROUTES}[role] + PROBES
     method, template = draw(st.sampled_from(routes))
     seg = {k: draw(st.sampled_from(["m", "v1", "prod", "solo", "w1"]) | names) for k in "avcsw"}
     path = template.format(**seg)

@@ -157,7 +157,7 @@ def test_fabric_hook_refuses_a_bad_config_at_start_up(tmp_path):
     bad.write_text('listen = "127.0.0.1:7100"\ntoken = "hook-token-0123456789"\nstore = "s"\n[[rule]]\nbucket = "b"\n'
                    'prefix = "runs/{run}/"\nartifact = "{run}"\nversion = "v"\ncomplete = "dpc"\n')
     p = fabric("hook", "--config", bad, timeout=60)
-    assert p.returncode == 1
+    assert p.returncode == 2  # a bad config is a usage error (fabric.cli.exits)
     assert "error[invalid_config]: bad.toml: rule[0]: complete: unknown completion 'dpc'" in p.stderr
 
 

@@ -180,7 +180,8 @@ def test_error_body():
 
 SECRET = "wire-test-secret-0123456789abc"
 TOKENS = TokenTable.from_dict({"token": [
-    {"name": "pub", "secret": SECRET, "scopes": ["publish", "pull"]},
+    # admin: these tests fetch chunks they uploaded but no version names yet, which only admin may see
+    {"name": "pub", "secret": SECRET, "scopes": ["publish", "pull", "admin"]},
     {"name": "other", "secret": "other-secret-0123456789", "scopes": ["pull"], "artifacts": ["x-*"]},
 ]})
 
