@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fabric.core.policy import Mode, parse_mode
-from fabric.errors import ConfigError
+from fabric.errors import ConfigError, InvalidInput
 
 _KEYS = {"store", "origin", "token", "agent"}
 _CLIENT_DEFAULTS = {"agent": "http://127.0.0.1:7070"}
@@ -211,6 +211,14 @@ def resolve_path(base: Path, value: str) -> Path:
 
 # --- checking a daemon's TOML (agents.site.config, fabric.hook.config) ------------------------
 
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (an IPv6 host in brackets) → (host, port); an empty host is every address."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidInput(f"--listen {listen!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 class Checker:
     """Typed reads from one TOML table; every failure names the file, table and key."""
 
@@ -233,6 +241,16 @@ class Checker:
 
     def optional(self, key: str) -> str | None:
         return self.string(key) if key in self.raw else None
+
+    def listen(self, key: str, *, required: bool = True) -> str | None:
+        """A `HOST:PORT` to listen on (None when optional and absent)."""
+        value = self.string(key) if required else self.optional(key)
+        if value is not None:
+            try:
+                parse_listen(value)
+            except InvalidInput:
+                self.fail(key, f"must be HOST:PORT, got {value!r}")
+        return value
 
     def secret(self, key: str, value: str | None = None) -> str:
         """A configured secret (a token): a string of at least `MIN_SECRET` characters.

@@ -37,7 +37,6 @@ from pathlib import Path
 from fabric.config import Checker, parse_byte_rate, read_toml, resolve_path
 from fabric.core.manifest import check_name
 from fabric.logs import LEVELS
-from fabric.wire.server import parse_listen
 
 from agents.site.rollout import RolloutOptions
 
@@ -96,11 +95,7 @@ class SiteConfig:
             check_name("site", site)
         except Exception:
             c.fail("site", "must be 1-128 letters, digits, '.', '_' or '-'")
-        listen = c.string("listen")
-        try:
-            parse_listen(listen)
-        except Exception:
-            c.fail("listen", "must be HOST:PORT")
+        listen = c.listen("listen")
         return cls(
             site=site,
             data=resolve_path(base, c.string("data")),
@@ -116,18 +111,9 @@ class SiteConfig:
             log_level=c.choice("log_level", LEVELS, "info"),
             report_interval=c.number("report_interval", 5.0, minimum=0.1),
             workers=_workers(c.table("workers")),
-            metrics_listen=_metrics_listen(c),
+            metrics_listen=c.listen("metrics_listen", required=False),
         )
 
-
-def _metrics_listen(c: Checker) -> str | None:
-    value = c.optional("metrics_listen")
-    if value is not None:
-        try:
-            parse_listen(value)
-        except Exception:
-            c.fail("metrics_listen", f"must be HOST:PORT, got {value!r}")
-    return value
 
 
 def _token(c: Checker, base: Path) -> str:

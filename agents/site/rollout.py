@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from fabric.errors import Conflict, FabricError, Forbidden, InvalidInput, NotFound
+from fabric.errors import Conflict, Forbidden, InvalidInput, NotFound
 from fabric import tracing
 from fabric.logs import get_logger
 from fabric.core.manifest import check_name

@@ -58,7 +58,7 @@ def origin_cmd(store: Optional[str] = StoreOpt,
 
 def _metrics_listen(value: str | None) -> str | None:
     from fabric.errors import InvalidInput
-    from fabric.wire.server import parse_listen
+    from fabric.config import parse_listen
     if value is not None:
         try:
             parse_listen(value)

@@ -37,7 +37,6 @@ from pathlib import Path
 from fabric.config import Checker, parse_duration, read_toml, resolve_path
 from fabric.core.manifest import check_name
 from fabric.logs import LEVELS
-from fabric.wire.server import parse_listen
 
 _TOP = {"listen", "token", "origin", "origin_token", "store", "queue", "rescan_interval", "retry_max",
         "log_level", "s3", "sns", "rule", "metrics_listen"}
@@ -124,11 +123,7 @@ class HookConfig:
     def from_dict(cls, raw: dict, where: str = "hook.toml", base: Path = Path(".")) -> "HookConfig":
         c = Checker(raw, where)
         c.known(_TOP)
-        listen = c.string("listen")
-        try:
-            parse_listen(listen)
-        except Exception:
-            c.fail("listen", f"must be HOST:PORT, got {listen!r}")
+        listen = c.listen("listen")
         origin, store = c.optional("origin"), c.optional("store")
         if bool(origin) == bool(store):
             c.fail("origin", "give exactly one of origin (with origin_token) or store")
@@ -155,7 +150,7 @@ class HookConfig:
             rescan_interval=c.duration("rescan_interval", 60.0),
             retry_max=c.duration("retry_max", 60.0, minimum=0.1),
             log_level=c.choice("log_level", LEVELS, "info"),
-            metrics_listen=_metrics_listen(c),
+            metrics_listen=c.listen("metrics_listen", required=False),
             s3=S3Settings(s3.optional("endpoint"), s3.optional("access_key"), s3.optional("secret_key"),
                           s3.optional("region")),
             sns=SnsSettings(sns.boolean("verify", True),
@@ -163,15 +158,6 @@ class HookConfig:
                             tuple(sns.strings("topics"))),
         )
 
-
-def _metrics_listen(c: Checker) -> str | None:
-    value = c.optional("metrics_listen")
-    if value is not None:
-        try:
-            parse_listen(value)
-        except Exception:
-            c.fail("metrics_listen", f"must be HOST:PORT, got {value!r}")
-    return value
 
 
 def compile_prefix(pattern: str) -> tuple[re.Pattern, list[str]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import json
 import platform
 import signal
 import ssl
@@ -36,6 +35,7 @@ from fabric.wire.auth import Authenticator, Principal
 from fabric.wire.connections import GuardedRunner, ServerLimits
 from fabric.wire.protocol import MAX_JSON
 from fabric.wire.ui import is_public as is_public_page
+from fabric.config import parse_listen
 from fabric.errors import FabricError, InvalidInput, PayloadTooLarge
 from fabric import tracing
 from fabric.logs import get_logger
@@ -247,13 +247,6 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 def bound_port(runner: web.AppRunner) -> int:
     return runner.addresses[0][1]
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise InvalidInput(f"--listen {listen!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 async def run_until_signalled(app: web.Application, listen: str, tls: ssl.SSLContext | None,

@@ -230,7 +230,7 @@ class HookServer:
     """`fabric.hook.app`'s app (receiver and worker) on a loopback port, on its own loop thread."""
 
     def __init__(self, cfg, port: int | None = None):
-        from fabric.wire.server import parse_listen
+        from fabric.config import parse_listen
         self.cfg = cfg
         self.port = port or parse_listen(cfg.listen)[1]
         self.app = None
