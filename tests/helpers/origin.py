@@ -155,7 +155,8 @@ class OriginProcess:
         return out
 
     def __enter__(self):
-        return self.start()
+        """Start it unless it runs already (`with start_origin(...)` must not start a second one)."""
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc):
         self.stop()

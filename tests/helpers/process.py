@@ -64,7 +64,8 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def __enter__(self):
-        return self.start()
+        """Start it unless it runs already (a helper that returns a started process may be used in `with`)."""
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc):
         self.stop()
