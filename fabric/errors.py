@@ -107,6 +107,18 @@ class ChunkNotFound(NotFound):
     code = "chunk_not_found"
 
 
+class SignatureNotFound(NotFound):
+    """The origin holds no signature envelope for the version (`GET …/signature`)."""
+
+    code = "signature_not_found"
+
+
+class TrustNotFound(NotFound):
+    """The origin holds no delegations envelope (`GET /v1/trust`)."""
+
+    code = "trust_not_found"
+
+
 class Conflict(FabricError):
     code = "conflict"
     http_status = 409
@@ -220,6 +232,134 @@ class QuotaExceeded(FabricError):
     code = "quota_exceeded"
     http_status = 507
 
+
+
+# --- signed statements ---------------------------------------------------------
+
+class SignatureError(FabricError):
+    """A signed statement (docs/formats.md "Signed statements") is missing or refused by the trust policy."""
+
+    code = "signature_refused"
+    http_status = 422
+
+
+class Unsigned(SignatureError):
+    """A trust policy is in force and the version or channel move carries no signed statement."""
+
+    code = "unsigned"
+
+
+class SignatureInvalid(SignatureError):
+    """A signature by a trusted key does not verify over the statement (tampered or corrupt bytes)."""
+
+    code = "signature_invalid"
+
+
+class UnknownKey(SignatureError):
+    """Every signature is by a key the trust policy does not know."""
+
+    code = "unknown_key"
+
+
+class KeyRevoked(SignatureError):
+    """The statement is signed by a revoked key (and by too few others)."""
+
+    code = "key_revoked"
+    http_status = 403
+
+
+class KeyOutOfScope(SignatureError):
+    """A known key signed, but no rule trusts it for this artifact (and channel)."""
+
+    code = "key_out_of_scope"
+    http_status = 403
+
+
+class ThresholdNotMet(SignatureError):
+    """Valid signatures by keys in scope, but fewer than the rule's threshold."""
+
+    code = "threshold_not_met"
+
+
+class StatementExpired(SignatureError):
+    """A correctly signed statement whose `expires` has passed; `statement` is what it said."""
+
+    code = "statement_expired"
+
+    def __init__(self, message: str, statement: object | None = None):
+        super().__init__(message)
+        self.statement = statement
+
+
+class SequenceRollback(SignatureError):
+    """A channel statement's sequence is lower than the last accepted, or equal with other content."""
+
+    code = "sequence_rollback"
+
+
+class StatementMismatch(SignatureError):
+    """A statement names another artifact, version, channel or manifest than the one it vouches for here."""
+
+    code = "statement_mismatch"
+
+
+class StatementMalformed(SignatureError):
+    """An envelope or statement that does not follow the format: truncated, bad base64, wrong fields, too big."""
+
+    code = "statement_malformed"
+
+
+class StatementNotCanonical(StatementMalformed):
+    """A statement's payload (or an envelope) is JSON but not in its canonical encoding."""
+
+    code = "statement_not_canonical"
+
+
+class TrustPolicyInvalid(ConfigError):
+    """A trust policy file (docs/trust.md) that does not parse or check; the message names the key."""
+
+    code = "trust_policy_invalid"
+
+
+class KeyFileInvalid(ConfigError):
+    """A signing or public key file that cannot be used: not an Ed25519 PEM key, or readable by others."""
+
+    code = "key_file_invalid"
+
+
+# --- inference servers the site agent drives (agents/serving) --------------------
+
+class ServingError(FabricError):
+    """An inference server (vLLM, SGLang, Triton/KServe) did not take a version: it answered 5xx
+    or something Fabric cannot use. Subclasses say how it failed; the message names the server."""
+
+    code = "server_error"
+    http_status = 502
+
+
+class ServerUnreachable(ServingError, ConnectionError):
+    """No connection to the server (refused, reset, DNS): it is down or not where site.toml says."""
+
+    code = "server_unreachable"
+
+
+class ServerRefused(ServingError):
+    """The server answered the request with a refusal (4xx, or `success: false`): it kept its weights."""
+
+    code = "server_refused"
+
+
+class ServerTimeout(ServingError, TimeoutError):
+    """The server did not answer within the configured timeout (a pause or a load that never ends)."""
+
+    code = "server_timeout"
+    http_status = 504
+
+
+class ServerWrongVersion(ServingError):
+    """After a load the server reports another version than the one it was asked to load."""
+
+    code = "server_wrong_version"
 
 
 # --- the demo ------------------------------------------------------------------

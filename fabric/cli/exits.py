@@ -8,7 +8,7 @@
 | 3 | not found: no such artifact, version, channel or chunk (`NotFound`) |
 | 4 | auth: the token is missing, unknown or lacks the scope (`Unauthorized`, `Forbidden`) |
 | 5 | network or transfer: the origin or agent is unreachable, a transfer failed (`TransferError`) |
-| 6 | integrity: a corrupt chunk, a reference mismatch, `fsck` found problems (`IntegrityError`) |
+| 6 | integrity: a corrupt chunk, a reference mismatch, `fsck` found problems (`IntegrityError`), a signature refused by the trust policy (`SignatureError`) |
 | 7 | conflict: the version exists, DEST is not empty, a race lost (`Conflict`) |
 | 130 | interrupted (Ctrl-C) |
 
@@ -37,6 +37,7 @@ _BY_CLASS: dict[type, int] = {
     errors.Forbidden: AUTH,
     errors.TransferError: NETWORK,
     errors.IntegrityError: INTEGRITY,
+    errors.SignatureError: INTEGRITY,
     errors.Conflict: CONFLICT,
 }
 

@@ -15,9 +15,12 @@ MAX_MANIFEST = 64 << 20  # the largest manifest (canonical JSON bytes) a patched
 MAX_JSON_DEPTH = 32  # nesting of arrays and objects in any JSON document read (a manifest needs 5)
 MAX_JSON_DIGITS = 20  # digits of a JSON integer (2^64 has 20); more is refused before Python converts it
 
+MAX_STATEMENT_BYTES = 65536  # a signed statement's envelope (docs/formats.md "Signed statements"), canonical JSON bytes
+
 MAX_PATH_BYTES = 4096  # a file path in a manifest, UTF-8 bytes (Linux PATH_MAX)
 MAX_PATH_PART_BYTES = 255  # one component of it (NAME_MAX of every common file system)
 MAX_PATH_DEPTH = 64  # components of it
 
 __all__ = ["MAX_CHUNK", "MAX_MANIFEST", "MAX_JSON_DEPTH", "MAX_JSON_DIGITS", "MAX_PATH_BYTES",
+           "MAX_STATEMENT_BYTES",
            "MAX_PATH_PART_BYTES", "MAX_PATH_DEPTH"]
