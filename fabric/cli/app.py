@@ -2,7 +2,8 @@
 
 The commands live by group beside this module: artifacts.py (publish, pull, ls, show,
 promote, rollback, gc, fsck), serve.py (origin, hook, agent), site.py (status, pin,
-unpin), settings.py (`fabric config show`) and worker.py (`fabric worker …`). Shared
+unpin), settings.py (`fabric config show`), trust.py (`fabric key generate`, `fabric trust …`)
+and worker.py (`fabric worker …`). Shared
 options are in options.py; what the commands print, errors included, is in output.py;
 exit codes in exits.py.
 
@@ -22,6 +23,7 @@ import typer
 from fabric.cli import artifacts, exits, serve, site
 from fabric.cli.output import fail
 from fabric.cli.settings import config_app
+from fabric.cli.trust import key_app, trust_app
 from fabric.cli.worker import worker_app  # the sub-app imports torch only when a command runs
 from fabric.errors import InvalidInput
 
@@ -31,6 +33,8 @@ for group in (artifacts, serve, site):
     app.add_typer(group.commands)
 app.add_typer(config_app, name="config")
 app.add_typer(worker_app, name="worker")
+app.add_typer(key_app, name="key")
+app.add_typer(trust_app, name="trust")
 
 SHELLS = ("bash", "zsh", "fish")
 

@@ -33,6 +33,7 @@ import fnmatch
 import json
 import os
 import tempfile
+import time
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -211,6 +212,17 @@ class TrustPolicy:
             keys.setdefault(kid, KeyEntry(pub, None, delegated=True))
         return replace(base, keys=keys, rules=base.rules + list(stmt.rules), revoked=base.revoked | set(stmt.revoked),
                        root_keys=list(base.root_keys), delegations=stmt, _base=base)
+
+    def to_delegations(self, version: int, expires_in_s: float, *, now: float | None = None) -> DelegationsStatement:
+        """This file's rules, their keys and its revocations as delegations statement `version`
+        (for a root key to sign: `fabric trust publish`)."""
+        base = self.base()
+        used = {k for r in base.rules for k in r.keys}
+        t = int(time.time() if now is None else now)
+        stmt = DelegationsStatement(int(version), t + int(expires_in_s),
+                                    {k: e.public for k, e in base.keys.items() if k in used},
+                                    tuple(base.rules), tuple(sorted(base.revoked)))
+        return DelegationsStatement.from_json(stmt.to_json())  # the checks a verifier makes
 
     def base(self) -> "TrustPolicy":
         """This policy without any delegations applied (the file as written)."""
