@@ -6,7 +6,8 @@ the parts, one module per concern:
 1. following (`agents.site.follow`): the origin's event stream and periodic re-reads
    set each followed channel's target, so a dropped event costs a delay, never a
    missed version;
-2. deploying (`agents.site.deploy`): each target is pulled through `fabric.pull` from
+2. deploying (`agents.site.deploy`): with a trust policy, only a move whose signed
+   statements verify (`agents.site.trust`) is deployed; each target is pulled through `fabric.pull` from
    the planned sources (`agents.site.upstream`: upstream relay, peers, origin last),
    materialised under `versions/<artifact>/<version>/`, and only then activated by
    flipping `current/<artifact>` (`agents.site.layout`); then rolled out to the
@@ -42,6 +43,8 @@ from agents.site.metrics import AgentMetrics
 from agents.site.relay import Relay
 from agents.site.retention import Pruner
 from agents.site.rollout import Rollout
+from agents.site.trust import SiteTrust
+from agents.site.servers import start_members
 from agents.site.upstream import SourcePlan
 
 log = get_logger("agent")
@@ -62,8 +65,11 @@ class SiteAgent:
         self.upstream = self.plan.upstream(Inflight())
         self.upstream_name, self.source_names = _link_names(cfg)  # for the report (the status page's tree)
         self.channels = {a: ChannelStatus(a, c, active=self.layout.active(a)) for a, c in cfg.follow}
+        self.trust = SiteTrust(cfg.trust, self.layout, self.origin, self.plan.sources, self.metrics, self.channels,
+                               cfg.trust_file)
         self.deployer = Deployer(self)
-        self.follower = Follower(self.origin, self.channels, cfg.sync.resync_interval, self.deployer.wake)
+        self.follower = Follower(self.origin, self.channels, cfg.sync.resync_interval, self.deployer.wake,
+                                 on_resync=self.trust.refresh_delegations)
         self.relay = Relay(self.store, self.upstream, self.metrics)
         self.pruner = Pruner(self.layout, self.registry, cfg.retention, self.channels, self.metrics)
         self.ready = False
@@ -75,8 +81,9 @@ class SiteAgent:
 
     def tasks(self) -> list:
         """The coroutines that run for the agent's life (started by the app)."""
-        return [self.follower.follow_events(), self.follower.resync_periodically(), self.report_loop()] + \
-            [self.deployer.loop(a) for a in self.channels]
+        return [self.follower.follow_events(), self.follower.resync_periodically(), self.report_loop(),
+                self.trust.watch()] + \
+            [self.deployer.loop(a) for a in self.channels] + start_members(self.rollout, self.cfg.servers)
 
     def set_active_metric(self) -> None:
         self.metrics.set_active({a: ch.active for a, ch in self.channels.items()})
@@ -99,7 +106,8 @@ class SiteAgent:
         await self.statefile.save()
 
     def status(self) -> dict:
-        return {"site": self.cfg.site, "ready": self.ready,
+        self.trust.tick()
+        return {"site": self.cfg.site, "ready": self.ready, "trust": self.trust.status(),
                 "channels": [c.to_json() for c in self.channels.values()],
                 "pins": sorted(self.state.pins), "bad": self.state.bad,
                 "disk_used": round(self.layout.disk_usage(), 4), "workers": self.rollout.status(),

@@ -10,6 +10,8 @@
     upstreams = ["http://hub.example:7070"]   # optional; overrides the topology
     tokens = "tokens.toml"                    # optional; who may fetch from this relay
     metrics_listen = "0.0.0.0:9470"           # optional; /metrics here without a token
+    trust = "trust.toml"                      # optional; the trust policy (docs/trust.md): without
+                                              # it the site accepts unsigned versions, and says so
     log_level = "info"                        # debug | info | warning | error
     [retention]
     keep = 3
@@ -25,6 +27,11 @@
     canary_timeout = 600                      # the canary must report within this (seconds)
     load_timeout = 600                        # any other worker: past this it is marked failed
     forget_after = 600                        # dead workers leave the status after this
+    [[servers]]                               # optional, one per inference server the agent drives
+    name = "vllm-a"                           # (vLLM, SGLang, Triton/KServe): agents/serving/base.py
+    kind = "vllm"                             # and docs/serving.md have every key
+    url = "http://10.0.0.5:8000"
+    model = "llama-8b"
 
 Every problem names the key: `site.toml: retention.keep: must be an integer >= 1`.
 """
@@ -38,10 +45,15 @@ from fabric.config import Checker, parse_byte_rate, read_toml, resolve_path
 from fabric.core.manifest import check_name
 from fabric.logs import LEVELS
 
+from fabric.errors import ConfigError, TrustPolicyInvalid
+from fabric.trust import TrustPolicy
+
+from agents.serving.base import ServerConfig, parse_servers
 from agents.site.rollout import RolloutOptions
 
 _TOP = {"site", "data", "listen", "origin", "token", "token_file", "follow", "topology",
-        "upstreams", "tokens", "retention", "sync", "workers", "log_level", "report_interval", "metrics_listen"}
+        "upstreams", "tokens", "retention", "sync", "workers", "log_level", "report_interval", "metrics_listen",
+        "trust", "servers"}
 _RETENTION = {"keep", "high_watermark", "low_watermark"}
 _SYNC = {"connections", "max_rate", "stall_timeout", "give_up_after", "resync_interval"}
 _WORKERS = {"canary_timeout", "load_timeout", "forget_after"}
@@ -80,6 +92,9 @@ class SiteConfig:
     report_interval: float = 5.0
     workers: RolloutOptions = field(default_factory=RolloutOptions)
     metrics_listen: str | None = None  # HOST:PORT for a token-free /metrics listener
+    trust_file: Path | None = None  # `trust`: the trust policy's file
+    trust: TrustPolicy | None = None  # the policy it holds, parsed at start-up (agents.site.trust)
+    servers: tuple[ServerConfig, ...] = ()  # [[servers]]: inference servers driven as rollout members
 
     @classmethod
     def load(cls, path: str | Path) -> "SiteConfig":
@@ -96,6 +111,7 @@ class SiteConfig:
         except Exception:
             c.fail("site", "must be 1-128 letters, digits, '.', '_' or '-'")
         listen = c.listen("listen")
+        trust_file = resolve_path(base, c.string("trust")) if "trust" in raw else None
         return cls(
             site=site,
             data=resolve_path(base, c.string("data")),
@@ -112,8 +128,19 @@ class SiteConfig:
             report_interval=c.number("report_interval", 5.0, minimum=0.1),
             workers=_workers(c.table("workers")),
             metrics_listen=c.listen("metrics_listen", required=False),
+            trust_file=trust_file,
+            trust=_trust(c, trust_file) if trust_file else None,
+            servers=parse_servers(raw.get("servers"), where, base, tuple(a for a, _ in _follow(c))),
         )
 
+
+
+def _trust(c: Checker, path: Path) -> TrustPolicy:
+    """The trust policy in `path`; a file that is missing or does not parse stops the agent."""
+    try:
+        return TrustPolicy.load(path)  # its errors name the file and the key
+    except ConfigError as e:
+        raise TrustPolicyInvalid(f"{c.where}: trust: {e.message}") from None
 
 
 def _token(c: Checker, base: Path) -> str:

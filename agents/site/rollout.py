@@ -7,9 +7,8 @@ Terms (docs/hotload.md has the full picture and the wire examples):
   (the version it should serve) and reports how each load went. Each poll is also
   its heartbeat: a worker with no poll in flight and none for `2 * poll + 1`
   seconds (its own poll wait) is *dead*, and rollouts carry on without it.
-* an *assignment* names a version, the folder it is materialised in and its
-  manifest; assignments carry a sequence number (`seq`), and a worker only ever
-  acts on the newest one it has seen.
+* an *assignment* names a version, the folder it is materialised in and its manifest;
+  assignments carry a sequence number (`seq`); a worker acts on the newest it has seen.
 * a *rollout* starts when the agent activates a version: the version goes to one
   worker first (the *canary*); only when the canary reports it healthy does it go
   to the others. If the canary fails or times out, the version is marked bad at
@@ -58,7 +57,8 @@ log = get_logger("rollout")
 
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 REPORT_FIELDS = ("version", "previous", "ok", "error", "serving", "mode", "pause_ms", "bytes_read",
-                 "bytes_changed", "tensors_changed", "seconds", "verify_s", "copy_s", "catch_up_s", "check_ms")
+                 "bytes_changed", "tensors_changed", "seconds", "verify_s", "copy_s", "catch_up_s", "check_ms",
+                 "verified", "seal_fallback")
 
 
 def check_worker_id(worker: object) -> str:
@@ -119,6 +119,7 @@ class Worker:
     registered: float = field(default_factory=time.time)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # a new assignment for the poll
     answered: asyncio.Event = field(default_factory=asyncio.Event)  # `result` arrived
+    server: dict | None = None  # a [[servers]] member (agents.site.servers): kind, url, model, last record
 
     def seen(self) -> None:
         self.last_seen = time.monotonic()
@@ -142,7 +143,7 @@ class Worker:
         a = self.assignment
         return {"worker": self.id, "artifact": self.artifact, "channel": self.channel, "mode": self.mode,
                 "serving": self.serving, "assigned": a.version if a else None, "role": a.role if a else None,
-                "seq": a.seq if a else 0, "state": self.state,
+                "seq": a.seq if a else 0, "state": self.state, "server": self.server,
                 "seen_s_ago": round(time.monotonic() - self.last_seen, 1), "last_report": self.report}
 
 
@@ -368,6 +369,8 @@ class Rollout:
         rep["seq"] = _int(body.get("seq", 0), "seq")
         rep["at"] = time.time()
         w.report = rep
+        if isinstance(rep["seal_fallback"], str) and rep["seal_fallback"]:  # the site seal failed this worker
+            self.site.metrics.count_seal_fallback(rep["seal_fallback"])
         if "serving" in body:
             w.serving = _version_or_none(body.get("serving"))
         if w.assignment is not None and rep["seq"] == w.assignment.seq:
