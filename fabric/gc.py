@@ -10,7 +10,9 @@ it deletes nothing once the lease is lost. Chunks younger than `grace` seconds (
 the store's clock) are spared, so a publish still uploading keeps what it stored
 before it commits. Last, a pack (`fabric.store.packs`) goes once no chunk reference
 points into it and it has not been written for `grace` seconds (a pull in progress
-writes into its packs).
+writes into its packs). A version's signature envelope (`fabric.store.signatures`) goes
+with the version; one whose version is gone (a crash between the two deletes) goes in the
+sweep, under the same cutoff.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable
 
 from fabric.errors import InvalidInput, NotFound
 from fabric.core.manifest import Manifest
-from fabric.store import fence
+from fabric.store import fence, signatures
 from fabric.store.registry import Registry
 from fabric.store.store import Store
 
@@ -34,6 +36,7 @@ class GcReport:
     packs_deleted: int = 0
     bytes_freed: int = 0
     intents_expired: int = 0
+    signatures_deleted: int = 0  # envelopes of versions already gone (those of deleted versions go with them)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -130,6 +133,17 @@ def _sweep(store: Store, live_manifests: set[str], live_chunks: set[str], cutoff
                 check()
                 store.delete_chunk(cid)
     _sweep_packs(store, cutoff, report, check)
+    _sweep_signatures(store, cutoff, report, check)
+
+
+def _sweep_signatures(store: Store, cutoff: float, report: GcReport, check: Callable[[], None] | None) -> None:
+    """Delete version envelopes whose version is gone (looked up again right before the delete)."""
+    for artifact, version, info in list(signatures.iter_signatures(store)):
+        if info.mtime <= cutoff and store.get_ref(f"{artifact}/versions/{version}") is None:
+            report.signatures_deleted += 1
+            if check:
+                check()
+                signatures.delete_signature(store, artifact, version)
 
 
 def _sweep_packs(store: Store, cutoff: float, report: GcReport, check: Callable[[], None] | None) -> None:

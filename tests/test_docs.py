@@ -19,7 +19,7 @@ import pytest
 from fabric.core import chunking, digest, dtypes
 from fabric.core.manifest import MAX_CHUNK_SIZE, Manifest, _NAME_RE, canonical_json
 from fabric.publish import LocalTarget, chunking_params, publish
-from fabric.store.registry import Channel, Registry
+from fabric.store.registry import Channel, Registry, _channel_from
 from fabric.store.store import STORE_FORMAT, open_store
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
@@ -92,13 +92,28 @@ def test_the_store_marker_example():
 
 
 def test_the_channel_example_follows_the_stack_rule():
-    objs = [o for _, o in json_examples() if isinstance(o, dict) and "history" in o]
+    objs = [o for _, o in json_examples() if isinstance(o, dict) and "history" in o and "statement" not in o]
     assert len(objs) == 1
     obj = objs[0]
     ch = Channel(obj["artifact"], obj["channel"], tuple(obj["history"]))
     assert ch.version == obj["version"] == "v1"
     assert [e["action"] for e in obj["history"]] == ["promote", "promote", "rollback"]
     assert ch.to_json() == obj
+
+
+def test_the_signed_channel_example_reads_back_with_its_statement():
+    from fabric.store.signatures import check_channel_statement
+    from fabric.trust import Envelope
+    (obj,) = [o for _, o in json_examples() if isinstance(o, dict) and "history" in o and "statement" in o]
+    ch = _channel_from(obj["artifact"], obj["channel"], json.dumps(obj).encode())
+    assert ch.to_json() == obj and ch.sequence == obj["sequence"]
+    env = Envelope.from_bytes(ch.statement_bytes)  # the object's canonical bytes are the envelope
+    stmt = env.statement
+    assert (stmt.artifact, stmt.channel, stmt.version, stmt.manifest, stmt.sequence) == (
+        "tiny", "prod", ch.version, stated_id(), ch.sequence)
+    # a writer accepts it for exactly that move, after sequence 0
+    check_channel_statement(obj["statement"], artifact="tiny", channel="prod", version="v2",
+                            manifest_id=stated_id(), action="promote", previous=0)
 
 
 def test_a_store_written_by_the_code_matches_the_example(tmp_path):

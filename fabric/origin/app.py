@@ -9,6 +9,10 @@ Routes (all JSON unless noted; docs/protocol.md has the full list with examples)
     GET  /v1/artifacts/{a}/channels                      channels with history
     GET  /v1/artifacts/{a}/channels/{c}                  one channel
     POST /v1/artifacts/{a}/channels/{c}                  {"action": "promote", "version": v} | {"action": "rollback"}
+                                                         (+ "statement": the move's signed channel statement)
+    GET  /v1/artifacts/{a}/versions/{v}/signature        the version's signed statement (fabric.origin.signatures)
+    PUT  /v1/artifacts/{a}/versions/{v}/signature        keep a signed statement for it
+    GET  /v1/trust, PUT /v1/trust                        the newest delegations envelope
     POST /v1/chunks/has                                  {"ids": [...]} -> {"missing": [...]}
     POST /v1/chunks/fetch                                {"ids": [...]} -> chunk stream (binary)
     POST /v1/chunks/upload                               chunk stream -> {"stored": n, "bytes": b}
@@ -40,6 +44,7 @@ from fabric.wire.ui import ui_routes
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest, check_name
 from fabric.origin.metrics import OriginMetrics
+from fabric.origin.signatures import signature_routes
 from fabric.core.lru import LRU
 from fabric import tracing
 from fabric.origin.quotas import REPORTS, UPLOADS, OriginLimits, QuotaMetrics, SiteReports, UploadQuota, sweeper
@@ -78,6 +83,7 @@ def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = N
     r.add_get(f"{ARTIFACTS}/{{artifact}}/channels", list_channels)
     r.add_get(f"{ARTIFACTS}/{{artifact}}/channels/{{channel}}", get_channel)
     r.add_post(f"{ARTIFACTS}/{{artifact}}/channels/{{channel}}", move_channel)
+    signature_routes(app, REGISTRY)
     r.add_post(CHUNKS_UPLOAD, upload_chunks)
     r.add_get(SITES_PATH, list_sites)
     r.add_post(f"{SITES_PATH}/{{site}}", report_site)
@@ -166,19 +172,19 @@ async def move_channel(request: web.Request) -> web.Response:
     channel = check_name("channel", request.match_info["channel"])
     body = await read_json(request)
     reg: Registry = request.app[REGISTRY]
-    action = body.get("action")
+    action, statement = body.get("action"), body.get("statement")  # statement: checked, never verified
     if action == "promote":
         version = check_name("version", body.get("version"))
-        ch = await asyncio.to_thread(reg.promote, artifact, version, channel)
+        ch = await asyncio.to_thread(reg.promote, artifact, version, channel, statement=statement)
     elif action == "rollback":
         steps, to = body.get("steps"), body.get("to")
         if to is not None and not isinstance(to, str):
             raise InvalidInput("'to' must be a version name")
-        ch = await asyncio.to_thread(reg.rollback, artifact, channel, steps=steps, to=to)
+        ch = await asyncio.to_thread(reg.rollback, artifact, channel, steps=steps, to=to, statement=statement)
     else:
         raise InvalidInput("'action' must be 'promote' or 'rollback'")
     log.info("channel moved", artifact=artifact, channel=channel, version=ch.version, action=action,
-             by=principal(request).name)
+             signed=statement is not None, sequence=ch.sequence, by=principal(request).name)
     event = {"type": "channel", "artifact": artifact, "channel": channel, "version": ch.version, "action": action}
     trace = request.app[TRACES].get((artifact, ch.version))  # the version's trace, for the sites' deploys
     request.app[EVENTS].append(event | ({"traceparent": trace} if trace else {}))

@@ -9,6 +9,13 @@ A channel (`prod`, `latest`) is the one mutable pointer. It keeps its history; t
 current version is the top of a stack that `promote` pushes and `rollback` pops, so
 repeated rollbacks walk back through earlier promotions. Every move is a
 compare-and-swap, so two writers cannot lose each other's update.
+
+A signed move carries its channel statement (a DSSE envelope, `fabric.store.signatures`)
+into the ref with the move, in the same compare-and-swap: the ref's `statement` is the
+envelope of the move that made its current version, and `sequence` the last signed
+move's sequence number (each signed move's is the previous plus one). An unsigned move
+drops the statement and keeps the sequence. A version's own envelope is kept beside its
+ref and deleted with it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from fabric.errors import (ArtifactNotFound, ChannelNotFound, Conflict, FabricEr
                      MissingChunks, VersionExists, VersionNotFound)
 from fabric.core.boundedjson import decode as decode_json
 from fabric.core.manifest import Manifest, check_name
-from fabric.store import fence
+from fabric.store import fence, signatures
 from fabric.store.store import Store
 
 _CAS_TRIES = 30
@@ -34,6 +41,8 @@ class Channel:
     artifact: str
     name: str
     history: tuple[dict, ...]  # {"action": "promote"|"rollback", "version", "at"}
+    statement: dict | None = None  # the envelope of the signed move that made `version`, if it was signed
+    sequence: int = 0  # the last signed move's sequence number (0: never signed)
 
     @property
     def stack(self) -> list[str]:
@@ -50,9 +59,19 @@ class Channel:
         s = self.stack
         return s[-1] if s else None
 
+    @property
+    def statement_bytes(self) -> bytes | None:
+        """The channel statement's envelope as bytes (what a verifier reads), or None."""
+        return None if self.statement is None else signatures.envelope_bytes(self.statement)
+
     def to_json(self) -> dict:
-        return {"artifact": self.artifact, "channel": self.name, "version": self.version,
-                "history": list(self.history)}
+        obj = {"artifact": self.artifact, "channel": self.name, "version": self.version,
+               "history": list(self.history)}
+        if self.sequence:
+            obj["sequence"] = self.sequence
+        if self.statement is not None:
+            obj["statement"] = self.statement
+        return obj
 
 
 def now_rfc3339() -> str:
@@ -159,7 +178,26 @@ class Registry:
     def delete_version(self, artifact: str, version: str) -> str:
         mid = self.manifest_id(artifact, version)
         self.store.delete_ref(_version_key(artifact, version))
+        signatures.delete_signature(self.store, artifact, version)
         return mid
+
+    # --- signatures (fabric.store.signatures) ------------------------------------
+
+    def signature(self, artifact: str, version: str) -> bytes | None:
+        """The version's envelope, or None if it has none (VersionNotFound if no such version)."""
+        self.manifest_id(artifact, version)
+        return signatures.get_signature(self.store, artifact, version)
+
+    def put_signature(self, artifact: str, version: str, envelope: bytes) -> bytes:
+        """Keep a version envelope (merged with the one held); the envelope now held."""
+        return signatures.put_signature(self.store, artifact, version, self.manifest_id(artifact, version),
+                                        envelope)
+
+    def trust(self) -> bytes | None:
+        return signatures.get_trust(self.store)
+
+    def put_trust(self, envelope: bytes) -> int:
+        return signatures.put_trust(self.store, envelope)
 
     def resolve(self, artifact: str, *, version: str | None = None, channel: str | None = None) -> str:
         """The version a `name@version`, `name:channel` or bare `name` refers to (`resolve_ref`)."""
@@ -179,42 +217,25 @@ class Registry:
         prefix = f"{check_name('artifact', artifact)}/channels/"
         return [self.channel(artifact, k[len(prefix):]) for k in self.store.list_refs(prefix)]
 
-    def promote(self, artifact: str, version: str, channel: str) -> Channel:
+    def promote(self, artifact: str, version: str, channel: str, *, statement: dict | None = None) -> Channel:
+        """Push `version` on the channel; `statement`: the move's signed channel statement (an envelope)."""
         self.manifest_id(artifact, version)  # the version must exist
-        return self._move(artifact, channel, lambda ch: {"action": "promote", "version": version})
+        return self._move(artifact, channel, lambda ch: {"action": "promote", "version": version}, statement,
+                          "promote")
 
     def rollback(self, artifact: str, channel: str, *, steps: int | None = None,
-                 to: str | None = None) -> Channel:
+                 to: str | None = None, statement: dict | None = None) -> Channel:
         """Pop the channel's stack `steps` times (default 1), or until `to` is on top.
 
         Each pop appends one `rollback` entry, all in one compare-and-swap, so the history
-        keeps the one-entry-per-pop rule readers replay.
+        keeps the one-entry-per-pop rule readers replay (`rollback_moves`).
         """
-        if steps is not None and to is not None:
-            raise InvalidInput("rollback takes steps or to, not both")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise InvalidInput(f"rollback steps must be a whole number ≥ 1, not {steps!r}")
-        if to is not None:
-            check_name("version", to)
+        return self._move(artifact, channel,
+                          lambda ch: rollback_moves(artifact, channel, ch.stack if ch else [], steps=steps, to=to),
+                          statement, "rollback")
 
-        def step(ch: Channel | None) -> list[dict]:
-            stack = ch.stack if ch else []
-            if to is not None:
-                if to not in stack[:-1]:
-                    raise InvalidInput(f"channel {artifact}:{channel} has no earlier version {to!r} to roll "
-                                       f"back to (its stack, oldest first: {', '.join(stack) or 'empty'})")
-                n = len(stack) - 1 - max(i for i, v in enumerate(stack[:-1]) if v == to)
-            else:
-                n = steps or 1
-                if len(stack) < 2:
-                    raise InvalidInput(f"channel {artifact}:{channel} has no earlier version to roll back to")
-                if len(stack) < n + 1:
-                    raise InvalidInput(f"channel {artifact}:{channel} has only {len(stack) - 1} earlier "
-                                       f"version(s) on its stack; cannot roll back {n} steps")
-            return [{"action": "rollback", "version": stack[-2 - i]} for i in range(n)]
-        return self._move(artifact, channel, step)
-
-    def _move(self, artifact: str, channel: str, step) -> Channel:
+    def _move(self, artifact: str, channel: str, step, statement: dict | None = None,
+              action: str = "promote") -> Channel:
         check_name("channel", channel)
         key = _channel_key(artifact, channel)
         for attempt in range(_CAS_TRIES):
@@ -224,7 +245,14 @@ class Registry:
             at = now_rfc3339()
             entries = tuple(dict(e, at=at) for e in (moves if isinstance(moves, list) else [moves]))
             history = (current.history if current else ()) + entries
-            new = Channel(artifact, channel, history)
+            sequence = current.sequence if current else 0
+            if statement is not None:  # checked against this very move, in this compare-and-swap
+                result = Channel(artifact, channel, history).version
+                sequence = signatures.check_channel_statement(
+                    statement, artifact=artifact, channel=channel, version=result,
+                    manifest_id=self.manifest_id(artifact, result) if result else None, action=action,
+                    previous=sequence)
+            new = Channel(artifact, channel, history, statement, sequence)
             try:
                 self.store.cas_ref(key, json.dumps(new.to_json(), sort_keys=True).encode(), raw)
                 return new
@@ -232,6 +260,38 @@ class Registry:
                 # exponential back-off with jitter: writers that collided must not retry in lockstep
                 time.sleep(random.uniform(0, min(0.1, 0.002 * 2 ** attempt)))
         raise Conflict(f"channel {artifact}:{channel} kept changing; gave up after {_CAS_TRIES} tries")
+
+
+def rollback_moves(artifact: str, channel: str, stack: list[str], *, steps: int | None = None,
+                   to: str | None = None) -> list[dict]:
+    """The history entries a rollback of a channel whose stack is `stack` appends: one
+    `rollback` entry per pop, `steps` pops (default 1) or down to the nearest `to`. The
+    one stack rule: the registry moves by it and a signer computes the version it signs by
+    it (`rollback_result`)."""
+    if steps is not None and to is not None:
+        raise InvalidInput("rollback takes steps or to, not both")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise InvalidInput(f"rollback steps must be a whole number ≥ 1, not {steps!r}")
+    if to is not None:
+        check_name("version", to)
+        if to not in stack[:-1]:
+            raise InvalidInput(f"channel {artifact}:{channel} has no earlier version {to!r} to roll "
+                               f"back to (its stack, oldest first: {', '.join(stack) or 'empty'})")
+        n = len(stack) - 1 - max(i for i, v in enumerate(stack[:-1]) if v == to)
+    else:
+        n = steps or 1
+        if len(stack) < 2:
+            raise InvalidInput(f"channel {artifact}:{channel} has no earlier version to roll back to")
+        if len(stack) < n + 1:
+            raise InvalidInput(f"channel {artifact}:{channel} has only {len(stack) - 1} earlier "
+                               f"version(s) on its stack; cannot roll back {n} steps")
+    return [{"action": "rollback", "version": stack[-2 - i]} for i in range(n)]
+
+
+def rollback_result(channel: Channel, *, steps: int | None = None, to: str | None = None) -> str:
+    """The version `channel` points at after that rollback (`rollback_moves`)."""
+    moves = rollback_moves(channel.artifact, channel.name, channel.stack, steps=steps, to=to)
+    return Channel(channel.artifact, channel.name, channel.history + tuple(moves)).version
 
 
 def _content(m: Manifest) -> dict:
@@ -254,9 +314,14 @@ def _channel_from(artifact: str, name: str, raw: bytes) -> Channel:
         history = tuple(
             {"action": e["action"], "version": e["version"], "at": e["at"]} for e in obj["history"]
         )
+        statement, sequence = obj.get("statement"), obj.get("sequence", 0)
+        if statement is not None and not isinstance(statement, dict):
+            raise TypeError("'statement' is not an envelope object")
+        if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 0:
+            raise TypeError("'sequence' is not a whole number")
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidInput(f"channel {artifact}:{name} is unreadable ({e})") from None
-    return Channel(artifact, name, history)
+    return Channel(artifact, name, history, statement, sequence)
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:

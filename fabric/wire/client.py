@@ -31,10 +31,11 @@ from fabric.core.policy import EncodePolicy, Mode
 from fabric.wire import frames
 from fabric.wire.events import read_events
 from fabric.wire.negotiate import ManifestBase, parse_encodings, read_manifest_body
-from fabric.wire.protocol import (ARTIFACTS, CHUNK_STREAM, CHUNKS_HAS, CHUNKS_UPLOAD, ENCODINGS_HEADER, EVENTS,
-                                  MAX_ANSWER, MAX_IDS, MAX_MANIFEST, SITES)
+from fabric.wire.protocol import (ARTIFACTS, CHUNK_STREAM, CHUNKS_HAS, CHUNKS_UPLOAD, ENCODINGS_HEADER, ENVELOPE,
+                                  EVENTS, MAX_ANSWER, MAX_IDS, MAX_MANIFEST, SITES, TRUST)
+from fabric.core.limits import MAX_STATEMENT_BYTES
 from fabric.errors import (ArtifactNotFound, BadFrame, ChannelNotFound, FabricError, InvalidManifest,
-                     TransferError, from_code)
+                     SignatureNotFound, TransferError, TrustNotFound, from_code)
 from fabric.core.manifest import Manifest
 from fabric.store.registry import Channel, _channel_from, resolve_ref
 
@@ -80,8 +81,9 @@ class OriginClient:
     # --- plumbing --------------------------------------------------------------
 
     async def _request(self, method: str, path: str, *, with_headers: bool = False, manifest: bool = False,
-                       **kw):
-        limit = (MAX_MANIFEST, "MAX_MANIFEST") if manifest else (MAX_ANSWER, "MAX_ANSWER")
+                       statement: bool = False, **kw):
+        limit = ((MAX_MANIFEST, "MAX_MANIFEST") if manifest else
+                 (MAX_STATEMENT_BYTES, "MAX_STATEMENT_BYTES") if statement else (MAX_ANSWER, "MAX_ANSWER"))
         kw["headers"] = tracing.headers() | (kw.get("headers") or {})  # the current span's trace, if any
         try:
             async with self.session.request(method, self.url + path, **kw) as resp:
@@ -143,21 +145,52 @@ class OriginClient:
         body = await self._request("GET", f"{ARTIFACTS}/{artifact}/channels/{channel}")
         return _channel_from(artifact, channel, body)
 
-    async def move_channel(self, artifact: str, channel: str, action: dict) -> Channel:
-        body = await self._request("POST", f"{ARTIFACTS}/{artifact}/channels/{channel}", json=action)
-        return _channel_from(artifact, channel, body)
+    async def move_channel(self, artifact: str, channel: str, action: dict, *,
+                           statement: dict | None = None) -> Channel:
+        """Move a channel (`action`: the move's body); `statement`: its signed channel statement."""
+        body = action if statement is None else dict(action, statement=statement)
+        raw = await self._request("POST", f"{ARTIFACTS}/{artifact}/channels/{channel}", json=body)
+        return _channel_from(artifact, channel, raw)
 
-    async def promote(self, artifact: str, version: str, channel: str) -> Channel:
-        return await self.move_channel(artifact, channel, {"action": "promote", "version": version})
+    async def promote(self, artifact: str, version: str, channel: str, *, statement: dict | None = None) -> Channel:
+        return await self.move_channel(artifact, channel, {"action": "promote", "version": version},
+                                       statement=statement)
 
     async def rollback(self, artifact: str, channel: str, *, steps: int | None = None,
-                       to: str | None = None) -> Channel:
+                       to: str | None = None, statement: dict | None = None) -> Channel:
         body: dict = {"action": "rollback"}
         if steps is not None:
             body["steps"] = steps
         if to is not None:
             body["to"] = to
-        return await self.move_channel(artifact, channel, body)
+        return await self.move_channel(artifact, channel, body, statement=statement)
+
+    # --- signed statements (docs/protocol.md: the origin stores them, never verifies them) ---------
+
+    async def get_signature(self, artifact: str, version: str) -> bytes | None:
+        """The version's envelope as the origin holds it (bytes, unverified), or None if it has none."""
+        try:
+            return await self._request("GET", f"{ARTIFACTS}/{artifact}/versions/{version}/signature",
+                                       statement=True)
+        except SignatureNotFound:
+            return None
+
+    async def put_signature(self, artifact: str, version: str, envelope: bytes) -> bytes:
+        """Add a version envelope's signatures at the origin; the envelope it holds now."""
+        return await self._request("PUT", f"{ARTIFACTS}/{artifact}/versions/{version}/signature",
+                                   statement=True, data=envelope, headers={"Content-Type": ENVELOPE})
+
+    async def get_trust(self) -> bytes | None:
+        """The newest delegations envelope the origin holds (unverified), or None."""
+        try:
+            return await self._request("GET", TRUST, statement=True)
+        except TrustNotFound:
+            return None
+
+    async def put_trust(self, envelope: bytes) -> int:
+        """Publish a delegations envelope (admin); the version the origin now holds."""
+        body = await self._json("PUT", TRUST, data=envelope, headers={"Content-Type": ENVELOPE})
+        return body["version"]
 
     async def resolve(self, artifact: str, version: str | None, channel: str | None) -> str:
         """The version that `artifact@version`, `artifact:channel` or bare `artifact` names."""
@@ -375,12 +408,27 @@ class RemoteRegistry:
     def channel(self, artifact: str, channel: str) -> Channel:
         return self.origin.channel(artifact, channel)
 
-    def promote(self, artifact: str, version: str, channel: str) -> Channel:
-        return self.origin.promote(artifact, version, channel)
+    def promote(self, artifact: str, version: str, channel: str, *, statement: dict | None = None) -> Channel:
+        return self.origin.promote(artifact, version, channel, statement=statement)
 
     def rollback(self, artifact: str, channel: str, *, steps: int | None = None,
-                 to: str | None = None) -> Channel:
-        return self.origin.rollback(artifact, channel, steps=steps, to=to)
+                 to: str | None = None, statement: dict | None = None) -> Channel:
+        return self.origin.rollback(artifact, channel, steps=steps, to=to, statement=statement)
+
+    def manifest_id(self, artifact: str, version: str) -> str:
+        return self.origin.manifest(artifact, version).id
+
+    def signature(self, artifact: str, version: str) -> bytes | None:
+        return self.origin.get_signature(artifact, version)
+
+    def put_signature(self, artifact: str, version: str, envelope: bytes) -> bytes:
+        return self.origin.put_signature(artifact, version, envelope)
+
+    def trust(self) -> bytes | None:
+        return self.origin.get_trust()
+
+    def put_trust(self, envelope: bytes) -> int:
+        return self.origin.put_trust(envelope)
 
     def resolve(self, artifact: str, *, version: str | None = None, channel: str | None = None) -> str:
         return resolve_ref(self, artifact, version=version, channel=channel, where=f" at {self.origin.client.url}")

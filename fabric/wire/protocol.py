@@ -16,7 +16,8 @@ from fabric.core.limits import MAX_CHUNK, MAX_MANIFEST
 # --- paths ---------------------------------------------------------------------------------
 
 API = "/v1"
-ARTIFACTS = f"{API}/artifacts"  # …/{a}/versions[/{v}], …/{a}/channels[/{c}]
+ARTIFACTS = f"{API}/artifacts"  # …/{a}/versions[/{v}[/signature]], …/{a}/channels[/{c}]
+TRUST = f"{API}/trust"  # the newest delegations envelope (docs/protocol.md "GET /v1/trust")
 CHUNKS_HAS = f"{API}/chunks/has"
 CHUNKS_FETCH = f"{API}/chunks/fetch"
 CHUNKS_UPLOAD = f"{API}/chunks/upload"
@@ -31,11 +32,13 @@ UI = "/ui"  # the status page's files (fabric.wire.ui): public, like the probes;
 # --- content types and headers -------------------------------------------------------------
 
 CHUNK_STREAM = "application/x-fabric-chunks"
+ENVELOPE = "application/vnd.fabric.envelope+json"  # a signed statement's DSSE envelope (canonical JSON)
 MANIFEST_PATCH = "application/x-fabric-manifest-patch"  # Content-Type of a patched manifest
 ENCODINGS_HEADER = "X-Fabric-Encodings"  # on a `has` answer: what the server decodes in uploads
 BASE_HEADER = "X-Fabric-Manifest-Base"  # the id of the manifest a patch is against
 MANIFEST_ID_HEADER = "X-Fabric-Manifest-Id"  # the id of the manifest in the body
 PEER_HEADER = "X-Fabric-Peer"  # from a sibling site: "answer from what you hold; do not fetch upstream for me"
+WAIT_HEADER = "X-Fabric-Wait"  # on a fetch: "1" = the client reads wait frames (a relay still fetching a chunk)
 
 ENCODINGS = tuple(e.name.lower() for e in Encoding)  # what this side decodes, by name
 
@@ -61,14 +64,16 @@ IDLE_TIMEOUT = 75.0  # seconds a kept-alive connection may wait for its next req
 
 MAGIC = b"FBC1"
 FRAME_END, FRAME_CHUNK, FRAME_MISSING = 0, 1, 2
+FRAME_WAIT = 3  # a relay is still fetching this chunk upstream (only to a fetch that sent WAIT_HEADER)
+WAIT_INTERVAL = 1.0  # seconds: a relay sends a wait frame after this long without sending anything
 CHUNK_HEAD = struct.Struct(">32sBII")  # id, encoding, raw size, payload length (after the kind byte)
 END = struct.Struct(">I")  # frame count (after the kind byte)
 FRAME_OVERHEAD = 1 + CHUNK_HEAD.size  # a chunk frame's bytes before its payload
 
 __all__ = [
-    "API", "ARTIFACTS", "CHUNKS_HAS", "CHUNKS_FETCH", "CHUNKS_UPLOAD", "EVENTS", "SITES", "SITE", "SITE_PINS",
+    "API", "ARTIFACTS", "TRUST", "ENVELOPE", "CHUNKS_HAS", "CHUNKS_FETCH", "CHUNKS_UPLOAD", "EVENTS", "SITES", "SITE", "SITE_PINS",
     "WORKERS", "MANIFESTS", "UI", "CHUNK_STREAM", "MANIFEST_PATCH", "ENCODINGS_HEADER", "BASE_HEADER",
-    "MANIFEST_ID_HEADER", "PEER_HEADER", "ENCODINGS", "MAX_CHUNK", "MAX_MANIFEST", "MAX_PAYLOAD", "MAX_IDS", "MAX_JSON",
+    "MANIFEST_ID_HEADER", "PEER_HEADER", "WAIT_HEADER", "ENCODINGS", "MAX_CHUNK", "MAX_MANIFEST", "MAX_PAYLOAD", "MAX_IDS", "MAX_JSON",
     "MAX_HAVE", "MAX_ANSWER", "MAX_EVENT", "MAX_CONNECTIONS", "MAX_CONNECTIONS_PER_PEER",
-    "HEADER_TIMEOUT", "BODY_TIMEOUT", "BODY_MIN_RATE", "IDLE_TIMEOUT", "MAGIC", "FRAME_END", "FRAME_CHUNK", "FRAME_MISSING", "CHUNK_HEAD", "END", "FRAME_OVERHEAD",
+    "HEADER_TIMEOUT", "BODY_TIMEOUT", "BODY_MIN_RATE", "IDLE_TIMEOUT", "MAGIC", "FRAME_END", "FRAME_CHUNK", "FRAME_MISSING", "FRAME_WAIT", "WAIT_INTERVAL", "CHUNK_HEAD", "END", "FRAME_OVERHEAD",
 ]
