@@ -11,7 +11,7 @@ import pytest
 from fabric import errors
 from fabric.trust import DelegationsStatement, Envelope, TrustState, Verifier, canonical, digest, sign
 from fabric.trust.statements import Rule
-from helpers.trust import (MANIFEST_A, MANIFEST_B, channel_statement, policy, seed_key, signed_channel,
+from helpers.trust import (MANIFEST_A, MANIFEST_B, policy, seed_key, signed_channel,
                            signed_version)
 
 LLAMA, BERT, CO1, CO2, CO3, OTHER, ROOT, ROOT2 = (seed_key(i) for i in (1, 2, 3, 4, 5, 6, 9, 10))
