@@ -25,7 +25,8 @@ tensor-parallel worker's slice), so a changed `q_proj` lands in the right rows o
 Quantized models whose loading post-processes weights (`process_weights_after_loading`) are
 not supported by this path: use the whole `reload_weights`.
 
-The answer, one per worker: `{"folder", "tensors", "bytes_read", "loaded", "mode"}`.
+The answer, one per worker: `{"folder", "tensors", "bytes_read", "loaded", "mode"}`; `bytes_read`
+counts the tensors read for the model plus, when comparing, both folders' bytes compared.
 This module imports neither vLLM nor torch by name (safetensors' `safe_open(framework="pt")`
 makes the tensors), so it imports anywhere Fabric does.
 """
@@ -52,8 +53,9 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def changed_by_comparison(folder: Path, previous: Path) -> dict[str, list[str]]:
-    """file -> names of the tensors of `folder` that `previous` lacks or holds otherwise (reads both)."""
+def changed_by_comparison(folder: Path, previous: Path, counter: list[int]) -> dict[str, list[str]]:
+    """file -> names of the tensors of `folder` that `previous` lacks or holds otherwise; both are
+    read, and `counter[0]` adds the bytes compared."""
     out: dict[str, list[str]] = {}
     for path in sorted(folder.rglob("*" + WEIGHT_SUFFIX)):
         rel = path.relative_to(folder).as_posix()
@@ -71,6 +73,7 @@ def changed_by_comparison(folder: Path, previous: Path) -> dict[str, list[str]]:
                     continue
                 a0, a1 = t["data_offsets"]
                 b0, b1 = o["data_offsets"]
+                counter[0] += (a1 - a0) + (b1 - b0)
                 if nm[new_base + a0:new_base + a1] != om[old_base + b0:old_base + b1]:
                     names.append(name)
         if names:
@@ -112,15 +115,15 @@ class FabricWorkerExtension:
         new = Path(folder)
         if not new.is_dir():
             raise FileNotFoundError(f"no version folder {folder}")
+        counter = [0]
         if changed:
             wanted, mode = changed_from_diff(json.loads(changed)), "manifest_diff"
         elif previous and Path(previous).is_dir():
-            wanted, mode = changed_by_comparison(new, Path(previous)), "compared"
+            wanted, mode = changed_by_comparison(new, Path(previous), counter), "compared"
         else:
             wanted = {p.relative_to(new).as_posix(): list(read_header(p)[0])
                       for p in sorted(new.rglob("*" + WEIGHT_SUFFIX))}
             mode = "full"
-        counter = [0]
         loaded = self._fabric_model().load_weights(iter_tensors(new, wanted, counter))
         return {"folder": folder, "tensors": sum(len(v) for v in wanted.values()), "bytes_read": counter[0],
                 "loaded": len(loaded) if loaded is not None else None, "mode": mode}

@@ -41,7 +41,7 @@ from aiohttp import web
 
 from .ports import free_port
 
-HANG_S = 3600.0
+HANG_S = 3600.0  # a hang, unless the test sets `server.hang_s` (then it gives up with a 500 after it)
 
 
 class InferenceServer:
@@ -51,6 +51,7 @@ class InferenceServer:
         self.kind, self.model, self.token, self.workers = kind, model, token, workers
         self.extension, self.legacy = extension, legacy
         self.faults: set[str] = set()
+        self.hang_s = HANG_S
         self.folder: Path | None = None
         self.answer = "(no weights)"
         self.weight_version = "default"  # SGLang's own default
@@ -81,19 +82,28 @@ class InferenceServer:
         self._lock = asyncio.Lock()
         app = web.Application(middlewares=[self._middleware])
         r = app.router
-        r.add_get("/health", lambda _: web.Response(status=200))
+        r.add_get("/health", self._health)
         r.add_post("/v1/completions", self._completions)
         if self.kind == "vllm":
             r.add_post("/pause", self._pause)
             r.add_post("/resume", self._resume)
-            r.add_get("/is_paused", lambda _: web.json_response({"is_paused": not self._resumed.is_set()}))
+            r.add_get("/is_paused", self._is_paused)
             r.add_post("/collective_rpc", self._collective_rpc)
         else:
             r.add_post("/update_weights_from_disk", self._update)
             r.add_get("/model_info", self._model_info)
             if self.legacy:
-                r.add_get("/get_weight_version", lambda _: web.json_response({"weight_version": self.weight_version}))
+                r.add_get("/get_weight_version", self._get_weight_version)
         return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _is_paused(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_paused": not self._resumed.is_set()})
+
+    async def _get_weight_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"weight_version": self.weight_version})
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
@@ -122,7 +132,8 @@ class InferenceServer:
         if request.query.get("mode", "abort") not in ("abort", "wait", "keep"):
             return web.json_response({"error": "bad mode"}, status=400)
         if "pause_hangs" in self.faults:
-            await asyncio.sleep(HANG_S)
+            await asyncio.sleep(self.hang_s)
+            return web.Response(status=500, text="gave up")
         self._resumed.clear()
         self._paused_at = time.monotonic()
         return web.json_response({"status": "paused"})
@@ -143,7 +154,8 @@ class InferenceServer:
         if folder:
             self.loads.append(folder)
         if "load_hangs" in self.faults:
-            await asyncio.sleep(HANG_S)
+            await asyncio.sleep(self.hang_s)
+            return web.Response(status=500, text="gave up")
         if "load_5xx" in self.faults:
             return web.Response(status=500, text="Internal Server Error")
         if folder and not self._readable(folder):
@@ -170,7 +182,8 @@ class InferenceServer:
             t0 = time.monotonic()
             try:
                 if "load_hangs" in self.faults:
-                    await asyncio.sleep(HANG_S)
+                    await asyncio.sleep(self.hang_s)
+                    return web.Response(status=500, text="gave up")
                 if "load_5xx" in self.faults:
                     return web.Response(status=500, text="Internal Server Error")
                 if "update_fails" in self.faults or not self._readable(folder):
