@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +20,8 @@ from fabric.errors import ConfigError
 from helpers.kserve import KserveServer, close, expected, golden_request, infer, write_mlp
 from helpers.ports import free_port
 
-from agents.serving.base import HealthCheck, ServerConfig, Timeouts
+from agents.serving import v2_repository
+from agents.serving.base import HealthCheck, ServerConfig, Timeouts, parse_servers
 from agents.serving.kserve import KserveAdapter
 
 
@@ -160,3 +164,33 @@ def test_a_triton_version_policy_other_than_latest_one_is_refused(kserve, tmp_pa
 def test_options_are_checked_naming_the_key(kserve, options, key):
     with pytest.raises(ConfigError, match=key):
         adapter(kserve, "cfg", **options)
+
+
+# --- docs/serving.md "Triton and KServe" follows the code ----------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
+
+
+def _section_blocks(lang: str) -> list[str]:
+    text = DOC.read_text()
+    section = text.split("## Triton and KServe", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"^```{lang}\n(.*?)^```", section, re.S | re.M)
+
+
+def test_the_documented_site_toml_block_configures_this_adapter(tmp_path):
+    (block,) = _section_blocks("toml")
+    cfg = parse_servers(tomllib.loads(block)["servers"], "site.toml", tmp_path, ("mlp",))[0]
+    a = KserveAdapter(cfg)
+    assert (cfg.kind, cfg.model, a.model_dir) == ("kserve", "mlp", Path("/srv/models/mlp"))
+    assert a.health_request() == golden_request()  # the documented golden request is the tests' one
+    assert cfg.timeouts.load_s == 600 and cfg.health.tolerance == 0.05
+
+
+def test_the_documented_index_is_what_the_layout_writes(tmp_path):
+    (example,) = _section_blocks("json")
+    d = tmp_path / "mlp"
+    for version in ("v0", "v1", "v2"):
+        v2_repository.lay_out(d, version, write_mlp(tmp_path / version, seed=1))
+    v2_repository.keep_only(d, {2, 3})
+    assert json.loads((d / v2_repository.INDEX).read_text()) == json.loads(example)
+    assert v2_repository.newest(d)[::2] == (3, "v2")
