@@ -32,11 +32,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
 
-from fabric.core import dtypes
 from fabric.errors import (FabricError, HealthCheckFailed, InvalidInput,
                            TensorMismatch)
 from fabric.logs import get_logger
@@ -44,20 +44,13 @@ from fabric.logs import get_logger
 from agents.worker.buffers import Buffer, RWLock
 from agents.worker.copying import Copier, bytes_of
 from agents.worker.files import VersionFiles, old_files, segment_size, verify_tensors
+from agents.worker.fit import DTYPES, ModuleTensors
 from fabric.core.manifest import Manifest, TensorEntry
 
 
 log = get_logger("worker")
 
-_TORCH_NAMES = {  # every dtype of fabric.core.dtypes, by its torch name
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
-    "F8_E8M0": "float8_e8m0fnu", "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
-    "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
-    "C64": "complex64",
-}
-assert _TORCH_NAMES.keys() == dtypes.DTYPES.keys(), "agents.worker.live: torch names out of step with fabric.core.dtypes"
-DTYPES: dict[str, torch.dtype] = {  # those this torch build has (older ones lack uint16 and the float8s)
-    name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items() if hasattr(torch, attr)}
+__all__ = ["DTYPES", "MODES", "HealthCheck", "LiveModule", "LoadReport", "Served"]
 MODES = ("in-place", "double-buffered")
 HealthCheck = Callable[[torch.nn.Module], Any]  # raise or return False to fail
 
@@ -117,7 +110,8 @@ class LiveModule:
             overwrites into host memory first).
         verify: check the changed tensors' bytes against the manifest before loading.
         strict: every module tensor must be in the version and every version tensor in
-            the module (as `load_state_dict(strict=True)`).
+            the module (as `load_state_dict(strict=True)`), by the rules of
+            `agents.worker.fit` (non-persistent buffers, ties, the model's ignore lists).
         stage_bytes: size of each pinned staging buffer (CUDA).
     """
 
@@ -204,8 +198,9 @@ class LiveModule:
         t0 = time.perf_counter()
         buf = self._live
         rep = LoadReport(manifest.version, buf.version, self.mode)
-        targets = _targets(buf.module)
-        changed = self._plan(buf, targets, manifest)
+        tensors = ModuleTensors(buf.module)
+        targets = tensors.targets
+        changed = self._plan(buf, tensors, manifest)
         files = VersionFiles(folder, manifest)
         old = old_files(buf, changed)  # the overwritten tensors' bytes, if the old files are there
         try:
@@ -244,12 +239,13 @@ class LiveModule:
         with self._mutex:  # requests that took this buffer before the last swap finish first
             while shadow.users:
                 self._mutex.wait()
-        targets = _targets(shadow.module)
-        changed = self._plan(live, targets, manifest)  # what the new version changes vs what serves
+        tensors = ModuleTensors(shadow.module)
+        targets = tensors.targets
+        changed = self._plan(live, tensors, manifest)  # what the new version changes vs what serves
         names = {t.name for t in changed}
         # after a swap the spare holds the version before: bring the tensors it lags in from
         # the live module (memory to memory), except those the file is about to overwrite
-        lagging = self._lagging(shadow, live, targets) - names
+        lagging = self._lagging(shadow, live, tensors) - names
         files = VersionFiles(folder, manifest)
         try:
             # verify first, then copy: overlapping the two in threads measured slower on a
@@ -257,7 +253,7 @@ class LiveModule:
             rep.verify_s = self._verify(files, changed, manifest)
             shadow.dirty |= lagging | names
             t1 = time.perf_counter()
-            source = _targets(live.module)
+            source = dict(live.module.state_dict(keep_vars=True))
             with torch.no_grad():
                 for name in lagging:
                     targets[name].detach().copy_(source[name].detach())
@@ -281,16 +277,15 @@ class LiveModule:
             rep.pause_ms = (time.perf_counter() - t_swap) * 1e3
         return self._finish(rep, changed, failure, out, t0)
 
-    @staticmethod
-    def _lagging(shadow: Buffer, live: Buffer, targets: dict[str, torch.Tensor]) -> set[str]:
+    def _lagging(self, shadow: Buffer, live: Buffer, tensors: ModuleTensors) -> set[str]:
         """Names of the tensors where the spare buffer differs from the live one."""
         if shadow.version == live.version:
             return set(shadow.dirty)
         if shadow.manifest is not None and live.manifest is not None:
-            old = {t.name: t for t in shadow.manifest.tensors}
-            return {t.name for t in live.manifest.tensors
-                    if t.name in targets and _differs(old.get(t.name), t)} | shadow.dirty
-        return set(targets)
+            old = tensors.match(shadow.manifest, self.strict)[0]
+            new = tensors.match(live.manifest, self.strict)[0]
+            return {n for n, t in new.items() if _differs(old.get(n), t)} | shadow.dirty
+        return set(tensors.targets)
 
     def _backup(self, changed: list[TensorEntry], targets: dict[str, torch.Tensor]):
         """Copies of the tensors an in-place load overwrites, in a host buffer kept between loads.
@@ -325,23 +320,18 @@ class LiveModule:
             self._reference = out
         return rep
 
-    def _plan(self, buf: Buffer, targets: dict[str, torch.Tensor], manifest: Manifest) -> list[TensorEntry]:
-        """The tensors to load (changed, new, or left dirty), after checking they all fit."""
-        new: dict[str, TensorEntry] = {}
-        for t in manifest.tensors:
-            if t.name in new:
-                raise TensorMismatch(f"{manifest.artifact}@{manifest.version} has two tensors named {t.name!r}")
-            new[t.name] = t
-        problems = [p for t in new.values() if (p := _misfit(t, targets.get(t.name), self.strict))]
-        if self.strict:
-            problems += [f"{n}: in the module but not in the version" for n in _uncovered(targets, new)]
+    def _plan(self, buf: Buffer, tensors: ModuleTensors, manifest: Manifest) -> list[TensorEntry]:
+        """The tensors to load (changed, new, or left dirty), after checking they all fit.
+
+        Each entry's name is the module tensor it loads (`agents.worker.fit`): tied names
+        load once, non-persistent buffers and ignored keys not at all."""
+        new, problems = tensors.match(manifest, self.strict)
         if problems:
             more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
             raise TensorMismatch(f"{manifest.artifact}@{manifest.version} does not fit the module: "
                                  + "; ".join(problems[:8]) + more + f"; {buf.version} keeps serving")
-        old = {t.name: t for t in buf.manifest.tensors} if buf.manifest is not None else {}
-        return [t for name, t in new.items()
-                if name in targets and (name in buf.dirty or _differs(old.get(name), t))]
+        old = tensors.match(buf.manifest, self.strict)[0] if buf.manifest is not None else {}
+        return [t for name, t in new.items() if name in buf.dirty or _differs(old.get(name), t)]
 
     def _verify(self, files: VersionFiles, changed: list[TensorEntry], manifest: Manifest) -> float:
         """Check the changed tensors' bytes (and files' sizes); returns the seconds it took."""
@@ -390,7 +380,11 @@ class LiveModule:
         if isinstance(x, torch.Tensor) and device is not None:
             x = x.to(device)
         out = module(x)
-        out = out if isinstance(out, torch.Tensor) else next(o for o in out if isinstance(o, torch.Tensor))
+        if not isinstance(out, torch.Tensor):  # a tuple, or a dict-like (transformers' ModelOutput)
+            parts = out.values() if isinstance(out, Mapping) else out
+            out = next((o for o in parts if isinstance(o, torch.Tensor)), None)
+            if out is None:
+                raise HealthCheckFailed("the golden input gives no tensor to check")
         out = out.detach().float().cpu()
         if not torch.isfinite(out).all():
             raise HealthCheckFailed("the golden input gives a non-finite output (NaN or inf)")
@@ -406,36 +400,5 @@ class LiveModule:
         return out
 
 
-def _targets(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return dict(module.state_dict(keep_vars=True))
-
-
 def _differs(old: TensorEntry | None, new: TensorEntry) -> bool:
     return old is None or (old.dtype, old.shape, old.chunks) != (new.dtype, new.shape, new.chunks)
-
-
-def _misfit(t: TensorEntry, dst: torch.Tensor | None, strict: bool) -> str | None:
-    if dst is None:
-        return f"{t.name}: not in the module" if strict else None
-    want = DTYPES.get(t.dtype)
-    if want is None:
-        return f"{t.name}: dtype {t.dtype} has no torch equivalent here"
-    if dst.dtype != want:
-        return f"{t.name}: dtype {t.dtype} ({want}) but the module has {dst.dtype}"
-    if tuple(dst.shape) != tuple(t.shape):
-        return f"{t.name}: shape {list(t.shape)} but the module has {list(dst.shape)}"
-    if t.length != dst.numel() * dst.element_size():
-        return f"{t.name}: {t.length} bytes for shape {list(t.shape)} {t.dtype}"
-    return None
-
-
-def _uncovered(targets: dict[str, torch.Tensor], names: dict) -> list[str]:
-    """Module tensors the version does not provide (tied names count as one tensor)."""
-    groups: dict[tuple, list[str]] = {}
-    for n, t in targets.items():
-        key = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) \
-            if t.numel() and t.device.type != "meta" else (n,)
-        groups.setdefault(key, []).append(n)
-    return [g[0] for g in groups.values() if not any(n in names for n in g)]
-
-
