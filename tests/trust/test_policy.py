@@ -117,3 +117,19 @@ def test_to_delegations_is_the_files_rules_keys_and_revocations():
     d = p.to_delegations(5, 3600, now=1000)
     assert (d.version, d.expires, set(d.keys), d.revoked) == (5, 4600, {K1.keyid}, (K3.keyid,))
     assert d.rules == tuple(p.rules)
+
+
+def test_the_trust_md_example_loads_and_its_code_table_names_every_refusal():
+    import re
+    from pathlib import Path
+
+    from fabric import errors
+    text = (Path(__file__).resolve().parents[2] / "docs" / "trust.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"^```toml\n(.*?)^```", text, re.S | re.M)
+    p = TrustPolicy.loads(example, "trust.md")
+    assert [r.threshold for r in p.rules] == [2, 1] and p.rules[1].channels == ("staging",)
+    assert len(p.root_keys) == 1 and len(p.revoked) == 1 and p.keys[p.rules[0].keys[1]].name == "release"
+    codes = {c.code for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.SignatureError)}
+    codes |= {"trust_policy_invalid", "key_file_invalid"}
+    listed = set(re.findall(r"^\| `([a-z_]+)` \|", text, re.M))
+    assert codes - {"signature_refused"} <= listed, codes - listed
