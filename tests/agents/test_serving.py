@@ -316,3 +316,22 @@ def test_two_servers_of_one_name_or_a_table_instead_of_an_array_are_refused():
         parse_servers(GOOD, "site.toml", Path("."), ("m",))
     with pytest.raises(ConfigError, match="artifact: required when the site follows more than one"):
         parse_servers([GOOD], "site.toml", Path("."), ("m", "n"))
+
+
+def test_the_documented_block_and_record_follow_the_code(tmp_path):
+    """docs/serving.md: its first site.toml block parses; its load record has LoadRecord's fields."""
+    import re
+    import tomllib
+
+    from agents.serving.base import LoadRecord
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    block = re.findall(r"^```toml\n(.*?)^```", text, re.S | re.M)[0]
+    (tmp_path / "vllm.key").write_text("k")
+    raw = tomllib.loads(block.replace("/etc/fabric/vllm.key", str(tmp_path / "vllm.key")))
+    (cfg,) = parse_servers(raw["servers"], "site.toml", tmp_path, ("llama-8b",))
+    assert (cfg.kind, cfg.model, cfg.timeouts.pause_s, cfg.extras, cfg.token) == ("vllm", "llama-8b", 60.0,
+                                                                                 {"extension": True}, "k")
+    assert build_adapter(cfg).extension
+    record = json.loads(re.findall(r"^```json\n(.*?)^```", text, re.S | re.M)[0])
+    assert set(record) == set(LoadRecord(None, ok=True).to_json())
