@@ -194,3 +194,80 @@ def test_the_documented_index_is_what_the_layout_writes(tmp_path):
     v2_repository.keep_only(d, {2, 3})
     assert json.loads((d / v2_repository.INDEX).read_text()) == json.loads(example)
     assert v2_repository.newest(d)[::2] == (3, "v2")
+
+
+# --- kind "triton": Triton's documented REST behaviour, as a stand-in --------------------------
+
+class TritonStandIn:
+    """Explicit model control as Triton documents it: a load serves the highest numbered folder
+    (version policy latest 1), a failed load answers 400 and keeps the loaded version, infer
+    answers the number as `model_version`, and `versions/<n>/ready` is per version."""
+
+    kind = "triton"
+
+    def __init__(self, repository: Path):
+        self.repository, self.loaded = repository, {}  # model -> (number, Dense)
+
+    def app(self):
+        from aiohttp import web
+
+        async def load(request):
+            from agents.serving.kserve_model import Dense
+            name = request.match_info["m"]
+            found = v2_repository.newest(self.repository / name)
+            try:
+                self.loaded[name] = (found[0], Dense.from_folder(found[1]))
+            except (TypeError, ValueError, OSError) as e:
+                return web.json_response({"error": f"failed to load '{name}': {e}"}, status=400)
+            return web.json_response({})
+
+        async def ready(request):
+            got = self.loaded.get(request.match_info["m"])
+            return web.Response(status=200 if got and str(got[0]) == request.match_info["n"] else 400)
+
+        async def infer(request):
+            import numpy as np
+            n, net = self.loaded[request.match_info["m"]]
+            x = (await request.json())["inputs"][0]
+            y = net.forward(np.array(x["data"], dtype=np.float32).reshape(x["shape"]))
+            return web.json_response({"model_name": request.match_info["m"], "model_version": str(n),
+                                      "outputs": [{"name": "output", "datatype": "FP32", "shape": list(y.shape),
+                                                   "data": y.flatten().tolist()}]})
+
+        app = web.Application()
+        app.router.add_post("/v2/repository/models/{m}/load", load)
+        app.router.add_get("/v2/models/{m}/versions/{n}/ready", ready)
+        app.router.add_post("/v2/models/{m}/infer", infer)
+        return app
+
+
+def test_triton_numbers_map_back_to_fabric_versions_and_a_refused_load_keeps_the_old(tmp_path):
+    from helpers.inference_servers import ServerThread
+
+    v1, v2 = write_mlp(tmp_path / "v1", seed=1), write_mlp(tmp_path / "v2", seed=2, base=1, step=1e-3)
+    empty = tmp_path / "empty"  # no weights: the backend fails to load it
+    empty.mkdir()
+    (empty / "README.md").write_text("no weights here\n")
+    triton = TritonStandIn(tmp_path / "repository")
+    with ServerThread(triton) as server:
+        a = KserveAdapter(ServerConfig(name="tri", kind="triton", url=server.url, model="mlp",
+                                       health=HealthCheck(request=golden_request(), expect=expected(v1),
+                                                          tolerance=0.05),
+                                       timeouts=Timeouts(connect_s=2, load_s=10, health_s=5),
+                                       extras={"repository": str(triton.repository)}))
+
+        async def go():
+            try:
+                assert (await a.load("v1", v1, None)).ok
+                assert (await a.load("v2", v2, ("v1", v1))).ok
+                assert triton.loaded["mlp"][0] == 2 and await a.serving() == "v2"  # "2" maps back to v2
+                bad = await a.load("empty", empty, ("v2", v2))
+                assert not bad.ok and bad.error.startswith("server_refused") and not bad.changed, bad.error
+                assert await a.serving() == "v2"
+                back = await a.restore(("v2", v2))
+                assert back.ok and await a.serving() == "v2", back.error
+                assert v2_repository.numbers(triton.repository / "mlp") == [2]
+            finally:
+                await a.close()
+
+        asyncio.run(go())

@@ -135,6 +135,7 @@ def test_kserve_takes_v2_under_load_with_zero_failures_and_refuses_bad_versions(
     for _, version, data in results:
         assert close(data, answers[version]), version
     record = server_row(st)["server"]["record"]
+    print(f"KServe v1 -> v2: {len(results)} requests, none failed; load record {record}")
     assert record["ok"] and record["version"] == "v2" and record["mode"] == "repository_load"
     assert record["bytes_read"] == (v2 / "model.safetensors").stat().st_size
     site.wait(lambda st: (rollout_of(st, "v2") or {}).get("phase") == "done", "the v2 rollout done")

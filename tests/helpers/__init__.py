@@ -17,4 +17,6 @@
   stall, or answer "missing", for the sync engine's fault tests.
 * `s3` — a real SeaweedFS, the hook as a process or in-process server, a throttling proxy.
 * `versions` — versions built chunk by chunk, an in-memory store, weights that take small steps.
+* `kserve` — a real KServe ModelServer serving Fabric's KServe model; small MLP version folders
+  and their expected answers computed with torch.
 """
