@@ -45,14 +45,16 @@ def _load(path: Path) -> TrustPolicy:
 
 
 def _pub(value: str):
-    return load_public_key(Path(value)) if Path(value).is_file() else load_public_key(value)
+    return load_public_key(value)  # a .pub file's path, or the key's PEM or base64 text
 
 
 def _default_name(value: str, name: Optional[str]) -> Optional[str]:
     if name is not None:
         return name
-    p = Path(value)
-    return p.stem if p.is_file() else None
+    try:
+        return Path(value).stem if Path(value).is_file() else None
+    except OSError:  # PEM text given as --key: no such file (or a name too long for one)
+        return None
 
 
 @trust_app.command("add")
