@@ -9,7 +9,11 @@ swaps the live module from v1 to the successor and back, `--repeat` times each w
 while a client thread runs requests against it without pause:
 
 * `in-place` and `double-buffered`: `agents.worker.hotloader.LiveModule.load` with the
-  versions' manifests (reads and verifies only the changed tensors);
+  versions' manifests (reads and verifies only the changed tensors). Each version
+  folder carries the site seal a site agent writes (`fabric.core.seal`, made here by
+  the agent's own re-read, `fabric.pull.verify_tree`), so these rows check the bytes
+  against it; `in-place, BLAKE3` ignores the seal (`seal=False`: the chunk ids, as
+  without a seal), `in-place, unverified` checks nothing but file sizes (`verify=False`);
 * `load_file, locked`: `safetensors.torch.load_file` + `load_state_dict` with the
   request lock held (the plain way to never serve a mix);
 * `load_file, then copy`: `load_file` outside the lock, `load_state_dict` under it.
@@ -36,8 +40,11 @@ from safetensors.torch import load_file, save_file
 
 from agents.worker.hotloader import LiveModule, RWLock
 from bench import md_table
+from fabric.core import seal
 from fabric.core.manifest import Manifest
 from fabric.publish import publish
+from fabric.fileio import replace_file
+from fabric.pull import verify_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 GAP = 0.2  # seconds between swaps, so requests resume in between
@@ -87,6 +94,9 @@ def write_versions(folder: Path, size: float, n: int) -> tuple[list[tuple[int, i
         save_file(sd, str(d / "model.safetensors"))
         target = _ManifestOnly()
         publish(d, artifact="bench", target=target, version=name)
+        sealer = seal.Sealer()  # what a site agent writes beside a version it pulled
+        verify_tree(target.manifest, d, sealer)
+        replace_file(d / seal.SEAL_FILE, sealer.encode(target.manifest))
         out[name] = (d, target.manifest)
     return shapes, out
 
@@ -127,8 +137,8 @@ class Client:
         return [(b - a) * 1e3 for a, b in self.spans if any(a < w1 and b > w0 for w0, w1 in windows)]
 
 
-def bench_loader(mode: str, base: torch.nn.Module, versions, target: str, repeat: int) -> dict:
-    live = LiveModule(base, mode=mode, manifest=versions["v1"][1])
+def bench_loader(mode: str, base: torch.nn.Module, versions, target: str, repeat: int, **options) -> dict:
+    live = LiveModule(base, mode=mode, manifest=versions["v1"][1], **options)
 
     def serve():
         class _S:
@@ -140,7 +150,7 @@ def bench_loader(mode: str, base: torch.nn.Module, versions, target: str, repeat
                 return s.cm.__exit__(*e)
         return _S()
 
-    swaps, pauses, windows, read = [], [], [], 0
+    swaps, pauses, windows, read, how = [], [], [], 0, set()
     for name in (target, "v1"):  # warm-up round trip, not measured (first-touch page faults)
         live.load(*versions[name])
     with Client(serve) as client:
@@ -152,8 +162,9 @@ def bench_loader(mode: str, base: torch.nn.Module, versions, target: str, repeat
                 swaps.append(rep.seconds)
                 pauses.append(rep.pause_ms)
                 read = rep.bytes_read
+                how.add(f"{rep.verified}" + (f" (fallback: {rep.seal_fallback})" if rep.seal_fallback else ""))
                 time.sleep(GAP)
-    return _row(swaps, pauses, client.during(windows), read)
+    return dict(_row(swaps, pauses, client.during(windows), read), verified=", ".join(sorted(how)))
 
 
 def bench_full_reload(base: torch.nn.Module, versions, target: str, repeat: int, locked: bool) -> dict:
@@ -221,28 +232,36 @@ def main(argv: list[str] | None = None) -> str:
     base = Weights(shapes)
     base.load_state_dict(load_file(str(versions["v1"][0] / "model.safetensors")))
 
-    rows = []
+    rows, ratios = [], []
     for target, label in (("v10", "10%"), ("v100", "100%")):
         results = [
             ("in-place", bench_loader("in-place", base, versions, target, args.repeat)),
+            ("in-place, BLAKE3", bench_loader("in-place", base, versions, target, args.repeat, seal=False)),
+            ("in-place, unverified", bench_loader("in-place", base, versions, target, args.repeat, verify=False)),
             ("double-buffered", bench_loader("double-buffered", base, versions, target, args.repeat)),
             ("load_file, locked", bench_full_reload(base, versions, target, args.repeat, locked=True)),
             ("load_file, then copy", bench_full_reload(base, versions, target, args.repeat, locked=False)),
         ]
         for method, r in results:
-            rows.append([method, label, f"{r['read'] / 1e6:,.0f}", f"{r['swap_s']:.3f} / {r['swap_max']:.3f}",
+            rows.append([method, label, r.get("verified", "none"), f"{r['read'] / 1e6:,.0f}", f"{r['swap_s']:.3f} / {r['swap_max']:.3f}",
                          f"{r['gbps']:.2f}",
                          f"{r['pause_ms']:.2f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", f"{r['max']:.2f}", r["n"]])
             print(" | ".join(map(str, rows[-1])), flush=True)
+        rate = {m: r["gbps"] for m, r in results}
+        ratios.append(f"{label} changed: in-place with the seal reads at {rate['in-place'] / rate['load_file, locked']:.2f}x "
+                      f"load_file's rate (BLAKE3 {rate['in-place, BLAKE3'] / rate['load_file, locked']:.2f}x, "
+                      f"unverified {rate['in-place, unverified'] / rate['load_file, locked']:.2f}x)")
+        print(ratios[-1], flush=True)
     shutil.rmtree(folder, ignore_errors=True)
-    table = md_table(["method", "tensors changed", "MB read", "swap s (median / max)", "read GB/s (median)",
+    table = md_table(["method", "tensors changed", "checked by", "MB read", "swap s (median / max)", "read GB/s (median)",
                       "pause ms (max)",
                       "request ms p50", "p99", "max", "requests during swaps"], rows)
     note = (f"\n\nModel: {args.tensors} float32 tensors, {size / 1e9:.2f} GB; {args.repeat} swaps each way per "
             "row; files in the page cache. `pause`: longest time new requests could not start "
             "(in-place: drain + copy + check under the write lock; double-buffered: the reference swap). "
-            "The hot-loader also verifies every byte it reads against the manifest's BLAKE3 chunk ids; the "
-            "load_file rows verify nothing.")
+            "`checked by`: how the hot-loader checked the bytes it read (the site seal's xxh3-128, the "
+            "manifest's BLAKE3 chunk ids, or not at all); the load_file rows verify nothing.\n\n"
+            + "\n".join(f"* {r}" for r in ratios))
     print("\n" + table + note)
     return table + note
 

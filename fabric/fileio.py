@@ -1,4 +1,4 @@
-"""Writing big files: preallocated, in slices of 64 KiB.
+"""Writing files: big ones preallocated, in slices of 64 KiB; small ones replaced whole.
 
 Linux's page cache sizes the folios it allocates for a write by the write's length, so
 one 8 MiB `write` asks for large folios, and on a VM whose host reclaims freed guest
@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import uuid
 
 WRITE_SLICE = 64 << 10
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -46,3 +47,14 @@ def write_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> None:
         done = 0
         while done < len(view):
             done += os.write(fd, view[done:done + WRITE_SLICE])
+
+
+def replace_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write `path` whole: a temp name beside it, fsync, rename (a reader sees old or new)."""
+    path = os.fspath(path)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

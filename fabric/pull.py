@@ -25,6 +25,8 @@ chunk there as a reference to its place in the file: the store holds the chunk
 without a second copy, and a pull that is killed resumes from the references it
 made durable. Where linking is impossible (store not local, another file system),
 `packed` is False and the caller stores chunks itself.
+A site's sink (`Sink.seal`) also seals each chunk written (`fabric.core.seal`) and
+writes the seal into the staging folder before the rename (a reused folder: as it is re-read).
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from fabric.core import digest
+from fabric.core import digest, seal
 from fabric.core.manifest import Manifest
 from fabric.errors import (ChunkNotFound, CorruptChunk, DestinationExists, FabricError, IntegrityError,
                            InvalidManifest, MissingChunks, StoreFull)
-from fabric.fileio import create_sized, pwrite_all
+from fabric.fileio import create_sized, pwrite_all, replace_file
 from fabric.logs import get_logger
 from fabric.store.packs import PackRef
 from fabric.store.registry import Registry
@@ -90,8 +92,9 @@ class Assembly:
     """The files of `manifest`, being written under a staging folder next to `dest`."""
 
     def __init__(self, manifest: Manifest, dest: str | os.PathLike, *, overwrite: bool = False,
-                 pack_into: Store | None = None):
+                 pack_into: Store | None = None, sealed: bool = False):
         self.manifest = manifest
+        self.sealer = seal.Sealer() if sealed else None  # each written (verified) chunk's xxh3-128
         self.dest = Path(dest).absolute()
         check_dest(self.dest, overwrite)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +147,8 @@ class Assembly:
             if chunk_id in self._written or chunk_id not in self._places:
                 return False
             self._written.add(chunk_id)
+        if self.sealer is not None:
+            self.sealer.add(chunk_id, data)
         self._guard(self._pwrite_all, chunk_id, data)
         return True
 
@@ -210,6 +215,8 @@ class Assembly:
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
                 os.chmod(path, entry.mode)
+            if self.sealer is not None:
+                replace_file(self.staging / seal.SEAL_FILE, self.sealer.encode(self.manifest))
             _swap_into_place(self.staging, self.dest)
         self._guard(finish)
 
@@ -248,6 +255,7 @@ class Sink:
     private: bool = True  # the store is a private cache: chunks durable at its next flush
     reuse: bool = False  # a folder already at `dest` is this version, built before: verify, keep
     must_record: bool = False  # failing to record the version in the registry fails the pull
+    seal: bool = False  # write the site seal (fabric.core.seal) beside the files
 
     @classmethod
     def folder(cls, dest: str | os.PathLike, *, overwrite: bool = False, pack: bool = False) -> "Sink":
@@ -260,7 +268,7 @@ class Sink:
         the agent activates afterwards. The site's store serves other sites at once, and
         its registry is what they (and its workers) read, so recording the version must
         succeed."""
-        return cls(Path(folder), private=False, reuse=True, must_record=True)
+        return cls(Path(folder), private=False, reuse=True, must_record=True, seal=True)
 
 
 @dataclass(frozen=True)
@@ -308,10 +316,13 @@ async def pull(store: Store, manifest: Manifest, sink: Sink, *, upstream: Upstre
         stats = await _fetch(store, manifest, sink, upstream, store_sink(store, defer=sink.private), progress)
         if on_fetched:
             on_fetched(stats)
-        await asyncio.to_thread(verify_tree, manifest, sink.dest)
+        sealer = seal.Sealer() if sink.seal else None
+        await asyncio.to_thread(verify_tree, manifest, sink.dest, sealer)
+        if sealer is not None:
+            await asyncio.to_thread(lambda: replace_file(sink.dest / seal.SEAL_FILE, sealer.encode(manifest)))
     else:  # build the folder as chunks arrive; the ones the store held are copied after
         assembly = await asyncio.to_thread(Assembly, manifest, sink.dest, overwrite=sink.overwrite,
-                                           pack_into=store if sink.pack else None)
+                                           pack_into=store if sink.pack else None, sealed=sink.seal)
         try:
             stats = await _assemble(store, manifest, sink, assembly, upstream, progress, on_fetched)
             await asyncio.to_thread(assembly.commit)
@@ -412,15 +423,18 @@ async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: s
     return result, manifest
 
 
-def verify_tree(manifest: Manifest, folder: Path) -> None:
-    """Re-read a materialised version and check every chunk against its id."""
+def verify_tree(manifest: Manifest, folder: Path, sealer: seal.Sealer | None = None) -> None:
+    """Re-read a materialised version and check every chunk against its id (and seal it)."""
     for entry in manifest.files:
         path = folder / entry.path
         if not path.is_file() or path.stat().st_size != entry.size:
             raise IntegrityError(f"{path}: missing or wrong size")
         with open(path, "rb") as f:
             for cid, size in entry.chunks:
-                digest.verify(cid, f.read(size))
+                data = f.read(size)
+                digest.verify(cid, data)
+                if sealer is not None:
+                    sealer.add(cid, data)
 
 
 def _swap_into_place(staging: Path, dest: Path) -> None:

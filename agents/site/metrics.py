@@ -30,7 +30,7 @@ class AgentMetrics:
                                  ["source"], registry=registry)
         self.bad_chunks = Counter("fabric_agent_bad_chunks", "Chunks refused: they failed verification, by source",
                                   ["source"], registry=registry)
-        self.deploys = Counter("fabric_agent_deploys", "Deploys by outcome (activated, failed)", ["outcome"],
+        self.deploys = Counter("fabric_agent_deploys", "Deploys by outcome (activated, failed, refused)", ["outcome"],
                                registry=registry)
         self.deploy_seconds = Histogram("fabric_agent_deploy_seconds", "Time to deploy a version, by outcome",
                                         ["outcome"], buckets=_DEPLOY_BUCKETS, registry=registry)
@@ -44,9 +44,27 @@ class AgentMetrics:
         self.high_watermark = Gauge("fabric_agent_disk_high_watermark_ratio",
                                     "retention.high_watermark: above it the agent keeps fewer old versions",
                                     registry=registry)
-        self._all = [self.active, self.sync_done, self.sync_expected, self.by_source, self.bad_chunks, self.deploys,
+        # signed versions (agents.site.trust)
+        self.signature_refusals = Counter("fabric_agent_signature_refusals",
+                                          "Signed statements refused by the trust policy, by error code", ["code"],
+                                          registry=registry)
+        self.statement_expiry = Gauge("fabric_agent_channel_statement_expiry_timestamp_seconds",
+                                      "When the channel statement this site accepted last expires (Unix time)",
+                                      ["artifact", "channel"], registry=registry)
+        self.channel_stale = Gauge("fabric_agent_channel_stale",
+                                   "1 while the channel's accepted statement has expired (its version keeps serving)",
+                                   ["artifact", "channel"], registry=registry)
+        self.channel_trust = Gauge("fabric_agent_channel_trust",
+                                   "1 for the channel's trust state (verified, unsigned, stale, refused)",
+                                   ["artifact", "channel", "state"], registry=registry)
+        self.seal_fallbacks = Counter("fabric_agent_seal_fallbacks",
+                                      "Worker loads that checked bytes with BLAKE3 because the site seal was "
+                                      "missing, malformed, stale, incomplete or did not match", ["reason"],
+                                      registry=registry)
+        self._all = [self.seal_fallbacks, self.active, self.sync_done, self.sync_expected, self.by_source, self.bad_chunks, self.deploys,
                      self.deploy_seconds, self.activation_seconds, self.canary_rejections, self.disk,
-                     self.high_watermark]
+                     self.high_watermark, self.signature_refusals, self.statement_expiry, self.channel_stale,
+                     self.channel_trust]
 
     def register(self, registry) -> None:
         """Serve these metrics from `registry` (a `prometheus_client.CollectorRegistry`)."""
@@ -65,6 +83,10 @@ class AgentMetrics:
         self.deploys.labels(outcome).inc()
         if seconds is not None:
             self.deploy_seconds.labels(outcome).observe(seconds)
+
+    def count_seal_fallback(self, reason: str) -> None:
+        known = ("missing", "malformed", "stale", "incomplete", "mismatch")  # agents.worker.sealcheck.REASONS
+        self.seal_fallbacks.labels(reason if reason in known else "other").inc()
 
     def count_rejection(self, artifact: str) -> None:
         self.canary_rejections.labels(artifact).inc()

@@ -43,7 +43,8 @@ from fabric.logs import get_logger
 
 from agents.worker.buffers import Buffer, RWLock
 from agents.worker.copying import Copier, bytes_of
-from agents.worker.files import VersionFiles, old_files, segment_size, verify_tensors
+from agents.worker.files import VersionFiles, old_files, verify_tensors  # noqa: F401 - hotloader re-exports it
+from agents.worker.sealcheck import LoadCheck
 from agents.worker.fit import DTYPES, ModuleTensors
 from fabric.core.manifest import Manifest, TensorEntry
 
@@ -71,6 +72,8 @@ class LoadReport:
     catch_up_s: float = 0.0  # double-buffered: bringing the spare buffer to the live version
     check_ms: float = 0.0
     pause_ms: float = 0.0  # in-place: requests could not start; double-buffered: the swap itself
+    verified: str | None = None  # how the changed bytes were checked: "seal", "blake3", "off" (None: no bytes)
+    seal_fallback: str | None = None  # why some were checked with BLAKE3 instead of the site seal
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -109,6 +112,8 @@ class LiveModule:
             check fails (without it, or once they are gone, it copies the tensors a load
             overwrites into host memory first).
         verify: check the changed tensors' bytes against the manifest before loading.
+        seal: check them against the site seal the agent wrote (`agents.worker.sealcheck`)
+            where it is there and valid, instead of re-hashing them with BLAKE3.
         strict: every module tensor must be in the version and every version tensor in
             the module (as `load_state_dict(strict=True)`), by the rules of
             `agents.worker.fit` (non-persistent buffers, ties, the model's ignore lists).
@@ -119,13 +124,13 @@ class LiveModule:
                  golden_input: Any = None, golden_output: torch.Tensor | None = None,
                  tolerance: float | None = None, health_timeout: float = 30.0, version: str | None = None,
                  manifest: Manifest | None = None, folder: str | os.PathLike | None = None,
-                 verify: bool = True, strict: bool = True, stage_bytes: int = 32 << 20):
+                 verify: bool = True, strict: bool = True, stage_bytes: int = 32 << 20, seal: bool = True):
         if mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
         self.health_check, self.golden_input, self.golden_output = health_check, golden_input, golden_output
         self.tolerance, self.health_timeout = tolerance, health_timeout
-        self.verify, self.strict = verify, strict
+        self.verify, self.strict, self.seal = verify, strict, seal
         version = manifest.version if manifest is not None else version
         folder = Path(folder) if folder is not None and manifest is not None else None
         self._live = Buffer(module, version, manifest, folder=folder)
@@ -205,7 +210,8 @@ class LiveModule:
         old = old_files(buf, changed)  # the overwritten tensors' bytes, if the old files are there
         try:
             restore = old.pairs(changed, targets) if old else self._backup(changed, targets)
-            rep.verify_s = self._verify(files, changed, manifest)
+            check = self._verify(files, changed, manifest, targets)
+            rep.verify_s = check.seconds
             if any(targets[t.name].is_cuda for t in changed):
                 torch.cuda.synchronize()  # the backup's device-to-host copies ran while we verified
             failure, out = None, None
@@ -213,7 +219,7 @@ class LiveModule:
             with self._rw.write():
                 try:
                     t1 = time.perf_counter()
-                    self._copy((files.tensor(t), targets[t.name]) for t in changed if t.length)
+                    check.copy(self._copy)  # with a seal, checks what it copies: a mismatch restores
                     rep.copy_s = time.perf_counter() - t1
                     failure, rep.check_ms, out = self._check(buf.module)
                 except BaseException:  # restore, whatever broke the copy
@@ -225,6 +231,7 @@ class LiveModule:
                     buf.version, buf.manifest, buf.dirty, buf.folder = manifest.version, manifest, set(), folder
                 rep.pause_ms = (time.perf_counter() - t_ask) * 1e3
             del restore
+            check.report(rep)
         finally:
             rep.bytes_read = files.bytes_read
             files.close()
@@ -250,7 +257,8 @@ class LiveModule:
         try:
             # verify first, then copy: overlapping the two in threads measured slower on a
             # 16-core GPU host (hashing and copying compete for cores and memory bandwidth)
-            rep.verify_s = self._verify(files, changed, manifest)
+            check = self._verify(files, changed, manifest, targets)
+            rep.verify_s = check.seconds
             shadow.dirty |= lagging | names
             t1 = time.perf_counter()
             source = dict(live.module.state_dict(keep_vars=True))
@@ -259,7 +267,8 @@ class LiveModule:
                     targets[name].detach().copy_(source[name].detach())
             rep.catch_up_s = time.perf_counter() - t1
             t1 = time.perf_counter()
-            self._copy((files.tensor(t), targets[t.name]) for t in changed if t.length)
+            check.copy(self._copy)
+            check.report(rep)
             if any(targets[n].is_cuda for n in lagging):
                 torch.cuda.synchronize()
             rep.copy_s = time.perf_counter() - t1
@@ -333,16 +342,14 @@ class LiveModule:
         old = tensors.match(buf.manifest, self.strict)[0] if buf.manifest is not None else {}
         return [t for name, t in new.items() if name in buf.dirty or _differs(old.get(name), t)]
 
-    def _verify(self, files: VersionFiles, changed: list[TensorEntry], manifest: Manifest) -> float:
-        """Check the changed tensors' bytes (and files' sizes); returns the seconds it took."""
-        t0 = time.perf_counter()
-        files.prefetch(changed)
-        if self.verify:
-            verify_tensors(files, changed, segment_size(manifest))
-        else:
-            for rel in {t.file for t in changed}:
-                files._map(rel)  # sizes are checked on opening
-        return time.perf_counter() - t0
+    def _verify(self, files: VersionFiles, changed: list[TensorEntry], manifest: Manifest,
+                targets: dict[str, torch.Tensor]) -> LoadCheck:
+        """Check the files' sizes and what must pass before any weight changes: the changed
+        tensors' bytes against the site seal or with BLAKE3, except CPU targets with a seal,
+        which `copy` checks as it copies them (`agents.worker.sealcheck`)."""
+        check = LoadCheck(files, changed, targets, manifest, verify=self.verify, use_seal=self.seal)
+        check.before_copy()
+        return check
 
     # --- health --------------------------------------------------------------------------
 
