@@ -12,12 +12,9 @@ tensors do not match the served one (a name, shape or dtype) is refused with the
 server's 503 "not ready" answer and the old version keeps serving, as Triton does when
 a reload fails. At start the newest version on disk, if any, is loaded.
 
-The network: every `<prefix>.weight` ([out, in]) with its optional `<prefix>.bias`
-([out]) of every `*.safetensors` file in the folder is a dense layer; layers run in the
-natural order of their prefixes (`0`, `2`, `layers.10` after `layers.9`), with ReLU
-between them, exactly what `torch.nn.Sequential(Linear, ReLU, Linear, …)` computes
-from its `state_dict`. Input: one FP32 tensor [batch, in]; output `output` FP32
-[batch, out]; the response's `model_version` is the Fabric version laid out.
+The network is agents/serving/dense.py's (a dense net, ReLU between layers). Input: one
+FP32 tensor [batch, in]; output `output` FP32 [batch, out]; the response's
+`model_version` is the Fabric version laid out.
 
 KServe's ModelServer binds 0.0.0.0 itself; `--host` (default 127.0.0.1) rebinds it.
 """
@@ -26,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 from agents.serving import v2_repository
+from agents.serving.dense import Dense
 
 # kserve's model_server parses sys.argv at import time (parse_known_args): it must not
 # see ours (`--model` would abbreviate its `--model_name`). Hide them during the import.
@@ -48,59 +43,6 @@ finally:
     sys.argv = _argv
 
 MAX_BATCH = 4096
-
-
-def _natural(prefix: str) -> list:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", prefix)]
-
-
-class Dense:
-    """The layers read from a version folder, and their forward pass (numpy, float32)."""
-
-    def __init__(self, tensors: dict[str, np.ndarray]):
-        self.signature = {k: (tuple(v.shape), str(v.dtype)) for k, v in tensors.items()}
-        prefixes = sorted({k[: -len(".weight")] for k in tensors if k.endswith(".weight")}, key=_natural)
-        extra = set(tensors) - {f"{p}.{s}" for p in prefixes for s in ("weight", "bias")}
-        if not prefixes or extra:
-            raise ValueError(f"not a dense network: no '<layer>.weight' tensor or foreign tensors {sorted(extra)}")
-        self.layers: list[tuple[np.ndarray, np.ndarray | None]] = []
-        width = None
-        for p in prefixes:
-            w, b = tensors[f"{p}.weight"], tensors.get(f"{p}.bias")
-            if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
-                raise ValueError(f"tensor {p}.weight: expected a 2-D float matrix, got {w.dtype} {list(w.shape)}")
-            if width is not None and w.shape[1] != width:
-                raise ValueError(f"tensor {p}.weight has shape {list(w.shape)}: its input width must be {width}")
-            if b is not None and tuple(b.shape) != (w.shape[0],):
-                raise ValueError(f"tensor {p}.bias has shape {list(b.shape)}, expected [{w.shape[0]}]")
-            self.layers.append((w.astype(np.float32), None if b is None else b.astype(np.float32)))
-            width = w.shape[0]
-        self.inputs, self.outputs = self.layers[0][0].shape[1], width
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> "Dense":
-        from safetensors.numpy import load_file
-        tensors: dict[str, np.ndarray] = {}
-        for root, _dirs, files in os.walk(folder, followlinks=True):
-            for name in sorted(files):
-                if name.endswith(".safetensors"):
-                    for k, v in load_file(os.path.join(root, name)).items():
-                        if k in tensors:
-                            raise ValueError(f"tensor {k} is in two files of {folder}")
-                        tensors[k] = v
-        if not tensors:
-            raise ValueError(f"no .safetensors file in {folder}")
-        return cls(tensors)
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float32, copy=False)
-        for i, (w, b) in enumerate(self.layers):
-            x = x @ w.T
-            if b is not None:
-                x = x + b
-            if i < len(self.layers) - 1:
-                x = np.maximum(x, 0)
-        return x
 
 
 class FabricModel(kserve.Model):

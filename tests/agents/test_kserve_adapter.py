@@ -212,7 +212,7 @@ class TritonStandIn:
         from aiohttp import web
 
         async def load(request):
-            from agents.serving.kserve_model import Dense
+            from agents.serving.dense import Dense
             name = request.match_info["m"]
             found = v2_repository.newest(self.repository / name)
             try:
