@@ -198,7 +198,7 @@ class DelegationsStatement:
     def to_json(self) -> dict:
         return {"_type": DELEGATIONS_TYPE, "version": self.version, "expires": format_time(self.expires),
                 "keys": {k: {"public": pub.b64} for k, pub in self.keys.items()},
-                "rules": [r.to_json() for r in self.rules], "revoked": sorted(self.revoked)}
+                "rules": [r.to_json() for r in self.rules], "revoked": list(self.revoked)}
 
     @classmethod
     def from_json(cls, obj: object) -> "DelegationsStatement":
@@ -236,7 +236,7 @@ _BY_TYPE = {VERSION_TYPE: VersionStatement, CHANNEL_TYPE: ChannelStatement, DELE
 def parse_statement(obj: object) -> Statement:
     """The typed statement `obj` (parsed JSON) is, by its `_type`."""
     kind = obj.get("_type") if isinstance(obj, dict) else None
-    if kind not in _BY_TYPE:
+    if not isinstance(kind, str) or kind not in _BY_TYPE:
         raise StatementMalformed(f"statement _type must be one of {', '.join(_BY_TYPE)}, got {str(kind)[:80]!r}")
     return _BY_TYPE[kind].from_json(obj)
 

@@ -6,12 +6,14 @@ import base64
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fabric.core.limits import MAX_STATEMENT_BYTES
-from fabric.errors import StatementMalformed, StatementMismatch, StatementNotCanonical
-from fabric.trust import Envelope, VersionStatement, canonical, digest, sign
+from fabric.errors import SignatureError, StatementMalformed, StatementMismatch, StatementNotCanonical
+from fabric.trust import Envelope, Verifier, VersionStatement, canonical, digest, sign
 from fabric.trust.envelope import MAX_SIGNATURES, PAYLOAD_TYPE, decode_canonical, pae
-from helpers.trust import MANIFEST_A, MANIFEST_B, seed_key
+from helpers.trust import MANIFEST_A, MANIFEST_B, policy, seed_key
 
 K1, K2 = seed_key(1), seed_key(2)
 
@@ -131,3 +133,55 @@ def test_sign_refuses_a_statement_a_verifier_would_refuse():
         sign({"_type": "fabric.version/v1", "artifact": "x"}, [K1])
     with pytest.raises(StatementMalformed):
         sign(VersionStatement("llama3", "v1", MANIFEST_B), [])
+
+
+# --- generated inputs: canonical round trips, and hostile envelopes raise only refusals ---------------
+
+_values = st.recursive(
+    st.booleans() | st.integers(0, 2 ** 53 - 1) | st.text(st.characters(blacklist_categories=("Cs",)), max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text("abc_Z", max_size=4), inner, max_size=4),
+    max_leaves=12)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 2 ** 60) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=10)
+_FIELDS = st.sampled_from(["payload", "payloadType", "signatures", "keyid", "sig", "_type", "artifact",
+                           "version", "manifest", "sequence", "keys", "rules", "public", "threshold"])
+_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@_SETTINGS
+@given(_values)
+def test_canonical_bytes_decode_to_the_same_value(value):
+    data = canonical({"v": value})
+    assert decode_canonical(data, "x") == {"v": value}
+
+
+def _envelope_obj() -> dict:
+    return json.loads(_env((K1, K2)).to_bytes())
+
+
+@_SETTINGS
+@given(st.data())
+def test_any_change_to_an_envelope_is_accepted_only_if_it_still_verifies_and_raises_only_refusals(data):
+    v = Verifier(policy((["llama*"], [K1, K2], 2)))
+    obj = _envelope_obj()
+    statement = json.loads(base64.b64decode(obj["payload"]))
+    where = data.draw(st.sampled_from(["envelope", "signature", "statement"]))
+    target = {"envelope": obj, "signature": obj["signatures"][0], "statement": statement}[where]
+    key = data.draw(st.sampled_from(sorted(target)) | _FIELDS)
+    if data.draw(st.booleans()):
+        target[key] = data.draw(_json)
+    else:
+        target.pop(key, None)
+    obj["payload"] = _b64(json.dumps(statement, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    if data.draw(st.booleans()):
+        cut = data.draw(st.integers(0, len(blob)))
+        blob = blob[:cut] + data.draw(st.binary(max_size=3)) + blob[cut + 1:]
+    try:
+        got = v.verify_version(blob, "llama3", "v1", MANIFEST_A)
+    except SignatureError:
+        return
+    assert got.statement == VersionStatement("llama3", "v1", MANIFEST_A, 1796180000)  # only the true statement passes

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fabric.errors import StatementMalformed
 from fabric.trust import ChannelStatement, DelegationsStatement, VersionStatement, next_channel_statement
@@ -95,3 +97,25 @@ def test_next_channel_statement_is_the_previous_sequence_plus_one_and_expires_la
     assert (s.sequence, s.action, s.signed_at, s.expires) == (42, "rollback", T, T + 7 * 86400)
     with pytest.raises(StatementMalformed):
         next_channel_statement("llama3", "prod", "v2", MANIFEST_A, "sideways", 0, 60)
+
+
+_ANY = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 60) | st.floats(allow_nan=False) |
+                    st.text(max_size=70) | st.sampled_from([K1.keyid, K1.public.b64, MANIFEST_A, "2026-12-02T02:53:20Z",
+                                                            "fabric.delegations/v1", "llama*"]),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                        st.sampled_from(["public", "artifacts", "channels", "keys", "threshold", K1.keyid, "x"]),
+                        inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["version", "channel", "delegations"]), st.data())
+def test_any_field_value_is_parsed_or_refused_as_malformed_never_crashes(kind, data):
+    good = {"version": VersionStatement("llama3", "v1", MANIFEST_A, T).to_json(), "channel": _channel(),
+            "delegations": _delegations()}[kind]
+    field = data.draw(st.sampled_from(sorted(good)))
+    good[field] = data.draw(_ANY)
+    try:
+        stmt = parse_statement(good)
+    except StatementMalformed:
+        return
+    assert stmt.to_json() == good  # what parses is exactly what was written
