@@ -50,7 +50,11 @@ class ServerMember:
         """Join the rollout as a worker serving what the server reports now."""
         from agents.site.rollout import Worker
 
-        serving = await self.adapter.serving()
+        try:
+            serving = await self.adapter.serving()
+        except Exception as e:  # noqa: BLE001 - a server that cannot say joins as serving nothing known
+            log.warning("server cannot say what it serves", server=self.cfg.name, error=repr(e))
+            serving = None
         w = Worker(self.cfg.name, self.cfg.artifact, owner=None, mode=self.cfg.kind, serving=serving)
         followed = self.rollout.site.channels.get(self.cfg.artifact)
         w.channel = followed.channel if followed else None
@@ -79,7 +83,12 @@ class ServerMember:
                         await asyncio.sleep(1.0)
                     continue
                 self.done = a.seq
-                await self._act(w, a)
+                try:
+                    await self._act(w, a)
+                except Exception as e:  # noqa: BLE001 - the member outlives a bug, and says so
+                    log.error("server member failed", server=self.cfg.name, seq=a.seq, error=repr(e))
+                    self.rollout.report(w.id, {"seq": a.seq, "version": a.version, "ok": False,
+                                               "error": f"server_error: the agent failed: {e!r}", "serving": None})
         finally:
             await self.adapter.close()
 

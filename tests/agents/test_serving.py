@@ -45,8 +45,8 @@ def server(kind, v1, **kw):
     return ServerThread(s).start()
 
 
-def adapter(t: ServerThread, *, token=None, expect=" Paris", **extras):
-    cfg = ServerConfig("s1", t.server.kind, t.url, "tiny", token=token,
+def adapter(t: ServerThread, *, name="s1", token=None, expect=" Paris", **extras):
+    cfg = ServerConfig(name, t.server.kind, t.url, "tiny", artifact="m", token=token,
                        health=HealthCheck({"prompt": "The capital of France is", "max_tokens": 2}, expect=expect),
                        timeouts=Timeouts(connect_s=1, load_s=1.0, health_s=2.0, pause_s=0.5), extras=extras)
     return build_adapter(cfg)
@@ -335,3 +335,59 @@ def test_the_documented_block_and_record_follow_the_code(tmp_path):
     assert build_adapter(cfg).extension
     record = json.loads(re.findall(r"^```json\n(.*?)^```", text, re.S | re.M)[0])
     assert set(record) == set(LoadRecord(None, ok=True).to_json())
+
+
+
+def test_a_refused_canary_is_rejected_and_only_checked_back_the_others_never_asked(versions):
+    """Two members of a real Rollout: SGLang refuses v2 at the canary (it kept v1): the version is
+    rejected with the reason, the canary is checked (not updated again), the vLLM member never sees v2."""
+    from types import SimpleNamespace
+
+    from agents.site.rollout import Rollout
+    from agents.site.servers import ServerMember
+
+    ta, tb = server("sglang", versions["v1"]), server("vllm", versions["v1"])
+    rejected = []
+
+    async def reject_version(artifact, version, previous, reason):
+        rejected.append((version, previous, reason))
+
+    site = SimpleNamespace(channels={"m": SimpleNamespace(channel="prod")}, registry=None,
+                           layout=SimpleNamespace(version_dir=lambda a, v: versions.get(v, Path("/nonexistent")),
+                                                  active=lambda a: None),
+                           reject_version=reject_version)
+
+    async def until(pred, ro):
+        for _ in range(200):
+            if pred():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(ro.status())
+
+    async def scenario():
+        ro = Rollout(site)
+        tasks = [asyncio.create_task(ServerMember(ro, adapter(t, name=n).config).run())
+                 for n, t in (("a", ta), ("b", tb))]
+        try:
+            await until(lambda: len(ro.workers) == 2, ro)
+            await ro.on_activated("m", "v1", None)
+            await until(lambda: ro.rollouts["m"].phase == "done", ro)
+            ta.server.faults.add("update_fails")
+            await ro.on_activated("m", "v2", "v1")
+            await until(lambda: ro.rollouts["m"].phase == "rejected" and ro.workers["a"].state == "serving", ro)
+            return ro.status()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        rows = {w["worker"]: w for w in asyncio.run(scenario())}
+    finally:
+        ta.stop()
+        tb.stop()
+    assert rejected and rejected[0][:2] == ("v2", "v1") and "canary a: server_refused" in rejected[0][2]
+    assert ta.server.loads == [str(versions["v1"]), str(versions["v2"])]  # v2 tried once, v1 not updated again
+    assert tb.server.loads == [str(versions["v1"])]  # never asked to load v2
+    assert rows["a"]["serving"] == "v1" and rows["a"]["server"]["record"]["mode"] == "unchanged"
+    assert rows["b"]["serving"] == "v1" and rows["b"]["server"]["kind"] == "vllm"
