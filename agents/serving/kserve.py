@@ -72,10 +72,7 @@ class KserveAdapter(HttpAdapter):
         self.last = rec
         try:
             await asyncio.to_thread(self._check_policy)
-            try:
-                n = await asyncio.to_thread(v2_repository.lay_out, self.model_dir, version, folder, self.template)
-            except OSError as e:
-                raise ServerRefused(f"server {self.name}: cannot lay out {folder}: {e.strerror or e}") from None
+            n = await self._repo(v2_repository.lay_out, self.model_dir, version, folder, self.template)
             rec.bytes_read = await asyncio.to_thread(folder_bytes, folder)
             await self._load_measured(rec, version, n)
         except FabricError as e:
@@ -83,12 +80,15 @@ class KserveAdapter(HttpAdapter):
             if previous is None:
                 await self._forget(version, rec.changed)
             return rec.fail(e)
-        keep = {n}
-        if previous is not None:
-            p = await asyncio.to_thread(v2_repository.find, self.model_dir, *previous)
-            keep |= {p} if p is not None else set()
-        await asyncio.to_thread(v2_repository.keep_only, self.model_dir, keep)
         rec.ok, self.loaded = True, version
+        try:
+            keep = {n}
+            if previous is not None:
+                p = await self._repo(v2_repository.find, self.model_dir, *previous)
+                keep |= {p} if p is not None else set()
+            await self._repo(v2_repository.keep_only, self.model_dir, keep)
+        except FabricError as e:  # it serves the new version; old folders stay until the next load
+            log.warning("v2 layout not pruned", server=self.name, version=version, error=e.message)
         return rec
 
     async def restore(self, previous: tuple[str, Path]) -> LoadRecord:
@@ -96,14 +96,11 @@ class KserveAdapter(HttpAdapter):
         version, folder = previous
         rec = LoadRecord(version, ok=False, mode="repository_load")
         try:
-            n = await asyncio.to_thread(v2_repository.find, self.model_dir, version, folder)
+            n = await self._repo(v2_repository.find, self.model_dir, version, folder)
             if n is None:
-                try:
-                    n = await asyncio.to_thread(v2_repository.lay_out, self.model_dir, version, folder, self.template)
-                except OSError as e:
-                    raise ServerRefused(f"server {self.name}: cannot lay out {folder}: {e.strerror or e}") from None
+                n = await self._repo(v2_repository.lay_out, self.model_dir, version, folder, self.template)
                 rec.bytes_read = await asyncio.to_thread(folder_bytes, folder)
-            await asyncio.to_thread(v2_repository.keep_only, self.model_dir, {n})
+            await self._repo(v2_repository.keep_only, self.model_dir, {n})
             await self._load_measured(rec, version, n)
         except FabricError as e:
             log.warning("v2 restore failed", server=self.name, version=version, error=e.message)
@@ -150,6 +147,15 @@ class KserveAdapter(HttpAdapter):
             return None
 
     # --- the steps ----------------------------------------------------------------------
+
+    async def _repo(self, fn, *args):
+        """A repository layout step, in a thread; a folder it cannot read or write is a refusal."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except (OSError, ValueError) as e:
+            what = getattr(e, "filename", None) or self.model_dir
+            raise ServerRefused(f"server {self.name}: the v2 repository layout failed at {what}: "
+                                f"{getattr(e, 'strerror', None) or e}") from None
 
     async def _load_measured(self, rec: LoadRecord, version: str, n: int) -> None:
         """POST the load with the probe running, wait until ready, run the golden request."""
@@ -204,7 +210,10 @@ class KserveAdapter(HttpAdapter):
         """A `model_version` as a Fabric version: Triton's numbers map through the repository index."""
         if not reported.isdigit():
             return reported
-        index = await asyncio.to_thread(v2_repository.read_index, self.model_dir)
+        try:
+            index = await asyncio.to_thread(v2_repository.read_index, self.model_dir)
+        except (OSError, ValueError):
+            return reported  # no index to read: the number is all it says
         return index.versions.get(int(reported), reported)
 
     def _check_policy(self) -> None:
@@ -221,7 +230,10 @@ class KserveAdapter(HttpAdapter):
 
     async def _forget(self, version: str, changed: bool) -> None:
         """A first load failed: nothing to go back to, so the bad version must not stay laid out (or loaded)."""
-        await asyncio.to_thread(v2_repository.keep_only, self.model_dir, set())
+        try:
+            await self._repo(v2_repository.keep_only, self.model_dir, set())
+        except FabricError as e:
+            log.warning("v2 layout not removed", server=self.name, version=version, error=e.message)
         if changed:
             try:
                 await self.client.call("POST", f"/v2/repository/models/{self.config.model}/unload", json={},
