@@ -190,11 +190,14 @@ def fabric_popen(*args, **kw) -> subprocess.Popen:
 # --- trees ----------------------------------------------------------------------------------
 
 def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
-    """Relative path → (sha256 of the bytes, permission bits) for every file under root."""
+    """Relative path → (sha256 of the bytes, permission bits) for every file under root,
+    but a site's seal (`.fabric-seal.json` at the top: Fabric's, not the version's; tests/agents/test_seal.py)."""
     out = {}
     for dirpath, _, names in os.walk(root):
         for name in names:
             p = Path(dirpath, name)
+            if name == ".fabric-seal.json" and Path(dirpath) == Path(root):
+                continue
             h = hashlib.sha256()
             with open(p, "rb") as f:
                 while block := f.read(8 << 20):
