@@ -2,7 +2,8 @@
 
 The commands live by group beside this module: artifacts.py (publish, pull, ls, show,
 promote, rollback, gc, fsck), serve.py (origin, hook, agent), site.py (status, pin,
-unpin), settings.py (`fabric config show`), trust.py (`fabric key generate`, `fabric trust …`)
+unpin), settings.py (`fabric config show`), trust.py (`fabric key generate`, `fabric trust …`),
+signing.py (`fabric sign`, `fabric verify`, `fabric trust publish`)
 and worker.py (`fabric worker …`). Shared
 options are in options.py; what the commands print, errors included, is in output.py;
 exit codes in exits.py.
@@ -20,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from fabric.cli import artifacts, exits, serve, site
+from fabric.cli import artifacts, exits, serve, signing, site
 from fabric.cli.output import fail
 from fabric.cli.settings import config_app
 from fabric.cli.trust import key_app, trust_app
@@ -29,7 +30,7 @@ from fabric.errors import InvalidInput
 
 app = typer.Typer(no_args_is_help=True,  # typer adds --install-completion and --show-completion
                   help="Fabric: replicate models and checkpoints to GPU sites.")
-for group in (artifacts, serve, site):
+for group in (artifacts, serve, site, signing):  # signing also adds `trust publish` to trust_app
     app.add_typer(group.commands)
 app.add_typer(config_app, name="config")
 app.add_typer(worker_app, name="worker")

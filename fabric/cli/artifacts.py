@@ -20,6 +20,7 @@ from fabric.cli.options import (JsonOpt, OriginOpt, S3EndpointOpt, S3KeyOpt, S3S
                                 open_local_store, open_registry, open_target, parse_meta, parse_rate,
                                 s3_options)
 from fabric.cli import exits
+from fabric.cli.signing import ExpiryOpt, SignKeyOpt, TrustOpt, load_trust, signer, warn_unsigned
 from fabric.cli.dryrun import DryRunTarget, existing_store, local_holds, publish_plan, pull_plan, remote_holds
 from fabric.cli.output import emit, errors, esc, out, progress_bar, size, table
 from fabric.config import load_client_config
@@ -27,6 +28,7 @@ from fabric.core.manifest import diff
 from fabric.errors import InvalidInput
 from fabric.publish import collect_files, publish as publish_fn
 from fabric.pull import check_dest, materialize, pull_remote
+from fabric.signing import SigningTarget, check_origin, check_ref
 from fabric.store.registry import Registry, parse_ref
 from fabric.transfer import FetchOptions
 from fabric.wire.client import OriginClient, RemoteRegistry, RemoteTarget, SyncOrigin
@@ -46,7 +48,7 @@ def publish(src: str = typer.Argument(..., help="File or folder to publish, or s
             meta: List[str] = typer.Option([], "--meta", help="Metadata key=value (repeatable)."),
             dry_run: bool = typer.Option(False, "--dry-run", help="Read and hash SRC, and report the chunks and "
                                          "bytes that are new vs already held where it would go; store nothing."),
-            quiet: bool = QuietOpt,
+            quiet: bool = QuietOpt, sign_key: Optional[str] = SignKeyOpt, statement_expiry: str = ExpiryOpt,
             store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
             token: Optional[str] = TokenOpt, as_json: bool = JsonOpt,
             s3_endpoint: Optional[str] = S3EndpointOpt, s3_access_key: Optional[str] = S3KeyOpt,
@@ -54,10 +56,12 @@ def publish(src: str = typer.Argument(..., help="File or folder to publish, or s
     """Publish SRC as a new immutable version of ARTIFACT (to --store or --origin).
 
     SRC may be objects in a bucket (s3://BUCKET/PREFIX/): they are streamed through
-    chunking without a local copy.
+    chunking without a local copy. With --sign-key, the committed version is signed and
+    the channel moved with a signed statement (sequence + 1, valid for --statement-expiry).
     """
     with errors(as_json):
         metadata = parse_meta(meta)
+        sig = None if dry_run else signer(sign_key, statement_expiry)  # a bad key fails before any upload
         s3 = s3_options(s3_endpoint, s3_access_key, s3_secret_key)
         if src.startswith("s3://"):
             from fabric.s3source import list_sources
@@ -73,14 +77,18 @@ def publish(src: str = typer.Argument(..., help="File or folder to publish, or s
         with open_target(store, origin, token, s3) as target, \
                 progress_bar(total, f"publish {artifact}", quiet) as progress, \
                 tracing.span("publish", artifact=artifact, version=version, channel=channel):
+            target = SigningTarget(target, sig) if sig else target
             r = publish_fn(source, artifact=artifact, target=target, version=version,
                            channel=channel, metadata=metadata, progress=progress)
         report = r.to_json()
-        report["bytes_sent"] = r.written_bytes if isinstance(target, RemoteTarget) else 0
+        report["bytes_sent"] = r.written_bytes if isinstance(getattr(target, "target", target), RemoteTarget) else 0
+        if sig:
+            report["signed_by"] = sig.keyids
 
         def human():
             out.print(f"published [bold]{esc(r.artifact)}@{esc(r.version)}[/bold]"
-                      + (f" → channel {esc(r.channel)}" if r.channel else ""))
+                      + (f" → channel {esc(r.channel)}" if r.channel else "")
+                      + (f", signed by {sig.keyids[0][:16]}…" if sig else ""))
             out.print(f"  files {r.files}, {size(r.bytes)} in {r.chunks} chunks; "
                       f"new {size(r.new_bytes)} ({r.new_chunks} chunks, {size(r.written_bytes)} stored or sent); "
                       f"deduplicated {r.dedup_ratio:.1%}; {r.seconds:.2f}s")
@@ -119,10 +127,15 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
                                    "each fetched chunk instead of sharing DEST's files (hard links)."),
          dry_run: bool = typer.Option(False, "--dry-run", help="Report the chunks and bytes the store lacks "
                                       "(what would be fetched); write nothing."),
-         quiet: bool = QuietOpt,
+         quiet: bool = QuietOpt, trust: Optional[str] = TrustOpt,
          store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
          token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
     """Write a version's files into DEST, byte for byte (fetching missing chunks from --origin).
+
+    With --trust FILE the version's signed statement (and for NAME:CHANNEL the channel's)
+    is verified against the manifest before any chunk is fetched; a refusal exits 6 with
+    its code and leaves DEST as it was. Without it, a pull from an origin warns that it is
+    unverified.
 
     With --origin, each fetched chunk is written once, into DEST, and the store shares
     DEST's files through hard links (packs) where it is on the same file system, so a
@@ -141,13 +154,17 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
         artifact, version, channel = parse_ref(ref)
         if dry_run:
             return _pull_dry(cfg, store, remote, artifact, version, channel, dest, force, quiet, as_json)
+        policy = load_trust(trust)
         s = open_local_store(store, create=remote)
         if remote:
+            if policy is None:
+                warn_unsigned()
             report = _pull_remote(cfg, s, artifact, version, channel, dest, force, connections,
-                                  rate, copy, quiet)
+                                  rate, copy, quiet, policy)
         else:
             reg = Registry(s)
-            version = reg.resolve(artifact, version=version, channel=channel)
+            check = check_ref(reg, policy, artifact, version, channel) if policy else None
+            version = check.version if check else reg.resolve(artifact, version=version, channel=channel)
             m = reg.manifest(artifact, version)
             with progress_bar(m.size, f"pull {artifact}@{version}", quiet) as progress:
                 materialize(s, m, dest, overwrite=force, progress=progress)
@@ -156,13 +173,16 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
                       "chunks_reused": len(m.unique_chunks()), "bytes_received": 0, "bytes_raw": 0,
                       "wire_ratio": None, "packed": False,
                       "seconds": round(time.monotonic() - t0, 3)}
+            if check:
+                report["trust"] = check.to_json()
         emit(report, as_json, lambda: out.print(
             f"pulled [bold]{esc(artifact)}@{esc(report['version'])}[/bold] into {esc(dest)}: {report['files']} files, "
             f"{size(report['bytes'])}; fetched {report['chunks_fetched']} chunks "
             f"({size(report['bytes_received'])} on the wire), reused {report['chunks_reused']}"), quiet)
 
 
-def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, max_rate, copy, quiet) -> dict:
+def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, max_rate, copy, quiet,
+                 policy=None) -> dict:
     def sized(progress, m) -> None:
         """Size the bar by the chunks to write, and count the ones the store holds as done."""
         sizes = m.unique_chunks()
@@ -173,12 +193,24 @@ def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, m
     async def run():
         async with OriginClient(cfg.origin, cfg.token, connections=connections) as client:
             label = f"pull {artifact}" + (f"@{version}" if version else f":{channel}" if channel else "")
+            resolved, check, verify = version, None, None
+            if policy is not None:  # the signed word picks the version; the manifest is checked on arrival
+                resolved, check, verify = await check_origin(client, policy, artifact, version, channel)
             with progress_bar(None, label, quiet) as progress:
-                result, _ = await pull_remote(client, s, artifact, dest, version=version, channel=channel,
+                def on_manifest(m) -> None:
+                    if verify:
+                        verify(m)  # raises before any chunk is fetched
+                    if progress:
+                        sized(progress, m)
+                result, _ = await pull_remote(client, s, artifact, dest,
+                                              version=resolved, channel=None if check else channel,
                                               overwrite=force, progress=progress, copy=copy,
                                               options=FetchOptions(connections=connections, max_rate=max_rate),
-                                              on_manifest=progress and (lambda m: sized(progress, m)))
-            return result.to_json()
+                                              on_manifest=on_manifest)
+            report = result.to_json()
+            if check:
+                report["trust"] = check.to_json()
+            return report
     return asyncio.run(run())
 
 
@@ -255,15 +287,16 @@ def show(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
 @commands.command()
 def promote(ref: str = typer.Argument(..., help="NAME@VERSION: the version the channel is to point at."),
             channel: str = typer.Option(..., "--channel", "-c", help="The channel to move (created if new)."),
-            quiet: bool = QuietOpt,
+            quiet: bool = QuietOpt, sign_key: Optional[str] = SignKeyOpt, statement_expiry: str = ExpiryOpt,
             store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
             token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
-    """Point CHANNEL at a version."""
+    """Point CHANNEL at a version (with --sign-key: a signed move, the channel's sequence + 1)."""
     with errors(as_json), open_registry(store, origin, token) as reg:
         artifact, version, _ = parse_ref(ref)
         if not version:
             raise InvalidInput("promote needs NAME@VERSION")
-        ch = reg.promote(artifact, version, channel)
+        sig = signer(sign_key, statement_expiry)
+        ch = sig.promote(reg, artifact, version, channel) if sig else reg.promote(artifact, version, channel)
         emit(ch.to_json(), as_json, lambda: out.print(f"{esc(artifact)}:{esc(channel)} → {esc(ch.version)}"), quiet)
 
 
@@ -274,16 +307,20 @@ def rollback(name: str = typer.Argument(..., help="Artifact name."),
                                               "channel (the nearest one on its stack)."),
              steps: Optional[int] = typer.Option(None, "--steps", help="Roll back this many promotions "
                                                  "(default 1)."),
-             quiet: bool = QuietOpt,
+             quiet: bool = QuietOpt, sign_key: Optional[str] = SignKeyOpt, statement_expiry: str = ExpiryOpt,
              store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
              token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
-    """Move CHANNEL back to the version before the last promotion (or --steps N back, or --to VERSION)."""
+    """Move CHANNEL back to the version before the last promotion (or --steps N back, or --to VERSION).
+
+    With --sign-key the move is signed for the version the rollback leaves on top."""
     with errors(as_json), open_registry(store, origin, token) as reg:
         if to is not None and steps is not None:
             raise InvalidInput("rollback takes --to or --steps, not both")
         if steps is not None and steps < 1:
             raise InvalidInput(f"--steps must be at least 1, not {steps}")
-        ch = reg.rollback(name, channel, steps=steps, to=to)
+        sig = signer(sign_key, statement_expiry)
+        ch = (sig.rollback(reg, name, channel, steps=steps, to=to) if sig
+              else reg.rollback(name, channel, steps=steps, to=to))
         emit(ch.to_json(), as_json,
              lambda: out.print(f"{esc(name)}:{esc(channel)} → {esc(ch.version)} (rolled back)"), quiet)
 
@@ -317,6 +354,8 @@ def fsck(repair: bool = typer.Option(False, "--repair", help="Remove bad chunks 
                 out.print(f"  [red]bad chunk[/red] {esc(c)}" + (" (removed)" if repair else ""))
             for v in r.bad_versions:
                 out.print(f"  [red]incomplete version[/red] {esc(v)}")
+            for v in r.bad_signatures:
+                out.print(f"  [red]bad signature[/red] {esc(v)}" + (" (removed)" if repair else ""))
             out.print("[green]ok[/green]" if r.ok else "[red]problems found[/red]")
         emit(r.to_json(), as_json, human, quiet)
         if not r.ok and not repair:
