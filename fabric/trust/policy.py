@@ -155,7 +155,7 @@ class TrustPolicy:
         """The file's own part (not what delegations added) as TOML, in the documented order."""
         if self._base is not None:
             return self._base.to_toml()
-        q = json.dumps  # a JSON string of printable text is a TOML basic string
+        q = _toml_string
         lines = ["# Fabric trust policy (docs/trust.md)",
                  f"revoked = [{', '.join(q(k) for k in sorted(self.revoked))}]", ""]
         if self.root_keys:
@@ -164,7 +164,7 @@ class TrustPolicy:
         for kid, entry in self.keys.items():
             lines += [f"[keys.{kid}]", f"public = {q(entry.public.b64)}"]
             if entry.name is not None:
-                lines.append(f"name = {q(entry.name, ensure_ascii=False)}")
+                lines.append(f"name = {q(entry.name)}")
             lines.append("")
         for r in self.rules:
             lines += ["[[rules]]", f"artifacts = [{', '.join(q(g) for g in r.artifacts)}]",
@@ -176,7 +176,7 @@ class TrustPolicy:
         """Write the file atomically (a temporary file in the same folder, fsync, rename)."""
         path = Path(path)
         text = self.to_toml()
-        _parse(tomllib.loads(text), str(path))  # never write what load would refuse
+        TrustPolicy.loads(text, str(path))  # never write what load would refuse
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -227,6 +227,13 @@ class TrustPolicy:
     def base(self) -> "TrustPolicy":
         """This policy without any delegations applied (the file as written)."""
         return self if self._base is None else self._base
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string: JSON's escapes (TOML has the same ones), plus DEL, which TOML
+    also wants escaped; characters outside the BMP are written as themselves, not as the
+    surrogate pairs of JSON's ASCII escapes (TOML has none)."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _rule(artifacts, channels, keys, threshold) -> Rule:

@@ -133,3 +133,17 @@ def test_the_trust_md_example_loads_and_its_code_table_names_every_refusal():
     codes |= {"trust_policy_invalid", "key_file_invalid"}
     listed = set(re.findall(r"^\| `([a-z_]+)` \|", text, re.M))
     assert codes - {"signature_refused"} <= listed, codes - listed
+
+
+def test_names_and_globs_of_any_printable_text_survive_a_save_and_others_are_refused(tmp_path):
+    p = TrustPolicy()
+    p.add(K1.public, ["😀*", 'a"b\\c', "é[xy]"], name='n😀é"\\')
+    p.save(tmp_path / "t.toml")
+    back = TrustPolicy.load(tmp_path / "t.toml")
+    assert back.rules[0].artifacts == ("😀*", 'a"b\\c', "é[xy]") and back.keys[K1.keyid].name == 'n😀é"\\'
+    for bad in ("a\x7f", "a\x01", "tab\tname"):
+        q = TrustPolicy()
+        q.add(K1.public, ["x"], name=bad)
+        with pytest.raises(TrustPolicyInvalid, match=rf"keys\.{K1.keyid}\.name"):
+            q.save(tmp_path / "u.toml")
+        assert not (tmp_path / "u.toml").exists()
