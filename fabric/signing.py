@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from fabric.errors import ChannelNotFound, Conflict, StatementMismatch
+from fabric.errors import ChannelNotFound, Conflict, FabricError, StatementMismatch
 from fabric.store.registry import Channel, rollback_result
 from fabric.trust import (ChannelStatement, Envelope, Key, TrustPolicy, Verified, Verifier, VersionStatement,
                           sign)
@@ -56,11 +56,13 @@ class Signer:
         mid = manifest_id or registry.manifest_id(artifact, version)
         stmt = VersionStatement(artifact, version, mid)
         held = registry.signature(artifact, version)
-        if held is not None:
-            old = Envelope.from_bytes(held).statement
-            if isinstance(old, VersionStatement) and (old.artifact, old.version, old.manifest) == (
-                    artifact, version, mid):
-                stmt = old  # cosign the same payload: a threshold counts signatures over one statement
+        try:
+            old = Envelope.from_bytes(held).statement if held is not None else None
+        except FabricError:  # a damaged envelope: the store replaces it with this one
+            old = None
+        if isinstance(old, VersionStatement) and (old.artifact, old.version, old.manifest) == (
+                artifact, version, mid):
+            stmt = old  # cosign the same payload: a threshold counts signatures over one statement
         return registry.put_signature(artifact, version, sign(stmt, self.keys).to_bytes())
 
     def promote(self, registry, artifact: str, version: str, channel: str) -> Channel:
