@@ -195,7 +195,7 @@ def test_a_stock_model_hot_loads_and_every_answer_is_a_fresh_from_pretrained_one
                 t.join(10)
         loader.stop()
     assert not errors, errors[:3]
-    assert {v for v, _ in results} == {"v1", "v2"}
+    assert len(results) >= 15 and {v for v, _ in results} == {"v1", "v2"}
     for version, out in results:
         assert torch.equal(out, ckpt.answers[version]), f"{mode}: an answer labelled {version} is not {version}'s"
     loads = [r for r in loader.reports if r["version"] != r["previous"]]
