@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -273,3 +275,33 @@ def test_each_segment_of_a_large_tensor_is_sealed_and_checked_and_a_reused_folde
     rep = live.load(site / "v2", m2)
     assert (rep.verified, rep.seal_fallback) == ("seal", None)
     assert torch.equal(live.module.a, sds["v2"]["a"]) and torch.equal(live.module.b, sds["v2"]["b"])
+
+
+# --- docs/formats.md "The site seal" ------------------------------------------------------------
+
+def test_the_formats_doc_seal_example_is_what_the_code_writes_for_the_example_manifest():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
+    bodies = [b for k, b in re.findall(r"^```(\w*)[^\n]*\n(.*?)^```", text, re.S | re.M) if k == "json"]
+    example = next(b for b in bodies if '"fabric.seal/1"' in b)
+    manifest = Manifest.from_bytes(next(b for b in bodies if '"files"' in b and "\n" not in b.strip()).strip().encode())
+    header = {"__metadata__": {"format": "pt"},  # the example's files, as tests/test_docs.py rebuilds them
+              "embed.weight": {"dtype": "BF16", "shape": [2, 4], "data_offsets": [0, 16]},
+              "head.bias": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    embed = (np.arange(1, 9, dtype=np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+    files = {"model.safetensors": len(raw).to_bytes(8, "little") + raw + embed
+             + np.array([0.25, -0.25], "<f4").tobytes(),
+             "README.md": b"# tiny\nA two-tensor model for the format examples.\n"}
+    sealer = seal.Sealer()
+    for f in manifest.files:
+        offset = 0
+        for cid, n in f.chunks:
+            assert digest.digest(files[f.path][offset:offset + n]) == cid
+            sealer.add(cid, files[f.path][offset:offset + n])
+            offset += n
+    assert sealer.encode(manifest) == example.encode()
+    decoded = seal.decode(example.encode())
+    assert decoded.manifest_id == manifest.id and set(decoded.digests) == set(manifest.unique_chunks())
+    assert seal.decode(json.dumps(json.loads(example), indent=2).encode()).digests == decoded.digests, \
+        "a reader does not depend on the layout"
