@@ -27,9 +27,10 @@ import time
 from dataclasses import dataclass, field
 
 from fabric.errors import ChannelNotFound, Conflict, FabricError, StatementMismatch
+from fabric.store import signatures
 from fabric.store.registry import Channel, rollback_result
 from fabric.trust import (ChannelStatement, Envelope, Key, TrustPolicy, Verified, Verifier, VersionStatement,
-                          sign)
+                          digest, sign)
 from fabric.trust.statements import format_time, next_channel_statement
 
 DEFAULT_EXPIRY = 7 * 86400.0  # seconds a channel statement is valid (--statement-expiry, FABRIC_STATEMENT_EXPIRY)
@@ -133,21 +134,31 @@ class Check:
         return out
 
 
-def verifier_for(policy: TrustPolicy, delegations: bytes | None, check: Check) -> Verifier:
+def verifier_for(policy: TrustPolicy, delegations: bytes | None, check: Check, memory=None) -> Verifier:
     """A verifier of `policy`, extended by `delegations` (the origin's, verified by the policy's
-    root keys) where the policy names root keys; without root keys delegations are ignored."""
+    root keys) where the policy names root keys; without root keys delegations are ignored.
+    `memory` (a store): delegations below the last version accepted there are refused."""
     verifier = Verifier(policy)
     if delegations is not None and policy.root_keys:
-        stmt = verifier.verify_delegations(delegations)
+        last = signatures.seen(memory)[0] if memory is not None else 0
+        stmt = verifier.verify_delegations(delegations, last_version=last)
         verifier.update_delegations(stmt)
         check.delegations = stmt.version
+        if memory is not None:
+            signatures.remember(memory, stmt.version, None)
     return verifier
 
 
-def check_channel(verifier: Verifier, ch: Channel, check: Check) -> str:
-    """Verify `ch`'s statement; the version it signs (what the pull must fetch)."""
-    verified = verifier.check_channel(ch.statement_bytes, ch.artifact, ch.name)
+def check_channel(verifier: Verifier, ch: Channel, check: Check, memory=None) -> str:
+    """Verify `ch`'s statement; the version it signs (what the pull must fetch). With `memory`
+    (a store), a sequence below (or equal to, for another statement) the last one accepted
+    there is refused (`sequence_rollback`), and the accepted one is recorded."""
+    last, last_digest = signatures.seen(memory, ch.artifact, ch.name) if memory is not None else (0, None)
+    verified = verifier.check_channel(ch.statement_bytes, ch.artifact, ch.name, last_sequence=last,
+                                      last_digest=last_digest)
     check.channel, check.channel_keyids = verified.statement, verified.keyids
+    if memory is not None:
+        signatures.remember(memory, verified.statement.sequence, digest(ch.statement_bytes), ch.artifact, ch.name)
     if ch.version != check.channel.version:  # the origin's history says otherwise: the signed word wins
         check.steps.append(f"channel {ch.artifact}:{ch.name} points at {ch.version}; its statement signs "
                            f"{check.channel.version}")
@@ -188,13 +199,15 @@ class SigningTarget:
         self.signer.promote(self.registry, artifact, version, channel)
 
 
-def check_ref(registry, policy: TrustPolicy, artifact: str, version: str | None, channel: str | None) -> Check:
+def check_ref(registry, policy: TrustPolicy, artifact: str, version: str | None, channel: str | None,
+              memory=None) -> Check:
     """Verify `artifact@version`, `artifact:channel` or the latest `artifact` through `registry`
-    (its delegations, the channel's statement, the version's envelope, the manifest's own id)."""
+    (its delegations, the channel's statement, the version's envelope, the manifest's own id);
+    `memory`: the store that remembers what was accepted (`check_channel`)."""
     check = Check(artifact)
-    verifier = verifier_for(policy, registry.trust(), check)
+    verifier = verifier_for(policy, registry.trust(), check, memory)
     if channel:
-        version = check_channel(verifier, registry.channel(artifact, channel), check)
+        version = check_channel(verifier, registry.channel(artifact, channel), check, memory)
     elif not version:
         version = registry.resolve(artifact)
     manifest_id = registry.manifest(artifact, version).id  # hashed here (a remote manifest is checked on arrival)
@@ -202,14 +215,16 @@ def check_ref(registry, policy: TrustPolicy, artifact: str, version: str | None,
     return check
 
 
-async def check_origin(client, policy: TrustPolicy, artifact: str, version: str | None, channel: str | None):
+async def check_origin(client, policy: TrustPolicy, artifact: str, version: str | None, channel: str | None,
+                       memory=None):
     """For a pull from `client` (an `OriginClient`): (the version to pull, the `Check`, a function
     that verifies the fetched manifest and raises to refuse it). The channel statement is
-    verified here, the version's envelope fetched, and the manifest checked on arrival."""
+    verified here (against what `memory`, the puller's store, accepted before), the
+    version's envelope fetched, and the manifest checked on arrival."""
     check = Check(artifact)
-    verifier = verifier_for(policy, await client.get_trust(), check)
+    verifier = verifier_for(policy, await client.get_trust(), check, memory)
     if channel:
-        version = check_channel(verifier, await client.channel(artifact, channel), check)
+        version = check_channel(verifier, await client.channel(artifact, channel), check, memory)
     elif not version:
         version = await client.resolve(artifact, None, None)
     envelope = await client.get_signature(artifact, version)

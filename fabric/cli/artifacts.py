@@ -163,7 +163,7 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
                                   rate, copy, quiet, policy)
         else:
             reg = Registry(s)
-            check = check_ref(reg, policy, artifact, version, channel) if policy else None
+            check = check_ref(reg, policy, artifact, version, channel, memory=s) if policy else None
             version = check.version if check else reg.resolve(artifact, version=version, channel=channel)
             m = reg.manifest(artifact, version)
             with progress_bar(m.size, f"pull {artifact}@{version}", quiet) as progress:
@@ -195,7 +195,7 @@ def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, m
             label = f"pull {artifact}" + (f"@{version}" if version else f":{channel}" if channel else "")
             resolved, check, verify = version, None, None
             if policy is not None:  # the signed word picks the version; the manifest is checked on arrival
-                resolved, check, verify = await check_origin(client, policy, artifact, version, channel)
+                resolved, check, verify = await check_origin(client, policy, artifact, version, channel, memory=s)
             with progress_bar(None, label, quiet) as progress:
                 def on_manifest(m) -> None:
                     if verify:

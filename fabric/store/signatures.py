@@ -5,6 +5,8 @@ Layout (docs/formats.md "Store layout"):
 
     sigs/<artifact>/versions/<version>   canonical DSSE envelope JSON of the version's statement
     trust/delegations                    the newest delegations envelope (canonical JSON)
+    trust/seen/channels/<a>/<c>          a puller's memory: the last channel statement it accepted
+    trust/seen/delegations               … and the last delegations version ({"sequence", "digest"})
 
 A channel's statement lives inside its ref (`fabric.store.registry`); this module checks
 it there (`check_channel_statement`). What is checked here is what needs no key: an
@@ -177,3 +179,29 @@ def put_trust(store, data: bytes) -> int:
         except Conflict:
             continue
     raise Conflict("the delegations kept changing; try again")
+
+
+# --- a puller's memory of what it accepted (rollback and replay protection) ---------------------
+
+def seen(store, artifact: str | None = None, channel: str | None = None) -> tuple[int, str | None]:
+    """(sequence, digest) of the last channel statement (or, without a channel, the last
+    delegations version) this store's puller accepted; (0, None) if none."""
+    try:
+        obj = json.loads(store.backend.get(_seen_key(artifact, channel)))
+        return int(obj["sequence"]), obj.get("digest")
+    except (NotFound, ValueError, KeyError, TypeError):
+        return 0, None
+
+
+def remember(store, sequence: int, digest: str | None, artifact: str | None = None,
+             channel: str | None = None) -> None:
+    """Record an accepted statement's sequence (never lowering what is recorded)."""
+    if sequence >= seen(store, artifact, channel)[0]:
+        store.backend.put(_seen_key(artifact, channel),
+                          json.dumps({"sequence": sequence, "digest": digest}, sort_keys=True).encode())
+
+
+def _seen_key(artifact: str | None, channel: str | None) -> str:
+    if channel is None:
+        return "trust/seen/delegations"
+    return f"trust/seen/channels/{check_name('artifact', artifact)}/{check_name('channel', channel)}"

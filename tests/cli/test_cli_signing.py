@@ -117,6 +117,8 @@ def test_promote_and_rollback_sign_with_increasing_sequences(world, tmp_path):
     assert (ch["version"], ch["sequence"]) == ("s1", 4)
     ch, _ = run(origin, "promote", f"{ART}@s3", "-c", "seq", "--sign-key", ci_key, "--statement-expiry", "2h")
     assert (ch["version"], ch["sequence"]) == ("s3", 5)
+    ref = origin.store / "refs" / ART / "channels" / "seq"
+    older = ref.read_bytes()  # a genuine, unexpired move: what a lying origin would replay
     ch, _ = run(origin, "rollback", ART, "-c", "seq", "--to", "s1", "--sign-key", ci_key)
     assert (ch["version"], ch["sequence"]) == ("s1", 6)
     got, _ = run(origin, "verify", f"{ART}:seq", "--trust", good, token=PULL_SECRET)
@@ -124,6 +126,12 @@ def test_promote_and_rollback_sign_with_increasing_sequences(world, tmp_path):
     dest = tmp_path / "seq"
     got, _ = run(origin, "pull", f"{ART}:seq", dest, "--store", tmp_path / "st", "--trust", good, token=PULL_SECRET)
     assert got["version"] == "s1" and got["trust"]["channel"]["sequence"] == 6
+    newer = ref.read_bytes()
+    ref.write_bytes(older)  # the origin serves the older move again: the puller's store remembers 6
+    got, _ = run(origin, "pull", f"{ART}:seq", tmp_path / "replayed", "--store", tmp_path / "st", "--trust", good,
+                 token=PULL_SECRET, rc=6)
+    assert got["error"]["code"] == "sequence_rollback" and not (tmp_path / "replayed").exists()
+    ref.write_bytes(newer)
     # an unsigned move leaves the channel unsigned: refused under a trust policy
     run(origin, "promote", f"{ART}@s3", "-c", "seq")
     got, _ = run(origin, "verify", f"{ART}:seq", "--trust", good, token=PULL_SECRET, rc=6)
