@@ -137,7 +137,11 @@ def parse_servers(raw: object, where: str, base: Path, artifacts: tuple[str, ...
         return ()
     if not isinstance(raw, list) or not all(isinstance(b, dict) for b in raw):
         raise Checker({}, where).fail("servers", "must be an array of tables ([[servers]])")
+    from agents.serving import build_adapter  # each kind checks its own [servers.options]
+
     out = [_server(Checker(b, f"{where}: servers[{i}]"), base, artifacts) for i, b in enumerate(raw)]
+    for cfg in out:
+        build_adapter(cfg)  # raises ConfigError naming the option; holds nothing open yet
     names = [s.name for s in out]
     for i, n in enumerate(names):
         if n in names[:i]:

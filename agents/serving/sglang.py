@@ -21,14 +21,24 @@ import asyncio
 import time
 from pathlib import Path
 
-from fabric.errors import FabricError, ServerRefused, ServerWrongVersion, ServingError
+from fabric.errors import ConfigError, FabricError, ServerRefused, ServerWrongVersion, ServingError
 
-from agents.serving.base import LoadRecord
+from agents.serving.base import LoadRecord, ServerConfig
 from agents.serving.http import HttpAdapter, folder_bytes, log
 
 
 class SglangAdapter(HttpAdapter):
     kind = "sglang"
+
+    def __init__(self, cfg: ServerConfig):
+        super().__init__(cfg)
+        where = f"site.toml: servers {cfg.name}: options"
+        unknown = set(cfg.extras) - {"load_format"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: load_format)")
+        fmt = cfg.extras.get("load_format")
+        if fmt is not None and (not isinstance(fmt, str) or not fmt):
+            raise ConfigError(f"{where}: load_format: must be a non-empty string (auto, safetensors, …)")
 
     async def serving(self) -> str | None:
         try:

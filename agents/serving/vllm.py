@@ -28,7 +28,7 @@ from typing import Callable
 
 from fabric.core.manifest import Manifest, diff
 
-from fabric.errors import FabricError, ServingError, ServerWrongVersion
+from fabric.errors import ConfigError, FabricError, ServingError, ServerWrongVersion
 
 from agents.serving.base import LoadRecord, ServerConfig
 from agents.serving.http import HttpAdapter, folder_bytes, log
@@ -43,11 +43,17 @@ class VllmAdapter(HttpAdapter):
 
     def __init__(self, cfg: ServerConfig):
         super().__init__(cfg)
-        self.extension = bool(cfg.extras.get("extension", False))
-        self.pause_mode = str(cfg.extras.get("pause_mode", "wait"))
         self.manifests: Callable[[str], Manifest | None] | None = None
+        where = f"site.toml: servers {cfg.name}: options"
+        unknown = set(cfg.extras) - {"extension", "pause_mode"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: extension, pause_mode)")
+        self.extension = cfg.extras.get("extension", False)
+        if not isinstance(self.extension, bool):
+            raise ConfigError(f"{where}: extension: must be true or false")
+        self.pause_mode = cfg.extras.get("pause_mode", "wait")
         if self.pause_mode not in PAUSE_MODES:
-            raise ServingError(f"server {cfg.name}: options.pause_mode must be one of {', '.join(PAUSE_MODES)}")
+            raise ConfigError(f"{where}: pause_mode: must be one of {', '.join(PAUSE_MODES)}, got {self.pause_mode!r}")
 
     async def serving(self) -> str | None:
         return self.loaded

@@ -391,3 +391,15 @@ def test_a_refused_canary_is_rejected_and_only_checked_back_the_others_never_ask
     assert tb.server.loads == [str(versions["v1"])]  # never asked to load v2
     assert rows["a"]["serving"] == "v1" and rows["a"]["server"]["record"]["mode"] == "unchanged"
     assert rows["b"]["serving"] == "v1" and rows["b"]["server"]["kind"] == "vllm"
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("vllm", {"pause_mode": "soon"}, "site.toml: servers a: options: pause_mode: must be one of wait, keep, abort"),
+    ("vllm", {"extension": "yes"}, "site.toml: servers a: options: extension: must be true or false"),
+    ("vllm", {"load_format": "auto"}, "site.toml: servers a: options: unknown keys ['load_format']"),
+    ("sglang", {"load_format": 3}, "site.toml: servers a: options: load_format: must be a non-empty string"),
+])
+def test_bad_options_stop_the_config_naming_the_option(kind, options, message):
+    with pytest.raises(ConfigError) as e:
+        SiteConfig.from_dict({**BASE, "servers": [{**GOOD, "kind": kind, "options": options}]}, "site.toml")
+    assert e.value.message.startswith(message)
