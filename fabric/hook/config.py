@@ -10,6 +10,8 @@
     queue = "hook-queue.db"              # the durable event queue (SQLite); relative to this file
     rescan_interval = "60s"              # list watched prefixes this often ("0" = never)
     retry_max = "60s"                    # longest back-off after a failure
+    sign_key = "hook.key"                # optional: sign every version and channel move (docs/trust.md)
+    statement_expiry = "7d"              # how long a signed channel move stays valid
     [s3]                                 # where the watched buckets are
     endpoint = "http://127.0.0.1:8333"
     access_key = "…"                     # default: the standard AWS variables and files
@@ -26,6 +28,9 @@
     complete = "dcp"                     # dcp | safetensors-index | megatron | marker:NAME | quiet:30s
 
 Every problem names the key: `hook.toml: rule[0].complete: unknown completion 'dpc' …`.
+`sign_key` is read when the config is loaded (`HookConfig.load`, at start-up): a missing
+file, a file readable by group or others, or a key that is not Ed25519 stops the hook
+(`key_file_invalid`, naming `sign_key`).
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ from pathlib import Path
 
 from fabric.config import Checker, parse_duration, read_toml, resolve_path
 from fabric.core.manifest import check_name
+from fabric.errors import KeyFileInvalid
 from fabric.logs import LEVELS
+from fabric.signing import DEFAULT_EXPIRY, Signer
+from fabric.trust import load_private_key
 
 _TOP = {"listen", "token", "origin", "origin_token", "store", "queue", "rescan_interval", "retry_max",
-        "log_level", "s3", "sns", "rule", "metrics_listen"}
+        "log_level", "s3", "sns", "rule", "metrics_listen", "sign_key", "statement_expiry"}
 _S3 = {"endpoint", "access_key", "secret_key", "region"}
 _SNS = {"verify", "cert_dir", "topics"}
 _RULE = {"bucket", "prefix", "artifact", "version", "channel", "complete"}
@@ -110,6 +118,22 @@ class HookConfig:
     s3: S3Settings = field(default_factory=S3Settings)
     sns: SnsSettings = field(default_factory=SnsSettings)
     metrics_listen: str | None = None  # HOST:PORT for a token-free /metrics listener
+    sign_key: Path | None = None  # the hook's private key: it signs every version and channel move
+    statement_expiry: float = DEFAULT_EXPIRY  # seconds a signed channel move stays valid
+    where: str = "hook.toml"
+
+    def signer(self) -> Signer | None:
+        """The hook's `Signer` (None without `sign_key`).
+
+        Raises: KeyFileInvalid naming `sign_key` (unreadable, group/other-readable, not Ed25519).
+        """
+        if self.sign_key is None:
+            return None
+        try:
+            key = load_private_key(self.sign_key)
+        except KeyFileInvalid as e:
+            raise KeyFileInvalid(f"{self.where}: sign_key: {e.message}") from None
+        return Signer([key], self.statement_expiry)
 
     @classmethod
     def load(cls, path: str | Path, *, listen: str | None = None) -> "HookConfig":
@@ -117,7 +141,9 @@ class HookConfig:
         raw = read_toml(path, "hook config")
         if listen:
             raw["listen"] = listen
-        return cls.from_dict(raw, path.name, base=path.parent)
+        cfg = cls.from_dict(raw, path.name, base=path.parent)
+        cfg.signer()  # a bad sign_key stops the hook at start-up, not at its first publish
+        return cfg
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "hook.toml", base: Path = Path(".")) -> "HookConfig":
@@ -156,6 +182,9 @@ class HookConfig:
             sns=SnsSettings(sns.boolean("verify", True),
                             resolve_path(base, sns.string("cert_dir")) if "cert_dir" in sns.raw else None,
                             tuple(sns.strings("topics"))),
+            sign_key=resolve_path(base, c.string("sign_key")) if "sign_key" in raw else None,
+            statement_expiry=c.duration("statement_expiry", DEFAULT_EXPIRY, minimum=1.0),
+            where=where,
         )
 
 

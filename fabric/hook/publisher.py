@@ -19,6 +19,12 @@ One `step()` does what is due, in order:
 A publish is idempotent (same files, same version → the registry's no-op) and the
 channel move is skipped when the channel already points at the version, so a worker
 killed anywhere simply does the step again after a restart.
+
+With `sign_key` (hook.toml) the target is a `fabric.signing.SigningTarget`: the commit
+is followed by the version statement, and the channel moves with a signed channel
+statement (sequence + 1, valid for `statement_expiry`), as `fabric publish --sign-key`
+does. A retried publish signs again: the same key's signature over the same statement
+replaces itself at the origin, so nothing doubles.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from fabric import tracing
 from fabric.logs import get_logger
 from fabric.publish import publish
 from fabric.s3source import S3Source
+from fabric.signing import SigningTarget
 from fabric.store.s3 import S3Options, make_client, translate
 
 log = get_logger("hook")
@@ -73,7 +80,8 @@ class Worker:
         self.options = S3Options(endpoint=s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key,
                                  region=s3.region, max_attempts=3, connect_timeout=2, read_timeout=30)
         self.s3 = s3_client or make_client(self.options)
-        self._target = target
+        self.signer = cfg.signer()  # None without sign_key
+        self._target = SigningTarget(target, self.signer) if target is not None and self.signer else target
         self._closers: list = []
         self._next_rescan = 0.0
         self._next_prune = 0.0
@@ -329,7 +337,8 @@ class Worker:
         log.info("checkpoint published", bucket=bucket, prefix=prefix, artifact=artifact, version=version,
                  manifest_id=result.manifest_id, files=result.files, bytes=result.bytes,
                  new_bytes=result.new_bytes, seconds=round(now - t0, 3),
-                 channel=rule.channel if promoted else None)
+                 channel=rule.channel if promoted else None,
+                 signed_by=self.signer.keyids[0] if self.signer else None)
 
     def _promote(self, rule: Rule, cp, target, completed_at: float) -> bool:
         if not rule.channel:
@@ -361,16 +370,18 @@ class Worker:
     # --- where versions go ------------------------------------------------------------------------
 
     def target(self):
+        """Where versions go (the origin, or a store), signing with `sign_key` when set."""
         if self._target is None:
             from fabric.publish import LocalTarget
             if self.cfg.origin:
                 from fabric.wire.client import RemoteTarget, SyncOrigin
                 origin = SyncOrigin(self.cfg.origin, self.cfg.origin_token)
                 self._closers.append(origin.close)
-                self._target = RemoteTarget(origin)
+                target = RemoteTarget(origin)
             else:
                 from fabric.store.store import open_store
-                self._target = LocalTarget(open_store(self.cfg.store, s3=self.options))
+                target = LocalTarget(open_store(self.cfg.store, s3=self.options))
+            self._target = SigningTarget(target, self.signer) if self.signer else target
         return self._target
 
 
