@@ -1,11 +1,13 @@
-"""Pacing a transfer: the most it may take (`RateLimit`) and the least a source must give (`ProgressFloor`).
+"""Pacing a transfer: the most it may take (`RateLimit`), the least a source must give
+(`ProgressFloor`), and the memory its reads may hold (`ByteBudget`).
 
 `RateLimit` is a token bucket over payload bytes, shared by a transfer's connections
 (`fabric pull --max-rate`, a site's `max_rate`). `ProgressFloor` watches one chunk-stream
 answer: while the reader waits on it, the source must deliver at least `min_rate` bytes
 per second, measured over windows of `window` seconds (`FetchOptions.stall_timeout`). A
 source that drips bytes, or stops, fails within one window, whatever the size of the
-frame it is in the middle of; time the reader spends elsewhere (verifying, storing,
+frame it is in the middle of (a relay's wait frame, `alive`, starts the window over);
+time the reader spends elsewhere (verifying, storing,
 sleeping under its own `RateLimit`) does not count against the source. The floor costs
 two clock reads per read and one timer per answer.
 """
@@ -63,6 +65,11 @@ class ProgressFloor:
     async def __aexit__(self, *exc) -> None:
         self._task.cancel()
 
+    def alive(self) -> None:
+        """The source says it is still working for this answer (a relay's wait frame): the
+        window starts over, so time it spends waiting on its own upstream is not a stall."""
+        self._mark = (self.waited(), self.stream.total_bytes)
+
     def waited(self) -> float:
         return self._waited + (time.monotonic() - self._since if self._since is not None else 0.0)
 
@@ -80,3 +87,29 @@ class ProgressFloor:
                     f"under the floor of {self.min_rate:g} B/s"))
                 return
             self._mark = (waited, received)
+
+
+MEMORY_BUDGET = 32 << 20  # payload bytes a site's fetches hold at once, read but not yet stored
+
+
+class ByteBudget:
+    """Bytes held in memory by fetches sharing it: `take` waits while `limit` is used up
+    (one taker may always exceed it alone, so a chunk larger than the limit still comes).
+    A relay's fetches (its own deploy and every pull-through) share one, so however many
+    children ask, the payloads read but not yet stored stay under `limit`."""
+
+    def __init__(self, limit: int = MEMORY_BUDGET):
+        self.limit, self.used = limit, 0
+        self._freed: asyncio.Event | None = None
+
+    async def take(self, n: int) -> None:
+        while self.used and self.used + n > self.limit:
+            self._freed = self._freed or asyncio.Event()
+            await self._freed.wait()
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None

@@ -4,8 +4,13 @@
 
 The missing chunks are grouped into batches (many small chunks per request, a few
 MiB each) and a pool of workers fetches batches in parallel over several
-connections. Each worker asks the first healthy source in the caller's order (relay
-first, origin last). Every chunk is decoded and checked against its id in a thread,
+connections, in manifest order. Each worker asks the first healthy source in the
+caller's order (relay first, origin last). Batches whose chunks have a preferred
+source (a sibling hub that owns them, `prefer`) have workers of their own (the
+connections are split between the groups): waiting on a sibling never holds up the
+batches this site fetches itself (two hubs whose every worker waited on the other would
+deadlock until a stall timeout), and the chunks in flight stay near the front of the
+manifest, where this site's children are asking. Every chunk is decoded and checked against its id in a thread,
 then given to the caller's sink (`store_sink` puts it in the store); so a transfer
 that is killed resumes from what it stored. `FetchOptions` holds the knobs.
 
@@ -13,7 +18,11 @@ Faults, and what happens:
 * a connection error, HTTP error, malformed stream, or an answer that while we wait
   for it delivers under `min_rate` B/s over `stall_timeout` s (`fabric.pacing`; a stop
   or a drip fails within that window, whatever the frame's size): the source is benched
-  with exponential backoff and the batch's unfinished chunks go back for any source;
+  with exponential backoff and the batch's unfinished chunks go back for any source.
+  A relay that is itself still fetching a chunk says so with wait frames
+  (docs/protocol.md, "The chunk stream"): they restart the stall window, so a slow but
+  live relay is never abandoned for the origin; only `give_up_after` seconds of waits
+  without a chunk count as a stall;
 * a frame for a chunk this request did not ask for, or asked for and already got: the
   source is cut off at once (no more of its bytes are read) and it counts as a bad chunk;
 * a source that says it lacks a chunk, or sends bytes that do not match the id: that
@@ -21,6 +30,14 @@ Faults, and what happens:
   that lies `max_bad` times is dropped for the rest of the transfer;
 * every source down: workers wait for the first to come off the bench, and give up
   with `TransferError` only after `give_up_after` seconds without progress.
+
+Memory: payloads read but not yet stored are bounded by a `fabric.pacing.ByteBudget`
+that every fetch sharing an `Inflight` shares (a relay's deploy and its pull-throughs),
+and each payload is read into one buffer of its size (`FrameReader(reserve=...)`).
+
+Length: over the ~450-line guide. The engine is one state machine (batches, sources,
+benching, exclusions, waits, budget) whose rules the list above states; split across
+modules, each rule would lose the state it reads.
 """
 
 from __future__ import annotations
@@ -33,11 +50,11 @@ from typing import Callable
 import aiohttp
 
 from fabric import tracing
-from fabric.pacing import ProgressFloor, RateLimit
+from fabric.pacing import ByteBudget, ProgressFloor, RateLimit
 from fabric.wire import frames as wire
 from fabric.wire.client import OriginClient, error_from, read_body
 from fabric.wire.negotiate import fetch_body, request_fields
-from fabric.wire.protocol import CHUNKS_FETCH, MAX_IDS, MAX_JSON
+from fabric.wire.protocol import CHUNKS_FETCH, MAX_IDS, MAX_JSON, WAIT_HEADER
 from fabric.errors import FabricError, IntegrityError, InvalidInput, ReferenceMismatch, StoreFull, TransferError
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest
@@ -127,6 +144,8 @@ class Inflight:
 
     def __init__(self):
         self._futures: dict[str, asyncio.Future] = {}
+        self.progressed = time.monotonic()  # the last claim or stored chunk: waiters' patience runs from it
+        self.budget = ByteBudget()  # the memory of every fetch that shares this
 
     def __contains__(self, chunk_id: str) -> bool:
         return chunk_id in self._futures
@@ -135,6 +154,7 @@ class Inflight:
         """Split `ids` into those this caller now owns and (id, future) of those others own."""
         owned, foreign = [], []
         loop = asyncio.get_running_loop()
+        self.progressed = time.monotonic()
         for cid in ids:
             if cid in self._futures:
                 foreign.append((cid, self._futures[cid]))
@@ -147,6 +167,8 @@ class Inflight:
         return self._futures.get(chunk_id)
 
     def resolve(self, chunk_id: str, ok: bool) -> None:
+        if ok:
+            self.progressed = time.monotonic()
         fut = self._futures.pop(chunk_id, None)
         if fut is not None and not fut.done():
             fut.set_result(ok)
@@ -210,7 +232,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
                      inflight, delta_fields)
     try:
         for batch in engine.batches(owned, options.batch_bytes, prefer):
-            engine.queue.put_nowait(batch)
+            engine.put(batch)
         await engine.run(max(1, options.connections))
     finally:
         if inflight:
@@ -254,7 +276,8 @@ class _Engine:
         self.max_bad = options.max_bad
         self.limit = RateLimit(options.max_rate) if options.max_rate else None
         self.progress = progress
-        self.queue: asyncio.Queue[_Batch] = asyncio.Queue()
+        self.queues: dict[str | None, asyncio.Queue[_Batch]] = {}  # by preferred source: workers each
+        self.budget = inflight.budget if inflight else ByteBudget()
         self.last_progress = time.monotonic()
         self.failure: FabricError | None = None
 
@@ -274,10 +297,17 @@ class _Engine:
     def _candidates(self, batch: _Batch) -> list[SourceState]:
         return ([batch.preferred] if batch.preferred else []) + self.sources
 
-    async def run(self, workers: int) -> None:
-        tasks = [asyncio.create_task(self._worker()) for _ in range(workers)]
+    def put(self, batch: _Batch) -> None:
+        key = batch.preferred.url if batch.preferred else None
+        self.queues.setdefault(key, asyncio.Queue()).put_nowait(batch)
+
+    async def run(self, connections: int) -> None:
+        """Work every queue off, `connections` workers shared among the queues (one each at least)."""
+        each = max(1, connections // max(1, len(self.queues)))
+        tasks = [asyncio.create_task(self._worker(q)) for q in self.queues.values() for _ in range(each)]
         try:
-            await self.queue.join()
+            for q in self.queues.values():
+                await q.join()
         finally:
             for t in tasks:
                 t.cancel()
@@ -285,16 +315,16 @@ class _Engine:
         if self.failure:
             raise self.failure
 
-    async def _worker(self) -> None:
+    async def _worker(self, queue: asyncio.Queue[_Batch]) -> None:
         while True:
-            batch = await self.queue.get()
+            batch = await queue.get()
             try:
                 if self.failure is None:
                     await self._attempt(batch)
             except FabricError as e:  # not a source's fault (e.g. our disk is full): stop
                 self.failure = self.failure or e
             finally:
-                self.queue.task_done()
+                queue.task_done()
 
     async def _attempt(self, batch: _Batch) -> None:
         while True:
@@ -336,7 +366,8 @@ class _Engine:
         retry: set[str] = set()  # reference mismatches: asked for again, standalone
         body = fetch_body(ids, self.delta_fields, self.standalone)
         try:
-            async with source.client.session.post(f"{source.url}{CHUNKS_FETCH}", json=body, headers=tracing.headers()) as resp:
+            headers = {**tracing.headers(), WAIT_HEADER: "1"}
+            async with source.client.session.post(f"{source.url}{CHUNKS_FETCH}", json=body, headers=headers) as resp:
                 if resp.status in (401, 403):  # retrying will not help: drop the source, say why
                     self._refused(source, error_from(resp.status, await read_body(resp, MAX_JSON, source.url)))
                     return list(ids)
@@ -356,22 +387,40 @@ class _Engine:
 
     async def _read_answer(self, source: SourceState, stream, ids: list[str], batch: _Batch, done: set[str],
                            retry: set[str]) -> None:
-        """Read one chunk-stream answer under the progress floor; each frame is stored while the next is read."""
+        """Read one chunk-stream answer under the progress floor; each frame is stored while the next is read.
+
+        A wait frame (a relay still fetching that chunk upstream) restarts the floor's
+        window; waits without a chunk or missing frame for `give_up_after` s are a stall."""
         asked, seen = set(ids), set()
         receiving: set[asyncio.Task] = set()
         floor = ProgressFloor(stream, window=self.stall_timeout, min_rate=self.min_rate, source=source.url)
+        answered = time.monotonic()  # the last chunk or missing frame (or the answer's start)
+        held = [0]  # budget taken for a payload not yet handed to `_receive`
+
+        async def reserve(n: int) -> None:
+            await self.budget.take(n)
+            held[0] = n
         try:
             async with floor:
-                async for frame in wire.FrameReader(floor.read):
+                async for frame in wire.FrameReader(floor.read, waits=True, reserve=reserve):
                     if frame.chunk_id not in asked or frame.chunk_id in seen:
                         self._unasked(source, frame, seen)
+                    if frame.kind == wire.FRAME_WAIT:
+                        if time.monotonic() - answered > self.give_up_after:
+                            raise TransferError(f"{source.url} kept waiting on {frame.chunk_id} for over "
+                                                f"{self.give_up_after:g}s")
+                        floor.alive()
+                        continue
+                    answered = time.monotonic()
                     seen.add(frame.chunk_id)
+                    held[0] = 0  # `_receive` gives it back
                     receiving.add(asyncio.create_task(self._receive(source, frame, batch, done, retry)))
                     if len(receiving) >= _RECEIVE_AHEAD:
                         finished, receiving = await asyncio.wait(receiving, return_when=asyncio.FIRST_COMPLETED)
                         for t in finished:
                             t.result()
         finally:
+            self.budget.give(held[0])  # a payload whose read failed
             for t in asyncio.as_completed(receiving):
                 await t
 
@@ -381,9 +430,17 @@ class _Engine:
         if frame.kind == wire.FRAME_MISSING:
             batch.excluded.setdefault(cid, set()).add(source.url)
             return
-        if self.limit:
-            await self.limit.take(len(frame.payload))
         try:
+            await self._store(source, frame, batch, done, retry)
+        finally:
+            self.budget.give(len(frame.payload))
+
+    async def _store(self, source: SourceState, frame: wire.Frame, batch: _Batch, done: set[str],
+                     retry: set[str]) -> None:
+        cid = frame.chunk_id
+        try:
+            if self.limit:
+                await self.limit.take(len(frame.payload))
             size = await asyncio.to_thread(self._store_frame, frame)
         except ReferenceMismatch as e:
             self.stats.bytes_received += len(frame.payload)

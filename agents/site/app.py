@@ -43,7 +43,7 @@ def create_app(agent: SiteAgent) -> web.Application:
     app[AGENT] = agent
     agent.metrics.register(app[METRICS].registry)
     index = ChunkIndex(RelaySource(agent.registry, agent.origin))  # which child may see which chunk
-    chunk_routes(app, index=index, get=agent.relay.get, prepare=agent.relay.prepare)
+    chunk_routes(app, index=index, get=agent.relay.get, prepare=agent.relay.prepare, ready=agent.relay.ready)
     agent.rollout.add_routes(app)
     app.router.add_get(SITE, _status)
     app.router.add_post(SITE_PINS, _pin)

@@ -8,8 +8,9 @@ deploys itself.
 
 Whatever ends a stream — the origin restarting, a broken connection, a stream that
 breaks the protocol's limits (`fabric.wire.events.read_events`), a bug in handling an
-event — the follower reconnects after a `Backoff` delay: exponential, and jittered so
-that the sites of an origin that restarts do not all reconnect at the same instant.
+event — the follower reconnects after a `Backoff` delay: exponential, with full jitter (each wait
+drawn uniformly from zero to the doubling ceiling), so that the sites of an origin that
+restarts spread their reconnects over the whole window instead of arriving in lockstep.
 (`stamina` and `tenacity` retry one call on a schedule that starts with the call and
 cannot be reset; a follower runs forever and starts its schedule over once a stream
 has stayed up, so the few lines of `Backoff` are its own.)
@@ -28,12 +29,17 @@ from fabric.logs import get_logger
 from fabric.wire.client import OriginClient
 
 log = get_logger("agent")
-RECONNECT_FIRST = 0.5  # seconds: the longest first wait before reconnecting (jittered down to half)
+RECONNECT_FIRST = 0.5  # seconds: the longest first wait before reconnecting (jittered from 0)
 RECONNECT_MAX = 10.0  # seconds: the longest wait between attempts
 
 
 class Backoff:
-    """Waits that double from `first` up to `longest`, each drawn from [half, all] of it."""
+    """Full-jitter waits: the n-th is drawn uniformly from [0, min(longest, first · 2^n)].
+
+    Full rather than "equal" jitter ([half, all]): a thousand sites whose origin restarts
+    spread over the whole window, so the origin sees about N/ceiling reconnects a second,
+    not a wall of them at ceiling/2 (`random.uniform`, as `stamina` draws it; see the
+    module docstring for why not the package itself)."""
 
     def __init__(self, first: float = RECONNECT_FIRST, longest: float = RECONNECT_MAX):
         self.first, self.longest, self.failures = first, longest, 0
@@ -41,7 +47,7 @@ class Backoff:
     def next(self) -> float:
         ceiling = min(self.longest, self.first * 2 ** self.failures)
         self.failures += 1
-        return random.uniform(ceiling / 2, ceiling)
+        return random.uniform(0.0, ceiling)
 
     def reset(self) -> None:
         self.failures = 0

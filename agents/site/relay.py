@@ -4,7 +4,11 @@ Children ask for chunks with the origin's own chunk API and token checks
 (`fabric.wire.server.chunk_routes`, wired in `agents.site.app`). A request for chunks
 this site neither holds nor is fetching starts one upstream fetch for them, which every
 concurrent asker shares (pull-through with request coalescing, `fabric.transfer.Inflight`):
-the readers of a chunk being fetched wait for it, up to `give_up_after`.
+the readers of a chunk being fetched wait for it (`ready`) for as long as this site's
+fetches keep making progress: they give up (a missing frame, so the child goes
+elsewhere) only after `give_up_after` seconds in which no fetch here stored a chunk.
+Meanwhile the chunk routes send the child wait frames (`fabric.wire.chunks`), so a
+child never takes a relay that waits on a slow upstream for a dead one.
 
 A sibling peer sends `PEER_HEADER`: it wants only what this site holds, so its request
 starts no fetch and waits on none (siblings fetching the same chunks would otherwise
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from dataclasses import replace
 from typing import Iterable
 
@@ -49,15 +54,22 @@ class Relay:
         # A pull-through fetches for children waiting on it: it was never rate-limited.
         self.options = replace(upstream.options, max_rate=None)
 
-    async def get(self, chunk_id: str) -> bytes | None:
-        """A chunk's stored form, once any fetch of it in flight here has finished; None if absent."""
-        # A peer asks only for what we hold: never make it wait on our own fetch.
+    async def ready(self, chunk_id: str) -> None:
+        """Return once no fetch of `chunk_id` is in flight here, or fetches here have stored
+        nothing for `give_up_after` seconds. A peer's request never waits."""
         fut = None if _PEER_REQUEST.get() else self.inflight.waiter(chunk_id)
-        if fut is not None:
+        patience = self.upstream.options.give_up_after
+        while fut is not None and not fut.done():
             try:
-                await asyncio.wait_for(asyncio.shield(fut), self.upstream.options.give_up_after)
+                await asyncio.wait_for(asyncio.shield(fut), min(patience, 1.0))
             except asyncio.TimeoutError:
-                return None
+                if time.monotonic() - self.inflight.progressed > patience:
+                    log.warning("relay gave up waiting on upstream", chunk=chunk_id, waited_s=patience)
+                    return
+
+    async def get(self, chunk_id: str) -> bytes | None:
+        """A chunk's stored form, once `ready`; None if absent."""
+        await self.ready(chunk_id)
         try:
             return await asyncio.to_thread(self.store.get_chunk_stored, chunk_id)
         except NotFound:

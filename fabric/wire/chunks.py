@@ -8,11 +8,26 @@ references (`plan_request`, cached in the app's `PlanCache`) and encodes each ch
 (`serving_getter`, `encode_data`) in the mode the peer's `EncodePolicy` predicts
 fastest; the app owns those policies (`PeerPolicies`, under `POLICIES`).
 
+A relay (`prepare` and `ready` given) serves stored forms as each chunk becomes held
+(`_relay_frames`): while a chunk is still being fetched upstream it sends a wait frame
+every `WAIT_INTERVAL` to a client that asked for them (`WAIT_HEADER`), so the client
+knows the relay is alive; and it copies each payload from its file in `_PIECE`-sized
+reads, so a relay serving many children holds a few pieces per request, never whole
+chunks (docs/protocol.md, "Relays").
+
 Who sees a chunk (docs/protocol.md, "Authentication and scopes"): a chunk is served,
 or reported held, only to a token that may pull an artifact whose versions reference
 it (`has` also counts `publish` on such an artifact), as the role's `ChunkIndex`
 tells; to anyone else it is missing. An admin token sees every chunk. An upload's
 references (`upload_references`) may name only chunks the uploader may pull.
+
+A relay encodes only chunks the plan gives a reference (deltas); the rest go stored,
+since encoding holds whole chunks in memory per request and random-looking weights
+gain little from entropy coding on a relay's short links.
+
+Length: over the ~450-line guide. The three ways of sending a fetch's frames (sendfile,
+a relay's waits, encoded) share the request's planning and visibility rules, which
+must not drift apart between modules.
 """
 
 from __future__ import annotations
@@ -40,13 +55,14 @@ from fabric.store.store import Store, StoredFile
 from fabric.wire import frames
 from fabric.wire.negotiate import parse_fields
 from fabric.wire.protocol import (CHUNK_STREAM, CHUNKS_FETCH, CHUNKS_HAS, ENCODINGS, ENCODINGS_HEADER, MAGIC,
-                                  MAX_IDS)
+                                  MAX_IDS, WAIT_HEADER, WAIT_INTERVAL)
 from fabric.wire.server import METRICS, STORE, Metrics, principal, read_json
 
 PLANS = web.AppKey("plans", PlanCache)
 INDEX = web.AppKey("chunk_index", ChunkIndex)
 POLICIES = web.AppKey("policies", PeerPolicies)
 _READ_AHEAD = 3  # stored chunks read ahead of the one being sent
+_PIECE = 512 << 10  # bytes a relay reads from a chunk's file per write (and holds, per request)
 
 FrameFields = tuple[int, int, "bytes | memoryview"]  # stream tag, raw size, payload (codec body)
 ChunkGetter = Callable[[str], Awaitable[bytes | None]]  # stored bytes (tag + payload) or None
@@ -73,6 +89,7 @@ def store_getter(store: Store) -> ChunkGetter:
 
 
 Prepare = Callable[[web.Request, list[str]], Awaitable[None]]
+Ready = Callable[[str], Awaitable[None]]  # returns once a chunk is held here, or no longer coming
 
 
 async def visible(request: web.Request, ids: Iterable[str], scopes: tuple[str, ...] = ("pull",)) -> set[str]:
@@ -109,12 +126,14 @@ async def upload_references(request: web.Request, frame: frames.Frame) -> frames
 
 
 def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | None = None,
-                 prepare: Prepare | None = None) -> None:
+                 prepare: Prepare | None = None, ready: Ready | None = None) -> None:
     """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store).
 
     `index` tells which artifacts reference a chunk (who may see it; kept as `INDEX`).
     `prepare`, if given, sees each fetch's visible ids before any is served: a relay uses
-    it to start fetching the ones it lacks from upstream (pull-through). The app keeps the
+    it to start fetching the ones it lacks from upstream (pull-through); with `ready` (which
+    returns once a chunk is held, or will not be) a local relay store serves stored forms
+    by `_relay_frames`, with wait frames and bounded memory. The app keeps the
     plan cache (`PLANS`) and one encode policy per peer (`POLICIES`).
     """
     get = get or store_getter(app[STORE])
@@ -146,6 +165,8 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
         policy = request.app[POLICIES].get((p.name, request.remote)) if plan else None
         if plan and prepare is None and store.local and policy.choose() == Mode.STORED:
             plan = None  # the link outruns the codec: this batch goes out stored, zero-copy
+        if plan and ready is not None and store.local and not any(plan.hint(c).reference for c in ids):
+            plan = None  # a relay encodes only deltas: whole chunks in memory per request cost more than zstd gains
         read = _hiding(serving_getter(get, store, plan, policy) if plan else get, hidden)
         metrics: Metrics = request.app[METRICS]
         resp = web.StreamResponse(headers={"Content-Type": CHUNK_STREAM})
@@ -157,6 +178,9 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
         if length is not None and store.local:
             metrics.fetches.labels("sendfile").inc()
             await _sendfile_frames(request, resp, store, ids, metrics, policy, hidden)  # stored forms, zero-copy
+        elif ready is not None and plan is None and store.local:
+            metrics.fetches.labels("relayed").inc()
+            await _relay_frames(resp, store, ids, ready, hidden, metrics, waits=request.headers.get(WAIT_HEADER) == "1")
         else:
             metrics.fetches.labels("encoded" if plan else "stored").inc()
             await _send_frames(resp, ids, read, plan, policy, metrics)
@@ -236,6 +260,63 @@ async def _sendfile_frames(request: web.Request, resp: web.StreamResponse, store
             stored.file.close()
         metrics.chunks_out.inc()
         metrics.bytes_out.inc(stored.size)
+
+
+async def _relay_frames(resp: web.StreamResponse, store: Store, ids: list[str], ready: Ready, hidden: set[str],
+                        metrics: Metrics, *, waits: bool) -> None:
+    """A relay's frames: each chunk once `ready` says it is held, its stored payload copied
+    from the file `_PIECE` bytes at a time; a missing frame if it is hidden or never came.
+
+    To a client that reads wait frames (`waits`), chunks go in the order they arrive here
+    (any order is allowed then: docs/protocol.md, "Relays"), with a wait frame naming the
+    first chunk still awaited whenever nothing was sent for `WAIT_INTERVAL`; to others,
+    in request order."""
+    pending: dict[asyncio.Future, int] = {}  # ready(id) -> the id's position in the request
+    try:
+        for i, cid in enumerate(ids):
+            fut = asyncio.ensure_future(_nothing() if cid in hidden else ready(cid))
+            pending[fut] = i
+        while pending:
+            if waits:
+                done, _ = await asyncio.wait(pending, timeout=WAIT_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    await resp.write(frames.wait_frame(ids[min(pending.values())]))
+                    continue
+                fut = min(done, key=pending.get)
+            else:
+                fut = min(pending, key=pending.get)
+                await fut
+            await _relay_frame(resp, store, ids[pending.pop(fut)], hidden, metrics)
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _relay_frame(resp: web.StreamResponse, store: Store, cid: str, hidden: set[str], metrics: Metrics) -> None:
+    """One chunk frame (or a missing frame) of `_relay_frames`, its payload read in pieces."""
+    opened = None if cid in hidden else await asyncio.to_thread(_open_chunk, store, cid)
+    if opened is None:
+        metrics.chunks_missing.inc()
+        await resp.write(frames.missing_frame(cid))
+        return
+    stored, raw_size = opened
+    try:
+        await resp.write(frames.chunk_header(cid, stored.tag, raw_size, stored.size))
+        fd, sent = stored.file.fileno(), 0
+        while sent < stored.size:
+            piece = await asyncio.to_thread(os.pread, fd, min(_PIECE, stored.size - sent), stored.offset + sent)
+            if not piece:
+                raise ConnectionResetError(f"chunk {cid} ended early in its file")  # cut: no end frame
+            await resp.write(piece)
+            sent += len(piece)
+    finally:
+        stored.file.close()
+    metrics.chunks_out.inc()
+    metrics.bytes_out.inc(stored.size)
 
 
 def _open_chunk(store: Store, chunk_id: str) -> tuple[StoredFile, int] | None:

@@ -6,13 +6,17 @@ magic `FBC1`, then frames, then an end frame:
 
     chunk frame    0x01 | id (32 bytes) | encoding (u8) | raw size (u32 BE) | payload length (u32 BE) | payload
     missing frame  0x02 | id (32 bytes)                      the source does not hold this chunk
-    end frame      0x00 | frame count (u32 BE)               number of frames before it
+    wait frame     0x03 | id (32 bytes)                      a relay is still fetching this chunk
+    end frame      0x00 | frame count (u32 BE)               number of chunk and missing frames before it
+
+Wait frames are read only by a `FrameReader(..., waits=True)` (a fetch that sent
+`WAIT_HEADER`); anywhere else they are an unknown frame type.
 
 `FrameReader` parses a stream from any async byte source and treats it as hostile:
 every length is bounded before anything is allocated, and a short read is a
 `BadFrame`. `decode` is the one function every receiver (client fetch, transfer,
 origin upload, relay) turns a chunk frame into verified bytes with: tags 0 and 1 are
-the store's raw and zstd forms, tags 2-4 (`CODEC_TAGS`) the codec's byte planes and
+the store's raw and zstd forms, tags 2 and up (`CODEC_TAGS`) the codec's byte planes and
 references (docs/encodings.md), a reference read through the caller's lookup. It is
 blocking, CPU-bound work that receivers run in threads.
 """
@@ -28,20 +32,20 @@ from fabric.core import codec, digest
 from fabric.core.codec import Encoding
 from fabric.errors import BadFrame, CorruptChunk, FabricError, NotFound, ReferenceMismatch
 from fabric.store.store import Store
-from fabric.wire.protocol import (CHUNK_HEAD, END, FRAME_CHUNK, FRAME_END, FRAME_MISSING, MAGIC, MAX_CHUNK,
-                                  MAX_PAYLOAD)
+from fabric.wire.protocol import (CHUNK_HEAD, END, FRAME_CHUNK, FRAME_END, FRAME_MISSING, FRAME_WAIT, MAGIC,
+                                  MAX_CHUNK, MAX_PAYLOAD)
 
-CODEC_TAGS = frozenset({Encoding.BYTEGROUP, Encoding.XOR, Encoding.PATCH})  # stream tags only the codec decodes
+CODEC_TAGS = frozenset(Encoding) - {Encoding.RAW, Encoding.ZSTD}  # stream tags only the codec decodes
 References = Callable[[str], bytes]  # a reference chunk's verified bytes; ReferenceMismatch if unusable
 
 
 @dataclass(frozen=True)
 class Frame:
-    kind: int  # FRAME_CHUNK or FRAME_MISSING
+    kind: int  # FRAME_CHUNK, FRAME_MISSING or FRAME_WAIT
     chunk_id: str
     encoding: int = 0
     raw_size: int = 0
-    payload: bytes = b""
+    payload: bytes | bytearray = b""  # a bytearray from a reader with `reserve`
 
 
 def id_bytes(chunk_id: str) -> bytes:
@@ -77,6 +81,10 @@ def missing_frame(chunk_id: str) -> bytes:
     return bytes([FRAME_MISSING]) + id_bytes(chunk_id)
 
 
+def wait_frame(chunk_id: str) -> bytes:
+    return bytes([FRAME_WAIT]) + id_bytes(chunk_id)
+
+
 def end_frame(count: int) -> bytes:
     return bytes([FRAME_END]) + END.pack(count)
 
@@ -87,14 +95,19 @@ def encode_stream(frames: list[bytes]) -> bytes:
 
 
 ReadExactly = Callable[[int], Awaitable[bytes]]
+Reserve = Callable[[int], Awaitable[None]]  # called with a payload's length before it is read
+PIECE = 1 << 20  # a payload is read this many bytes at a time, into one buffer of its length
 
 
 class FrameReader:
     """Parse a chunk stream frame by frame: `async for frame in FrameReader(read)`."""
 
-    def __init__(self, read_exactly: ReadExactly, *, max_frames: int = 1 << 20):
+    def __init__(self, read_exactly: ReadExactly, *, max_frames: int = 1 << 20, waits: bool = False,
+                 reserve: Reserve | None = None):
         self._read = read_exactly
+        self._reserve = reserve  # e.g. a memory budget: the reader waits on it before each payload
         self._count = 0
+        self._waits = 0 if waits else None  # wait frames read (None: not allowed)
         self._max = max_frames
         self._started = False
         self.done = False
@@ -116,6 +129,11 @@ class FrameReader:
                 raise BadFrame(f"end frame counts {count} frames, stream had {self._count}")
             self.done = True
             raise StopAsyncIteration
+        if kind == FRAME_WAIT and self._waits is not None:
+            self._waits += 1
+            if self._waits > self._max:
+                raise BadFrame(f"chunk stream has more than {self._max} wait frames")
+            return Frame(FRAME_WAIT, id_from_bytes(await self._take(32)))
         self._count += 1
         if self._count > self._max:
             raise BadFrame(f"chunk stream has more than {self._max} frames")
@@ -126,7 +144,21 @@ class FrameReader:
         raw_id, encoding, raw_size, length = CHUNK_HEAD.unpack(await self._take(CHUNK_HEAD.size))
         if raw_size > MAX_CHUNK or length > MAX_PAYLOAD:
             raise BadFrame(f"frame sizes out of range (raw {raw_size}, payload {length})")
-        return Frame(FRAME_CHUNK, id_from_bytes(raw_id), encoding, raw_size, await self._take(length))
+        if self._reserve is not None:
+            await self._reserve(length)
+        return Frame(FRAME_CHUNK, id_from_bytes(raw_id), encoding, raw_size, await self._payload(length))
+
+    async def _payload(self, n: int) -> bytes | bytearray:
+        """`n` bytes; for a reader with `reserve`, read `PIECE` at a time into one buffer, so
+        a large payload is never held twice (pieces and their join)."""
+        if n <= PIECE or self._reserve is None:
+            return await self._take(n)
+        buf, pos = bytearray(n), 0
+        while pos < n:
+            piece = await self._take(min(PIECE, n - pos))
+            buf[pos:pos + len(piece)] = piece
+            pos += len(piece)
+        return buf
 
     async def _take(self, n: int) -> bytes:
         try:
@@ -155,12 +187,12 @@ def bytes_reader(data: bytes) -> ReadExactly:
 
 # --- decoding a chunk frame -------------------------------------------------------------------
 
-def decode(chunk_id: str, tag: int, raw_size: int, payload: bytes | memoryview, *,
-           references: References | None = None, expected_size: int | None = None) -> bytes:
+def decode(chunk_id: str, tag: int, raw_size: int, payload: bytes | bytearray | memoryview, *,
+           references: References | None = None, expected_size: int | None = None) -> bytes | bytearray:
     """A received chunk's bytes, decoded and checked against `chunk_id`.
 
     Tags 0 (raw) and 1 (zstd) are stored forms: a raw size of 0 means "not stated".
-    Tags 2-4 are decoded by the codec; a reference (`xor`, `patch`) comes from
+    Tags 2 and up are decoded by the codec; a reference (`xor`, `patch`, `delta`) comes from
     `references` (see `store_references`), and one it cannot give is a
     ReferenceMismatch, which the receiver answers by asking for the chunk again
     without references. Any other tag is a CorruptChunk. `expected_size` is the size
@@ -171,7 +203,9 @@ def decode(chunk_id: str, tag: int, raw_size: int, payload: bytes | memoryview, 
         return _decode_codec(chunk_id, tag, raw_size, payload, references, expected_size)
     if tag == Encoding.ZSTD:
         _check_zstd_size(chunk_id, payload)
-    data = Store.decode_payload(chunk_id, tag, payload)
+    # a raw payload is the chunk: used as it is (a reader's bytearray is not copied)
+    data = payload if tag == Encoding.RAW and isinstance(payload, (bytes, bytearray)) else \
+        Store.decode_payload(chunk_id, tag, payload)
     for size in (raw_size or None, expected_size):
         if size is not None and len(data) != size:
             raise BadFrame(f"chunk {chunk_id}: expected {size} bytes, decoded {len(data)}")
