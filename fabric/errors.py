@@ -221,6 +221,14 @@ class TooManyConnections(TransferError):
     http_status = 503
 
 
+class RelayUnavailable(TransferError):
+    """A relay cannot serve a control request now: it has no live stream or answer from its own
+    upstream (its children ask the next source; docs/protocol.md "Relays")."""
+
+    code = "relay_unavailable"
+    http_status = 503
+
+
 class StoreFull(FabricError, OSError):
     code = "store_full"
     http_status = 507

@@ -16,7 +16,12 @@ the parts, one module per concern:
    with pull-through for the chunks it lacks;
 4. retention (`agents.site.retention`): the last `retention.keep` versions (plus the
    active and pinned ones) stay, and chunks no kept version needs are collected;
-5. reporting: its state goes to the origin, for `fabric status`.
+5. reporting: its state goes upstream, for `fabric status`, with its subtree's reports
+   (`agents.site.reports`);
+6. the control plane (`agents.site.control`, `agents.site.event_relay`): events, channel
+   reads, manifests and reports go through the site's upstream relay (the origin only as
+   the fallback), and the site re-serves its own stream and control reads to the sites
+   below it, so the origin holds streams and reports from its direct children only.
 
 Its HTTP app and entry point are in `agents.site.app`.
 """
@@ -36,11 +41,14 @@ from fabric.transfer import Inflight
 from fabric.wire.client import OriginClient
 
 from agents.site.config import SiteConfig
+from agents.site.control import UpstreamChain, relay_urls
+from agents.site.event_relay import EventRelay, ReadRelay
 from agents.site.deploy import Deployer
 from agents.site.follow import ChannelStatus, Follower
 from agents.site.layout import Layout, StateFile
 from agents.site.metrics import AgentMetrics
 from agents.site.relay import Relay
+from agents.site.reports import Subtree
 from agents.site.retention import Pruner
 from agents.site.rollout import Rollout
 from agents.site.trust import SiteTrust
@@ -62,13 +70,21 @@ class SiteAgent:
         self.metrics.high_watermark.set(cfg.retention.high_watermark)
         self.origin = OriginClient(cfg.origin, cfg.token)
         self.plan = SourcePlan(cfg, self.origin)
+        self.event_relay = EventRelay()  # the upstream's events, re-served to the sites below
+        self.control = UpstreamChain([OriginClient(u, cfg.token, connections=4) for u in relay_urls(cfg)],
+                                     self.origin, on_event=self._upstream_event)
+        self.reads = ReadRelay(self.store, self.control)  # control reads, re-served
+        self.subtree = Subtree(cfg.site, forget_after=max(60.0, 12 * cfg.report_interval))
         self.upstream = self.plan.upstream(Inflight())
         self.upstream_name, self.source_names = _link_names(cfg)  # for the report (the status page's tree)
         self.channels = {a: ChannelStatus(a, c, active=self.layout.active(a)) for a, c in cfg.follow}
-        self.trust = SiteTrust(cfg.trust, self.layout, self.origin, self.plan.sources, self.metrics, self.channels,
+        # Without a policy a site only keeps envelopes for the sites below: the nearest source that
+        # answers decides (a relay asked its own upstream), so a rollout never asks the origin per site.
+        statement_sources = self.plan.sources if cfg.trust else [self.control]
+        self.trust = SiteTrust(cfg.trust, self.layout, self.control, statement_sources, self.metrics, self.channels,
                                cfg.trust_file)
         self.deployer = Deployer(self)
-        self.follower = Follower(self.origin, self.channels, cfg.sync.resync_interval, self.deployer.wake,
+        self.follower = Follower(self.control, self.channels, cfg.sync.resync_interval, self.deployer.wake,
                                  on_resync=self.trust.refresh_delegations)
         self.relay = Relay(self.store, self.upstream, self.metrics)
         self.pruner = Pruner(self.layout, self.registry, cfg.retention, self.channels, self.metrics)
@@ -115,18 +131,27 @@ class SiteAgent:
                 "fetched": {self.source_names.get(u, u): n for u, n in self.metrics.fetched.items()},
                 "at": time.time()}
 
+    def _upstream_event(self, event: str, data: dict, resumed: bool) -> None:
+        """Each event of the upstream stream: re-served, and what is kept about its artifact dropped."""
+        self.event_relay.feed(event, data, resumed)
+        if event == "hello" and not resumed:
+            self.reads.forget_all()
+        elif isinstance(data.get("artifact"), str):
+            self.reads.forget(data["artifact"])
+
     async def report_loop(self) -> None:
-        """Tell the origin how this site is doing, for `fabric status`."""
+        """Tell the upstream relay (or the origin) how this site and the sites below it are doing."""
         while True:
             try:
-                await self.origin.report_site(self.cfg.site, self.status())
+                for body in self.subtree.bodies(self.status()):
+                    await self.control.report_site(self.cfg.site, body)
             except FabricError as e:
                 log.warning("status report failed", error=e.message)
             await asyncio.sleep(self.cfg.report_interval)
 
     async def close(self) -> None:
         """Close every client the agent opened."""
-        for client in self.plan.clients():
+        for client in {id(c): c for c in self.plan.clients() + self.control.sources}.values():
             await client.close()
 
 

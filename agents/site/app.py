@@ -6,6 +6,13 @@
     POST   /v1/site/pins                        pin a materialised version (`admin` scope)
     DELETE /v1/site/pins/{artifact}/{version}   unpin it (`admin` scope)
     ...    /v1/site/workers, /v1/site/manifests the hot-load API (`agents.site.rollout`)
+    GET    /v1/artifacts/{a}/versions/{v}/signature, GET /v1/trust
+                                                the signed statements this site holds, as received
+                                                (relay; `agents.site.trust`)
+    GET    /v1/events, GET /v1/artifacts[/{a}/versions[/{v}]], GET /v1/artifacts/{a}/channels/{c}
+                                                the upstream's events and control reads, re-served
+                                                to the sites below (`agents.site.event_relay`)
+    POST   /v1/sites/{site}                     a child's report, with its subtree's (`agents.site.reports`)
     GET    /ui/                                 the status page for this site (`fabric.wire.ui`; public files)
 
 Plus the probes and `/metrics` of `fabric.wire.server.base_app`.
@@ -28,7 +35,9 @@ from fabric.wire.server import METRICS, add_metrics_listener, base_app, principa
 
 from agents.site.agent import SiteAgent
 from agents.site.config import SiteConfig
+from agents.site.event_relay import relay_routes
 from agents.site.relay import RelaySource
+from agents.site.reports import report_routes
 
 AGENT = web.AppKey("agent", SiteAgent)
 
@@ -42,9 +51,12 @@ def create_app(agent: SiteAgent) -> web.Application:
     app = base_app(store=agent.store, tokens=tokens, ready=ready)
     app[AGENT] = agent
     agent.metrics.register(app[METRICS].registry)
-    index = ChunkIndex(RelaySource(agent.registry, agent.origin))  # which child may see which chunk
+    index = ChunkIndex(RelaySource(agent.registry, agent.control))  # which child may see which chunk
     chunk_routes(app, index=index, get=agent.relay.get, prepare=agent.relay.prepare, ready=agent.relay.ready)
     agent.rollout.add_routes(app)
+    agent.trust.routes(app)  # the envelopes it holds, re-served untouched for the sites below
+    relay_routes(app, agent.event_relay, agent.reads)  # events and control reads, re-served
+    report_routes(app, agent.subtree)  # the children's reports, forwarded with the site's own
     app.router.add_get(SITE, _status)
     app.router.add_post(SITE_PINS, _pin)
     app.router.add_delete(f"{SITE_PINS}/{{artifact}}/{{version}}", _unpin)

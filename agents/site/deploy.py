@@ -3,16 +3,22 @@
 One deploy loop per artifact waits to be woken (`agents.site.follow`), and deploys the
 target unless it is active already or was rejected here. A deploy
 
-1. fetches the manifest from the origin and pulls the version through the one pull
+1. with a trust policy, starts from the channel's signed statement (`agents.site.trust`):
+   verified before anything is fetched, it names the version to deploy, and the
+   version's own statement and manifest id are verified before any chunk;
+2. fetches the manifest from the origin and pulls the version through the one pull
    path (`fabric.pull.pull`): the missing chunks from the site's planned sources
    (upstream relay, peers, origin last), the files materialised under
    `versions/<artifact>/<version>/`, the manifest recorded in the site's registry;
-2. only then, and only if the channel still wants that version (newest wins), flips
+3. only then, and only if the channel still wants that version (newest wins) and both
+   statements still verify, flips
    `current/<artifact>`, records the activation in `state.json`, starts the rollout
    to the workers (`agents.site.rollout`) and prunes (`agents.site.retention`).
 
 Deploys and rejections run one at a time (`lock`). A failed deploy leaves the active
-version serving; the loop retries with backoff. File I/O runs in threads.
+version serving; the loop retries with backoff. A refused statement leaves it serving
+too, and is checked again at the next event or resync (not retried on its own: the same
+bytes would be refused again). File I/O runs in threads.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import time
 from typing import TYPE_CHECKING
 
 from fabric import tracing
-from fabric.errors import FabricError
+from fabric.errors import FabricError, SignatureError
 from fabric.logs import get_logger
 from fabric.pull import Sink, fetch_manifest, pull
 from fabric.transfer import SyncStats
 
 from agents.site.follow import ChannelStatus
+from agents.site.trust import Claim
 
 if TYPE_CHECKING:
     from agents.site.agent import SiteAgent
@@ -48,19 +55,25 @@ class Deployer:
 
     async def loop(self, artifact: str) -> None:
         """Keep the artifact's active version equal to its channel's target (newest wins)."""
-        ch, backoff = self.site.channels[artifact], 1.0
+        ch, backoff, trust = self.site.channels[artifact], 1.0, self.site.trust
         while True:
             await self._wake[artifact].wait()
             self._wake[artifact].clear()
-            target = ch.target
+            claim = await trust.resolve(ch) if trust.enabled else None  # the signed move, verified
+            if trust.enabled and claim is None:
+                continue  # nothing new that verifies (refusals are shown and counted by `trust`)
+            target = claim.version if claim else ch.target
             if target is None or target == ch.active or target in self.site.statefile.state.bad.get(artifact, []):
                 continue
             t0 = time.monotonic()
             try:
-                await self.deploy(ch, target)
+                await self.deploy(ch, target, claim)
                 if ch.active == target:
                     self.site.metrics.count_deploy("activated", time.monotonic() - t0)
                 backoff = 1.0
+            except SignatureError as e:  # nothing was activated; the next event or resync checks again
+                trust.refuse(ch, e, claim.envelope if claim else None)
+                self.site.metrics.count_deploy("refused", time.monotonic() - t0)
             except Exception as e:  # noqa: BLE001 - a failed deploy must never stop the loop
                 if not isinstance(e, FabricError):
                     log.error("unexpected deploy error", artifact=artifact, error=repr(e))
@@ -74,18 +87,20 @@ class Deployer:
             finally:
                 ch.syncing = None
 
-    async def deploy(self, ch: ChannelStatus, version: str) -> None:
+    async def deploy(self, ch: ChannelStatus, version: str, claim: Claim | None = None) -> None:
         """Deploy `version`, in an `agent.deploy` span under the version's trace (`fabric.tracing`)."""
         parent = ch.trace[1] if ch.trace and ch.trace[0] == version else None
         with tracing.span("agent.deploy", parent=parent, site=self.site.cfg.site, artifact=ch.artifact,
                           version=version):
-            await self._deploy(ch, version)
+            await self._deploy(ch, version, claim)
 
-    async def _deploy(self, ch: ChannelStatus, version: str) -> None:
+    async def _deploy(self, ch: ChannelStatus, version: str, claim: Claim | None) -> None:
         site, artifact = self.site, ch.artifact
         async with self.lock:
             ch.syncing, ch.error = version, None
-            manifest = await fetch_manifest(site.store, site.origin, artifact, version)
+            manifest = await fetch_manifest(site.store, site.control, artifact, version)  # via the relay
+            if claim is not None:  # before any chunk: the manifest and the version are the ones signed
+                await site.trust.check_version(ch, claim, manifest)
             ch.bytes_total, ch.bytes_done = sum(manifest.unique_chunks().values()), 0
             site.metrics.sync_expected.labels(artifact).set(ch.bytes_total)
 
@@ -108,6 +123,11 @@ class Deployer:
                 log.info("newer version wanted; not activating", artifact=artifact, version=version,
                          wanted=ch.target)
                 return
+            if claim is not None:  # right before the flip: both statements still verify
+                site.trust.recheck(ch, claim)
+                await site.trust.accept(ch, claim)
+            else:
+                await site.trust.keep_unverified(artifact, version)  # for the sites below, untouched
             await self._activate(ch, version)
 
     async def _activate(self, ch: ChannelStatus, version: str) -> None:

@@ -17,10 +17,13 @@ MAX_JSON_DIGITS = 20  # digits of a JSON integer (2^64 has 20); more is refused 
 
 MAX_STATEMENT_BYTES = 65536  # a signed statement's envelope (docs/formats.md "Signed statements"), canonical JSON bytes
 
+REPORT_MAX = 256 << 10  # one site report's JSON body, and one POST of a relay's aggregated reports
+RELAYED_SITES_MAX = 10000  # sites whose reports one relay holds and forwards (docs/protocol.md "Relays")
+
 MAX_PATH_BYTES = 4096  # a file path in a manifest, UTF-8 bytes (Linux PATH_MAX)
 MAX_PATH_PART_BYTES = 255  # one component of it (NAME_MAX of every common file system)
 MAX_PATH_DEPTH = 64  # components of it
 
 __all__ = ["MAX_CHUNK", "MAX_MANIFEST", "MAX_JSON_DEPTH", "MAX_JSON_DIGITS", "MAX_PATH_BYTES",
-           "MAX_STATEMENT_BYTES",
+           "MAX_STATEMENT_BYTES", "REPORT_MAX", "RELAYED_SITES_MAX",
            "MAX_PATH_PART_BYTES", "MAX_PATH_DEPTH"]

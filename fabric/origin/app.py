@@ -40,10 +40,12 @@ from fabric.wire.negotiate import serve_manifest
 from fabric.wire.protocol import ARTIFACTS, CHUNKS_UPLOAD, EVENTS as EVENTS_PATH, SITES as SITES_PATH
 from fabric.errors import BadFrame, Forbidden, InvalidInput, InvalidManifest
 from fabric.wire.events import EventLog, sse_handler
+from fabric.wire.site_reports import split_report
 from fabric.wire.ui import ui_routes
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest, check_name
 from fabric.origin.metrics import OriginMetrics
+from fabric.origin.relayed import keep_relayed
 from fabric.origin.signatures import signature_routes
 from fabric.core.lru import LRU
 from fabric import tracing
@@ -199,16 +201,22 @@ async def report_site(request: web.Request) -> web.Response:
     if not p.speaks_for(site):
         raise Forbidden(f"token {p.name!r} may not report for site {site!r}")
     body, size = await request.app[REPORTS].read(request)  # bounded (fabric.origin.quotas)
+    own, relayed = split_report(body)  # a relay's report carries its subtree's (fabric.wire.site_reports)
     sites: dict = request.app[SITES]
-    request.app[REPORTS].admit(site, size)
-    previous = sites.get(site)
-    sites[site] = dict(body, site=site, received=time.time())
-    if previous is None or _substance(previous) != _substance(sites[site]):
-        request.app[EVENTS].append({"type": "site", "site": site})  # the status page re-reads /v1/sites
+
+    def changed(name: str, previous: dict | None, new: dict) -> None:
+        if previous is None or _substance(previous) != _substance(new):
+            request.app[EVENTS].append({"type": "site", "site": name})  # the status page re-reads /v1/sites
+    if own is not None:
+        request.app[REPORTS].admit(site, max(1, size - sum(r.size for r in relayed)))
+        previous = sites.get(site)
+        sites[site] = dict(own, site=site, received=time.time())
+        changed(site, previous, sites[site])
+    keep_relayed(sites, request.app[REPORTS], site, relayed, changed)  # fabric.origin.relayed
     return web.json_response({"ok": True})
 
 
-_CLOCKS = ("at", "received", "seen_s_ago")  # what changes in every report: not a reason for a `site` event
+_CLOCKS = ("at", "received", "seen_s_ago", "age_s")  # what changes in every report: not a reason for a `site` event
 
 
 def _substance(report: object) -> object:

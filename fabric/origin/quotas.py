@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fabric.core.boundedjson import decode as decode_json
+from fabric.core.limits import REPORT_MAX  # noqa: F401  (also a relay's bound: agents.site.reports)
 from fabric.errors import FabricError, GcRunning, InvalidInput, PayloadTooLarge, QuotaExceeded
 from fabric.gc import gc
 from fabric.logs import get_logger
@@ -33,7 +34,6 @@ from fabric.store.store import Store
 
 log = get_logger("origin")
 CHARGE_MIN = 64 << 10  # the least an uploaded chunk counts against its token's quota
-REPORT_MAX = 256 << 10  # one site report's JSON body
 REPORTS_TOTAL = 64 << 20  # the bodies of every site's last report, together
 MAX_SITES = 10_000  # sites with a report kept
 

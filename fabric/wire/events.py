@@ -83,8 +83,9 @@ def sse_handler(key: web.AppKey, require: Callable[[web.Request], None],
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         events, complete = log.since(after)
-        await _send(resp, "hello", {"epoch": log.epoch, "seq": log.seq, "complete": complete})
-        while not log.closed:
+        epoch = log.epoch
+        await _send(resp, "hello", {"epoch": epoch, "seq": log.seq, "complete": complete})
+        while not log.closed and log.epoch == epoch:  # a relayed log changes epoch with its upstream's
             for e in events:
                 if visible(request, e):
                     await _send(resp, e["type"], e, event_id=e["seq"])

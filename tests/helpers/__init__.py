@@ -11,6 +11,7 @@
   clean environment.
 * `agent` — a real `fabric agent` process and its config file.
 * `process` — the start/wait/stop shape the server processes share.
+* `sockets` — ESTABLISHED connections to a loopback server, and which processes hold them (/proc).
 * `http` — a tiny blocking HTTP client (http.client) that never raises on 4xx/5xx,
   so tests can assert on status codes and JSON error bodies.
 * `sources` — real aiohttp servers that speak the chunk-stream protocol and lie,
