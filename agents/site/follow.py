@@ -22,7 +22,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from fabric.errors import FabricError
 from fabric.logs import get_logger
@@ -67,6 +67,9 @@ class ChannelStatus:
     error: str | None = None
     updated: float = field(default_factory=time.time)
     trace: tuple[str, str] | None = None  # (version, its traceparent from the origin's event: fabric.tracing)
+    trust: str | None = None  # "verified", "unsigned", "stale" or "refused" (agents.site.trust); None: not checked yet
+    trust_error: dict | None = None  # {"code", "message"} of the last refusal, while `trust` is "refused"
+    statement_expires: str | None = None  # when the accepted channel statement expires (RFC 3339)
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "trace"}
@@ -76,9 +79,10 @@ class Follower:
     """Keeps each channel's `target` equal to what the origin says; `wake(artifact)` on every read."""
 
     def __init__(self, origin: OriginClient, channels: dict[str, ChannelStatus], resync_interval: float,
-                 wake: Callable[[str], None]):
+                 wake: Callable[[str], None], on_resync: Callable[[], Awaitable[None]] | None = None):
         self.origin, self.channels = origin, channels
         self.resync_interval, self.wake = resync_interval, wake
+        self.on_resync = on_resync  # runs first at every resync (the site's trust: newer delegations)
 
     async def follow_events(self) -> None:
         """Listen to the origin's events forever; re-sync everything on each (re)connect."""
@@ -117,12 +121,16 @@ class Follower:
 
     async def resync(self) -> None:
         """Read every followed channel at the origin and deploy what changed."""
+        if self.on_resync is not None:
+            await self.on_resync()
         for ch in self.channels.values():
             try:
                 self.want(ch, (await self.origin.channel(ch.artifact, ch.channel)).version)
-            except FabricError as e:
-                ch.error = f"{e.code}: {e.message}"
-                log.warning("cannot read channel", artifact=ch.artifact, channel=ch.channel, error=e.message)
+            except Exception as e:  # noqa: BLE001 - one channel's bad answer must not skip the others
+                error = e if isinstance(e, FabricError) else FabricError(repr(e)[:300])
+                ch.error = f"{error.code}: {error.message}"
+                log.warning("cannot read channel", artifact=ch.artifact, channel=ch.channel, error=error.message)
+                self.wake(ch.artifact)  # with a trust policy, the deploy loop reads and judges it itself
 
     def want(self, ch: ChannelStatus, version: str | None) -> None:
         if version and version != ch.target:

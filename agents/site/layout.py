@@ -4,6 +4,7 @@
     <data>/versions/<artifact>/<version>/ materialised, verified versions
     <data>/current/<artifact>             symlink to the active version's folder
     <data>/state.json                     activation history, pins, bad versions
+    <data>/trust/                         signed statements accepted and kept (agents.site.trust)
 
 A version folder appears only by rename from a staging folder, so it is complete
 or absent. `activate` flips `current/<artifact>` with a rename of a new symlink over
@@ -44,11 +45,16 @@ class Layout:
         self.versions = self.data / "versions"
         self.current = self.data / "current"
         self.state_file = self.data / "state.json"
+        self.trust = self.data / "trust"
         for d in (self.versions, self.current):
             d.mkdir(parents=True, exist_ok=True)
 
     def version_dir(self, artifact: str, version: str) -> Path:
         return self.versions / artifact / version
+
+    def signature_path(self, artifact: str, version: str) -> Path:
+        """The version's signed statement (DSSE envelope) as this site received it."""
+        return self.trust / "versions" / artifact / version
 
     def active(self, artifact: str) -> str | None:
         link = self.current / artifact
@@ -72,6 +78,7 @@ class Layout:
 
     def remove_version(self, artifact: str, version: str) -> None:
         shutil.rmtree(self.version_dir(artifact, version), ignore_errors=True)
+        self.signature_path(artifact, version).unlink(missing_ok=True)
 
     def sweep_staging(self) -> None:
         """Remove staging folders and temp links left by a crash."""

@@ -40,7 +40,7 @@ def status(origin: Optional[str] = OriginOpt, token: Optional[str] = TokenOpt, a
             if not _items(sites):
                 out.print(f"no sites have reported to {esc(cfg.origin)} yet")
             else:
-                table(["site", "channel", "active", "target", "syncing", "workers", "error", "seen"], rows)
+                table(["site", "channel", "active", "target", "trust", "syncing", "workers", "error", "seen"], rows)
         emit({"sites": sites}, as_json, human)
 
 
@@ -60,6 +60,13 @@ def _number(value) -> float | None:
         and math.isfinite(value) else None
 
 
+def _trust(ch: dict) -> str:
+    """verified | unsigned | stale | refused (signed versions, docs/trust.md), with the refusal's code."""
+    err = ch.get("trust_error")
+    code = _text(err.get("code")) if isinstance(err, dict) else ""
+    return _text(ch.get("trust")) + (f" ({code})" if code else "")
+
+
 def _site_rows(site: dict) -> list[dict]:
     received = _number(site.get("received"))
     seen = f"{time.time() - received:.0f}s ago" if received is not None else "?"
@@ -74,7 +81,8 @@ def _site_rows(site: dict) -> list[dict]:
                             + ("" if w.get("state") == "serving" else f" ({_text(w.get('state'))})")
                             for w in _items(site.get("workers")) if w.get("artifact") == ch.get("artifact"))
         rows.append({"site": _text(site.get("site")), "channel": f"{_text(ch.get('artifact'))}:{_text(ch.get('channel'))}",
-                     "active": _text(ch.get("active")), "target": _text(ch.get("target")), "syncing": syncing,
+                     "active": _text(ch.get("active")), "target": _text(ch.get("target")),
+                     "trust": _trust(ch), "syncing": syncing,
                      "workers": workers, "error": _text(ch.get("error")), "seen": seen})
     return rows
 

@@ -20,9 +20,10 @@ OBS = ROOT / "deploy" / "observability"
 RULES, DASHBOARD = OBS / "alerts.yml", OBS / "grafana-fabric.json"
 PROMTOOL = shutil.which("promtool")
 METRIC = re.compile(r"\b(fabric_[a-z0-9_]+)")
-# what the rules must cover (the issue's list); a version signature rule waits for signatures to exist
+# what the rules must cover (the issue's list, and issue 12's refused and stale signed statements)
 REQUIRED_ALERTS = {"FabricSiteNotReporting", "FabricSiteVersionStale", "FabricDeployFailing", "FabricCanaryRejected",
-                   "FabricDiskAboveHighWatermark", "FabricChunksFailingVerification"}
+                   "FabricDiskAboveHighWatermark", "FabricChunksFailingVerification", "FabricSignatureRefused",
+                   "FabricChannelStatementStale"}
 
 
 def _rule_exprs() -> dict[str, str]:
@@ -41,7 +42,7 @@ def test_promtool_accepts_the_alert_rules():
     assert f"SUCCESS: {len(_rule_exprs())} rules found" in p.stdout
 
 
-def test_the_rules_cover_stale_sites_failing_deploys_canaries_disk_and_integrity():
+def test_the_rules_cover_stale_sites_failing_deploys_canaries_disk_integrity_and_signatures():
     assert REQUIRED_ALERTS <= set(_rule_exprs())
 
 
@@ -72,3 +73,23 @@ def test_the_dashboard_is_a_well_formed_grafana_dashboard():
         assert refs and len(refs) == len(set(refs)) and all(t["expr"].strip() for t in p["targets"]), p["title"]
         for t in p["targets"]:
             assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
+
+
+def test_every_label_a_rule_or_panel_selects_on_is_one_its_metric_has(tmp_path):
+    """`fabric_agent_channel_trust{state="unsigned"}` must select on a label the agent really
+    sets: a misspelt label matches nothing, and its alert never fires."""
+    labels: dict[str, set[str]] = {}
+    for registry in server_registries(tmp_path).values():
+        for collector in list(registry._collector_to_names):  # prometheus_client keeps no public label list
+            for name in registry._collector_to_names[collector]:
+                labels.setdefault(name, set()).update(getattr(collector, "_labelnames", ()))
+    selected = re.compile(r"\b(fabric_[a-z0-9_]+)\{([^}]*)\}")
+    wrong = []
+    for expr in [*_rule_exprs().values(), *_dashboard_exprs()]:
+        for metric, matchers in selected.findall(expr):
+            for label in re.findall(r"([a-z_]+)\s*(?:=~|!=|!~|=)", matchers):
+                if label not in labels.get(metric, set()) | {"instance", "job"}:
+                    wrong.append(f"{metric}{{{label}}}")
+    assert wrong == []
+    assert {"code"} <= labels["fabric_agent_signature_refusals_total"]
+    assert {"artifact", "channel", "state"} <= labels["fabric_agent_channel_trust"]

@@ -17,6 +17,8 @@
 * `sources` — real aiohttp servers that speak the chunk-stream protocol and lie,
   stall, or answer "missing", for the sync engine's fault tests.
 * `s3` — a real SeaweedFS, the hook as a process or in-process server, a throttling proxy.
+* `lying_origin` — an aiohttp server in front of a real origin that substitutes, replays,
+  reorders and withholds signed statements, and signs with keys an attacker holds.
 * `versions` — versions built chunk by chunk, an in-memory store, weights that take small steps.
 * `kserve` — a real KServe ModelServer serving Fabric's KServe model; small MLP version folders
   and their expected answers computed with torch.

@@ -37,7 +37,8 @@ class AgentProcess(ServerProcess):
     def __init__(self, root: Path, site: str, origin_url: str, *, follow: list[str], tokens: Path | None = None,
                  upstreams: list[str] | None = None, topology: Path | None = None,
                  data: Path | None = None, token: str | None = None,
-                 retention: dict | None = None, sync: dict | None = None, port: int | None = None):
+                 retention: dict | None = None, sync: dict | None = None, port: int | None = None,
+                 extra: dict | None = None):
         self.root, self.site = Path(root), site
         self.port = port or free_port()
         self.data = Path(data) if data else self.root / site
@@ -50,6 +51,7 @@ class AgentProcess(ServerProcess):
             settings["upstreams"] = upstreams
         if topology:
             settings["topology"] = str(topology)
+        settings.update(extra or {})  # more site.toml keys (`trust`, ...)
         sync = {"resync_interval": 2, "stall_timeout": 5, "give_up_after": 20, **(sync or {})}
         self.config = write_config(self.root / f"{site}.toml", settings, retention, sync)
         super().__init__(["agent", "--config", str(self.config)], self.port, self.root / f"{site}.log",
