@@ -11,7 +11,12 @@ Builds, from a real (small) training run on the CPU:
 * a fine-tune of step 100 on another language with every parameter frozen except
   the last block, the final norm and the head (30 steps), saved the same two ways;
 * a jsonl dataset (about 32 MB of generated rows), the same with 10% more rows
-  appended, and the same with one row in the middle edited.
+  appended, and the same with one row in the middle edited;
+* a second, larger jsonl dataset (about 60 MB, `DatasetParams`, built in its own
+  cached folder so changing it never retrains the model) and five edits of it: 10%
+  more lines appended plus one line in the middle edited (`text-append-edit`), the
+  append alone, 1% new lines inserted at three places, one line edited, and 1% of
+  the lines deleted at three places.
 
 Every version is a folder (`<root>/fabric-corpus-<hash>/versions/<name>/`) holding
 one file. The hash covers the parameters below and this file's version tag, so a
@@ -57,24 +62,52 @@ class Params:
 
 
 @dataclass(frozen=True)
+class DatasetParams:
+    """The larger text dataset and its edits (`text-*` versions)."""
+
+    mb: int = 60
+    seed: int = 11
+    append: float = 0.10  # fraction of lines appended
+    churn: float = 0.01  # fraction of lines inserted, or deleted, at three places
+
+    def key(self) -> str:
+        blob = json.dumps({"format": 1, **asdict(self)}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
 class Corpus:
     root: Path
     params: Params
+    text_root: Path | None = None  # the DatasetParams folder (text-* versions)
 
     def version(self, name: str) -> Path:
+        if name.startswith("text-") and self.text_root is not None:
+            return self.text_root / "versions" / name
         return self.root / "versions" / name
 
     @property
     def names(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "versions").iterdir())
+        roots = [self.root] + ([self.text_root] if self.text_root else [])
+        return sorted(p.name for r in roots for p in (r / "versions").iterdir())
 
 
-def build(root: str | os.PathLike = "/tmp", params: Params = Params(), *, log=print) -> Corpus:
-    """The corpus for `params` under `root`, built unless already there."""
+def build(root: str | os.PathLike = "/tmp", params: Params = Params(), *, log=print,
+          text: DatasetParams | None = DatasetParams(), model: bool = True) -> Corpus:
+    """The corpus for `params` (and the text dataset for `text`) under `root`, built unless already there.
+
+    `model=False` builds only the text dataset (the model's versions are then absent)."""
     folder = Path(root) / f"fabric-corpus-{params.key()}"
+    model = _build_model(Path(root), params, log) if model else folder
+    text_root = _build_text(Path(root), text, log) if text is not None else None
+    return Corpus(model, params, text_root)
+
+
+def _build_model(root: Path, params: Params, log) -> Path:
+    folder = root / f"fabric-corpus-{params.key()}"
     done = folder / "DONE"
     if done.exists():
-        return Corpus(folder, params)
+        return folder
     if folder.exists():
         shutil.rmtree(folder)
     staging = folder.with_name(folder.name + ".partial")
@@ -87,7 +120,22 @@ def build(root: str | os.PathLike = "/tmp", params: Params = Params(), *, log=pr
     (staging / "DONE").write_text(f"built in {time.monotonic() - t0:.0f} s\n")
     os.rename(staging, folder)
     log(f"corpus built in {time.monotonic() - t0:.0f} s at {folder}")
-    return Corpus(folder, params)
+    return folder
+
+
+def _build_text(root: Path, p: DatasetParams, log) -> Path:
+    folder = root / f"fabric-dataset-{p.key()}"
+    if (folder / "DONE").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "versions").mkdir(parents=True)
+    _text_dataset(staging / "versions", p, log)
+    (staging / "params.json").write_text(json.dumps(asdict(p), indent=1))
+    (staging / "DONE").write_text("built\n")
+    os.rename(staging, folder)
+    return folder
 
 
 # --- the model ---------------------------------------------------------------------
@@ -261,6 +309,44 @@ def _dataset(folder: Path, p: Params, log) -> None:
     edited[mid] = json.dumps(row, separators=(",", ":")).encode() + b"\n"
     _write_jsonl(folder / "data-edit", edited)
     log(f"dataset: {len(rows)} rows, {size / 1e6:.1f} MB (+{len(extra)} appended; row {mid} edited)")
+
+
+def _text_dataset(folder: Path, p: DatasetParams, log) -> None:
+    """text-v1 (about p.mb MB of rows) and its five edits."""
+    rng = np.random.default_rng(p.seed)
+    rows: list[bytes] = []
+    size = 0
+    while size < p.mb * 1_000_000:
+        batch = _rows(rng, len(rows), 10_000)
+        rows += batch
+        size += sum(map(len, batch))
+    n = len(rows)
+    mid = n // 2
+    edited = list(rows)
+    row = json.loads(edited[mid])
+    row["text"] = row["text"].replace("the", "THE", 1) + " (edited)"
+    row["label"] = (row["label"] + 1) % 5
+    edited[mid] = json.dumps(row, separators=(",", ":")).encode() + b"\n"
+    extra = _rows(rng, n, int(n * p.append))
+    churn = int(n * p.churn) // 3
+    places = [n // 4, n // 2, 3 * n // 4]
+    inserted, cursor = [], 0
+    new_rows = _rows(rng, n + len(extra), 3 * churn)
+    for k, at in enumerate(places):
+        inserted += rows[cursor:at] + new_rows[k * churn:(k + 1) * churn]
+        cursor = at
+    inserted += rows[cursor:]
+    deleted, cursor = [], 0
+    for at in places:
+        deleted += rows[cursor:at]
+        cursor = at + churn
+    deleted += rows[cursor:]
+    versions = {"text-v1": rows, "text-append-edit": edited + extra, "text-append": rows + extra,
+                "text-insert": inserted, "text-edit": edited, "text-delete": deleted}
+    for name, content in versions.items():
+        _write_jsonl(folder / name, content)
+    log(f"text dataset: {n} rows, {size / 1e6:.1f} MB (+{len(extra)} appended; row {mid} edited; "
+        f"{3 * churn} inserted or deleted at rows {places})")
 
 
 def _write_jsonl(folder: Path, rows: list[bytes]) -> None:

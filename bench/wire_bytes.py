@@ -76,6 +76,11 @@ PAIRS = [  # label, family, old version (None: first sync), new version
     ("bf16 frozen fine-tune", "bf16", "bf16-step100", "bf16-ft"),
     ("jsonl +10% rows", "jsonl", "data-v1", "data-append"),
     ("jsonl one row edited", "jsonl", "data-v1", "data-edit"),
+    ("text 60 MB: +10% lines, one edited", "text", "text-v1", "text-append-edit"),
+    ("text 60 MB: +10% lines appended", "text", "text-v1", "text-append"),
+    ("text 60 MB: 1% lines inserted", "text", "text-v1", "text-insert"),
+    ("text 60 MB: one line edited", "text", "text-v1", "text-edit"),
+    ("text 60 MB: 1% lines deleted", "text", "text-v1", "text-delete"),
 ]
 WIDTHS = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8, "I16": 2, "U16": 2, "U32": 4, "U64": 8}
 
@@ -110,13 +115,13 @@ class Fabric:
 class Sender:
     """Every version published into one store, as an origin holds them."""
 
-    def __init__(self, corpus: Corpus, work: Path):
+    def __init__(self, corpus: Corpus, work: Path, pairs=PAIRS):
         self.dir = work / "sender"
         shutil.rmtree(self.dir, ignore_errors=True)
         self.store = open_store(self.dir)
         target = LocalTarget(self.store)
         self.manifests: dict[str, Manifest] = {}
-        for _, family, old, new in PAIRS:
+        for _, family, old, new in pairs:
             for name in (old, new):
                 if name and name not in self.manifests:
                     publish(corpus.version(name), artifact=family, version=name, target=target)
@@ -293,10 +298,10 @@ def _planes_zstd(zc, arr: np.ndarray, width: int) -> int:
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(prog="python -m bench.wire_bytes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default="/tmp", help="where the corpus is cached (default /tmp)")
-    ap.add_argument("--only", default="", help="comma-separated families to run: fp32, bf16, jsonl")
+    ap.add_argument("--only", default="", help="comma-separated families to run: fp32, bf16, jsonl, text")
     args = ap.parse_args(argv)
-    families = set(filter(None, args.only.split(","))) or {"fp32", "bf16", "jsonl"}
-    corpus = build(args.root, Params(), log=lambda m: print(m, flush=True))
+    families = set(filter(None, args.only.split(","))) or {"fp32", "bf16", "jsonl", "text"}
+    corpus = build(args.root, Params(), log=lambda m: print(m, flush=True), model=bool(families - {"text"}))
     work = Path(args.root) / f"fabric-wire-bytes-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -311,7 +316,7 @@ def _run(corpus: Corpus, work: Path, families: set[str]) -> str:
     tools = {t: shutil.which(t) is not None for t in ("rsync", "casync", "zstd")}
     if not all(tools.values()):
         print(f"missing {[t for t, ok in tools.items() if not ok]}: apt-get install -y rsync casync zstd", flush=True)
-    sender = Sender(corpus, work)
+    sender = Sender(corpus, work, pairs)
     rows, checks, speed = [], [], {}
     for label, family, old, new in pairs:
         old_file = the_file(corpus.version(old)) if old else None

@@ -1,6 +1,6 @@
 """Chunk encodings: how one chunk's bytes travel, losslessly.
 
-Owns the five encodings (`raw`, `zstd`, `bytegroup`, `xor`, `patch`), their binary
+Owns the six encodings (`raw`, `zstd`, `bytegroup`, `xor`, `patch`, `delta`), their binary
 payload layout (specified in docs/encodings.md), the rule that picks one per chunk,
 and decoding that treats every payload as hostile. A payload's 6-byte header may
 travel separately (the chunk stream's frame carries the tag and raw size):
@@ -61,6 +61,7 @@ class Encoding(IntEnum):
     BYTEGROUP = 2
     XOR = 3
     PATCH = 4
+    DELTA = 5
 
     @classmethod
     def parse(cls, value: int | str) -> Encoding:
@@ -94,7 +95,8 @@ class Encoded:
         return memoryview(self.payload)[_HEADER.size:]
 
 
-REFERENCING = (Encoding.XOR, Encoding.PATCH)  # encodings whose decoder needs a reference
+REFERENCING = (Encoding.XOR, Encoding.PATCH, Encoding.DELTA)  # encodings whose decoder needs a reference
+_DELTA_WIDTHS = (2, 4, 8)  # `delta` subtracts elements of these widths
 TAG_PACKED = 0xFF  # a stored form only, never a stream tag: a pack reference (fabric.store.packs)
 
 
@@ -133,8 +135,8 @@ def encode(
 
     `dtype` (a safetensors dtype) sets the element width for byte planes.
     `reference` is the bytes the receiver already holds for the same tensor segment
-    or file region (id `reference_id`, computed if omitted); with it, `xor` is a
-    candidate, and so is `patch` for a chunk without byte planes (width 1).
+    or file region (id `reference_id`, computed if omitted); with it, `xor` and
+    `delta` are candidates, and `patch` for a chunk without byte planes (width 1).
     `level` is the zstd level of the `zstd` encoding; byte planes use fixed fast
     parameters. `allow_entropy=False` (a link faster than the codec) uses a zstd
     stage only where its samples shrink to half or less. `encodings` limits the
@@ -161,12 +163,15 @@ def encode_as(
 ) -> Encoded:
     """Encode with `encoding` whatever the size (tests, examples, pinned peers).
 
-    Each byte plane is compressed where that shrinks it. `xor` needs a reference.
+    Each byte plane is compressed where that shrinks it. `xor`, `patch` and
+    `delta` need a reference; `delta` needs a width of 2, 4 or 8 (the dtype's).
     """
     encoding = Encoding.parse(encoding)
     chunk = _chunk(data, dtype, reference, reference_id, level)
     if encoding in REFERENCING and chunk.reference is None:
         raise InvalidInput(f"the {encoding.name.lower()} encoding needs a reference")
+    if encoding == Encoding.DELTA and chunk.width not in _DELTA_WIDTHS:
+        raise InvalidInput("the delta encoding needs a dtype of 2, 4 or 8 bytes")
     blob = _patch_frame(chunk) if encoding == Encoding.PATCH else None
     return _encode_plan(_Plan(encoding, 0, (True,) * chunk.width, blob), chunk)
 
@@ -215,6 +220,10 @@ def _plans(chunk: _Chunk, gain: float, allowed: set[Encoding]):
         xored = b"".join(_xor_prefix(data[a:b], reference[a:b]) for a, b in spans)
         size, flags = _estimate_group(xored, n, width, gain)
         yield _Plan(Encoding.XOR, overhead + size, flags)
+    if reference is not None and Encoding.DELTA in allowed and width in _DELTA_WIDTHS:
+        deltas = b"".join(_delta_prefix(data[a:b], reference[a:b], width) for a, b in spans)
+        size, flags = _estimate_group(deltas, n, width, gain)
+        yield _Plan(Encoding.DELTA, overhead + size, flags)
 
 
 def _sample_spans(n: int, width: int) -> list[tuple[int, int]]:
@@ -255,6 +264,9 @@ def _encode_plan(plan: _Plan, chunk: _Chunk) -> Encoded:
     parts = [_XOR_REF.pack(len(chunk.reference), len(ref_id)), ref_id]
     if plan.encoding == Encoding.PATCH:
         return _encoded(Encoding.PATCH, n, parts + [plan.blob], chunk.reference_id)
+    if plan.encoding == Encoding.DELTA:
+        parts += _group(_delta_prefix(data, chunk.reference, chunk.width), chunk.width, plan.flags)
+        return _encoded(Encoding.DELTA, n, parts, chunk.reference_id)
     parts += _group(_xor_prefix(data, chunk.reference), chunk.width, plan.flags)
     return _encoded(Encoding.XOR, n, parts, chunk.reference_id)
 
@@ -316,6 +328,38 @@ def _xor_prefix(data, reference) -> np.ndarray:
     out = np.frombuffer(data, np.uint8).copy()
     _xor_into(out, reference)
     return out
+
+
+def _delta_prefix(data, reference, width: int) -> np.ndarray:
+    """`delta`'s X: each element that has one in `reference` as the zigzag of its
+    difference from it (W-byte unsigned integers, mod 2**(8W)); the rest of `data` as is."""
+    np = _numpy()
+    out = np.frombuffer(data, np.uint8).copy()
+    m = min(len(out), len(reference)) // width
+    if m:
+        kind = np.dtype(f"<u{width}")
+        new = out[:m * width].view(kind)
+        d = np.subtract(new, np.frombuffer(reference, kind, count=m), dtype=kind)
+        sign = np.right_shift(d, 8 * width - 1)
+        np.negative(sign, out=sign)  # 0, or all ones where the difference is negative
+        np.left_shift(d, 1, out=new)
+        np.bitwise_xor(new, sign, out=new)
+    return out
+
+
+def _undelta_into(out: np.ndarray, reference, width: int) -> None:
+    """Invert `_delta_prefix` in place: `out` holds X, `reference` the held chunk."""
+    np = _numpy()
+    m = min(len(out), len(reference)) // width
+    if not m:
+        return
+    kind = np.dtype(f"<u{width}")
+    z = out[:m * width].view(kind)
+    sign = np.bitwise_and(z, 1)
+    np.negative(sign, out=sign)
+    np.right_shift(z, 1, out=z)
+    np.bitwise_xor(z, sign, out=z)
+    np.add(z, np.frombuffer(reference, kind, count=m), out=z)
 
 
 def _xor_into(out: np.ndarray, reference) -> None:
@@ -385,9 +429,11 @@ def _decode_rest(reader: "_Reader", encoding: Encoding, raw_size: int, reference
     if encoding == Encoding.ZSTD:
         return _unzstd(reader.take(len(reader), "zstd frame"), raw_size)
     if encoding == Encoding.BYTEGROUP:
-        return _read_group(reader, raw_size).tobytes()
+        return _read_group(reader, raw_size)[0].tobytes()
     if encoding == Encoding.PATCH:
         return _read_patch(reader, raw_size, reference, reference_id)
+    if encoding == Encoding.DELTA:
+        return _read_delta(reader, raw_size, reference, reference_id)
     return _read_xor(reader, raw_size, reference, reference_id)
 
 
@@ -439,11 +485,15 @@ def _read_header(reader: _Reader, encoding: Encoding, raw_size: int) -> None:
         raise BadFrame(f"payload declares {size} raw bytes, the chunk has {raw_size}")
 
 
-def _read_group(reader: _Reader, raw_size: int) -> np.ndarray:
-    """Read a group section into a new writable array of raw_size bytes."""
+def _read_group(reader: _Reader, raw_size: int, widths: tuple[int, ...] | None = None) -> tuple[np.ndarray, int]:
+    """Read a group section into a new writable array of raw_size bytes; also its width.
+
+    `widths`, if given, are the only widths allowed."""
     (width,) = reader.unpack(_U8, "element width")
     if width == 0:
         raise BadFrame("element width is 0")
+    if widths is not None and width not in widths:
+        raise BadFrame(f"element width {width} is not one of {widths}")
     n, tail = divmod(raw_size, width)
     descriptors = [reader.unpack(_PLANE, "plane descriptor") for _ in range(width)]
     np = _numpy()
@@ -453,7 +503,7 @@ def _read_group(reader: _Reader, raw_size: int) -> np.ndarray:
         elements[:, i] = _read_plane(reader.take(length, f"plane {i}"), flag, n)
     out[n * width:] = np.frombuffer(reader.take(tail, "tail"), np.uint8)
     reader.end()
-    return out
+    return out, width
 
 
 def _read_plane(blob: memoryview, flag: int, n: int) -> np.ndarray:
@@ -477,8 +527,16 @@ def _read_reference_id(reader: _Reader) -> tuple[int, str]:
 def _read_xor(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:
     ref_size, ref_id = _read_reference_id(reader)
     held = _held_reference(ref_id, ref_size, reference, reference_id)
-    out = _read_group(reader, raw_size)
+    out, _ = _read_group(reader, raw_size)
     _xor_into(out, held)
+    return out.tobytes()
+
+
+def _read_delta(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:
+    ref_size, ref_id = _read_reference_id(reader)
+    held = _held_reference(ref_id, ref_size, reference, reference_id)
+    out, width = _read_group(reader, raw_size, widths=_DELTA_WIDTHS)
+    _undelta_into(out, held, width)
     return out.tobytes()
 
 

@@ -94,11 +94,12 @@ def round_trip(enc: Encoded, data: bytes, reference: bytes | None = None) -> Non
 
 def test_tags_and_names_are_stable():
     assert [(e.value, e.name.lower()) for e in Encoding] == [
-        (0, "raw"), (1, "zstd"), (2, "bytegroup"), (3, "xor"), (4, "patch")]
+        (0, "raw"), (1, "zstd"), (2, "bytegroup"), (3, "xor"), (4, "patch"), (5, "delta")]
     assert Encoding.parse(3) is Encoding.XOR
     assert Encoding.parse("bytegroup") is Encoding.BYTEGROUP
     assert Encoding.parse(4) is Encoding.PATCH
-    for bad in (5, -1, "lz4"):
+    assert Encoding.parse("delta") is Encoding.DELTA
+    for bad in (6, -1, "lz4"):
         with pytest.raises(UnknownEncoding):
             Encoding.parse(bad)
 
@@ -381,7 +382,7 @@ def doc_examples() -> dict[str, dict[str, bytes]]:
 
 def test_the_documented_examples_decode():
     examples = doc_examples()
-    assert set(examples) == {"bytegroup-stored", "bytegroup-zstd", "xor", "patch"}
+    assert set(examples) == {"bytegroup-stored", "bytegroup-zstd", "xor", "patch", "delta"}
     for name, blobs in examples.items():
         tag = blobs["payload"][1]
         args = dict(raw_size=len(blobs["data"]), reference=blobs.get("reference"))
@@ -395,6 +396,9 @@ def test_the_documented_examples_are_what_this_encoder_writes():
     xor = examples["xor"]
     enc = encode_as(Encoding.XOR, xor["data"], dtype="BF16", reference=xor["reference"])
     assert enc.payload == xor["payload"]
+    delta = examples["delta"]
+    enc = encode_as(Encoding.DELTA, delta["data"], dtype="BF16", reference=delta["reference"])
+    assert enc.payload == delta["payload"]
 
 
 # --- patch: zstd with the reference as prefix (byte chunks: text, CDC) -------------------
@@ -448,6 +452,8 @@ def test_decode_body_is_decode_without_the_header():
     for name, (data, dtype) in BUFFERS.items():
         reference = perturbed(data, 1)
         for encoding in Encoding:
+            if encoding == Encoding.DELTA and dtype not in ("BF16", "F16", "F32", "F64"):
+                continue  # delta needs elements of 2, 4 or 8 bytes (tests/core/test_delta.py)
             ref = reference if encoding in REFERENCING else None
             enc = encode_as(encoding, data, dtype=dtype, reference=ref)
             assert bytes(enc.body) == enc.payload[6:]

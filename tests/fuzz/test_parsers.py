@@ -1,5 +1,6 @@
 """Generated inputs for every file parser: manifests, version refs and channel records, the
-TOML configs (site, hook, tokens, topology, client), hook envelopes and SNS messages.
+TOML configs (site, hook, tokens, topology, client), hook envelopes and SNS messages, and
+chunk payloads of every encoding (the receiver's decoder, `fabric.wire.frames.decode`).
 
 Each parser, given mutated valid inputs and hostile ones, either returns a value that
 keeps its invariants or raises Fabric's own named error; nothing else escapes (no
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,20 +19,23 @@ from hypothesis import strategies as st
 from agents.site.config import SiteConfig
 from fabric.config import _read_file
 from fabric.core.limits import MAX_PATH_BYTES
+from fabric.core import codec
+from fabric.core.digest import digest
 from fabric.core.manifest import Manifest
 from fabric.core.topology import Topology
-from fabric.errors import FabricError
+from fabric.errors import FabricError, ReferenceMismatch
 from fabric.hook import envelopes
 from fabric.hook.config import HookConfig
 from fabric.hook.sns import verify
 from fabric.store.registry import _channel_from
+from fabric.wire import frames
 from fabric.wire.auth import TokenTable
 
 from fuzz.strategies import as_body, hostile_numbers, hostile_texts, json_values, with_field
 from fuzz.test_endpoints import TEMPLATES
 
 pytestmark = pytest.mark.timeout(3600)
-PARSERS = 7  # the tests below share the parsers' part of --fuzz-cases
+PARSERS = 8  # the tests below share the parsers' part of --fuzz-cases
 
 
 def run(fuzz_cases: int, test) -> None:
@@ -180,4 +182,59 @@ def test_hook_envelopes_and_sns(fuzz_cases, tmp_path):
                 verify(env.sns, tmp_path, ())
             except FabricError:
                 pass
+    run(fuzz_cases, one)
+
+
+def _payloads() -> list[tuple[int, bytes, bytes, bytes | None, str | None]]:
+    """(tag, stream payload, chunk, reference, dtype): one valid payload of every encoding."""
+    import numpy as np
+    rng = np.random.default_rng(7)
+    before = rng.normal(0, 0.02, 200).astype("<f4")
+    after = (before.view("<u4") + rng.integers(0, 9, 200).astype("<u4")).tobytes() + b"\x05"
+    text_ref = b"".join(b'{"id":%d,"text":"row %d"}\n' % (i, i * 7) for i in range(40))
+    text = text_ref[:300] + b'{"id":999,"text":"inserted"}\n' + text_ref[300:]
+    out = []
+    for enc in codec.Encoding:
+        data, ref, dtype = (text, text_ref, None) if enc == codec.Encoding.PATCH else (after, before.tobytes(), "F32")
+        e = codec.encode_as(enc, data, dtype=dtype, reference=ref if enc in codec.REFERENCING else None)
+        out.append((e.tag, bytes(e.body), data, ref if enc in codec.REFERENCING else None, dtype))
+    return out
+
+
+PAYLOADS = _payloads()
+
+
+def test_chunk_payloads(fuzz_cases):
+    """Garbled payloads of every tag decode to the chunk, or raise a FabricError; never more bytes."""
+    @given(st.data())
+    def one(data):
+        tag, body, chunk, ref, _ = data.draw(st.sampled_from(PAYLOADS))
+        how = data.draw(st.sampled_from(["flip", "cut", "extend", "tag", "size", "hostile"]))
+        raw_size = len(chunk)
+        body = bytearray(body)
+        if how == "flip" and body:
+            for _ in range(data.draw(st.integers(1, 4))):
+                body[data.draw(st.integers(0, len(body) - 1))] ^= data.draw(st.integers(1, 255))
+        elif how == "cut":
+            body = body[:data.draw(st.integers(0, len(body)))]
+        elif how == "extend":
+            body += data.draw(st.binary(min_size=1, max_size=8))
+        elif how == "tag":
+            tag = data.draw(st.integers(0, 255))
+        elif how == "size":
+            raw_size = data.draw(st.sampled_from([0, 1, raw_size - 1, raw_size + 1, 1 << 31, (1 << 32) - 1]))
+        else:
+            body = bytearray(data.draw(st.binary(max_size=200)))
+        held = {digest(ref): ref} if ref is not None else {}
+
+        def references(ref_id: str) -> bytes:
+            if ref_id not in held:
+                raise ReferenceMismatch(f"no reference {ref_id}")
+            return held[ref_id]
+        try:
+            out = frames.decode(digest(chunk), tag, raw_size, bytes(body), references=references,
+                                expected_size=raw_size)
+        except FabricError:
+            return
+        assert out == chunk and len(out) == raw_size
     run(fuzz_cases, one)
