@@ -21,9 +21,10 @@ from fabric.store.registry import Registry
 from fabric.store.store import open_store
 
 
-def publish_args(d: Demo, version: str) -> list:
+def publish_args(d: Demo, version: str, key: str = "publisher") -> list:
+    """`fabric publish` of weights/VERSION to the channel, signed with keys/KEY.key."""
     return ["publish", d.root / "weights" / version, "--artifact", SERVED, "--version", version,
-            "--channel", CHANNEL, "--origin", d.origin.url, "--json"]
+            "--channel", CHANNEL, "--origin", d.origin.url, "--sign-key", d.root / "keys" / f"{key}.key", "--json"]
 
 
 def publish_served(d: Demo, version: str) -> None:
@@ -41,7 +42,8 @@ def finish_publish(d: Demo, version: str, p: subprocess.Popen) -> None:
     if p.returncode != 0:
         raise DemoFailed(f"`fabric publish` of {version} failed:\n{stderr.strip()}")
     r = d.published[version] = json.loads(stdout)
-    d.console.print(f"  published {SERVED}@{version} → {CHANNEL}: {r['files']} files, {mb(r['bytes'])}; "
+    signed = f", signed by {r['signed_by'][0][:16]}…" if r.get("signed_by") else ""
+    d.console.print(f"  published {SERVED}@{version} → {CHANNEL}{signed}: {r['files']} files, {mb(r['bytes'])}; "
                     f"new {r['new_chunks']} of {r['chunks']} chunks, {mb(r['bytes_sent'])} sent to the origin")
 
 

@@ -66,6 +66,7 @@ class Demo:
     expected: dict[str, np.ndarray] = field(default_factory=dict)  # version -> output on the fixed input
     stream: "RequestStream | None" = None
     problems: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # site -> the code it refused the forgery with
 
     @property
     def src(self) -> Path:

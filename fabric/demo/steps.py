@@ -14,15 +14,18 @@ edge site (a site with no site below it). It publishes v1 of the worker's model 
 request stream against every worker while publishing v2, which changes two of the
 model's eight tensors. It shows v2 reaching every site (bytes fetched and from where;
 what left the origin), the workers swapping to v2 under load, the requests and their
-failures, and `fabric status`. The exit status is 1 if a request failed or a site or
-worker did not reach v2. Then it prints the origin's status page URL (`/ui/`); with
+failures, and `fabric status`. Every publish is signed (`--sign-key keys/publisher.key`)
+and every site verifies with `trust.toml` (fabric.demo.signing); then a forgery, v3
+signed by a key no site trusts, is published: every site refuses it (`unknown_key`) and
+keeps serving v2. The exit status is 1 if a request failed, a site or worker did not
+reach v2, or a site did not refuse the forgery. Then it prints the origin's status page URL (`/ui/`); with
 `--hold` it also prints the admin token to log in with and keeps every process up
 until Ctrl-C.
 
 Everything lives under `--out` (default `demo-out/`), which is wiped at the start:
 `src/` and `store/` (part 1), `tokens.toml` and `tokens/` (the secrets),
 `topology.toml` (the topology with the ports actually used: the preferred ones when
-free, others when not), `origin/`, `sites/<site>.toml` and `sites/<site>/` (each
+free, others when not), `keys/` and `trust.toml`, `origin/`, `sites/<site>.toml` and `sites/<site>/` (each
 agent's config and data), `weights/v1`, `weights/v2`, and `logs/` (one per process).
 Every process is stopped when the demo ends, also on Ctrl-C or an error (SIGTERM,
 then SIGKILL; on Linux the children also get SIGTERM if the demo itself is killed).
@@ -32,7 +35,8 @@ Part 1 calls the library; part 2 runs the `fabric` CLI, as an operator would.
 
 Its moving parts are beside it: `fabric.demo.state` (the `Demo` every step fills in),
 `fabric.demo.processes` (starting, waiting for and talking to processes),
-`fabric.demo.stream` (the request stream) and `fabric.demo.report` (the tables). The
+`fabric.demo.stream` (the request stream), `fabric.demo.report` (the tables) and
+`fabric.demo.signing` (keys, trust file, the forgery). The
 streaming safetensors writer it shares with the benchmarks is `fabric.safetensors_io`.
 """
 
@@ -58,6 +62,7 @@ from fabric.core.topology import ORIGIN, Topology
 from fabric.demo.processes import Processes, http_request, listen, loopback_url, wait, wait_live, write_toml
 from fabric.demo.report import (active, fetch_counters, finish_publish, identical, last_load, mb, publish_args,
                                 publish_served, serving, show_replication, show_workers)
+from fabric.demo.signing import FORGED, TRUST_FILE, setup_keys, show_verified, step_forgery
 from fabric.errors import DemoFailed
 from fabric.demo.state import (CHANNEL, DEFAULT_TOPOLOGY, RATE, SERVED, START_TIMEOUT, SWAP_TIMEOUT, WARM, WORKER_PORT,
                                Demo, Node, shown)
@@ -203,6 +208,7 @@ def step_start_sites(d: Demo) -> None:
     (d.root / "tokens.toml").chmod(0o600)
 
     d.procs = Processes(d)
+    setup_keys(d)
     d.origin.proc = d.procs.start("origin", ["origin", "--store", d.root / "origin" / "store",
                                              "--listen", listen(origin_url), "--tokens", d.root / "tokens.toml"])
     wait_live(d, [d.origin])
@@ -212,7 +218,8 @@ def step_start_sites(d: Demo) -> None:
         write_toml(config, {
             "site": site.name, "data": site.name, "listen": listen(site.url), "origin": origin_url,
             "token_file": f"../tokens/{site.name}", "follow": [f"{SERVED}:{CHANNEL}"],
-            "topology": "../topology.toml", "tokens": "../tokens.toml", "report_interval": 0.5,
+            "topology": "../topology.toml", "tokens": "../tokens.toml", "trust": f"../{TRUST_FILE}",
+            "report_interval": 0.5,
             "retention": {"keep": 3}, "sync": {"connections": 4, "stall_timeout": 10, "give_up_after": 30}})
         site.proc = d.procs.start(site.name, ["agent", "--config", config])
     wait_live(d, list(d.sites.values()))
@@ -246,6 +253,7 @@ def step_v1(d: Demo) -> None:
           and all(serving(w) == "v1" for w in d.workers.values()), START_TIMEOUT)
     d.console.print(f"every site is active on v1 and every worker serves it, {time.monotonic() - t0:.1f}s "
                     "after the publish started")
+    show_verified(d, "v1")
 
 
 def step_v2(d: Demo) -> None:
@@ -296,6 +304,7 @@ def step_v2(d: Demo) -> None:
             d.problems.append(f"{w.name} did not swap to v2 within {SWAP_TIMEOUT:.0f}s")
     show_replication(d, before, fetch_counters(d))
     show_workers(d)
+    show_verified(d, "v2")
 
 
 def step_status(d: Demo) -> None:
@@ -317,6 +326,7 @@ STEPS: list[tuple[str, Callable[[Demo], None]]] = [
     ("start an origin and a site agent per site (loopback)", step_start_sites),
     (f"start a worker per edge site; publish {SERVED} v1 to {CHANNEL}", step_v1),
     (f"publish {SERVED} v2 to {CHANNEL} while the workers serve requests", step_v2),
+    (f"a forgery: {SERVED} {FORGED} signed by a key no site trusts", step_forgery),
     ("fabric status", step_status),
 ]
 
@@ -347,6 +357,9 @@ def run(root: Path, console: Console | None = None,
     if d.stream is not None and not d.problems:
         console.print(f"[green]✓[/green] every site reached v2 ({', '.join(d.sites)}), "
                       f"every worker swapped, {d.stream.total} requests, 0 failed")
+        if d.refused:
+            console.print(f"[green]✓[/green] every site refused the forged {FORGED} "
+                          f"({', '.join(sorted(set(d.refused.values())))}) and kept serving v2")
     for p in d.problems:
         console.print(f"[red]✗ {p}[/red]", highlight=False)
     console.rule(f"[bold {'red' if d.problems else 'green'}]demo done in {seconds:.1f}s")
