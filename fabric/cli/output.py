@@ -38,6 +38,19 @@ HINTS = {
     "invalid_safetensors": "check the file with `python -c 'import safetensors'` tooling, or publish it under another name",
     "source_changed": "wait for the writer to finish, then publish again",
     "missing_chunks": "run `fabric fsck`; the store lost chunks this version needs",
+    # signed versions (docs/trust.md "What is refused, and its code")
+    "unsigned": "the publisher signs with `fabric publish --sign-key KEY` or `fabric sign NAME@VERSION`",
+    "signature_invalid": "the statement was altered after signing: do not use what this origin serves",
+    "unknown_key": "if you trust the signer: `fabric trust add FILE --key KEY.pub --artifacts GLOB`",
+    "key_revoked": "the key was revoked: the publisher signs again with a current key",
+    "key_out_of_scope": "the key's rules do not cover this artifact or channel: see `fabric trust show FILE`",
+    "threshold_not_met": "more of the rule's keys must sign: `fabric sign NAME@VERSION --sign-key KEY`",
+    "statement_expired": "the channel's move expired: the publisher moves it again (`fabric promote --sign-key`)",
+    "sequence_rollback": "an older or replayed channel move than one accepted before: the origin may be stale or lying",
+    "statement_mismatch": "the signed statement names another artifact, version or manifest than the one served",
+    "statement_malformed": "the statement is damaged or truncated: docs/formats.md \"Signed statements\" says its form",
+    "statement_not_canonical": "statements are canonical JSON, re-encoded byte for byte: docs/formats.md \"Signed statements\"",
+    "key_file_invalid": "`fabric key generate NAME --out DIR` writes a valid key; keep NAME.key at chmod 600",
 }
 
 
