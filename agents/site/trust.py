@@ -348,7 +348,8 @@ class SiteTrust:
     # --- relaying envelopes ---------------------------------------------------------------------------
 
     def routes(self, app: web.Application) -> None:
-        """Serve the envelopes this site holds on the origin's paths, byte for byte as received."""
+        """Serve signed statements on the origin's paths, byte for byte as received: a version's
+        envelope kept here (else its sources', passed through), the upstream's delegations."""
         app.router.add_get(SIGNATURE, self._serve_signature)
         app.router.add_get(TRUST, self._serve_trust)
 
@@ -366,11 +367,19 @@ class SiteTrust:
         return web.Response(body=envelope, content_type=ENVELOPE)
 
     async def _serve_trust(self, request: web.Request) -> web.Response:
+        """The upstream's delegations, passed through untouched (sites below may trust other root
+        keys than this one, or this one none); the ones kept here while the upstream is out of reach."""
         principal(request).require("pull")
+        envelope = None
         try:
-            envelope = await asyncio.to_thread((self.dir / "delegations").read_bytes)
-        except FileNotFoundError:
-            raise TrustNotFound("this site holds no delegations") from None
+            envelope = await self.origin.get_trust()
+        except FabricError as e:
+            log.warning("cannot read the upstream's delegations; serving the ones kept here", error=e.message)
+        if envelope is None:
+            try:
+                envelope = await asyncio.to_thread((self.dir / "delegations").read_bytes)
+            except FileNotFoundError:
+                raise TrustNotFound("this site holds no delegations") from None
         return web.Response(body=envelope, content_type=ENVELOPE)
 
 

@@ -249,6 +249,11 @@ def test_an_edge_verifies_the_publishers_envelopes_through_a_relay_that_passes_t
     assert request(lab.liar.url, "GET", f"/v1/artifacts/{A}/versions/v1/signature",
                    token=PULL_SECRET).status == 404
     assert refusals(edge, "unsigned") == 0
+    stmt = DelegationsStatement(1, int(time.time()) + 3600, {}, (), ())
+    with SyncOrigin(lab.origin.url, ADMIN_SECRET) as admin:
+        admin.put_trust(sign(stmt, [lab.root_key]).to_bytes())
+    trust_at = [request(u, "GET", "/v1/trust", token=SITE_SECRETS["edge-a"]) for u in (lab.origin.url, hub.url)]
+    assert trust_at[0].status == trust_at[1].status == 200 and trust_at[1].body == trust_at[0].body  # passed through
 
 
 def test_rotation_and_revocation_by_root_signed_delegations(lab):
