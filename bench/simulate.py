@@ -1,0 +1,451 @@
+"""Many sites in a relay tree on loopback: how a publish spreads, and what the origin carries.
+
+    python -m bench.simulate --sites 10,100,1000 --fanout 10 --roots 1 --real 30
+
+One `fabric origin` process and N site agents arranged as a tree (site i's upstream is
+site (i - R) // F for i >= R, the origin for the first R = `--roots`, F = `--fanout`:
+origin -> hubs -> edges), all
+following `sim:prod`. With `--real`, each agent is its own `fabric agent` process;
+otherwise `SiteAgent`s run many to a worker process (`--per-worker`, each with its own
+data folder and listen port, started a tree level at a time so a child never starts
+before its relay). A small artifact (`--size-mb`, random float32) is published, then
+the channel is promoted, and the command prints, per run, side by side:
+
+* time from the promote to each site's activation (p50, p99, max);
+* established connections at the origin's port (from /proc/net/tcp): steady (the tree
+  idle), peak (sampled every 0.1 s during the rollout), the goal (direct children +
+  publishers + 10);
+* requests/s at the origin (its `fabric_http_requests_total`): idle, and during the rollout;
+* origin egress (`fabric_bytes_sent_total`) in copies of the artifact;
+* memory per agent: the worker process's RSS / agents in it (each real process's RSS).
+
+Workers talk to the coordinator in JSON lines over stdin/stdout (`--worker`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bench import machine, md_table
+
+ARTIFACT, CHANNEL = "sim", "prod"
+ADMIN, PUBLISHER = "sim-admin-secret-7c1e94b2d0a3", "sim-publish-secret-2f8b61d95e0c"
+
+
+def _log(msg: str) -> None:
+    print(f"[simulate] {msg}", file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def site_name(i: int) -> str:
+    return f"s{i:04d}"
+
+
+def parent(i: int, fanout: int, roots: int) -> int | None:
+    return None if i < roots else (i - roots) // fanout
+
+
+def levels(n: int, fanout: int, roots: int) -> list[list[int]]:
+    depth, out = {}, []
+    for i in range(n):
+        p = parent(i, fanout, roots)
+        depth[i] = 0 if p is None else depth[p] + 1
+        if depth[i] == len(out):
+            out.append([])
+        out[depth[i]].append(i)
+    return out
+
+
+def secret(i: int) -> str:
+    return f"sim-site-{i:04d}-secret-{(i * 2654435761) % 10**12:012d}"
+
+
+def write_tokens(path: Path, n: int) -> Path:
+    lines = ['[[token]]\nname = "admin"\nsecret = "%s"\nscopes = ["admin"]\n' % ADMIN,
+             '[[token]]\nname = "publisher"\nsecret = "%s"\nscopes = ["publish", "pull"]\n' % PUBLISHER]
+    lines += ['[[token]]\nname = "%s"\nsecret = "%s"\nscopes = ["pull"]\nsite = "%s"\n'
+              % (site_name(i), secret(i), site_name(i)) for i in range(n)]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def make_artifact(folder: Path, size: int) -> Path:
+    from safetensors.numpy import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(17)
+    save_file({"w": rng.standard_normal(size // 4).astype(np.float32)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def site_config(i: int, work: Path, origin: str, tokens: Path, upstream: str | None, report: float) -> dict:
+    cfg = {"site": site_name(i), "data": str(work / "sites" / site_name(i)), "listen": "127.0.0.1:1",
+           "origin": origin, "token": secret(i), "follow": [f"{ARTIFACT}:{CHANNEL}"], "tokens": str(tokens),
+           "report_interval": report, "log_level": os.environ.get("SIM_LOG_LEVEL", "warning"),
+           "sync": {"resync_interval": 60, "stall_timeout": 30, "give_up_after": 120}}
+    if upstream:
+        cfg["upstreams"] = [upstream]
+    return cfg
+
+
+def _toml(cfg: dict) -> str:
+    top = [f"{k} = {json.dumps(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
+              for k, v in cfg.items() if isinstance(v, dict)]
+    return "\n".join(top + tables) + "\n"
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def origin_sockets(port: int) -> int:
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                    n += 1
+        except OSError:
+            pass
+    return n
+
+
+def origin_counters(url: str) -> tuple[float, float]:
+    """(requests served, chunk payload bytes sent) from the origin's /metrics."""
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    requests = sent = 0.0
+    for line in text.splitlines():
+        if line.startswith("fabric_http_requests_total{"):
+            requests += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("fabric_bytes_sent_total "):
+            sent = float(line.rsplit(" ", 1)[1])
+    return requests, sent
+
+
+# --- the worker: many SiteAgents in one process -----------------------------------------------
+
+async def _worker() -> None:
+    from agents.site.agent import SiteAgent
+    from agents.site.app import create_app
+    from agents.site.config import SiteConfig
+    from fabric.wire.server import bound_port, serve
+    raise_nofile()
+    agents, runners = {}, []
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def say(obj: dict) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+    while line := await reader.readline():
+        msg = json.loads(line)
+        if msg["op"] == "start":
+            ports = {}
+            for raw in msg["configs"]:
+                Path(raw["data"]).mkdir(parents=True, exist_ok=True)
+                agent = SiteAgent(SiteConfig.from_dict(raw, "sim"))
+                runner = await serve(create_app(agent), "127.0.0.1", 0)
+                runners.append(runner)
+                agents[raw["site"]] = agent
+                ports[raw["site"]] = bound_port(runner)
+            say({"ports": ports})
+        elif msg["op"] == "wait":
+            version, deadline, seen = msg["version"], time.monotonic() + msg["timeout"], {}
+            while len(seen) < len(agents) and time.monotonic() < deadline:
+                now = time.time()
+                for name, a in agents.items():
+                    if name not in seen and a.channels[ARTIFACT].active == version:
+                        seen[name] = now
+                await asyncio.sleep(0.02)
+            say({"active": seen, "rss": rss_bytes(), "agents": len(agents)})
+        elif msg["op"] == "stop":
+            break
+    for r in runners:
+        await r.cleanup()
+
+
+class Workers:
+    """In-process agents, `per` to a worker process."""
+
+    def __init__(self, n: int, per: int, work: Path):
+        count = max(1, math.ceil(n / per))
+        env = dict(os.environ, FABRIC_CONFIG=os.devnull)
+        self.procs = [subprocess.Popen([sys.executable, "-m", "bench.simulate", "--worker"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=open(work / f"worker{w}.log", "wb"),
+                                       text=True, env=env) for w in range(count)]
+
+    def _ask(self, per_proc: list[dict]) -> list[dict]:
+        for p, msg in zip(self.procs, per_proc):
+            p.stdin.write(json.dumps(msg) + "\n")
+            p.stdin.flush()
+        out = []
+        for p in self.procs:
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a worker died (rc={p.poll()}); see its log")
+            out.append(json.loads(line))
+        return out
+
+    def start(self, configs: list[dict]) -> dict[str, int]:
+        shares = [configs[w::len(self.procs)] for w in range(len(self.procs))]
+        ports = {}
+        for answer in self._ask([{"op": "start", "configs": s} for s in shares]):
+            ports.update(answer["ports"])
+        return ports
+
+    def wait(self, version: str, timeout: float) -> tuple[dict[str, float], list[float]]:
+        seen, per_agent = {}, []
+        for answer in self._ask([{"op": "wait", "version": version, "timeout": timeout}] * len(self.procs)):
+            seen.update(answer["active"])
+            if answer["agents"]:
+                per_agent.append(answer["rss"] / answer["agents"])
+        return seen, per_agent
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                p.stdin.write(json.dumps({"op": "stop"}) + "\n")
+                p.stdin.flush()
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+class RealAgents:
+    """One `fabric agent` process per site."""
+
+    def __init__(self, work: Path):
+        from topology.lab import fabric_command
+        self.work, self.command, self.procs, self.data = work, fabric_command(), {}, {}
+
+    def start(self, configs: list[dict]) -> dict[str, int]:
+        from fabric.wire.client import SyncOrigin  # noqa: F401  (imported here: the workers need no client)
+        ports = {}
+        for raw in configs:
+            port = _free_port()
+            raw = dict(raw, listen=f"127.0.0.1:{port}")
+            path = self.work / f"{raw['site']}.toml"
+            path.write_text(_toml(raw))
+            log = open(self.work / f"{raw['site']}.log", "wb")
+            self.procs[raw["site"]] = subprocess.Popen(self.command + ["agent", "--config", str(path)], stdout=log,
+                                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                       env=dict(os.environ, FABRIC_CONFIG=os.devnull))
+            self.data[raw["site"]] = Path(raw["data"])
+            ports[raw["site"]] = port
+        for site, port in ports.items():
+            _wait_live(f"http://127.0.0.1:{port}", 60, self.procs[site])
+        return ports
+
+    def wait(self, version: str, timeout: float) -> tuple[dict[str, float], list[float]]:
+        seen, deadline = {}, time.monotonic() + timeout
+        while len(seen) < len(self.procs) and time.monotonic() < deadline:
+            now = time.time()
+            for site, data in self.data.items():
+                link = data / "current" / ARTIFACT
+                if site not in seen and link.is_symlink() and link.resolve().name == version:
+                    seen[site] = now
+            time.sleep(0.02)
+        return seen, [rss_bytes(p.pid) for p in self.procs.values() if p.poll() is None]
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_live(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited rc={proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "/livez", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up in {timeout} s")
+
+
+# --- one run, and the comparison ----------------------------------------------------------------
+
+class Sampler:
+    """The origin's established connections, every 0.1 s, in a thread."""
+
+    def __init__(self, port: int):
+        import threading
+        self.port, self.peak, self._stop = port, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, origin_sockets(self.port))
+            self._stop.wait(0.1)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+
+def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, report: float, timeout: float) -> dict:
+    from fabric.publish import publish
+    from fabric.wire.client import RemoteTarget, SyncOrigin
+    from topology.lab import fabric_command
+    work = Path(tempfile.mkdtemp(prefix=f"fabric-sim-{n}-"))
+    tokens = write_tokens(work / "tokens.toml", n)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    origin = subprocess.Popen(fabric_command() + ["origin", "--store", str(work / "origin"), "--listen",
+                                                  f"127.0.0.1:{port}", "--tokens", str(tokens)],
+                              stdout=open(work / "origin.log", "wb"), stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, env=dict(os.environ, FABRIC_CONFIG=os.devnull))
+    agents = None
+    try:
+        _wait_live(url, 60, origin)
+        agents = RealAgents(work) if real else Workers(n, per, work)
+        urls: dict[int, str] = {}
+        t_start = time.monotonic()
+        tree = levels(n, fanout, roots)
+        for level in tree:
+            configs = [site_config(i, work, url, tokens, urls.get(parent(i, fanout, roots)), report) for i in level]
+            ports = agents.start(configs)
+            urls.update({i: f"http://127.0.0.1:{ports[site_name(i)]}" for i in level})
+        _log(f"{n} sites started in {time.monotonic() - t_start:.1f} s ({len(tree)} levels); settling")
+        time.sleep(max(5.0, 2 * report))
+        steady = origin_sockets(port)
+        r0, _ = origin_counters(url)
+        time.sleep(10.0)
+        r1, _ = origin_counters(url)
+        idle_rps = (r1 - r0) / 10.0
+        src = make_artifact(work / "v1", size)
+        with SyncOrigin(url, PUBLISHER) as so:
+            result = publish(src, artifact=ARTIFACT, target=RemoteTarget(so), version="v1")
+            r2, s2 = origin_counters(url)
+            sampler = Sampler(port)
+            t0 = time.time()
+            so.promote(ARTIFACT, "v1", CHANNEL)
+        seen, rss = agents.wait("v1", timeout)
+        peak = sampler.stop()
+        r3, s3 = origin_counters(url)
+        after = origin_sockets(port)
+        latencies = sorted(t - t0 for t in seen.values())
+        depth = {site_name(i): d for d, level in enumerate(tree) for i in level}
+        by_level = [sorted(t - t0 for s, t in seen.items() if depth[s] == d) for d in range(len(tree))]
+        _log("all active after, by level (p50/max s): " + ", ".join(
+            f"{d}: {_pct(v, 0.5):.2f}/{v[-1]:.2f}" for d, v in enumerate(by_level) if v))
+        span = max(latencies) if latencies else timeout
+        return {"sites": n, "mode": "processes" if real else f"in-process ({len(agents.procs)} workers)",
+                "levels": len(tree), "direct": min(n, roots), "active": len(seen),
+                "p50": _pct(latencies, 0.5) if latencies else None, "p99": _pct(latencies, 0.99) if latencies else None,
+                "max": span if latencies else None, "steady_sockets": steady, "peak_sockets": peak,
+                "after_sockets": after, "goal_sockets": min(n, roots) + 1 + 10, "idle_rps": idle_rps,
+                "rollout_rps": (r3 - r2) / max(span, 1e-3), "rollout_requests": r3 - r2,
+                "egress_copies": (s3 - s2) / max(1, result.bytes),
+                "rss_per_agent_mib": (sum(rss) / len(rss) / (1 << 20)) if rss else None}
+    finally:
+        if agents is not None:
+            agents.stop()
+        origin.terminate()
+        try:
+            origin.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            origin.kill()
+        if not os.environ.get("SIM_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["sites", "agents run as", "levels", "active", "p50 s", "p99 s", "max s", "origin sockets idle",
+               "peak", "goal", "origin req/s idle", "req/s rollout", "origin egress (copies)", "RSS/agent MiB"]
+    return md_table(headers, [[r["sites"], r["mode"], r["levels"], f"{r['active']}/{r['sites']}", _f(r["p50"], ".2f"),
+                               _f(r["p99"], ".2f"), _f(r["max"], ".2f"), r["steady_sockets"], r["peak_sockets"],
+                               r["goal_sockets"], _f(r["idle_rps"], ".1f"), _f(r["rollout_rps"], ".1f"),
+                               _f(r["egress_copies"], ".2f"), _f(r["rss_per_agent_mib"], ".1f")] for r in rows])
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sites", default="10,100,1000", help="comma-separated site counts (in-process agents)")
+    ap.add_argument("--fanout", type=int, default=10, help="children per relay")
+    ap.add_argument("--roots", type=int, default=1, help="the origin's direct children (hubs)")
+    ap.add_argument("--real", type=int, default=0, help="also run this many sites as real agent processes")
+    ap.add_argument("--size-mb", type=float, default=1.0)
+    ap.add_argument("--per-worker", type=int, default=125, help="in-process agents per worker process")
+    ap.add_argument("--report-interval", type=float, default=5.0)
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every site to activate")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        asyncio.run(_worker())
+        return ""
+    raise_nofile()
+    plan = [(int(n), False) for n in args.sites.split(",") if n.strip()] + ([(args.real, True)] if args.real else [])
+    rows = []
+    for n, real in plan:
+        _log(f"run: {n} sites, {'processes' if real else 'in-process'}, fanout {args.fanout}")
+        row = run(n, args.fanout, args.roots, real=real, size=int(args.size_mb * (1 << 20)), per=args.per_worker,
+                  report=args.report_interval, timeout=args.timeout)
+        _log(json.dumps(row))
+        rows.append(row)
+    m = machine()
+    out = (f"# bench.simulate: {args.size_mb:g} MB artifact, {args.roots} root hub(s), fanout {args.fanout}, report every "
+           f"{args.report_interval:g} s; {m['cpu']}, {m['nproc']} cores, {m['ram']}\n\n" + table(rows))
+    base = next((r["max"] for r in rows if r["sites"] == min(r2["sites"] for r2 in rows) and r["max"]), None)
+    if base:
+        out += "\n\nall-active time relative to the smallest run: " + ", ".join(
+            f"{r['sites']} sites ({r['mode']}): {r['max'] / base:.2f}x" for r in rows if r["max"])
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
