@@ -239,7 +239,8 @@ class Timeline:
         return (f"uplink carried 1% at {first:.1f}s, 99% at {last:.1f}s: {mean / 1e6:,.0f} Mbit/s between "
                 f"({mean / rate_bps:.0%} of the {rate_bps / 1e6:,.0f} Mbit/s uplink); received 25/50/90/99%: "
                 + "; ".join(f"{s} " + "/".join(f"{self.received(s, q * artifact_bytes):.1f}" for q in (.25, .5, .9, .99))
-                            for s in self.watch) + " s")
+                            for s in self.watch) + f" s ({len(self.samples)} samples, the last at "
+                f"{self.samples[-1][0]:.1f}s: {self.samples[-1][1] / MB:,.0f} MB)")
 
 
 def proc_stats(pid: int) -> tuple[float, float]:

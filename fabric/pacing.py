@@ -15,6 +15,7 @@ two clock reads per read and one timer per answer.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 
 import aiohttp
@@ -90,6 +91,26 @@ class ProgressFloor:
 
 
 MEMORY_BUDGET = 32 << 20  # payload bytes a site's fetches hold at once, read but not yet stored
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_mmap_fixed = False
+
+
+def _return_freed_payloads() -> None:
+    """Make glibc mmap every allocation of 1 MiB or more, once per process.
+
+    By default glibc raises its mmap threshold to the largest block freed (up to 32 MiB),
+    so after the first chunk payload, 8 MiB payloads come from per-thread heaps that keep
+    freed memory: the process's peak RSS then grows far past what `ByteBudget` holds at
+    any one time. A fixed threshold returns each freed payload to the OS. Elsewhere than
+    glibc this does nothing."""
+    global _mmap_fixed
+    if _mmap_fixed:
+        return
+    _mmap_fixed = True
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (AttributeError, OSError):
+        pass
 
 
 class ByteBudget:
@@ -101,6 +122,7 @@ class ByteBudget:
     def __init__(self, limit: int = MEMORY_BUDGET):
         self.limit, self.used = limit, 0
         self._freed: asyncio.Event | None = None
+        _return_freed_payloads()
 
     async def take(self, n: int) -> None:
         while self.used and self.used + n > self.limit:
