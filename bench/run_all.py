@@ -56,6 +56,10 @@ BENCHMARKS: list[tuple[str, str, Callable[[float], list[str]]]] = [
     ("hotload", "Hot-load: changed tensors vs a full reload (CPU)", lambda size: []),
     ("hook_latency", "Push hook: bucket to active at a site, and publish from S3", lambda size: []),
     ("wire_bytes", "Bytes on the wire per version pair vs rsync, casync and zstd", lambda size: []),
+    ("simulate", "A thousand sites: a relay tree on loopback",
+     lambda size: ["--sites", "10,100,1000", "--real", "30", "--data", "/dev/shm"]),
+    ("verify_overhead", "Signed versions: verification on a pull and at an activation",
+     lambda size: ["--size-gb", f"{size:g}"]),
 ]
 
 
