@@ -183,7 +183,8 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
             await _relay_frames(resp, store, ids, ready, hidden, metrics, waits=request.headers.get(WAIT_HEADER) == "1")
         else:
             metrics.fetches.labels("encoded" if plan else "stored").inc()
-            await _send_frames(resp, ids, read, plan, policy, metrics)
+            await _send_frames(resp, ids, read, plan, policy, metrics,
+                               waits=prepare is not None and request.headers.get(WAIT_HEADER) == "1")
         await resp.write(frames.end_frame(len(ids)))
         await resp.write_eof()
         return resp
@@ -202,11 +203,15 @@ def _hiding(read, hidden: set[str]):
     return shown
 
 
-async def _send_frames(resp: web.StreamResponse, ids: list[str], read, plan, policy, metrics: Metrics) -> None:
-    """One frame per id from `read` (stored bytes, or (tag, raw size, payload) under a delta plan)."""
+async def _send_frames(resp: web.StreamResponse, ids: list[str], read, plan, policy, metrics: Metrics, *,
+                       waits: bool = False) -> None:
+    """One frame per id from `read` (stored bytes, or (tag, raw size, payload) under a delta plan);
+    with `waits` (a relay), a wait frame whenever a read has kept it silent for `WAIT_INTERVAL`."""
     reads = [asyncio.ensure_future(read(cid)) for cid in ids[:_READ_AHEAD]]
     try:
         for i, cid in enumerate(ids):
+            while waits and not (await asyncio.wait({reads[i]}, timeout=WAIT_INTERVAL))[0]:
+                await resp.write(frames.wait_frame(cid))
             stored = await reads[i]
             if i + _READ_AHEAD < len(ids):
                 reads.append(asyncio.ensure_future(read(ids[i + _READ_AHEAD])))
