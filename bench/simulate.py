@@ -16,7 +16,9 @@ the channel is promoted, and the command prints, per run, side by side:
   idle), peak (sampled every 0.1 s during the rollout), the goal (direct children +
   publishers + 10);
 * requests/s at the origin (its `fabric_http_requests_total`): idle, and during the rollout;
-* origin egress (`fabric_bytes_sent_total`) in copies of the artifact;
+* origin egress (`fabric_bytes_sent_total`) in copies of the artifact (one copy: the payload bytes
+  of the version's chunks as the origin stores them, which is what one full fetch sends);
+* CPU seconds the agents used during the rollout, per site (worker or agent processes);
 * memory per agent: the worker process's RSS / agents in it (each real process's RSS).
 
 Workers talk to the coordinator in JSON lines over stdin/stdout (`--worker`).
@@ -120,6 +122,18 @@ def rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes `pids` have used (/proc/PID/stat)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def origin_sockets(port: int) -> int:
     n = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -154,6 +168,8 @@ async def _worker() -> None:
     from agents.site.config import SiteConfig
     from fabric.wire.server import bound_port, serve
     raise_nofile()
+    from concurrent.futures import ThreadPoolExecutor
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32))  # many sites' file work at once
     agents, runners = {}, []
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -332,11 +348,12 @@ def _pct(values: Sequence[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
 
-def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, report: float, timeout: float) -> dict:
+def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, report: float, timeout: float,
+        base: str | None = None) -> dict:
     from fabric.publish import publish
     from fabric.wire.client import RemoteTarget, SyncOrigin
     from topology.lab import fabric_command
-    work = Path(tempfile.mkdtemp(prefix=f"fabric-sim-{n}-"))
+    work = Path(tempfile.mkdtemp(prefix=f"fabric-sim-{n}-", dir=base))
     tokens = write_tokens(work / "tokens.toml", n)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -366,11 +383,16 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
         with SyncOrigin(url, PUBLISHER) as so:
             result = publish(src, artifact=ARTIFACT, target=RemoteTarget(so), version="v1")
             r2, s2 = origin_counters(url)
+            copy = sum(f.stat().st_size - 1 for f in (work / "origin" / "chunks").rglob("*") if f.is_file())
             sampler = Sampler(port)
+            pids = [p.pid for p in agents.procs] if not real else \
+                [p.pid for p in agents.procs.values()]
+            cpu0 = cpu_seconds(pids)
             t0 = time.time()
             so.promote(ARTIFACT, "v1", CHANNEL)
         seen, rss = agents.wait("v1", timeout)
         peak = sampler.stop()
+        cpu = cpu_seconds(pids) - cpu0
         r3, s3 = origin_counters(url)
         after = origin_sockets(port)
         latencies = sorted(t - t0 for t in seen.values())
@@ -385,7 +407,8 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
                 "max": span if latencies else None, "steady_sockets": steady, "peak_sockets": peak,
                 "after_sockets": after, "goal_sockets": min(n, roots) + 1 + 10, "idle_rps": idle_rps,
                 "rollout_rps": (r3 - r2) / max(span, 1e-3), "rollout_requests": r3 - r2,
-                "egress_copies": (s3 - s2) / max(1, result.bytes),
+                "egress_copies": (s3 - s2) / max(1, copy), "artifact_bytes": result.bytes, "copy_bytes": copy,
+                "cpu_s_per_site": cpu / max(1, len(seen)),
                 "rss_per_agent_mib": (sum(rss) / len(rss) / (1 << 20)) if rss else None}
     finally:
         if agents is not None:
@@ -405,11 +428,12 @@ def _f(v, fmt: str) -> str:
 
 def table(rows: list[dict]) -> str:
     headers = ["sites", "agents run as", "levels", "active", "p50 s", "p99 s", "max s", "origin sockets idle",
-               "peak", "goal", "origin req/s idle", "req/s rollout", "origin egress (copies)", "RSS/agent MiB"]
+               "peak", "goal", "origin req/s idle", "req/s rollout", "origin egress (copies)", "agent CPU s/site", "RSS/agent MiB"]
     return md_table(headers, [[r["sites"], r["mode"], r["levels"], f"{r['active']}/{r['sites']}", _f(r["p50"], ".2f"),
                                _f(r["p99"], ".2f"), _f(r["max"], ".2f"), r["steady_sockets"], r["peak_sockets"],
                                r["goal_sockets"], _f(r["idle_rps"], ".1f"), _f(r["rollout_rps"], ".1f"),
-                               _f(r["egress_copies"], ".2f"), _f(r["rss_per_agent_mib"], ".1f")] for r in rows])
+                               _f(r["egress_copies"], ".2f"), _f(r["cpu_s_per_site"], ".3f"),
+                               _f(r["rss_per_agent_mib"], ".1f")] for r in rows])
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -422,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--per-worker", type=int, default=125, help="in-process agents per worker process")
     ap.add_argument("--report-interval", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every site to activate")
+    ap.add_argument("--data", default=None, help="where the sites' folders go (default: the temp folder); "
+                    "/dev/shm keeps a thousand sites' fsyncs off one shared disk")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -433,12 +459,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     for n, real in plan:
         _log(f"run: {n} sites, {'processes' if real else 'in-process'}, fanout {args.fanout}")
         row = run(n, args.fanout, args.roots, real=real, size=int(args.size_mb * (1 << 20)), per=args.per_worker,
-                  report=args.report_interval, timeout=args.timeout)
+                  report=args.report_interval, timeout=args.timeout, base=args.data)
         _log(json.dumps(row))
         rows.append(row)
     m = machine()
     out = (f"# bench.simulate: {args.size_mb:g} MB artifact, {args.roots} root hub(s), fanout {args.fanout}, report every "
-           f"{args.report_interval:g} s; {m['cpu']}, {m['nproc']} cores, {m['ram']}\n\n" + table(rows))
+           f"{args.report_interval:g} s; data in {args.data or tempfile.gettempdir()}; {m['cpu']}, {m['nproc']} cores, {m['ram']}\n\n" + table(rows))
     base = next((r["max"] for r in rows if r["sites"] == min(r2["sites"] for r2 in rows) and r["max"]), None)
     if base:
         out += "\n\nall-active time relative to the smallest run: " + ", ".join(
