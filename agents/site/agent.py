@@ -47,6 +47,7 @@ from agents.site.deploy import Deployer
 from agents.site.follow import ChannelStatus, Follower
 from agents.site.layout import Layout, StateFile
 from agents.site.metrics import AgentMetrics
+from agents.site.origins import origin_clients
 from agents.site.relay import Relay
 from agents.site.reports import Subtree
 from agents.site.retention import Pruner
@@ -68,11 +69,12 @@ class SiteAgent:
         self.statefile = StateFile(self.layout)
         self.metrics = AgentMetrics()  # served once `agents.site.app.create_app` registers them
         self.metrics.high_watermark.set(cfg.retention.high_watermark)
-        self.origin = OriginClient(cfg.origin, cfg.token)
-        self.plan = SourcePlan(cfg, self.origin)
+        self.origins = origin_clients(cfg)  # several over one store: failed over (agents.site.origins)
+        self.origin = self.origins[0]
+        self.plan = SourcePlan(cfg, self.origin, self.origins[1:])
         self.event_relay = EventRelay()  # the upstream's events, re-served to the sites below
-        self.control = UpstreamChain([OriginClient(u, cfg.token, connections=4) for u in relay_urls(cfg)],
-                                     self.origin, on_event=self._upstream_event)
+        self.control = UpstreamChain([OriginClient(u, cfg.token, connections=4) for u in relay_urls(cfg)]
+                                     + self.origins[:-1], self.origins[-1], on_event=self._upstream_event)
         self.reads = ReadRelay(self.store, self.control)  # control reads, re-served
         self.subtree = Subtree(cfg.site, forget_after=max(60.0, 12 * cfg.report_interval))
         self.upstream = self.plan.upstream(Inflight())
@@ -158,7 +160,7 @@ class SiteAgent:
 def _link_names(cfg: SiteConfig) -> tuple[str, dict[str, str]]:
     """The site's upstream (a site name, "origin", or the first `upstreams` URL) and a name for
     each source URL the topology names ("origin" for the origin), as the status report says them."""
-    names = {cfg.origin.rstrip("/"): ORIGIN}  # keyed as the clients write their URLs
+    names = {u.rstrip("/"): ORIGIN for u in cfg.origins}  # keyed as the clients write their URLs
     topo = Topology.load(cfg.topology) if cfg.topology else None
     if topo is not None:
         names.update({s.url.rstrip("/"): s.name for s in topo.sites.values() if s.url})

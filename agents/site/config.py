@@ -4,6 +4,8 @@
     data = "/var/lib/fabric"                  # store/, versions/, current/ live here
     listen = "0.0.0.0:7070"
     origin = "http://origin.example:7000"
+    # or origins = ["http://a.example:7000", "http://b.example:7000"]: origins over one store,
+    # asked in this order; a dead one is skipped and tried again later (agents.site.origins)
     token = "…"                               # or token_file = "…"
     follow = ["llama-8b:prod", "embedder:latest"]
     topology = "topology/demo.toml"           # optional; without it the origin is the only source
@@ -51,7 +53,7 @@ from fabric.trust import TrustPolicy
 from agents.serving.base import ServerConfig, parse_servers
 from agents.site.rollout import RolloutOptions
 
-_TOP = {"site", "data", "listen", "origin", "token", "token_file", "follow", "topology",
+_TOP = {"site", "data", "listen", "origin", "origins", "token", "token_file", "follow", "topology",
         "upstreams", "tokens", "retention", "sync", "workers", "log_level", "report_interval", "metrics_listen",
         "trust", "servers"}
 _RETENTION = {"keep", "high_watermark", "low_watermark"}
@@ -80,7 +82,7 @@ class SiteConfig:
     site: str
     data: Path
     listen: str
-    origin: str
+    origin: str  # the first of `origins`
     token: str
     follow: tuple[tuple[str, str], ...]
     topology: Path | None = None
@@ -95,6 +97,11 @@ class SiteConfig:
     trust_file: Path | None = None  # `trust`: the trust policy's file
     trust: TrustPolicy | None = None  # the policy it holds, parsed at start-up (agents.site.trust)
     servers: tuple[ServerConfig, ...] = ()  # [[servers]]: inference servers driven as rollout members
+    origins: tuple[str, ...] = ()  # every origin, in preference order (`origin` alone: that one)
+
+    def __post_init__(self):
+        if not self.origins:
+            object.__setattr__(self, "origins", (self.origin,))
 
     @classmethod
     def load(cls, path: str | Path) -> "SiteConfig":
@@ -112,11 +119,13 @@ class SiteConfig:
             c.fail("site", "must be 1-128 letters, digits, '.', '_' or '-'")
         listen = c.listen("listen")
         trust_file = resolve_path(base, c.string("trust")) if "trust" in raw else None
+        origins = _origins(c)
         return cls(
             site=site,
             data=resolve_path(base, c.string("data")),
             listen=listen,
-            origin=c.url("origin"),
+            origin=origins[0],
+            origins=origins,
             token=_token(c, base),
             follow=_follow(c),
             topology=resolve_path(base, c.string("topology")) if "topology" in raw else None,
@@ -141,6 +150,20 @@ def _trust(c: Checker, path: Path) -> TrustPolicy:
         return TrustPolicy.load(path)  # its errors name the file and the key
     except ConfigError as e:
         raise TrustPolicyInvalid(f"{c.where}: trust: {e.message}") from None
+
+
+def _origins(c: Checker) -> tuple[str, ...]:
+    """`origin = URL`, or `origins = [URL, ...]` (origins over one store, in preference order)."""
+    if ("origin" in c.raw) == ("origins" in c.raw):
+        c.fail("origin", "give exactly one of origin or origins")
+    if "origin" in c.raw:
+        return (c.url("origin"),)
+    urls = c.urls("origins")
+    if not urls:
+        c.fail("origins", "must list at least one origin URL")
+    if len(set(urls)) != len(urls):
+        c.fail("origins", "lists an origin twice")
+    return tuple(urls)
 
 
 def _token(c: Checker, base: Path) -> str:

@@ -2,7 +2,8 @@
 
 Sources come from the config's `upstreams` (relays, asked first) or from the topology
 (`fabric.core.topology.Topology.sources_for`: relays that pull through, peers that only
-answer from what they hold), and the origin always last. Hubs that share the origin's
+answer from what they hold), and the origin always last (several origins over one store:
+all of them, in order, `agents.site.origins`). Hubs that share the origin's
 uplink split it by chunk owner (`owner_index`): each fetches its own share from the
 origin, and the others' shares from them first.
 """
@@ -21,8 +22,9 @@ from agents.site.config import SiteConfig, SyncOptions
 class SourcePlan:
     """The clients a site fetches from, planned once from its config."""
 
-    def __init__(self, cfg: SiteConfig, origin: OriginClient):
+    def __init__(self, cfg: SiteConfig, origin: OriginClient, others: list[OriginClient] = ()):
         self.cfg, self.origin = cfg, origin
+        self.others = list(others)  # the other origins of the same store, asked after `origin`
         self.sources = self._plan_sources()
         self.owners = self._plan_owners()
 
@@ -37,7 +39,7 @@ class SourcePlan:
             urls = []
         clients = [OriginClient(u, self.cfg.token, headers=None if relay else {PEER_HEADER: "1"})
                    for u, relay in urls]
-        return clients + [self.origin]
+        return clients + [self.origin, *self.others]
 
     def _plan_owners(self) -> list[OriginClient | None]:
         """Sibling hubs sharing the origin's uplink (None for this site), ordered by name."""

@@ -32,12 +32,16 @@ def origin_cmd(store: Optional[str] = StoreOpt,
                orphan_grace: str = typer.Option("1h", "--orphan-grace",
                                                 help="How long an upload no version names is kept."),
                orphan_interval: str = typer.Option("1h", "--orphan-interval",
-                                                   help="Time between sweeps of orphaned uploads (0: none).")):
+                                                   help="Time between sweeps of orphaned uploads (0: none)."),
+               move_log: str = typer.Option("auto", "--move-log",
+                                            help="Share moves with the other origins of the store through its "
+                                                 "move log: auto (unless a local folder), on or off.")):
     """Serve a store (a folder, or s3://BUCKET/PREFIX) as an origin over HTTP(S)."""
     from fabric import logs
     from fabric.config import parse_byte_rate, parse_duration
     from fabric.errors import InvalidInput
     from fabric.origin import app as origin_mod
+    from fabric.origin.peers import SharingOptions
     from fabric.origin.quotas import OriginLimits
     from fabric.wire.server import tls_context
     from fabric.wire.auth import TokenTable
@@ -51,9 +55,12 @@ def origin_cmd(store: Optional[str] = StoreOpt,
                                   orphan_interval=parse_duration(orphan_interval))
         except ValueError as e:
             raise InvalidInput(f"fabric origin: {e}") from None
+        if move_log not in ("auto", "on", "off"):
+            raise InvalidInput(f"fabric origin: --move-log {move_log!r}: expected auto, on or off")
+        sharing = SharingOptions(move_log={"auto": None, "on": True, "off": False}[move_log])
         origin_mod.run_origin(store=open_local_store(store, create=True, s3=s3), listen=listen, tokens=table,
                               tls=tls_context(tls_cert, tls_key), limits=limits,
-                              metrics_listen=_metrics_listen(metrics_listen))
+                              metrics_listen=_metrics_listen(metrics_listen), sharing=sharing)
 
 
 def _metrics_listen(value: str | None) -> str | None:

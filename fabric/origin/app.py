@@ -45,8 +45,10 @@ from fabric.wire.ui import ui_routes
 from fabric.logs import get_logger
 from fabric.core.manifest import Manifest, check_name
 from fabric.origin.metrics import OriginMetrics
+from fabric.origin.peers import MoveWatch, SharingOptions, move_watch, watching
 from fabric.origin.relayed import keep_relayed
 from fabric.origin.signatures import signature_routes
+from fabric.origin.sitereports import StoredReports, keeping
 from fabric.core.lru import LRU
 from fabric import tracing
 from fabric.origin.quotas import REPORTS, UPLOADS, OriginLimits, QuotaMetrics, SiteReports, UploadQuota, sweeper
@@ -60,11 +62,14 @@ EVENTS = web.AppKey("events", EventLog)
 REGISTRY = web.AppKey("registry", Registry)
 SITES = web.AppKey("sites", dict)
 SITE_METRICS = web.AppKey("site_metrics", OriginMetrics)
+MOVES = web.AppKey("moves", MoveWatch)  # the store's move log (fabric.origin.peers), where origins share one
+STORED = web.AppKey("stored_reports", StoredReports)  # site reports kept in the store (fabric.origin.sitereports)
 TRACES = web.AppKey("traces", LRU)  # (artifact, version) -> the traceparent its commit came with
 _UPLOAD_AHEAD = 4  # uploaded chunks being verified and stored while the next is read
 
 
-def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = None) -> web.Application:
+def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = None,
+               sharing: SharingOptions | None = None) -> web.Application:
     app = base_app(store=store, tokens=tokens, refresh_metrics=lambda: app[SITE_METRICS].refresh(app[SITES],
                                                                                                    app[REGISTRY]))
     app[SITE_METRICS] = OriginMetrics(app[METRICS].registry)
@@ -76,6 +81,15 @@ def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = N
     quota_metrics, limits = QuotaMetrics(app[METRICS].registry), limits or OriginLimits()
     app[UPLOADS], app[REPORTS] = UploadQuota(limits, quota_metrics), SiteReports(app[SITES], quota_metrics)
     app.cleanup_ctx.append(sweeper(store, limits, quota_metrics))  # collects orphaned uploads
+    sharing = sharing or SharingOptions()
+    watch = move_watch(store, app[EVENTS], app[METRICS].registry, sharing)  # other origins' moves, as events
+    if watch is not None:
+        app[MOVES] = watch
+    app.cleanup_ctx.append(watching(MOVES))
+    app[STORED] = StoredReports(store, app[SITES], app[REPORTS], app[METRICS].registry, save=sharing.report_save,
+                                refresh=sharing.report_refresh,
+                                changed=lambda site: app[EVENTS].append({"type": "site", "site": site}))
+    app.cleanup_ctx.append(keeping(STORED))  # reports outlive the process (fabric.origin.sitereports)
     chunk_routes(app, index=ChunkIndex(RegistrySource(app[REGISTRY])))  # who may see which chunk
     r = app.router
     r.add_get(ARTIFACTS, list_artifacts)
@@ -154,6 +168,7 @@ async def commit_manifest(request: web.Request) -> web.Response:
         request.app[TRACES].put((artifact, version), trace)
         event["traceparent"] = trace
     request.app[EVENTS].append(event)
+    await _share(request, event)
     return web.json_response({"artifact": artifact, "version": version, "manifest_id": mid}, status=201)
 
 
@@ -190,7 +205,15 @@ async def move_channel(request: web.Request) -> web.Response:
     event = {"type": "channel", "artifact": artifact, "channel": channel, "version": ch.version, "action": action}
     trace = request.app[TRACES].get((artifact, ch.version))  # the version's trace, for the sites' deploys
     request.app[EVENTS].append(event | ({"traceparent": trace} if trace else {}))
+    await _share(request, event | ({"traceparent": trace} if trace else {}))
     return web.json_response(ch.to_json())
+
+
+async def _share(request: web.Request, event: dict) -> None:
+    """Tell the other origins of this store (its move log, `fabric.origin.peers`), if they share one."""
+    watch = request.app.get(MOVES)
+    if watch is not None:
+        await watch.record(event)
 
 
 async def report_site(request: web.Request) -> web.Response:
@@ -205,8 +228,10 @@ async def report_site(request: web.Request) -> web.Response:
     sites: dict = request.app[SITES]
 
     def changed(name: str, previous: dict | None, new: dict) -> None:
-        if previous is None or _substance(previous) != _substance(new):
+        substance = previous is None or _substance(previous) != _substance(new)
+        if substance:
             request.app[EVENTS].append({"type": "site", "site": name})  # the status page re-reads /v1/sites
+        request.app[STORED].touched(name, substance)  # and into the store
     if own is not None:
         request.app[REPORTS].admit(site, max(1, size - sum(r.size for r in relayed)))
         previous = sites.get(site)
@@ -273,10 +298,11 @@ def _store_upload(store: Store, frame: frames.Frame, references: frames.Referenc
 
 
 def run_origin(*, store: Store, listen: str, tokens: TokenTable, tls: ssl.SSLContext | None = None,
-               metrics_listen: str | None = None, limits: OriginLimits | None = None) -> None:
+               metrics_listen: str | None = None, limits: OriginLimits | None = None,
+               sharing: SharingOptions | None = None) -> None:
     """Serve until signalled; `metrics_listen` ("HOST:PORT") adds a token-free /metrics listener."""
     logs.bind("origin")
     tracing.setup("fabric-origin")
-    app = create_app(store, tokens, limits)
+    app = create_app(store, tokens, limits, sharing)
     add_metrics_listener(app, metrics_listen)
     asyncio.run(run_until_signalled(app, listen, tls, "origin"))

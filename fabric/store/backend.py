@@ -23,9 +23,12 @@ capability is declared. A backend that declares a capability implements its verb
     files          path(key) -> Path                     objects are files on this machine
     link           link_in(key, src) -> bool             hard-link a file in (False: other file system)
     temp_files     sweep_temp() -> int                   remove a crashed writer's temp files
+    list_after     list_after(prefix, after)             `list`, only keys after `after`, in key order
+                                                         (S3's StartAfter: one request for a log's tail)
 
 Keys are `/`-separated, relative, and made only by `fabric.store.store` (and the
-commit fence's two, by `fabric.store.fence`).
+commit fence's two, by `fabric.store.fence`; the move log's, `fabric.store.movelog`;
+the site reports', `fabric.store.reports`).
 """
 
 from __future__ import annotations
@@ -52,10 +55,12 @@ class Capabilities:
     files: bool = False
     link: bool = False
     temp_files: bool = False
+    list_after: bool = False
 
     # the verbs each capability promises (checked by the store suite for every backend)
     VERBS = {"parallel_has": ("has_many",), "parts": ("put_parts",), "deferred": ("put_parts", "flush"),
-             "size": ("size",), "files": ("path",), "link": ("link_in",), "temp_files": ("sweep_temp",)}
+             "size": ("size",), "files": ("path",), "link": ("link_in",), "temp_files": ("sweep_temp",),
+             "list_after": ("list_after",)}
 
     def declared(self) -> list[str]:
         """The names of the capabilities this backend declares."""

@@ -55,15 +55,23 @@ class EventLog:
         complete = not self._events or self._events[0]["seq"] <= after + 1
         return [e for e in self._events if e["seq"] > after], complete
 
+    def new_epoch(self) -> None:
+        """Start a new epoch (this log missed events it should have carried): every open
+        stream ends, and each follower, reconnecting, sees the new epoch and re-syncs."""
+        self.epoch = uuid.uuid4().hex[:12]
+        asyncio.get_running_loop().create_task(self._notify())
+
     async def close(self) -> None:
         """End every open stream (at server shutdown, so it need not wait for them)."""
         self.closed = True
         await self._notify()
 
     async def wait(self, after: int, timeout: float) -> None:
+        epoch = self.epoch
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.seq > after or self.closed), timeout)
+                await asyncio.wait_for(self._changed.wait_for(
+                    lambda: self.seq > after or self.closed or self.epoch != epoch), timeout)
             except asyncio.TimeoutError:
                 pass
 
@@ -79,7 +87,9 @@ def sse_handler(key: web.AppKey, require: Callable[[web.Request], None],
     async def handler(request: web.Request) -> web.StreamResponse:
         require(request)
         log: EventLog = request.app[key]
-        after = _after(request)
+        # a follower cannot have seen events past the head: its `after` comes from another epoch (another
+        # origin, or this one before a restart), and every event from now on is new to it
+        after = min(_after(request), log.seq)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         events, complete = log.since(after)

@@ -38,13 +38,16 @@ class AgentProcess(ServerProcess):
                  upstreams: list[str] | None = None, topology: Path | None = None,
                  data: Path | None = None, token: str | None = None,
                  retention: dict | None = None, sync: dict | None = None, port: int | None = None,
-                 extra: dict | None = None):
+                 extra: dict | None = None, origins: list[str] | None = None):
         self.root, self.site = Path(root), site
         self.port = port or free_port()
         self.data = Path(data) if data else self.root / site
         settings = {"site": site, "data": str(self.data), "listen": f"127.0.0.1:{self.port}",
                     "origin": origin_url, "token": token or SITE_SECRETS.get(site, SITE_SECRETS["solo"]),
                     "follow": follow, "report_interval": 0.5}
+        if origins:  # several origins over one store, in preference order (instead of `origin`)
+            del settings["origin"]
+            settings["origins"] = list(origins)
         if tokens:
             settings["tokens"] = str(tokens)
         if upstreams:
