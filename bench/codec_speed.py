@@ -4,8 +4,10 @@
 
 Prints, per case, the encoding chosen, payload/raw ratio, and single-thread encode
 and decode GB/s (raw bytes per second), then the same with two threads at once.
-Data: normal(0, 0.02) weights; the xor cases pair them with the same weights after
-a small update (noise of 1e-3 of the weights' scale), as after an optimizer step.
+Data: normal(0, 0.02) weights; the "step" cases pair them with the same weights after
+a small update (noise of 1e-3 of the weights' scale), as after an optimizer step:
+once as the selector chooses (`encode`), and once pinned to `xor` and to `delta`
+(`encode_as`; the selector's sampling is then skipped).
 """
 
 from __future__ import annotations
@@ -65,10 +67,15 @@ def threaded(fn, threads: int = 2) -> float:
     return best / (threads * REPEAT)
 
 
-def case(name: str, data: bytes, dtype: str, reference: bytes | None = None) -> None:
+def case(name: str, data: bytes, dtype: str, reference: bytes | None = None, pinned: str | None = None) -> None:
     ref_id = digest(reference) if reference is not None else None
     kwargs = dict(dtype=dtype, reference=reference, reference_id=ref_id)
-    enc = codec.encode(data, **kwargs)
+    if pinned:
+        def encode(data, **kw):
+            return codec.encode_as(pinned, data, **kw)
+    else:
+        encode = codec.encode
+    enc = encode(data, **kwargs)
     back = dict(raw_size=len(data), reference=reference, reference_id=ref_id)
     assert codec.decode(enc, **back) == data
 
@@ -76,10 +83,10 @@ def case(name: str, data: bytes, dtype: str, reference: bytes | None = None) -> 
         return len(data) / seconds / 1e9
 
     print(
-        f"{name:10s} {enc.name:9s} ratio {len(enc.payload) / len(data):.3f}  "
-        f"encode {gbps(timed(lambda: codec.encode(data, **kwargs))):5.2f} GB/s  "
+        f"{name:16s} {enc.name:9s} ratio {len(enc.payload) / len(data):.3f}  "
+        f"encode {gbps(timed(lambda: encode(data, **kwargs))):5.2f} GB/s  "
         f"decode {gbps(timed(lambda: codec.decode(enc, **back))):5.2f} GB/s  "
-        f"2 threads: encode {gbps(threaded(lambda: codec.encode(data, **kwargs))):5.2f} "
+        f"2 threads: encode {gbps(threaded(lambda: encode(data, **kwargs))):5.2f} "
         f"decode {gbps(threaded(lambda: codec.decode(enc, **back))):5.2f} GB/s"
     )
 
@@ -89,12 +96,14 @@ def main() -> None:
     for dtype in ("BF16", "F32"):
         before, after = (x.tobytes() for x in weights(rng, dtype))
         case(dtype.lower(), after, dtype)
-        case(f"{dtype.lower()} xor", after, dtype, reference=before)
+        case(f"{dtype.lower()} step", after, dtype, reference=before)
+        case(f"{dtype.lower()} step, xor", after, dtype, reference=before, pinned="xor")
+        case(f"{dtype.lower()} step, delta", after, dtype, reference=before, pinned="delta")
     before, after = (x.tobytes() for x in weights(rng, "BF16"))
     hashed = dict(raw_size=len(after), reference=before)
     enc = codec.encode(after, dtype="BF16", reference=before)
     seconds = timed(lambda: codec.decode(enc, **hashed))
-    print(f"bf16 xor decode, reference hashed (no reference_id): "
+    print(f"bf16 step decode ({enc.name}), reference hashed (no reference_id): "
           f"{len(after) / seconds / 1e9:.2f} GB/s")
 
 

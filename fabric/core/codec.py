@@ -1,6 +1,7 @@
 """Chunk encodings: how one chunk's bytes travel, losslessly.
 
-Owns the six encodings (`raw`, `zstd`, `bytegroup`, `xor`, `patch`, `delta`), their binary
+Owns the seven encodings (`raw`, `zstd`, `bytegroup`, `xor`, `patch`, `delta`,
+`multipatch`), their binary
 payload layout (specified in docs/encodings.md), the rule that picks one per chunk,
 and decoding that treats every payload as hostile. A payload's 6-byte header may
 travel separately (the chunk stream's frame carries the tag and raw size):
@@ -24,7 +25,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,6 +63,7 @@ class Encoding(IntEnum):
     XOR = 3
     PATCH = 4
     DELTA = 5
+    MULTIPATCH = 6
 
     @classmethod
     def parse(cls, value: int | str) -> Encoding:
@@ -80,6 +82,7 @@ class Encoded:
     payload: bytes
     raw_size: int
     reference_id: str | None = None
+    more_ids: tuple[str, ...] = ()  # `multipatch`: the references after the first, in order
 
     @property
     def tag(self) -> int:
@@ -95,8 +98,11 @@ class Encoded:
         return memoryview(self.payload)[_HEADER.size:]
 
 
-REFERENCING = (Encoding.XOR, Encoding.PATCH, Encoding.DELTA)  # encodings whose decoder needs a reference
+REFERENCING = (Encoding.XOR, Encoding.PATCH, Encoding.DELTA, Encoding.MULTIPATCH)  # their decoders need a reference
+MAX_REFERENCES = 4  # `multipatch` names at most this many
 _DELTA_WIDTHS = (2, 4, 8)  # `delta` subtracts elements of these widths
+_PATCHES = (Encoding.PATCH, Encoding.MULTIPATCH)  # a zstd frame with references as its prefix
+_BLOCK = 1 << 16  # elements per block of `delta`'s arithmetic (it stays in the CPU's cache)
 TAG_PACKED = 0xFF  # a stored form only, never a stream tag: a pack reference (fabric.store.packs)
 
 
@@ -111,6 +117,7 @@ class _Chunk:
     reference: memoryview | None
     reference_id: str | None
     level: int
+    more: tuple[tuple[memoryview, str], ...] = ()  # further references (bytes, id): `multipatch`
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +137,7 @@ def encode(
     level: int = 3,
     allow_entropy: bool = True,
     encodings: Iterable[Encoding | int | str] | None = None,
+    more: Sequence[tuple[bytes | bytearray | memoryview, str | None]] = (),
 ) -> Encoded:
     """Encode one chunk with whichever encoding its samples say is smallest.
 
@@ -140,9 +148,12 @@ def encode(
     `level` is the zstd level of the `zstd` encoding; byte planes use fixed fast
     parameters. `allow_entropy=False` (a link faster than the codec) uses a zstd
     stage only where its samples shrink to half or less. `encodings` limits the
-    candidates to those the receiver decodes (`raw` is always one).
+    candidates to those the receiver decodes (`raw` is always one). `more` are
+    further chunks the receiver holds, (bytes, id or None), that the chunk may copy
+    from besides `reference` (the old chunks on both sides of a deletion): with
+    them, `multipatch` is a candidate beside `patch`.
     """
-    chunk = _chunk(data, dtype, reference, reference_id, level)
+    chunk = _chunk(data, dtype, reference, reference_id, level, more)
     gain = _PAYS if allow_entropy else _CLEARLY_PAYS
     allowed = {Encoding.RAW, *(Encoding.parse(e) for e in encodings)} if encodings is not None else set(Encoding)
     plan = min(_plans(chunk, gain, allowed), key=lambda p: (p.size, p.encoding))
@@ -160,6 +171,7 @@ def encode_as(
     reference: bytes | bytearray | memoryview | None = None,
     reference_id: str | None = None,
     level: int = 3,
+    more: Sequence[tuple[bytes | bytearray | memoryview, str | None]] = (),
 ) -> Encoded:
     """Encode with `encoding` whatever the size (tests, examples, pinned peers).
 
@@ -167,16 +179,16 @@ def encode_as(
     `delta` need a reference; `delta` needs a width of 2, 4 or 8 (the dtype's).
     """
     encoding = Encoding.parse(encoding)
-    chunk = _chunk(data, dtype, reference, reference_id, level)
+    chunk = _chunk(data, dtype, reference, reference_id, level, more)
     if encoding in REFERENCING and chunk.reference is None:
         raise InvalidInput(f"the {encoding.name.lower()} encoding needs a reference")
     if encoding == Encoding.DELTA and chunk.width not in _DELTA_WIDTHS:
         raise InvalidInput("the delta encoding needs a dtype of 2, 4 or 8 bytes")
-    blob = _patch_frame(chunk) if encoding == Encoding.PATCH else None
+    blob = _patch_frame(chunk, encoding == Encoding.MULTIPATCH) if encoding in _PATCHES else None
     return _encode_plan(_Plan(encoding, 0, (True,) * chunk.width, blob), chunk)
 
 
-def _chunk(data, dtype, reference, reference_id, level) -> _Chunk:
+def _chunk(data, dtype, reference, reference_id, level, more=()) -> _Chunk:
     data = memoryview(data).cast("B")
     if reference is not None:
         reference = memoryview(reference).cast("B")
@@ -189,7 +201,17 @@ def _chunk(data, dtype, reference, reference_id, level) -> _Chunk:
     if not 1 <= level <= 22:
         raise InvalidInput(f"zstd level must be 1..22, not {level}")
     width = _WIDTHS.get((dtype or "").upper(), 1)
-    return _Chunk(data, width, reference, reference_id, level)
+    if more and reference is None:
+        raise InvalidInput("further references given without a first one")
+    if len(more) > MAX_REFERENCES - 1:
+        raise InvalidInput(f"at most {MAX_REFERENCES} references")
+    checked = []
+    for extra, extra_id in more:
+        extra = memoryview(extra).cast("B")
+        if len(extra) > MAX_SIZE:
+            raise PayloadTooLarge(f"chunks and references are limited to {MAX_SIZE} bytes")
+        checked.append((extra, check_id(extra_id) if extra_id else digest(extra)))
+    return _Chunk(data, width, reference, reference_id, level, tuple(checked))
 
 
 def _plans(chunk: _Chunk, gain: float, allowed: set[Encoding]):
@@ -205,6 +227,11 @@ def _plans(chunk: _Chunk, gain: float, allowed: set[Encoding]):
             blob = _patch_frame(chunk)
             if len(blob) <= gain * n:
                 yield _Plan(Encoding.PATCH, overhead + len(blob), (), blob)
+            if chunk.more and Encoding.MULTIPATCH in allowed:
+                blob = _patch_frame(chunk, True)
+                more = sum(_XOR_REF.size + len(i) for _, i in chunk.more)
+                if len(blob) <= gain * n:
+                    yield _Plan(Encoding.MULTIPATCH, overhead + 1 + more + len(blob), (), blob)
             return
     spans = _sample_spans(n, width)
     sample = b"".join(data[a:b] for a, b in spans)
@@ -262,6 +289,12 @@ def _encode_plan(plan: _Plan, chunk: _Chunk) -> Encoded:
         return _encoded(Encoding.BYTEGROUP, n, _group(data, chunk.width, plan.flags))
     ref_id = chunk.reference_id.encode("ascii")
     parts = [_XOR_REF.pack(len(chunk.reference), len(ref_id)), ref_id]
+    if plan.encoding == Encoding.MULTIPATCH:
+        parts.insert(0, _U8.pack(1 + len(chunk.more)))
+        for extra, extra_id in chunk.more:
+            parts += [_XOR_REF.pack(len(extra), len(extra_id)), extra_id.encode("ascii")]
+        return _encoded(Encoding.MULTIPATCH, n, parts + [plan.blob], chunk.reference_id,
+                        tuple(i for _, i in chunk.more))
     if plan.encoding == Encoding.PATCH:
         return _encoded(Encoding.PATCH, n, parts + [plan.blob], chunk.reference_id)
     if plan.encoding == Encoding.DELTA:
@@ -271,9 +304,11 @@ def _encode_plan(plan: _Plan, chunk: _Chunk) -> Encoded:
     return _encoded(Encoding.XOR, n, parts, chunk.reference_id)
 
 
-def _patch_frame(chunk: _Chunk) -> bytes:
-    """One zstd frame of the chunk, compressed with the reference as its prefix."""
-    prefix = zstd.ZstdCompressionDict(bytes(chunk.reference), dict_type=zstd.DICT_TYPE_RAWCONTENT)
+def _patch_frame(chunk: _Chunk, every: bool = False) -> bytes:
+    """One zstd frame of the chunk, compressed with the reference as its prefix
+    (`every`: the reference and then the further ones, `multipatch`)."""
+    content = b"".join([chunk.reference, *(m for m, _ in chunk.more)]) if every else bytes(chunk.reference)
+    prefix = zstd.ZstdCompressionDict(content, dict_type=zstd.DICT_TYPE_RAWCONTENT)
     return zstd.ZstdCompressor(level=chunk.level, dict_data=prefix, write_dict_id=False).compress(chunk.data)
 
 
@@ -281,9 +316,9 @@ def _encode_raw(data) -> Encoded:
     return _encoded(Encoding.RAW, len(data), [data])
 
 
-def _encoded(encoding: Encoding, raw_size: int, parts: list, reference_id=None) -> Encoded:
+def _encoded(encoding: Encoding, raw_size: int, parts: list, reference_id=None, more_ids=()) -> Encoded:
     payload = b"".join([_HEADER.pack(VERSION, encoding, raw_size), *parts])
-    return Encoded(encoding, payload, raw_size, reference_id)
+    return Encoded(encoding, payload, raw_size, reference_id, more_ids)
 
 
 def _group(data, width: int, flags: tuple[bool, ...]) -> list:
@@ -336,14 +371,16 @@ def _delta_prefix(data, reference, width: int) -> np.ndarray:
     np = _numpy()
     out = np.frombuffer(data, np.uint8).copy()
     m = min(len(out), len(reference)) // width
-    if m:
-        kind = np.dtype(f"<u{width}")
-        new = out[:m * width].view(kind)
-        d = np.subtract(new, np.frombuffer(reference, kind, count=m), dtype=kind)
-        sign = np.right_shift(d, 8 * width - 1)
-        np.negative(sign, out=sign)  # 0, or all ones where the difference is negative
-        np.left_shift(d, 1, out=new)
-        np.bitwise_xor(new, sign, out=new)
+    kind = np.dtype(f"<u{width}")
+    new, old = out[:m * width].view(kind), np.frombuffer(reference, kind, count=m)
+    sign = np.empty(min(m, _BLOCK), kind)
+    for a in range(0, m, _BLOCK):  # in cache-sized blocks: five passes over each
+        d, s = new[a:a + _BLOCK], sign[:min(_BLOCK, m - a)]
+        np.subtract(d, old[a:a + _BLOCK], out=d)
+        np.right_shift(d, 8 * width - 1, out=s)
+        np.negative(s, out=s)  # 0, or all ones where the difference is negative
+        np.left_shift(d, 1, out=d)
+        np.bitwise_xor(d, s, out=d)
     return out
 
 
@@ -351,15 +388,16 @@ def _undelta_into(out: np.ndarray, reference, width: int) -> None:
     """Invert `_delta_prefix` in place: `out` holds X, `reference` the held chunk."""
     np = _numpy()
     m = min(len(out), len(reference)) // width
-    if not m:
-        return
     kind = np.dtype(f"<u{width}")
-    z = out[:m * width].view(kind)
-    sign = np.bitwise_and(z, 1)
-    np.negative(sign, out=sign)
-    np.right_shift(z, 1, out=z)
-    np.bitwise_xor(z, sign, out=z)
-    np.add(z, np.frombuffer(reference, kind, count=m), out=z)
+    z, old = out[:m * width].view(kind), np.frombuffer(reference, kind, count=m)
+    sign = np.empty(min(m, _BLOCK), kind)
+    for a in range(0, m, _BLOCK):
+        x, s = z[a:a + _BLOCK], sign[:min(_BLOCK, m - a)]
+        np.bitwise_and(x, 1, out=s)
+        np.negative(s, out=s)
+        np.right_shift(x, 1, out=x)
+        np.bitwise_xor(x, s, out=x)
+        np.add(x, old[a:a + _BLOCK], out=x)
 
 
 def _xor_into(out: np.ndarray, reference) -> None:
@@ -376,11 +414,15 @@ def decode(
     raw_size: int,
     reference: bytes | bytearray | memoryview | None = None,
     reference_id: str | None = None,
+    more: Sequence[bytes | bytearray | memoryview] = (),
+    more_ids: Sequence[str] | None = None,
 ) -> bytes:
     """Decode a chunk of `raw_size` bytes (from the manifest, not the payload).
 
-    For `xor`, `reference` must be the chunk the payload names. It is hashed to
-    check, unless the caller vouches for its id with `reference_id`.
+    For `xor`, `patch`, `delta`, `reference` must be the chunk the payload names. It is hashed to
+    check, unless the caller vouches for its id with `reference_id`. For `multipatch`,
+    `reference` is the first chunk it names and `more` the others, in order (ids
+    vouched for by `more_ids`).
     Raises BadFrame for a malformed payload, UnknownEncoding for an unknown tag or
     version, ReferenceMismatch for a missing or wrong reference.
     """
@@ -388,7 +430,7 @@ def decode(
     encoding = Encoding.parse(tag)
     reader = _Reader(payload)
     _read_header(reader, encoding, raw_size)
-    return _decode_rest(reader, encoding, raw_size, reference, reference_id)
+    return _decode_rest(reader, encoding, raw_size, reference, reference_id, more, more_ids)
 
 
 def decode_body(
@@ -398,6 +440,8 @@ def decode_body(
     raw_size: int,
     reference: bytes | bytearray | memoryview | None = None,
     reference_id: str | None = None,
+    more: Sequence[bytes | bytearray | memoryview] = (),
+    more_ids: Sequence[str] | None = None,
 ) -> bytes:
     """`decode` for a payload whose 6-byte header travels elsewhere (a chunk-stream frame).
 
@@ -406,22 +450,31 @@ def decode_body(
     encoding = Encoding.parse(encoding)
     if not 0 <= raw_size <= MAX_SIZE:
         raise BadFrame(f"raw size {raw_size} out of range")
-    return _decode_rest(_Reader(body), encoding, raw_size, reference, reference_id)
+    return _decode_rest(_Reader(body), encoding, raw_size, reference, reference_id, more, more_ids)
 
 
 def body_reference(encoding: Encoding | int | str, body: bytes | bytearray | memoryview) -> str | None:
-    """The id of the reference a payload body needs (`xor`, `patch`), or None.
+    """The id of the (first) reference a payload body needs (`xor`, `patch`, …), or None.
 
     Only the id is read (BadFrame if it is malformed); the rest is checked by decoding.
     """
+    ids = body_references(encoding, body)
+    return ids[0] if ids else None
+
+
+def body_references(encoding: Encoding | int | str, body: bytes | bytearray | memoryview) -> list[str]:
+    """The ids of every reference a payload body needs, in order (empty for none)."""
     encoding = Encoding.parse(encoding)
     if encoding not in REFERENCING:
-        return None
+        return []
     reader = _Reader(body)
-    return _read_reference_id(reader)[1]
+    if encoding == Encoding.MULTIPATCH:
+        return [ref_id for _, ref_id in _read_reference_list(reader)]
+    return [_read_reference_id(reader)[1]]
 
 
-def _decode_rest(reader: "_Reader", encoding: Encoding, raw_size: int, reference, reference_id) -> bytes:
+def _decode_rest(reader: "_Reader", encoding: Encoding, raw_size: int, reference, reference_id,
+                 more=(), more_ids=None) -> bytes:
     if encoding == Encoding.RAW:
         data = reader.take(raw_size, "raw bytes")
         reader.end()
@@ -434,6 +487,8 @@ def _decode_rest(reader: "_Reader", encoding: Encoding, raw_size: int, reference
         return _read_patch(reader, raw_size, reference, reference_id)
     if encoding == Encoding.DELTA:
         return _read_delta(reader, raw_size, reference, reference_id)
+    if encoding == Encoding.MULTIPATCH:
+        return _read_multipatch(reader, raw_size, [reference, *more], [reference_id, *(more_ids or [None] * len(more))])
     return _read_xor(reader, raw_size, reference, reference_id)
 
 
@@ -444,9 +499,12 @@ def decode_verified(
     raw_size: int,
     reference: bytes | bytearray | memoryview | None = None,
     reference_id: str | None = None,
+    more: Sequence[bytes | bytearray | memoryview] = (),
+    more_ids: Sequence[str] | None = None,
 ) -> bytes:
     """`decode`, then check the bytes against `chunk_id` (CorruptChunk if they differ)."""
-    data = decode(encoded, raw_size=raw_size, reference=reference, reference_id=reference_id)
+    data = decode(encoded, raw_size=raw_size, reference=reference, reference_id=reference_id,
+                  more=more, more_ids=more_ids)
     verify(chunk_id, data)
     return data
 
@@ -538,6 +596,24 @@ def _read_delta(reader: _Reader, raw_size: int, reference, reference_id) -> byte
     out, width = _read_group(reader, raw_size, widths=_DELTA_WIDTHS)
     _undelta_into(out, held, width)
     return out.tobytes()
+
+
+def _read_reference_list(reader: _Reader) -> list[tuple[int, str]]:
+    (count,) = reader.unpack(_U8, "reference count")
+    if not 1 <= count <= MAX_REFERENCES:
+        raise BadFrame(f"multipatch names {count} references (1 to {MAX_REFERENCES})")
+    return [_read_reference_id(reader) for _ in range(count)]
+
+
+def _read_multipatch(reader: _Reader, raw_size: int, references: list, reference_ids: list) -> bytes:
+    named = _read_reference_list(reader)
+    if references[0] is None or len(references) != len(named):
+        raise ReferenceMismatch(f"chunk is encoded against {len(named)} references, "
+                                f"{0 if references[0] is None else len(references)} given")
+    held = [_held_reference(ref_id, ref_size, ref, vouched)
+            for (ref_size, ref_id), ref, vouched in zip(named, references, reference_ids)]
+    prefix = memoryview(b"".join(held))
+    return _unzstd(reader.take(len(reader), "zstd frame"), raw_size, prefix=prefix)
 
 
 def _read_patch(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:

@@ -9,7 +9,9 @@ name in another file) and the same segment index in the newest held version that
 the tensor with the same dtype. For any other chunk (the safetensors header, FastCDC
 chunks of other files) it is the chunk of the same file in the newest held version
 that covers the same region, found by lining the unchanged chunks of the two versions
-up (so an edit or an append refers to the bytes around it).
+up (so an edit or an append refers to the bytes around it); where new chunks replaced
+several old ones (a deletion joins the head of one old chunk to the tail of a later
+one), the hint also names the last replaced old chunk, for `multipatch`.
 
 `PlanCache` keeps plans by manifest ids (manifests are immutable); whoever serves
 chunks owns one. Pure: manifests in, hints out; no store, no registry, no I/O.
@@ -31,6 +33,7 @@ class ChunkHint:
 
     dtype: str | None = None
     reference: str | None = None
+    more: tuple[str, ...] = ()  # further references (only with `reference`), for `multipatch`
 
 
 STANDALONE = ChunkHint()
@@ -55,10 +58,11 @@ def plan_references(target: Manifest, have: Sequence[Manifest]) -> Plan:
     files = [{f.path: f for f in m.files} for m in newest]
     for f in target.files:
         old = next((index[f.path] for index in files if f.path in index), None)
-        refs = _region_references(f, old) if old else [None] * len(f.chunks)
-        for (cid, _), ref in zip(f.chunks, refs):
+        refs = _region_references(f, old) if old else [(None, ())] * len(f.chunks)
+        for (cid, _), (ref, more) in zip(f.chunks, refs):
             if cid not in plan:
-                plan[cid] = ChunkHint(None, ref if ref != cid else None)
+                more = tuple(m for m in more if m not in (cid, ref))
+                plan[cid] = ChunkHint(None, ref, more) if ref not in (cid, None) else ChunkHint()
     return plan
 
 
@@ -83,12 +87,16 @@ def _tensor_reference(t: TensorEntry, segment: int, index: list[_TensorIndex]) -
     return None
 
 
-def _region_references(new: FileEntry, old: FileEntry) -> list[str | None]:
-    """Per chunk of `new`: the chunk of `old` covering the same region, or None if unchanged.
+def _region_references(new: FileEntry, old: FileEntry) -> list[tuple[str | None, tuple[str, ...]]]:
+    """Per chunk of `new`: the chunk of `old` covering the same region (None if
+    unchanged), and further old chunks it may copy from.
 
     Chunks both files share are anchors. A run of new chunks between two anchors
     replaced the old chunks between the same anchors: each new chunk refers to the old
-    chunk at the same relative position. A pure insertion (nothing between the old
+    chunk at the same relative position. Where the run replaced more old chunks than
+    it has (a deletion), the run's first and last new chunks also name the last and
+    the first replaced old chunk: a chunk that joins the head of one old chunk to the
+    tail of another copies from both. A pure insertion (nothing between the old
     anchors), an append included, refers to the anchor before it: similar bytes.
     """
     old_ids = [cid for cid, _ in old.chunks]
@@ -98,7 +106,7 @@ def _region_references(new: FileEntry, old: FileEntry) -> list[str | None]:
     old_starts = [0]
     for _, n in old.chunks:
         old_starts.append(old_starts[-1] + n)
-    refs: list[str | None] = [None] * len(new.chunks)
+    refs: list[tuple[str | None, tuple[str, ...]]] = [(None, ())] * len(new.chunks)
     i = 0
     while i < len(new.chunks):
         if new.chunks[i][0] in position:
@@ -115,15 +123,20 @@ def _region_references(new: FileEntry, old: FileEntry) -> list[str | None]:
             lo, hi = old_starts[left + 1], old_starts[right]
             run = sum(n for _, n in new.chunks[i:k])
             at = 0
+            first, last = old_ids[left + 1], old_ids[right - 1]
+            fewer = k - i < right - left - 1  # the run replaced more old chunks than it has
             for j in range(i, k):
                 offset = lo + (at * (hi - lo) // run if run else 0)
-                refs[j] = old_ids[min(bisect.bisect_right(old_starts, offset) - 1, right - 1)]
+                ref = old_ids[min(bisect.bisect_right(old_starts, offset) - 1, right - 1)]
+                more = tuple(dict.fromkeys(m for m, end in ((last, j == i), (first, j == k - 1))
+                                           if fewer and end and m != ref))
+                refs[j] = (ref, more)
                 at += new.chunks[j][1]
         else:
             anchor = left if left >= 0 else right
             if 0 <= anchor < len(old_ids):
                 for j in range(i, k):
-                    refs[j] = old_ids[anchor]
+                    refs[j] = (old_ids[anchor], ())
         i = k
     return refs
 

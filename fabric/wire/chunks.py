@@ -482,9 +482,15 @@ def encode_data(store: Store | None, data: bytes | memoryview, hint: ChunkHint |
             reference = Store.decode_stored(hint.reference, store.get_chunk_stored(hint.reference))
         except (NotFound, CorruptChunk):
             reference = None
+    more = []  # further references (`multipatch`): those the sender holds
+    for ref_id in hint.more if reference is not None else ():
+        try:
+            more.append((Store.decode_stored(ref_id, store.get_chunk_stored(ref_id)), ref_id))
+        except (NotFound, CorruptChunk):
+            pass
     enc = codec.encode(data, dtype=hint.dtype, reference=reference,
                        reference_id=hint.reference if reference is not None else None,
-                       level=level, allow_entropy=allow_entropy, encodings=encodings)
+                       level=level, allow_entropy=allow_entropy, encodings=encodings, more=more)
     return enc.tag, enc.raw_size, enc.body
 
 

@@ -192,7 +192,7 @@ def decode(chunk_id: str, tag: int, raw_size: int, payload: bytes | bytearray | 
     """A received chunk's bytes, decoded and checked against `chunk_id`.
 
     Tags 0 (raw) and 1 (zstd) are stored forms: a raw size of 0 means "not stated".
-    Tags 2 and up are decoded by the codec; a reference (`xor`, `patch`, `delta`) comes from
+    Tags 2 and up are decoded by the codec; references (`xor`, `patch`, `delta`, `multipatch`) come from
     `references` (see `store_references`), and one it cannot give is a
     ReferenceMismatch, which the receiver answers by asking for the chunk again
     without references. Any other tag is a CorruptChunk. `expected_size` is the size
@@ -240,13 +240,13 @@ def _decode_codec(chunk_id: str, tag: int, raw_size: int, payload: bytes | memor
     if expected_size is not None and raw_size != expected_size:
         raise BadFrame(f"chunk {chunk_id}: frame says {raw_size} bytes, the manifest {expected_size}")
     encoding = Encoding.parse(tag)
-    reference = ref_id = None
-    if encoding in codec.REFERENCING:
-        ref_id = codec.body_reference(encoding, payload)
+    held, ids = [], codec.body_references(encoding, payload)  # `multipatch` names several
+    for ref_id in ids:
         if not digest.is_valid(ref_id):
             raise BadFrame(f"chunk {chunk_id}: the payload names no valid reference ({ref_id[:80]!r})")
-        reference = (references or store_references(None))(ref_id)
-    data = codec.decode_body(encoding, payload, raw_size=raw_size, reference=reference, reference_id=ref_id)
+        held.append((references or store_references(None))(ref_id))
+    data = codec.decode_body(encoding, payload, raw_size=raw_size, reference=held[0] if held else None,
+                             reference_id=ids[0] if ids else None, more=held[1:], more_ids=ids[1:])
     digest.verify(chunk_id, data)
     return data
 

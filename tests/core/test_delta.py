@@ -102,3 +102,52 @@ def test_a_delta_payload_with_another_width_is_a_bad_frame(width):
     payload[group] = width
     with pytest.raises(BadFrame):
         decode((5, bytes(payload)), raw_size=len(data), reference=reference)
+
+
+# --- multipatch: zstd with several held chunks as its prefix (a deletion's two sides) ------------
+
+def _rows(start: int, count: int) -> bytes:
+    rng = np.random.default_rng(start)
+    words = ["alpha", "beta", "gamma", "delta", "river", "model", "token", "paper"]
+    return b"".join(b'{"id":%d,"text":"%s"}\n' % (i, " ".join(rng.choice(words, 12)).encode())
+                    for i in range(start, start + count))
+
+
+def test_multipatch_copies_from_both_sides_of_a_deletion():
+    left, right = _rows(0, 600), _rows(5000, 600)
+    joined = left[:len(left) // 2] + right[len(right) // 2:]
+    single = encode(joined, reference=left)
+    both = encode(joined, reference=left, more=[(right, None)])
+    assert single.encoding is Encoding.PATCH and both.encoding is Encoding.MULTIPATCH
+    assert len(both.payload) < len(single.payload) / 4
+    assert both.reference_id == digest(left) and both.more_ids == (digest(right),)
+    assert decode_verified(both, chunk_id=digest(joined), raw_size=len(joined), reference=left,
+                           more=[right]) == joined
+    from fabric.core.codec import body_references
+    assert body_references(both.encoding, both.body) == [digest(left), digest(right)]
+    # an old receiver does not list it: the single-reference patch
+    assert encode(joined, reference=left, more=[(right, None)],
+                  encodings=["raw", "zstd", "patch"]).encoding is Encoding.PATCH
+
+
+def test_multipatch_refuses_missing_or_swapped_references():
+    left, right = _rows(0, 100), _rows(900, 100)
+    data = left[:2000] + right[2000:]
+    enc = encode_as(Encoding.MULTIPATCH, data, reference=left, more=[(right, None)])
+    assert decode(enc, raw_size=len(data), reference=left, more=[right]) == data
+    for args in (dict(reference=left), dict(reference=right, more=[left]), dict(),
+                 dict(reference=left, more=[right, right])):
+        with pytest.raises(ReferenceMismatch):
+            decode(enc, raw_size=len(data), **args)
+    with pytest.raises(InvalidInput):
+        encode_as(Encoding.MULTIPATCH, data, reference=left, more=[(right, None)] * 4)
+
+
+@pytest.mark.parametrize("count", [0, 5, 255])
+def test_a_multipatch_payload_naming_too_many_or_no_references_is_a_bad_frame(count):
+    left = _rows(0, 50)
+    payload = bytearray(encode_as(Encoding.MULTIPATCH, left[::-1], reference=left).payload)
+    assert payload[6] == 1
+    payload[6] = count
+    with pytest.raises(BadFrame):
+        decode((6, bytes(payload)), raw_size=len(left), reference=left)

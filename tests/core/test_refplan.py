@@ -111,7 +111,20 @@ def test_region_references_when_content_moved():
     new_chunks = [d, b"changed" * 100, a]  # anchors out of order: line up by offset
     new = FileEntry("f", sum(map(len, new_chunks)), 0o644, tuple((digest(x), len(x)) for x in new_chunks))
     refs = refplan._region_references(new, old)
-    assert refs[0] is None and refs[2] is None and refs[1] in {digest(x) for x in (a, b_, c, d)}
+    assert refs[0] == (None, ()) and refs[2] == (None, ()) and refs[1][0] in {digest(x) for x in (a, b_, c, d)}
+
+
+def test_a_chunk_joining_two_old_chunks_across_a_deletion_names_both():
+    rows = [json.dumps({"id": i, "text": "row %d of the data" % i}).encode() * 20 for i in range(10)]
+    old = version("d", "v1", "2026-01-01T00:00:00Z", {"data.jsonl": [Seg(r) for r in rows]})
+    joined = rows[4][:200] + rows[6][300:]  # rows 4's head, 5 deleted, row 6's tail
+    new = version("d", "v2", "2026-01-02T00:00:00Z",
+                  {"data.jsonl": [Seg(r) for r in rows[:4] + [joined] + rows[7:]]})
+    assert plan_references(new, [old])[digest(joined)] == ChunkHint(None, digest(rows[4]), (digest(rows[6]),))
+    # an edit that replaced as many chunks as it has names one reference, as before
+    edited = version("d", "v3", "2026-01-03T00:00:00Z",
+                     {"data.jsonl": [Seg(r) for r in rows[:4] + [rows[4] + b"!"] + rows[5:]]})
+    assert plan_references(edited, [old])[digest(rows[4] + b"!")] == ChunkHint(None, digest(rows[4]))
 
 
 def test_the_plan_cache_keeps_plans_by_manifest_ids():

@@ -270,7 +270,7 @@ def test_published_safetensors_versions_plan_and_travel(tmp_path):
         receiver.put_chunk(cid, receive(receiver, cid, tag, raw_size, payload), verified=True)
         wire, raw = wire + len(payload), raw + raw_size
         tags.append(tag)
-    assert sorted(tags) == [Encoding.XOR] * 4 + [Encoding.PATCH]  # the tensors, and the reordered header
+    assert sorted(tags) == [Encoding.PATCH] + [Encoding.DELTA] * 4  # the reordered header, and the tensors
     assert wire < 0.65 * raw  # fp32 after a 1e-3 relative step: the low mantissa bytes are noise
     assert not receiver.missing(v2.chunk_ids())
 
