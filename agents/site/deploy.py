@@ -59,7 +59,11 @@ class Deployer:
         while True:
             await self._wake[artifact].wait()
             self._wake[artifact].clear()
-            claim = await trust.resolve(ch) if trust.enabled else None  # the signed move, verified
+            try:
+                claim = await trust.resolve(ch) if trust.enabled else None  # the signed move, verified
+            except Exception as e:  # noqa: BLE001 - recording it failed (a full disk): the next wake tries again
+                log.error("cannot record the channel statement", artifact=artifact, error=repr(e)[:300])
+                continue
             if trust.enabled and claim is None:
                 continue  # nothing new that verifies (refusals are shown and counted by `trust`)
             target = claim.version if claim else ch.target

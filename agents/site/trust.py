@@ -47,7 +47,7 @@ from pathlib import Path
 from aiohttp import web
 
 from fabric.core.manifest import Manifest, check_name
-from fabric.errors import (FabricError, SignatureError, SignatureNotFound, StatementExpired,
+from fabric.errors import (FabricError, SignatureError, SignatureNotFound, StatementExpired, StatementMalformed,
                            StatementMismatch, TrustNotFound, Unsigned)
 from fabric.logs import get_logger
 from fabric.trust import ChannelStatement, Envelope, TrustPolicy, Verifier, digest
@@ -148,7 +148,9 @@ class SiteTrust:
         envelope: Envelope | None = None
         acc = self.accepted.get(f"{a}:{c}", {})
         try:
-            obj = raw.get("statement") if isinstance(raw, dict) else None
+            if not isinstance(raw, dict):
+                raise StatementMalformed(f"the answer for channel {a}:{c} is not a JSON object")
+            obj = raw.get("statement")
             envelope = None if obj is None else load(obj)  # the channel JSON's `statement` object
             try:
                 stmt = self.verifier.verify_channel(envelope, a, c, last_sequence=int(acc.get("sequence", 0)),
@@ -165,6 +167,9 @@ class SiteTrust:
                                         f"statement says {stmt.version!r}")
         except SignatureError as e:
             self.refuse(ch, e, envelope)
+            return None
+        except Exception as e:  # noqa: BLE001 - whatever an origin sends must not end the deploy loop
+            log.error("unexpected error checking a channel statement", artifact=a, channel=c, error=repr(e)[:300])
             return None
         claim = Claim(stmt, envelope)
         if stmt.version == ch.active:

@@ -6,7 +6,7 @@
   serving and nothing of the attacker's version appears under versions/ or current/:
   withheld statements, a channel moved by an untrusted key, by a key out of its scope,
   an altered statement, another artifact's statement (mix-and-match), a truncated and a
-  non-canonical one, an expired one, a substituted manifest, a substituted version
+  non-canonical one, a channel answer that is no object, an expired one, a substituted manifest, a substituted version
   signature, and an old statement replayed (also after the agent restarts).
 * A channel statement that expires leaves the site on its version, saying "stale".
 * Through a real relay (hub + edge) the edge verifies the publisher's envelopes, which
@@ -179,6 +179,7 @@ def test_every_attack_is_refused_by_code_before_any_chunk_and_the_signed_version
     refused("statement_mismatch", channels={(A, CH): other_channel})  # sig-other's statement for sig-model
     payload = base64.b64decode(v1_channel["statement"]["payload"])
     refused("statement_malformed", channels={(A, CH): statement_bytes(payload[: len(payload) // 2])})
+    refused("statement_malformed", channels={(A, CH): ["not", "a", "channel"]})
     refused("statement_not_canonical", channels={(A, CH): statement_bytes(payload.replace(b",", b", "))})
     refused("statement_expired", channels={(A, CH): forge_channel(  # genuinely signed once, expired now
         v1_channel, [lab.publisher], version="v2", manifest=v2_unpromoted, sequence=2, expires=int(time.time()) - 5)})
