@@ -8,7 +8,8 @@
   an altered statement, another artifact's statement (mix-and-match), a truncated and a
   non-canonical one, a channel answer that is no object, an expired one, a substituted manifest, a substituted version
   signature, and an old statement replayed (also after the agent restarts).
-* A channel statement that expires leaves the site on its version, saying "stale".
+* A channel statement that expires leaves the site on its version, saying "stale" (in
+  /v1/site, its metrics and `fabric status`).
 * Through a real relay (hub + edge) the edge verifies the publisher's envelopes, which
   its own origin withholds: the hub re-serves them untouched.
 * Key rotation and revocation by root-signed delegations (GET /v1/trust): a new key's
@@ -33,7 +34,8 @@ from fabric.wire.client import RemoteTarget, SyncOrigin
 from helpers.agent import SITE_SECRETS, SITE_TOKENS, AgentProcess
 from helpers.http import request
 from helpers.lying_origin import LyingOrigin, altered, forge_channel, forge_version, substituted_manifest
-from helpers.origin import ADMIN_SECRET, DEFAULT_TOKENS, PUBLISH_SECRET, PULL_SECRET, start_origin, write_token_file
+from helpers.origin import (ADMIN_SECRET, DEFAULT_TOKENS, PUBLISH_SECRET, PULL_SECRET, fabric, fabric_json, start_origin,
+                            write_token_file)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -226,6 +228,12 @@ def test_an_expired_channel_statement_leaves_the_site_on_its_version_saying_stal
     assert c["active"] == agent.active(A) == "v1" and c["trust_error"] is None
     assert agent.metrics()[stale] == 1
     assert agent.metrics()[f'fabric_agent_channel_trust{{artifact="{A}",channel="{CH}",state="stale"}}'] == 1
+    time.sleep(1.0)  # a report or two (report_interval 0.5 s)
+    shown = fabric_json("status", "--origin", lab.origin.url, "--token", ADMIN_SECRET)
+    reported = next(c for site in shown["sites"] for c in site["channels"] if site["site"] == "solo")
+    assert (reported["trust"], reported["active"]) == ("stale", "v1"), reported
+    table = fabric("status", "--origin", lab.origin.url, "--token", ADMIN_SECRET)
+    assert table.returncode == 0 and "trust" in table.stdout and "stale" in table.stdout, table.stdout
     lab.publish("v2")  # a fresh move ends it
     agent.wait_active(A, "v2", timeout=20)
     wait_trust(agent, "verified")
