@@ -60,6 +60,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[float], list[str]]]] = [
      lambda size: ["--sites", "10,100,1000", "--real", "30", "--data", "/dev/shm"]),
     ("verify_overhead", "Signed versions: verification on a pull and at an activation",
      lambda size: ["--size-gb", f"{size:g}"]),
+    ("failover", "Origins over one bucket: moves across origins, and failover", lambda size: []),
 ]
 
 
