@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from agents.worker.hotloader import HotLoader, LiveModule
+from agents.worker import sealcheck
 from agents.worker.reference import DemoModel, fixed_input, make_weights, model_from
 from fabric.core import digest, seal
 from fabric.core.manifest import Manifest
@@ -128,7 +129,7 @@ def copy_of(lab: Lab, version: str, tmp_path: Path) -> Path:
 
 # --- the seal the site writes, and the worker's use of it ------------------------------------------
 
-def test_the_site_seals_each_version_it_pulls_and_workers_check_the_seal_not_blake3(lab, blake3_calls):
+def test_the_site_seals_each_version_it_pulls_and_workers_check_the_seal_not_blake3(lab, blake3_calls, monkeypatch):
     m2 = lab.manifest("v2")
     raw = (lab.folder("v2") / seal.SEAL_FILE).read_bytes()
     s = seal.decode(raw)
@@ -148,10 +149,21 @@ def test_the_site_seals_each_version_it_pulls_and_workers_check_the_seal_not_bla
         assert rep.ok and rep.tensors_changed >= 2 and (rep.verified, rep.seal_fallback) == ("seal", None)
         assert torch.equal(served(live), want)
     assert blake3_calls == [], "the seal vouched for every byte: nothing needed BLAKE3"
+    checked, real = [], sealcheck.verify_sealed  # the path CUDA targets take (checked before the copy), on CPU
+    monkeypatch.setattr(sealcheck, "can_copy_sealed", lambda tensors, targets: False)
+    monkeypatch.setattr(sealcheck, "verify_sealed", lambda *a: checked.append(len(a[1])) or real(*a))
+    live = live_on_v1(lab, "in-place")
+    rep = live.load(lab.snap["v2"], m2)
+    assert checked == [rep.tensors_changed] and (rep.verified, rep.seal_fallback) == ("seal", None)
+    assert torch.equal(served(live), want) and blake3_calls == []
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_file_edited_after_sealing_is_caught_by_blake3_and_the_load_refused(lab, tmp_path, mode, blake3_calls):
+@pytest.mark.parametrize("when", ["while copying", "before copying"])  # CPU targets; CUDA's path, on CPU
+def test_a_file_edited_after_sealing_is_caught_by_blake3_and_the_load_refused(lab, tmp_path, mode, when, blake3_calls,
+                                                                              monkeypatch):
+    if when == "before copying":
+        monkeypatch.setattr(sealcheck, "can_copy_sealed", lambda tensors, targets: False)
     folder = copy_of(lab, "v2", tmp_path)
     t = changed_tensor(lab)
     with open(folder / t.file, "r+b") as f:  # same size, different bytes: the seal is stale now
