@@ -1,6 +1,6 @@
 """Publish throughput: `fabric publish` against `cp -r` and `zstd -1` on the same files.
 
-    python -m bench.publish_throughput [--size-gb 2] [--repeat 3] [--workdir bench-out/publish]
+    python -m bench.publish_throughput [--size-gb 2] [--runs 3] [--workdir bench-out/publish]
 
 Generates an incompressible bf16 model (random bytes in safetensors shards of at
 most 1 GB, written piece by piece so the generator holds one piece at a time), then
@@ -13,10 +13,14 @@ measures, in one run and in turn:
   `LocalTarget`, in a child process) with store compression off, then on
 
 Each command runs as a child process followed by `sync`, both timed, so no tool
-gets credit for writes still sitting in the page cache (Fabric fsyncs each object
-anyway). The source is written and synced first and stays in the page cache (the
-residency is printed); caches are never dropped, so every tool reads from memory.
-The best of `--repeat` runs is kept. Peak RSS is each command's own (GNU time).
+gets credit for writes still sitting in the page cache (Fabric makes its chunks durable
+before it commits anyway). The source is written and synced first and stays in the
+page cache (the residency is printed); caches are never dropped, so every tool reads
+from memory. Each of `--runs` rounds runs every method once, in a rotated order, and
+prints a line as it ends: each publish's GB/s, the GB/s of that round's `cp -r`, their
+ratio and the publish's peak RSS (GNU time, the child's own). The report has a row per
+round and the best of each method. The publish child imports only what `publish`
+needs (`fabric.publish`, `fabric.store.store`).
 """
 
 from __future__ import annotations
@@ -31,10 +35,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from bench import GB, Run, cached_fraction, md_table, run_timed, tree_size
-from fabric.safetensors_io import TensorSpec, write_safetensors
 
 SHARD = 1 << 30  # bytes of tensor data per safetensors shard, at most
 PIECE = 8 << 20  # the generator writes and holds this much at a time
@@ -42,10 +43,12 @@ COMMAND = "python -m bench.publish_throughput"
 _SETTLE = 1.0  # seconds of rest between runs
 
 
-def model_layout(size: int) -> list[list[TensorSpec]]:
+def model_layout(size: int) -> list:
     """bf16 tensors of shape [rows, 4096] (32 MiB or less), grouped into shards."""
+    from fabric.safetensors_io import TensorSpec  # here, not at the top: the publish child does not need it
+
     width, rows_max = 4096, 4096
-    shards: list[list[TensorSpec]] = [[]]
+    shards: list[list] = [[]]
     used, remaining, i = 0, size, 0
     while remaining >= width * 2:
         rows = min(rows_max, remaining // (width * 2))
@@ -61,10 +64,14 @@ def model_layout(size: int) -> list[list[TensorSpec]]:
 
 
 def generate(src: Path, size: int, seed: int = 0) -> list[Path]:
+    import numpy as np
+
+    from fabric.safetensors_io import write_safetensors
+
     src.mkdir(parents=True)
     rng = np.random.default_rng(seed)
 
-    def fill(spec: TensorSpec):
+    def fill(spec):
         for start in range(0, spec.nbytes, PIECE):
             yield rng.bytes(min(PIECE, spec.nbytes - start))
 
@@ -90,7 +97,8 @@ def publish_child(src: str, store: str, compress: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gb", type=float, default=2.0, help="model size in GB (default 2)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per method; the best is kept (default 3)")
+    p.add_argument("--runs", "--repeat", dest="runs", type=int, default=3,
+                   help="rounds of every method, each printed (default 3)")
     p.add_argument("--workdir", default="bench-out/publish", help="scratch folder, wiped first")
     p.add_argument("--child-publish", nargs=3, metavar=("SRC", "STORE", "COMPRESS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -107,12 +115,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     files = generate(src, size)
     total = tree_size(src)
     methods = _methods(src, out, files)
-    best: dict[str, Run | None] = {name: None for name, _ in methods}
-    times: dict[str, list[float]] = {name: [] for name, _ in methods}
+    rounds: list[dict[str, Run]] = []
     outputs: dict[str, int] = {}
     residency = []
-    for r in range(args.repeat):
+    for r in range(args.runs):
         k = r % len(methods)  # rotate the order each round, so no method always follows the same one
+        runs: dict[str, Run] = {}
         for name, cmd in methods[k:] + methods[:k]:
             if cmd is None:
                 continue
@@ -126,27 +134,31 @@ def main(argv: Sequence[str] | None = None) -> str:
             shutil.rmtree(out)
             os.sync()
             time.sleep(_SETTLE)  # let the disk finish with the deleted output (ext4 may discard it)
-            _log(f"run {r + 1}/{args.repeat} {name}: {run.seconds:.2f}s ({total / GB / run.seconds:.2f} GB/s)")
-            times[name].append(run.seconds)
-            if best[name] is None or run.seconds < best[name].seconds:
-                best[name] = run
+            runs[name] = run
+        rounds.append(runs)
+        _log(f"run {r + 1}/{args.runs}: " + _run_line(runs, total))
     shutil.rmtree(work, ignore_errors=True)
 
-    table = _table(methods, best, times, outputs, total)
+    table = _table(methods, rounds, outputs, total) + "\n\n" + _rounds_table(rounds, total)
     notes = [
         f"Source: {len(files)} files, {total / GB:.2f} GB ({total:,} bytes) of random bytes "
         f"(incompressible), bf16 safetensors shards of at most {SHARD >> 20} MiB.",
         f"Page cache: the source was {min(residency):.0%}–{max(residency):.0%} resident before each run "
         "(caches are never dropped): every tool reads from memory, so this measures the "
         "write and CPU side. Each time includes a final `sync`.",
-        f"Best of {args.repeat} runs per method; the methods take turns, in a rotated order each round; "
-        "every run is listed, because "
-        "this VM's disk swings between runs. `vs cp` = throughput / `cp -r` throughput (above 1 is "
-        "faster than cp). Peak RSS is the command's own (GNU time `%M`); the publish child is a Python interpreter that imports Fabric.",
-        "Fabric hashes with BLAKE3 and writes each chunk to a temp file, makes them durable with one syncfs per 256 MiB, then renames them; "
-        "with compression on, each chunk is first test-compressed (64 KiB sample, zstd-1), which "
-        "on incompressible data costs little and stores it raw. zstd -1 runs single-threaded.",
+        f"{args.runs} rounds; in each, every method runs once, in a rotated order. The first table keeps "
+        "each method's best round; `vs cp` = throughput / `cp -r` throughput (above 1 is faster than cp). "
+        "The second has every round, each publish against the `cp -r` of the same round. Peak RSS is the "
+        "command's own (GNU time `%M`); the publish child is a Python interpreter that imports "
+        "`fabric.publish` and `fabric.store.store`, nothing else.",
+        "Fabric reads each safetensors segment in one of two worker threads, hashes it with BLAKE3 and appends "
+        "it to a pack of that thread's (docs/formats.md `packs/`), starting the pack's writeback every 16 MiB; "
+        "a reference per chunk is written to a temp file and renamed into `chunks/` after a syncfs (one in the "
+        "background per 256 MiB or 2 s, and one before the commit). With compression on, each chunk's first "
+        "64 KiB are test-compressed (zstd-1) first. zstd -1 runs single-threaded.",
     ]
+    best = {name: min((rd[name] for rd in rounds if name in rd), key=lambda run: run.seconds, default=None)
+            for name, _ in methods}
     inner = {n: json.loads(r.stdout)["seconds"] for n, r in best.items() if r and n.startswith("fabric")}
     if inner:
         notes.append("Inside the publish child (no interpreter start-up, no final sync): "
@@ -158,6 +170,18 @@ def main(argv: Sequence[str] | None = None) -> str:
     report = table + "\n\n" + "\n".join(f"- {n}" for n in notes)
     print(report)
     return report
+
+
+def _run_line(runs: dict[str, Run], total: int) -> str:
+    """One round as it ends: every method's GB/s; each publish's ratio to this round's cp and its peak RSS."""
+    cp = runs.get("cp -r")
+    parts = []
+    for name, run in runs.items():
+        part = f"{name} {total / GB / run.seconds:.2f} GB/s"
+        if name.startswith("fabric") and cp:
+            part += f" = {cp.seconds / run.seconds:.2f}x cp, peak RSS {run.max_rss / (1 << 20):.0f} MiB"
+        parts.append(part)
+    return "; ".join(parts)
 
 
 def _methods(src: Path, out: Path, files: list[Path]) -> list[tuple[str, list[str] | None]]:
@@ -173,8 +197,12 @@ def _methods(src: Path, out: Path, files: list[Path]) -> list[tuple[str, list[st
     ]
 
 
-def _table(methods, best: dict[str, Run | None], times: dict[str, list[float]],
-           outputs: dict[str, int], total: int) -> str:
+def _table(methods, rounds: list[dict[str, Run]], outputs: dict[str, int], total: int) -> str:
+    """Each method's best round, with every round's seconds."""
+    best = {}
+    for name, _ in methods:
+        done = [rd[name] for rd in rounds if name in rd]
+        best[name] = min(done, key=lambda run: run.seconds) if done else None
     cp = best.get("cp -r")
     rows = []
     for name, cmd in methods:
@@ -186,9 +214,28 @@ def _table(methods, best: dict[str, Run | None], times: dict[str, list[float]],
         ratio = f"{cp.seconds / run.seconds:.2f}x" if cp else "-"
         rows.append([name, f"{run.seconds:.2f}", f"{speed:.2f}", ratio,
                      f"{outputs[name] / GB:.3f}", f"{run.max_rss / (1 << 20):.0f}",
-                     " / ".join(f"{t:.2f}" for t in times[name])])
+                     " / ".join(f"{rd[name].seconds:.2f}" for rd in rounds if name in rd)])
     return md_table(["method", "seconds (best)", "GB/s", "vs cp", "output GB", "peak RSS MiB", "every run (s)"],
                     rows)
+
+
+def _rounds_table(rounds: list[dict[str, Run]], total: int) -> str:
+    """Every round: cp -r and each publish, the publish against that round's cp."""
+    names = [n for n in rounds[0] if n.startswith("fabric")] if rounds else []
+    headers = ["run", "cp -r GB/s"]
+    for n in names:
+        short = n.removeprefix("fabric publish, ")
+        headers += [f"publish ({short}) GB/s", "vs cp", "peak RSS MiB"]
+    rows = []
+    for i, rd in enumerate(rounds, 1):
+        cp = rd.get("cp -r")
+        row = [str(i), f"{total / GB / cp.seconds:.2f}" if cp else "-"]
+        for n in names:
+            run = rd[n]
+            row += [f"{total / GB / run.seconds:.2f}", f"{cp.seconds / run.seconds:.2f}x" if cp else "-",
+                    f"{run.max_rss / (1 << 20):.0f}"]
+        rows.append(row)
+    return md_table(headers, rows)
 
 
 def _fs_type(path: Path) -> str:

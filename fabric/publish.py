@@ -1,11 +1,17 @@
 """Publishing: read a folder once, cut it into chunks, hash them, keep the new ones.
 
-Each file is read sequentially, exactly once. The reading thread cuts the bytes
-(`fabric.core.chunking`) and hands batches of chunks to two worker threads that hash them
-and offer them to a `Target`, which stores the ones it lacks. At most a few batches
-are in flight, so memory stays bounded whatever the model's size. When every file is
-done, the manifest is committed: chunks first, then the manifest, then the version
-ref, so a publish killed at any point leaves no half version.
+Each file is read exactly once. A safetensors file on this machine is cut by its header
+(`fabric.core.chunking`), and two worker threads each read a segment into a buffer of
+their own, hash it and offer it to a `Target`, which stores the ones it lacks; other
+files are read sequentially and cut by content by the calling thread, which hands
+batches of chunks to the workers. At most a few batches are in flight, so memory stays
+bounded whatever the model's size. When every file is done, the manifest is committed:
+chunks first, then the manifest, then the version ref, so a publish killed at any point
+leaves no half version. A local store keeps new chunks in packs (`PackWriter`).
+
+Length: over the ~450-line guide. The one publish path (the target protocol, the
+source walk, the readers for files and bucket objects, the hashing pipeline) stays in
+one module, so what is read, hashed and offered is read in one place.
 
 A `Target` is where a version goes: a local store (`LocalTarget`) or an origin over
 HTTP (`fabric.wire.client.RemoteTarget`). Both answer the same few calls and carry a
@@ -30,6 +36,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 from fabric.core import chunking, digest
 from fabric.errors import ArtifactNotFound, ChannelNotFound, InvalidInput, InvalidManifest, SourceChanged, SourceError
 from fabric.core.manifest import FileEntry, Manifest, TensorEntry, check_name, check_path
+from fabric.store.packs import PackWriter, aligned_buffer
 from fabric.store.registry import Channel, Registry, now_rfc3339
 from fabric.store.store import Store
 
@@ -59,7 +66,8 @@ class Target(Protocol):
         Called from worker threads with the new chunks of one batch (one tensor
         segment, or one window of CDC chunks), so a remote target can ask "which do
         you lack" and upload once per batch. `dtypes` gives each chunk's tensor dtype
-        (None outside tensors), for a target that encodes by it.
+        (None outside tensors), for a target that encodes by it. The bytes are valid
+        only during the call (their buffer is read into again): a target copies what it keeps.
         """
 
     def flush(self) -> None:
@@ -85,18 +93,19 @@ def parent_version(registry: VersionReads | None, artifact: str, channel: str | 
 
 
 class LocalTarget:
-    """Publish into a store on this machine. It keeps chunks as they are, so `offer` ignores dtypes."""
+    """Publish into a store on this machine. It keeps chunks as they are, so `offer` ignores dtypes;
+    a local store holds them in packs (`fabric.store.packs.PackWriter`)."""
 
     def __init__(self, store: Store):
         self.store = store
         self.registry = Registry(store)
+        self.packs = PackWriter(store)
 
     def offer(self, chunks: list[tuple[str, bytes]], dtypes: list[str | None] | None = None) -> list[int]:
-        return [0 if self.store.has_chunk(cid) else self.store.put_chunk(cid, data, verified=True, defer=True)
-                for cid, data in chunks]
+        return [0 if self.store.has_chunk(cid) else self.packs.put(cid, data) for cid, data in chunks]
 
     def flush(self) -> None:
-        self.store.flush()  # the chunks are durable before the manifest that names them
+        self.packs.flush()  # the chunks are durable before the manifest that names them
 
     def commit(self, manifest: Manifest) -> str:
         return self.registry.commit(manifest)
@@ -284,12 +293,12 @@ def _publish_file(rel: str, path: Path, target: Target, pool: ThreadPoolExecutor
     with f:
         before = os.fstat(f.fileno())
         size = before.st_size
-        if rel.endswith(".safetensors"):
-            header, batches = _safetensors_batches(f, size, rel)
+        if rel.endswith(".safetensors"):  # the workers read the segments (`_PieceReader`)
+            header, batches = _safetensors_batches(f, size, rel, _PieceReader(f.fileno(), rel))
         else:
             header, batches = None, _cdc_batches(f, size, rel)
         chunks, segments = _hash_and_offer(batches, target, pool, scan, progress, _dtypes(header))
-        if f.read(1) or _changed(before, os.fstat(f.fileno())):
+        if os.pread(f.fileno(), 1, size) or _changed(before, os.fstat(f.fileno())):
             raise SourceChanged(f"{rel} changed while it was being published; publish again")
     mode = stat.S_IMODE(before.st_mode) & 0o777
     entry = FileEntry(rel, size, mode, tuple(chunks))
@@ -341,10 +350,33 @@ def _read_exact(f, n: int, rel: str) -> bytearray:
     return buf
 
 
-Batch = list[tuple[chunking.Piece | None, memoryview]]
+Batch = list[tuple[chunking.Piece | None, "memoryview | _PieceReader"]]  # a reader: the worker reads the piece
 
 
-def _safetensors_batches(f, size: int, rel: str) -> tuple[chunking.SafetensorsHeader, Iterator[Batch]]:
+class _PieceReader:
+    """Reads a piece of an open file into the calling thread's own buffer, reused for its next
+    piece; page-aligned, so a local store writes it with direct I/O as it is (`PackWriter`)."""
+
+    _buffers = threading.local()
+
+    def __init__(self, fd: int, rel: str):
+        self.fd, self.rel = fd, rel
+
+    def read(self, piece: chunking.Piece) -> memoryview:
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < piece.length:
+            buf = self._buffers.buf = aligned_buffer(max(piece.length, chunking.SEGMENT_SIZE))
+        view, got = buf[:piece.length], 0
+        while got < piece.length:
+            n = os.preadv(self.fd, [view[got:]], piece.offset + got)
+            if not n:
+                raise SourceChanged(f"{self.rel} is shorter than when publishing began")
+            got += n
+        return view
+
+
+def _safetensors_batches(f, size: int, rel: str,
+                         reader: _PieceReader | None = None) -> tuple[chunking.SafetensorsHeader, Iterator[Batch]]:
     prefix = _read_exact(f, 8, rel) if size >= 8 else b""
     try:
         n = chunking.header_length(prefix, size)
@@ -358,7 +390,7 @@ def _safetensors_batches(f, size: int, rel: str) -> tuple[chunking.SafetensorsHe
         first = pieces[0]
         yield [(first, memoryview(prefix + header_json))]
         for p in pieces[1:]:
-            yield [(p, memoryview(_read_exact(f, p.length, rel)))]
+            yield [(p, reader if reader else memoryview(_read_exact(f, p.length, rel)))]
 
     return header, batches()
 
@@ -396,18 +428,18 @@ def _hash_and_offer(batches: Iterator[Batch], target: Target, pool: ThreadPoolEx
 
     def drain_one() -> None:
         batch, fut = pending.popleft()
-        for (piece, view), (cid, written, new) in zip(batch, fut.result()):
-            chunks.append((cid, len(view)))
+        for (piece, view), (cid, n, written, new) in zip(batch, fut.result()):
+            chunks.append((cid, n))
             segments.append((piece, cid))
             if new:
                 scan.new_chunks += 1
-                scan.new_bytes += len(view)
+                scan.new_bytes += n
                 scan.written += written
+        if progress:
+            progress(sum(n for _, n, _, _ in fut.result()))
 
     for batch in batches:
         pending.append((batch, pool.submit(_work, batch, target, scan, dtypes)))
-        if progress:
-            progress(sum(len(v) for _, v in batch))
         if len(pending) >= _IN_FLIGHT:
             drain_one()
     while pending:
@@ -419,8 +451,10 @@ def _dtypes(header: chunking.SafetensorsHeader | None) -> dict[str, str]:
     return {t.name: t.dtype for t in header.tensors} if header else {}
 
 
-def _work(batch: Batch, target: Target, scan: _Scan, dtypes: dict[str, str]) -> list[tuple[str, int, bool]]:
-    """Hash each chunk of a batch and offer the ones new to this publish. Runs in a thread."""
+def _work(batch: Batch, target: Target, scan: _Scan, dtypes: dict[str, str]) -> list[tuple[str, int, int, bool]]:
+    """Read (where the batch holds a reader) and hash each chunk of a batch, and offer the ones
+    new to this publish; per chunk its id, size, bytes written and whether it was new. Runs in a thread."""
+    batch = [(piece, v if isinstance(v, memoryview) else v.read(piece)) for piece, v in batch]
     ids = [digest.digest(view) for _, view in batch]
     fresh: dict[str, bytes] = {}
     kinds: list[str | None] = []  # each fresh chunk's tensor dtype, for targets that encode by it
@@ -432,9 +466,9 @@ def _work(batch: Batch, target: Target, scan: _Scan, dtypes: dict[str, str]) -> 
                 kinds.append(dtypes.get(piece.tensor) if piece is not None and piece.tensor else None)
     written = dict(zip(fresh, target.offer(list(fresh.items()), kinds))) if fresh else {}
     out = []
-    for cid in ids:  # a chunk repeated within the batch counts once
+    for cid, (_, view) in zip(ids, batch):  # a chunk repeated within the batch counts once
         w = written.pop(cid, 0)
-        out.append((cid, w, w > 0))
+        out.append((cid, len(view), w, w > 0))
     return out
 
 

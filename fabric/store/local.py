@@ -8,7 +8,11 @@ A writer of many objects at once (a publish) may defer durability: `put_parts(..
 durable=False)` writes the temp file and stops there; `flush()` then makes every such
 file durable with one `syncfs` and only then renames them into place. The guarantee
 is the same (no object under its key before its bytes are on disk), at the cost of
-one flush instead of one `fsync` per object.
+one flush instead of one `fsync` per object. Bytes a writer put elsewhere in the store
+for the next flush to cover (a publish's packs) count too (`defer_bytes`). Once 256 MiB
+or 2 seconds' worth is pending, a flush starts in a background thread (one at a time),
+so writers go on while the disk catches up; `flush()` waits for it, and re-raises what
+made it fail.
 Compare-and-swap takes an exclusive `flock` on a hidden lock file beside the key
 (`.<name>.lock`: keys never start with '.', so a lock never shadows an object).
 """
@@ -44,6 +48,9 @@ class LocalBackend:
         self._pending_bytes = 0
         self._pending_since = 0.0
         self._pending_lock = threading.Lock()
+        self._flushing = threading.Lock()  # held by the one flush in progress, from taking the list to the renames
+        self._background: threading.Thread | None = None
+        self._background_error: BaseException | None = None
 
     def describe(self) -> str:
         return str(self.root)
@@ -103,15 +110,7 @@ class LocalBackend:
             finally:
                 os.close(fd)
             if not durable:
-                with self._pending_lock:
-                    if not self._pending:
-                        self._pending_since = time.monotonic()
-                    self._pending.append((tmp, path))
-                    self._pending_bytes += sum(len(p) for p in parts)
-                    full = (self._pending_bytes >= _FLUSH_BYTES
-                            or time.monotonic() - self._pending_since >= _FLUSH_SECONDS)
-                if full:  # bound what a crash can lose: a killed publish resumes from here
-                    self.flush()
+                self._defer(sum(len(p) for p in parts), (tmp, path))
                 return
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)
@@ -121,17 +120,58 @@ class LocalBackend:
                 raise StoreFull(f"store {self.root} is full while writing {key!r}") from None
             raise
 
+    def defer_bytes(self, nbytes: int) -> None:
+        """Count `nbytes` written into a file of this store (a pack) that the next flush covers."""
+        self._defer(nbytes, None)
+
+    def _defer(self, nbytes: int, rename: tuple[Path, Path] | None) -> None:
+        with self._pending_lock:
+            if not self._pending and not self._pending_bytes:
+                self._pending_since = time.monotonic()
+            if rename is not None:
+                self._pending.append(rename)
+            self._pending_bytes += nbytes
+            full = (self._pending_bytes >= _FLUSH_BYTES
+                    or time.monotonic() - self._pending_since >= _FLUSH_SECONDS)
+            if full and self._background is None:  # bound what a crash can lose: a killed publish resumes from here
+                self._background = threading.Thread(target=self._flush_in_background, name="fabric-flush",
+                                                    daemon=True)
+                self._background.start()
+
+    def _flush_in_background(self) -> None:
+        try:
+            self._flush_pending()
+        except BaseException as e:  # noqa: BLE001 - kept for flush() to raise
+            self._background_error = e
+        finally:
+            with self._pending_lock:
+                self._background = None
+
     def flush(self) -> None:
         """Make deferred objects durable (one syncfs), then move them into place."""
-        with self._pending_lock:
-            pending, self._pending, self._pending_bytes = self._pending, [], 0
-        if not pending:
-            return
-        _syncfs(self.root)
-        for tmp, path in pending:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        _syncfs(self.root)  # the renames (metadata only: cheap)
+        self._flush_pending()  # waits for a background flush in progress: it holds `_flushing`
+        error, self._background_error = self._background_error, None
+        if error is not None:
+            raise error
+
+    def _flush_pending(self) -> None:
+        with self._flushing:
+            with self._pending_lock:
+                pending, self._pending, self._pending_bytes = self._pending, [], 0
+            if not pending:
+                return
+            _syncfs(self.root)
+            error: OSError | None = None
+            for tmp, path in pending:  # one that cannot be renamed does not keep the others out
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, path)
+                except OSError as e:
+                    error = error or e
+                    tmp.unlink(missing_ok=True)
+            _syncfs(self.root)  # the renames (metadata only: cheap)
+            if error is not None:
+                raise error
 
     def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
         path = self._path(key)

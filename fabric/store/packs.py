@@ -12,21 +12,47 @@ like any other read, so the damage is found, never served as good: `fabric pull`
 fetches such chunks again, `fsck --repair` drops their references, and `gc` deletes
 a pack once no reference points into it. Only local stores on the same file system
 as DEST have packs; elsewhere the store keeps its own copy.
+
+A publish into a local store packs too (`PackWriter`), but its packs are the store's
+alone: it appends each new chunk that is not worth compressing to a pack it created
+under `packs/`, with large sequential writes whose writeback starts as it goes, and
+records a reference. Each writing thread appends to a pack of its own (two threads
+write two files at once) and starts a new one after `PACK_MAX` bytes. The references
+are deferred like any publish's chunk objects: they appear only after the store's
+`flush`, whose `syncfs` has made the packs' bytes durable too.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
+import mmap
 import os
 import re
+import threading
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import zstandard
 
 from fabric.core.codec import TAG_PACKED
 from fabric.core.limits import MAX_CHUNK
-from fabric.errors import ChunkNotFound
+from fabric.errors import ChunkNotFound, StoreFull
+from fabric.fileio import pwrite_all, start_writeback
+
+if TYPE_CHECKING:
+    from fabric.store.store import Store
 
 REF_MAX = 128  # a pack reference is never longer: stored objects this small may be one
+PACK_MAX = 256 << 20  # a publish starts a new pack once its current one holds this many bytes
+PACK_MIN = 4096  # smaller chunks stay objects of their own: such an object costs what a reference does
+_KICK = 16 << 20  # bytes appended to a page-cache pack between starts of its writeback
+DIRECT_MIN = 1 << 20  # chunks this big go to a pack written with direct I/O
+_ALIGN = 4096  # direct I/O: offsets, lengths and buffers on this boundary
+_STAGE = 1 << 20  # the staging buffer for unaligned bytes written with direct I/O
+_SAMPLE, _PAYS = 64 << 10, 0.9  # the store's compression rule (docs/formats.md `chunks/`): its sample
 _KEY = re.compile(r"packs/([0-9a-f]{2})/\1[0-9a-f]{30}")
 _REF = re.compile(re.escape(bytes([TAG_PACKED]))
                   + rb"(packs/[0-9a-f]{2}/[0-9a-f]{32}) (0|[1-9][0-9]{0,15}) ([1-9][0-9]{0,9})")
@@ -82,3 +108,168 @@ def read(chunk_id: str, path: str | os.PathLike, ref: PackRef) -> bytes:
     if len(data) != ref.size:
         raise ChunkNotFound(f"chunk {chunk_id}: its pack {ref.pack} is shorter than the reference says")
     return data
+
+
+class PackWriter:
+    """Where a publish into `store` puts each new chunk: a pack, or an object of its own.
+
+    `put` packs a chunk unless the store cannot hold packs (not on this machine, or no
+    deferred writes), the chunk is small, or the store compresses and the chunk's first
+    64 KiB shrink by the store's rule (then the store stores it, compressed if the whole
+    pays). Chunks of at least `DIRECT_MIN` bytes go to a pack written with direct I/O
+    (`O_DIRECT`, each chunk at a 4096-byte boundary, padded): no copy into the page
+    cache, no dirty pages left for the final sync to write; the smaller ones to a pack
+    written through the page cache. `flush` closes the packs and makes everything
+    durable and visible. Thread-safe; each thread appends to packs of its own.
+    """
+
+    def __init__(self, store: Store):
+        caps = store.capabilities
+        self.store = store
+        self.enabled = caps.files and caps.deferred
+        self._lock = threading.Lock()
+        self._packs: dict[tuple[int, bool], _Pack] = {}  # (writing thread, direct) -> its open pack
+        self._deferred = getattr(store.backend, "defer_bytes", None)  # counts towards the store's next flush
+
+    def put(self, chunk_id: str, data: bytes | memoryview) -> int:
+        """Store a chunk the caller checked against its id, durable at `flush`; the bytes written."""
+        if not self.enabled or len(data) < PACK_MIN or (self.store.compress and _sample_pays(data)):
+            return self.store.put_chunk(chunk_id, data, verified=True, defer=True)
+        ref = self._append(data)
+        self.store.put_packed(chunk_id, ref, defer=True)
+        return len(data)
+
+    def flush(self) -> None:
+        """Close the open packs; make every chunk put so far durable, then visible."""
+        with self._lock:
+            packs, self._packs = list(self._packs.values()), {}
+        for pack in packs:
+            pack.close()
+        self.store.flush()
+
+    def _append(self, data: bytes | memoryview) -> PackRef:
+        me = (threading.get_ident(), len(data) >= DIRECT_MIN)
+        with self._lock:
+            pack = self._packs.get(me)
+        if pack is None or pack.size >= PACK_MAX:
+            if pack is not None:
+                pack.close()
+            pack = _Pack(self.store, direct=me[1])
+            with self._lock:
+                self._packs[me] = pack
+        offset = pack.append(data)
+        if self._deferred is not None:
+            self._deferred(len(data))
+        return PackRef(pack.key, offset, len(data))
+
+
+class _Pack:
+    """One pack being appended to by one thread, through the page cache or with direct I/O."""
+
+    def __init__(self, store: Store, *, direct: bool):
+        self.key = new_pack_key()
+        path = store.backend.path(self.key)
+        self.where = str(store)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise _full(e, self.where) from None
+        self.direct = direct and _set_direct(self.fd)
+        self.size = self._started = 0
+
+    def append(self, data: bytes | memoryview) -> int:
+        """Write `data` at the end of the pack; its offset."""
+        offset = self.size
+        try:
+            if self.direct:
+                try:
+                    self.size = offset + self._write_direct(memoryview(data).cast("B"), offset)
+                    return offset
+                except OSError as e:  # a file system that took the flag but not the writes
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.direct = False
+                    fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            pwrite_all(self.fd, data, offset)
+        except OSError as e:
+            raise _full(e, self.where) from None
+        self.size += len(data)
+        if self.size - self._started >= _KICK:
+            start_writeback(self.fd, self._started, self.size - self._started)
+            self._started = self.size
+        return offset
+
+    def _write_direct(self, view: memoryview, offset: int) -> int:
+        """Write `view` at `offset` (aligned) with direct I/O; the bytes it takes in the pack (padded).
+
+        Whole 4096-byte blocks go straight from the caller's buffer where it is aligned;
+        the rest (or all of it, where not) through this thread's aligned staging buffer."""
+        n = len(view)
+        padded = -(-n // _ALIGN) * _ALIGN
+        head = n - n % _ALIGN if _aligned(view) else 0
+        done = 0
+        while done < head:
+            done += os.pwrite(self.fd, view[done:head], offset + done)
+        stage = _staging()
+        while done < n:
+            k = min(n - done, len(stage))
+            stage[:k] = view[done:done + k]
+            size = -(-k // _ALIGN) * _ALIGN
+            stage[k:size] = bytes(size - k)
+            written = 0
+            while written < size:
+                written += os.pwrite(self.fd, stage[written:size], offset + done + written)
+            done += k
+        return padded
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _set_direct(fd: int) -> bool:
+    """Turn on direct I/O for `fd`; False where the file system refuses it (tmpfs, some FUSE)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether `view` starts at a 4096-byte boundary (only a writable buffer can tell)."""
+    if view.readonly:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % _ALIGN == 0
+
+
+_local = threading.local()
+
+
+def _staging() -> memoryview:
+    """This thread's page-aligned buffer for direct writes of unaligned bytes."""
+    if not hasattr(_local, "stage"):
+        _local.stage = aligned_buffer(_STAGE)
+    return _local.stage
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """A page-aligned buffer of `size` bytes (anonymous memory): what a reader fills
+    so `PackWriter` can write its blocks with direct I/O without copying them."""
+    return memoryview(mmap.mmap(-1, max(size, 1)))
+
+
+def _full(e: OSError, where: str) -> OSError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"store {where} is full while writing a pack")
+    return e
+
+
+def _sample_pays(data: bytes | memoryview) -> bool:
+    """Whether the first 64 KiB shrink below 90 % with zstd level 1 (the store's first test)."""
+    if not hasattr(_local, "zstd"):
+        _local.zstd = zstandard.ZstdCompressor(level=1)
+    sample = data[:_SAMPLE]
+    return len(_local.zstd.compress(sample)) < _PAYS * len(sample)

@@ -1,5 +1,6 @@
 """Packs (fabric.store.packs): a pull writes each chunk once, into DEST, and the store
-shares DEST's files through hard links.
+shares DEST's files through hard links; a publish into a local store appends its new
+chunks to packs of its own (big ones with direct I/O).
 
 Store level: references read back verified, a spoiled or missing pack is found and never
 served as good, gc and fsck handle packs. End to end, with a real `fabric origin` and
@@ -15,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fabric.core import digest
@@ -23,7 +25,10 @@ from fabric.fsck import fsck
 from fabric.gc import gc
 from fabric.store.registry import Registry
 from fabric.store.store import chunk_key, open_store
-from fabric.store.packs import REF_MAX, PackRef
+from fabric.store.packs import DIRECT_MIN, PACK_MIN, REF_MAX, PackRef
+
+from helpers.files import random_bytes, write_safetensors, write_tree
+from helpers.store import publish_local, pull_local
 
 from helpers.origin import (PULL_SECRET, OriginProcess, fabric_json, start_origin, tree_digest,
                             write_token_file)
@@ -100,6 +105,86 @@ def test_a_malformed_reference_is_refused(tmp_path, ref):
     assert list(store.pack_refs()) == []
     if len(ref) <= REF_MAX:  # a server sends "missing" (longer: tag 0xFF on the wire, which receivers refuse)
         assert store.open_stored(cid) is None and store.stored_sizes([cid]) == [None]
+
+
+# --- packs a publish writes ---------------------------------------------------------------------
+
+def _model(root: Path, rng) -> Path:
+    """Chunks of every kind: a small header, an aligned 8 MiB segment, a 1 MiB + 12 byte one
+    (direct I/O with an unaligned tail), a 200 KiB one, a 100-byte tail, and CDC chunks."""
+    write_safetensors(root / "model.safetensors", {
+        "big": rng.standard_normal((8 << 20) // 4 + 25).astype(np.float32),  # 8 MiB, then 100 bytes
+        "odd": rng.integers(0, 256, (1 << 20) + 12, dtype=np.uint8),
+        "mid": rng.standard_normal(50_000).astype(np.float32),
+    })
+    write_tree(root, {"blob.bin": random_bytes(rng, 600_000)})
+    return root
+
+
+def test_publish_packs_new_chunks_big_ones_with_direct_io(tmp_path, rng):
+    store = open_store(tmp_path / "store", compress=False)
+    src = _model(tmp_path / "src", rng)
+    r = publish_local(store, src)
+    m = Registry(store).manifest("model", "v1")
+    sizes = {cid: n for f in m.files for cid, n in f.chunks}
+    refs = dict(store.pack_refs())
+    assert set(refs) == {cid for cid, n in sizes.items() if n >= PACK_MIN}  # small ones are objects
+    assert any(n < PACK_MIN for n in sizes.values()) and len(refs) >= 5
+    direct = {ref.pack for cid, ref in refs.items() if sizes[cid] >= DIRECT_MIN}
+    assert direct and not direct & {ref.pack for cid, ref in refs.items() if sizes[cid] < DIRECT_MIN}
+    for cid, ref in refs.items():
+        assert ref.size == sizes[cid]
+        if sizes[cid] >= DIRECT_MIN:
+            assert ref.offset % 4096 == 0
+    for key in direct:  # each direct chunk padded to a 4096-byte boundary
+        assert (store.backend.root / key).stat().st_size % 4096 == 0
+    assert r.new_bytes == r.bytes and r.chunks == len(sizes)
+    assert r.written_bytes == r.new_bytes + len(sizes) - len(refs)  # an object's tag byte; a pack holds raw bytes
+    assert os.listdir(store.backend.root / "tmp") == []
+    pull_local(store, "model", "v1", tmp_path / "out")
+    for name in ("model.safetensors", "blob.bin"):
+        assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
+    assert fsck(store).ok and fsck(store).chunks == len(sizes)
+
+
+def test_with_compression_a_chunk_that_shrinks_stays_an_object(tmp_path, rng):
+    store = open_store(tmp_path / "store")
+    src = tmp_path / "src"
+    write_safetensors(src / "m.safetensors", {"zeros": np.zeros(2 << 18, np.float32),
+                                              "noise": rng.integers(0, 256, 2 << 20, dtype=np.uint8)})
+    r = publish_local(store, src)
+    t = {t.name: t.chunks for t in Registry(store).manifest("model", "v1").tensors}
+    refs = dict(store.pack_refs())
+    assert t["noise"][0] in refs and t["zeros"][0] not in refs
+    assert r.written_bytes < r.new_bytes - (1 << 20)  # the zeros were stored compressed
+    assert store.get_chunk(t["zeros"][0]) == bytes(2 << 20)
+
+
+def test_a_spoiled_publish_pack_is_found_and_the_chunk_stored_again(tmp_path, rng):
+    store = open_store(tmp_path / "store", compress=False)
+    src = _model(tmp_path / "src", rng)
+    publish_local(store, src)
+    cid, ref = next((c, ref) for c, ref in store.pack_refs() if ref.size >= DIRECT_MIN)
+    with open(store.backend.root / ref.pack, "r+b") as f:
+        f.seek(ref.offset + 7)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(CorruptChunk):
+        store.get_chunk(cid)
+    report = fsck(store, repair=True)
+    assert report.bad_chunks == [cid] and report.bad_versions == ["model@v1: 1 chunk(s) missing"]
+    r = publish_local(store, src, version="v2")
+    assert (r.new_chunks, r.new_bytes) == (1, ref.size)
+    assert fsck(store).ok
+
+
+def test_gc_deletes_publish_packs_once_no_version_needs_them(tmp_path, rng):
+    store = open_store(tmp_path / "store", compress=False)
+    publish_local(store, _model(tmp_path / "src", rng))
+    packs = list(store.iter_packs())
+    assert len(packs) >= 2 and gc(store, keep=1, grace=0).packs_deleted == 0
+    Registry(store).delete_version("model", "v1")
+    assert gc(store, keep=1, grace=3600).packs_deleted == 0  # young: a publish may be writing them
+    assert gc(store, keep=1, grace=0).packs_deleted == len(packs) and not list(store.iter_packs())
 
 
 # --- end to end ------------------------------------------------------------------------------

@@ -236,6 +236,32 @@ def test_deferred_chunks_are_there_after_flush(store):
     assert [store.get_chunk(c) for c in cids] == [f"deferred {i}".encode() for i in range(5)]
 
 
+def test_deferred_writes_flush_in_the_background_and_flush_reports_its_failure(tmp_path, monkeypatch):
+    """Past the flush threshold a background flush makes them visible with no `flush()`
+    call; one that fails (here a key under an object, so its folder cannot be made) is
+    raised by the next `flush()`, after the other deferred writes are in place."""
+    from fabric.store import local
+    monkeypatch.setattr(local, "_FLUSH_BYTES", 1000)
+    b = LocalBackend(tmp_path / "store")
+    b.put_parts("a/x", [b"x" * 10], durable=False)
+    assert not b.has("a/x")
+    b.defer_bytes(2000)  # bytes written elsewhere in the store (a pack) count towards the threshold
+    for _ in range(500):
+        if b.has("a/x"):
+            break
+        threading.Event().wait(0.01)
+    assert b.get("a/x") == b"x" * 10 and os.listdir(tmp_path / "store" / "tmp") == []
+    b.put("file", b"an object")
+    b.put_parts("file/under", [b"y" * 2000], durable=False)  # starts a flush that cannot rename it
+    b.put_parts("b/ok", [b"z"], durable=False)
+    with pytest.raises(OSError):
+        for _ in range(500):
+            b.flush()
+            threading.Event().wait(0.01)
+    b.flush()  # reported once
+    assert b.get("b/ok") == b"z" and not b.has("file/under")
+
+
 def test_get_absent_chunk_is_chunk_not_found(store):
     with pytest.raises(ChunkNotFound) as e:
         store.get_chunk(digest.digest(b"nothing"))
