@@ -100,6 +100,7 @@ def test_origins_on_one_bucket_share_moves_fail_over_and_keep_reports(tmp_path, 
         edge_b.wait_active("m", "v3", timeout=40)
         print(f"origin A killed: its site targets v3 {failover:.3f} s after the publish through B, "
               f"active {time.monotonic() - killed:.3f} s after the kill")
+        assert failover < 10.0  # B's own event, not the 30 s return to the preferred origin nor a re-sync
         wait_until(lambda: _sites(b).get("edge-a", {}).get("channels", [{}])[0].get("active") == "v3",
                    timeout=20, what="edge-a's report of v3 at B")
         time.sleep(3.0)  # B writes a changed report within 2 s
