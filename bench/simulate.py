@@ -6,8 +6,8 @@ One `fabric origin` process and N site agents arranged as a tree (site i's upstr
 site (i - R) // F for i >= R, the origin for the first R = `--roots`, F = `--fanout`:
 origin -> hubs -> edges), all
 following `sim:prod`. With `--real`, each agent is its own `fabric agent` process;
-otherwise `SiteAgent`s run many to a worker process (`--per-worker`, each with its own
-data folder and listen port, started a tree level at a time so a child never starts
+otherwise `SiteAgent`s run many to a worker process (`--per-worker` edges or
+`--relays-per-worker` relays to one, each site with its own data folder and listen port, started a tree level at a time so a child never starts
 before its relay). A small artifact (`--size-mb`, random float32) is published, then
 the channel is promoted, and the command prints, per run, side by side:
 
@@ -206,14 +206,18 @@ async def _worker() -> None:
 
 
 class Workers:
-    """In-process agents, `per` to a worker process."""
+    """In-process agents: relays (sites with children) `relay_per` to a worker process, the
+    other sites `per` to one, so a hub is not starved by a hundred edges sharing its process."""
 
-    def __init__(self, n: int, per: int, work: Path):
-        count = max(1, math.ceil(n / per))
+    def __init__(self, n: int, per: int, work: Path, relays: set[str], relay_per: int):
+        self.relays = relays
+        counts = (math.ceil(len(relays) / relay_per), max(1, math.ceil((n - len(relays)) / per)))
         env = dict(os.environ, FABRIC_CONFIG=os.devnull)
         self.procs = [subprocess.Popen([sys.executable, "-m", "bench.simulate", "--worker"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, stderr=open(work / f"worker{w}.log", "wb"),
-                                       text=True, env=env) for w in range(count)]
+                                       text=True, env=env) for w in range(sum(counts))]
+        self.pools = (self.procs[:counts[0]], self.procs[counts[0]:])
+        self._next = [0, 0]
 
     def _ask(self, per_proc: list[dict]) -> list[dict]:
         for p, msg in zip(self.procs, per_proc):
@@ -228,19 +232,24 @@ class Workers:
         return out
 
     def start(self, configs: list[dict]) -> dict[str, int]:
-        shares = [configs[w::len(self.procs)] for w in range(len(self.procs))]
+        shares: dict[int, list[dict]] = {id(p): [] for p in self.procs}
+        for raw in configs:
+            pool = 0 if raw["site"] in self.relays else 1
+            procs = self.pools[pool]
+            shares[id(procs[self._next[pool] % len(procs)])].append(raw)
+            self._next[pool] += 1
+        shares = [shares[id(p)] for p in self.procs]
         ports = {}
         for answer in self._ask([{"op": "start", "configs": s} for s in shares]):
             ports.update(answer["ports"])
         return ports
 
     def wait(self, version: str, timeout: float) -> tuple[dict[str, float], list[float]]:
-        seen, per_agent = {}, []
+        seen, rss, agents = {}, 0, 0
         for answer in self._ask([{"op": "wait", "version": version, "timeout": timeout}] * len(self.procs)):
             seen.update(answer["active"])
-            if answer["agents"]:
-                per_agent.append(answer["rss"] / answer["agents"])
-        return seen, per_agent
+            rss, agents = rss + answer["rss"], agents + answer["agents"]
+        return seen, [rss / max(1, agents)]
 
     def stop(self) -> None:
         for p in self.procs:
@@ -349,7 +358,7 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 
 def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, report: float, timeout: float,
-        base: str | None = None) -> dict:
+        base: str | None = None, relay_per: int = 10) -> dict:
     from fabric.publish import publish
     from fabric.wire.client import RemoteTarget, SyncOrigin
     from topology.lab import fabric_command
@@ -364,7 +373,8 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
     agents = None
     try:
         _wait_live(url, 60, origin)
-        agents = RealAgents(work) if real else Workers(n, per, work)
+        relays = {site_name(p) for i in range(n) if (p := parent(i, fanout, roots)) is not None}
+        agents = RealAgents(work) if real else Workers(n, per, work, relays, relay_per)
         urls: dict[int, str] = {}
         t_start = time.monotonic()
         tree = levels(n, fanout, roots)
@@ -374,6 +384,9 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
             urls.update({i: f"http://127.0.0.1:{ports[site_name(i)]}" for i in level})
         _log(f"{n} sites started in {time.monotonic() - t_start:.1f} s ({len(tree)} levels); settling")
         time.sleep(max(5.0, 2 * report))
+        settle = time.monotonic() + 45  # a site whose relay was slow to start follows the origin for 30 s
+        while origin_sockets(port) > min(n, roots) * 2 and time.monotonic() < settle:
+            time.sleep(0.5)
         steady = origin_sockets(port)
         r0, _ = origin_counters(url)
         time.sleep(10.0)
@@ -444,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--real", type=int, default=0, help="also run this many sites as real agent processes")
     ap.add_argument("--size-mb", type=float, default=1.0)
     ap.add_argument("--per-worker", type=int, default=125, help="in-process agents per worker process")
+    ap.add_argument("--relays-per-worker", type=int, default=10, help="in-process relays per worker process")
     ap.add_argument("--report-interval", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every site to activate")
     ap.add_argument("--data", default=None, help="where the sites' folders go (default: the temp folder); "
@@ -459,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     for n, real in plan:
         _log(f"run: {n} sites, {'processes' if real else 'in-process'}, fanout {args.fanout}")
         row = run(n, args.fanout, args.roots, real=real, size=int(args.size_mb * (1 << 20)), per=args.per_worker,
-                  report=args.report_interval, timeout=args.timeout, base=args.data)
+                  report=args.report_interval, timeout=args.timeout, base=args.data,
+                  relay_per=args.relays_per_worker)
         _log(json.dumps(row))
         rows.append(row)
     m = machine()
