@@ -2,7 +2,7 @@
 
 An origin's event stream announces what is done through its own API. With several
 origins on one bucket, `MoveWatch` makes each stream announce the others' moves too,
-within about `poll` seconds (docs/protocol.md "The event stream"):
+within about `poll` seconds (docs/protocol.md "Several origins over one store"):
 
 * `record(event)`: after a version commit or a channel move, the origin appends the
   event to the move log (`fabric.store.movelog`); a failed append is logged and
