@@ -185,19 +185,27 @@ def test_hook_envelopes_and_sns(fuzz_cases, tmp_path):
     run(fuzz_cases, one)
 
 
-def _payloads() -> list[tuple[int, bytes, bytes, bytes | None, str | None]]:
-    """(tag, stream payload, chunk, reference, dtype): one valid payload of every encoding."""
+def _payloads() -> list[tuple[int, bytes, bytes, dict[str, bytes]]]:
+    """(tag, stream payload, chunk, the references by id): one valid payload of every encoding."""
     import numpy as np
     rng = np.random.default_rng(7)
     before = rng.normal(0, 0.02, 200).astype("<f4")
     after = (before.view("<u4") + rng.integers(0, 9, 200).astype("<u4")).tobytes() + b"\x05"
     text_ref = b"".join(b'{"id":%d,"text":"row %d"}\n' % (i, i * 7) for i in range(40))
     text = text_ref[:300] + b'{"id":999,"text":"inserted"}\n' + text_ref[300:]
+    tail = b"".join(b'{"id":%d,"text":"later row %d"}\n' % (i, i * 3) for i in range(100, 140))
     out = []
     for enc in codec.Encoding:
-        data, ref, dtype = (text, text_ref, None) if enc == codec.Encoding.PATCH else (after, before.tobytes(), "F32")
-        e = codec.encode_as(enc, data, dtype=dtype, reference=ref if enc in codec.REFERENCING else None)
-        out.append((e.tag, bytes(e.body), data, ref if enc in codec.REFERENCING else None, dtype))
+        data, ref, more, dtype = after, before.tobytes(), [], "F32"
+        if enc == codec.Encoding.PATCH:
+            data, ref, dtype = text, text_ref, None
+        elif enc == codec.Encoding.MULTIPATCH:
+            data, ref, more, dtype = text_ref[:500] + tail[600:], text_ref, [tail], None
+        if enc not in codec.REFERENCING:
+            ref = None
+        e = codec.encode_as(enc, data, dtype=dtype, reference=ref, more=[(m, None) for m in more])
+        held = {digest(r): r for r in ([ref] if ref is not None else []) + more}
+        out.append((e.tag, bytes(e.body), data, held))
     return out
 
 
@@ -206,9 +214,19 @@ PAYLOADS = _payloads()
 
 def test_chunk_payloads(fuzz_cases):
     """Garbled payloads of every tag decode to the chunk, or raise a FabricError; never more bytes."""
+    def lookup(held: dict[str, bytes]):
+        def references(ref_id: str) -> bytes:
+            if ref_id not in held:
+                raise ReferenceMismatch(f"no reference {ref_id}")
+            return held[ref_id]
+        return references
+
+    for tag, body, chunk, held in PAYLOADS:  # each intact payload decodes
+        assert frames.decode(digest(chunk), tag, len(chunk), body, references=lookup(held)) == chunk
+
     @given(st.data())
     def one(data):
-        tag, body, chunk, ref, _ = data.draw(st.sampled_from(PAYLOADS))
+        tag, body, chunk, held = data.draw(st.sampled_from(PAYLOADS))
         how = data.draw(st.sampled_from(["flip", "cut", "extend", "tag", "size", "hostile"]))
         raw_size = len(chunk)
         body = bytearray(body)
@@ -225,14 +243,8 @@ def test_chunk_payloads(fuzz_cases):
             raw_size = data.draw(st.sampled_from([0, 1, raw_size - 1, raw_size + 1, 1 << 31, (1 << 32) - 1]))
         else:
             body = bytearray(data.draw(st.binary(max_size=200)))
-        held = {digest(ref): ref} if ref is not None else {}
-
-        def references(ref_id: str) -> bytes:
-            if ref_id not in held:
-                raise ReferenceMismatch(f"no reference {ref_id}")
-            return held[ref_id]
         try:
-            out = frames.decode(digest(chunk), tag, raw_size, bytes(body), references=references,
+            out = frames.decode(digest(chunk), tag, raw_size, bytes(body), references=lookup(held),
                                 expected_size=raw_size)
         except FabricError:
             return
