@@ -25,8 +25,17 @@ times the verification itself, `--reps` times each, against the same live origin
   right before the flip, on the envelopes the origin serves, parsed from bytes each
   time, as the agent does.
 
-Data lives in a temp folder under /tmp, removed at the end; the origin is stopped also
-on failure.
+Part c, real site agents: two `fabric agent` processes on the same origin follow
+`small:prod`, one with `trust = FILE`, one without; `--deploys` small signed versions
+(2 MB of new random bytes each) are published and moved to `prod` one after the other,
+each awaited at both sites; then each agent's own metrics give its mean deploy time
+(`fabric_agent_deploy_seconds`, outcome activated: manifest, statements, chunks,
+activation) and mean flip time (`fabric_agent_activation_seconds`). The difference of
+the deploy means is what verification (with its requests and its fsynced records) adds
+to a deploy at a real site.
+
+Data lives in a temp folder under /tmp, removed at the end; every server is stopped
+also on failure.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import shutil
 import statistics
 import sys
@@ -139,12 +150,90 @@ def checks(origin_url: str, trust: Path, reps: int) -> dict[str, list[float]]:
     return asyncio.run(run())
 
 
+SITES = {"site-trust": "site-trust-token-5c1a9e0d7b3f2468", "site-plain": "site-plain-token-0f6b2d8e4a1c9753"}
+PUBLISH = "bench-verify-publish-0123456789abcdef"
+
+
+def agent_config(work: Path, site: str, origin_url: str, port: int, trust: Path | None) -> Path:
+    lines = [f'site = "{site}"', f'data = "{work / site}"', f'listen = "127.0.0.1:{port}"',
+             f'origin = "{origin_url}"', f'token = "{SITES[site]}"', 'follow = ["small:prod"]',
+             'report_interval = 5', 'log_level = "warning"']
+    if trust is not None:
+        lines.append(f'trust = "{trust}"')
+    lines += ["[sync]", "resync_interval = 2"]
+    path = work / f"{site}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def scrape(url: str, token: str) -> dict[str, float]:
+    import urllib.request
+    req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"([a-z_]+(?:\{[^}]*\})?) ([-+0-9.eE]+|NaN)", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def site_deploys(work: Path, origin_url: str, trust: Path, key_file: Path, deploys: int) -> dict[str, dict]:
+    """Part c: mean deploy and flip times at a site with and without a trust policy."""
+    from fabric.publish import publish
+    from fabric.signing import Signer, SigningTarget
+    from fabric.trust import load_private_key
+    from fabric.wire.client import RemoteTarget, SyncOrigin
+
+    ports = {site: free_port() for site in SITES}
+    urls = {site: f"http://127.0.0.1:{port}" for site, port in ports.items()}
+    configs = {site: agent_config(work, site, origin_url, ports[site], trust if site == "site-trust" else None)
+               for site in SITES}
+    signer = Signer([load_private_key(key_file)])
+    with service([FABRIC, "agent", "--config", str(configs["site-trust"])], work / "site-trust.log"), \
+            service([FABRIC, "agent", "--config", str(configs["site-plain"])], work / "site-plain.log"), \
+            SyncOrigin(origin_url, PUBLISH) as so:
+        for site, url in urls.items():
+            wait_http(f"{url}/livez", log=work / f"{site}.log")
+        for i in range(1, deploys + 1):
+            src = work / "small" / f"v{i}"
+            src.mkdir(parents=True)
+            (src / "weights.bin").write_bytes(os.urandom(2_000_000))
+            publish(src, artifact="small", version=f"v{i}", channel="prod", target=SigningTarget(RemoteTarget(so), signer))
+            deadline = time.monotonic() + 60
+            while True:
+                done = [(work / site / "current" / "small").resolve().name == f"v{i}" for site in SITES]
+                if all(done):
+                    break
+                if time.monotonic() > deadline:
+                    tail = (work / "site-trust.log").read_text(errors="replace")[-2000:]
+                    raise SystemExit(f"v{i} did not reach both sites within 60s: {dict(zip(SITES, done))}\n{tail}")
+                time.sleep(0.02)
+            _log(f"[site] v{i} active at both sites")
+        out = {}
+        for site, url in urls.items():
+            deadline = time.monotonic() + 10  # a deploy is counted just after its flip
+            while (m := scrape(url, SITES[site])).get('fabric_agent_deploy_seconds_count{outcome="activated"}', 0) \
+                    < deploys and time.monotonic() < deadline:
+                time.sleep(0.1)
+            count = m.get('fabric_agent_deploy_seconds_count{outcome="activated"}', 0.0)
+            out[site] = {"deploys": int(count),
+                         "deploy_s": m.get('fabric_agent_deploy_seconds_sum{outcome="activated"}', 0.0) / max(count, 1),
+                         "flip_s": m.get("fabric_agent_activation_seconds_sum", 0.0)
+                         / max(m.get("fabric_agent_activation_seconds_count", 0.0), 1),
+                         "refused": sum(v for k, v in m.items() if k.startswith("fabric_agent_signature_refusals_total"))}
+            _log(f"[site] {site}: {out[site]}")
+        return out
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gb", type=float, default=2.0, help="artifact size (default 2)")
     p.add_argument("--runs", type=int, default=3, help="pulls with and without --trust (default 3 each)")
     p.add_argument("--reps", type=int, default=100, help="repetitions of each verification step (default 100)")
     p.add_argument("--connections", type=int, default=4, help="fabric pull --connections (default 4)")
+    p.add_argument("--deploys", type=int, default=10, help="versions deployed at the two sites (default 10)")
     args = p.parse_args(argv)
     if not FABRIC or shutil.which("curl") is None:
         raise SystemExit("missing: fabric (pip install -e .) or curl")
@@ -159,10 +248,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         key_file, pub_file = generate_key("publisher", work / "keys")
         trust = work / "trust.toml"
         policy = TrustPolicy()
-        policy.add(load_public_key(pub_file), [ARTIFACT], name="publisher")
+        policy.add(load_public_key(pub_file), [ARTIFACT, "small"], name="publisher")
         policy.save(trust)
         tokens = work / "tokens.toml"
-        tokens.write_text(f'[[token]]\nname = "bench"\nsecret = "{TOKEN}"\nscopes = ["pull"]\n')
+        tokens.write_text(f'[[token]]\nname = "bench"\nsecret = "{TOKEN}"\nscopes = ["pull"]\n'
+                          f'[[token]]\nname = "publisher"\nsecret = "{PUBLISH}"\nscopes = ["publish", "pull"]\n'
+                          + "".join(f'[[token]]\nname = "{site}"\nsecret = "{secret}"\nscopes = ["pull"]\n'
+                                    f'site = "{site}"\n' for site, secret in SITES.items()))
         _log("publishing into the origin store, signed (library, LocalTarget, compression off) …")
         pub = publish_signed(work / "origin-store", work / "src", key_file)
         _log(f"published {ARTIFACT}@v1 → {CHANNEL}: {pub['chunks']} chunks in {pub['seconds']:.1f}s, signed")
@@ -173,12 +265,14 @@ def main(argv: Sequence[str] | None = None) -> str:
             wait_http(f"{origin_url}/livez", log=work / "origin.log")
             runs = pull_runs(work, origin_url, trust, args.runs, args.connections, size)
             steps = checks(origin_url, trust, args.reps)
+            sites = site_deploys(work, origin_url, trust, key_file, args.deploys) if args.deploys else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return report(runs, steps, size, args, time.monotonic() - t_start)
+    return report(runs, steps, sites, size, args, time.monotonic() - t_start)
 
 
-def report(runs: list[dict], steps: dict[str, list[float]], size: int, args, seconds: float) -> str:
+def report(runs: list[dict], steps: dict[str, list[float]], sites: dict[str, dict], size: int, args,
+           seconds: float) -> str:
     rows = [[r["run"], "with --trust" if r["kind"] == "trust" else "without", f"{r['synced_s']:.2f}",
              f"{r['exit_s']:.2f}", f"{size / MB / r['synced_s']:,.0f}"] for r in runs]
     med = {k: statistics.median(r["synced_s"] for r in runs if r["kind"] == k) for k in ("unsigned", "trust")}
@@ -216,6 +310,17 @@ def report(runs: list[dict], steps: dict[str, list[float]], size: int, args, sec
         f"into an empty store; origin and client on loopback, sharing {m['nproc']} CPUs ({m['cpu']}) with "
         f"other work. Took {seconds:.0f}s.",
     ]
+    if sites:
+        t, u = sites["site-trust"], sites["site-plain"]
+        site_table = md_table(["site", "trust policy", "deploys", "mean deploy ms", "mean flip ms", "refusals"],
+                              [[name, "yes" if name == "site-trust" else "no", x["deploys"],
+                                f"{x['deploy_s'] * 1e3:.1f}", f"{x['flip_s'] * 1e3:.2f}", f"{x['refused']:.0f}"]
+                               for name, x in sites.items()])
+        notes.insert(3, f"At real sites, {t['deploys']} and {u['deploys']} deploys of 2 MB versions: mean deploy "
+                        f"{t['deploy_s'] * 1e3:.1f} ms with a trust policy, {u['deploy_s'] * 1e3:.1f} ms without "
+                        f"({(t['deploy_s'] - u['deploy_s']) * 1e3:+.1f} ms: verification, the envelope's request and "
+                        "the fsynced trust records, plus noise); the flip itself is timed apart.")
+        step_table += "\n\n" + site_table
     text = pull_table + "\n\n" + step_table + "\n\n" + "\n".join(f"- {n}" for n in notes)
     print(text)
     return text
