@@ -151,11 +151,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         "The second has every round, each publish against the `cp -r` of the same round. Peak RSS is the "
         "command's own (GNU time `%M`); the publish child is a Python interpreter that imports "
         "`fabric.publish` and `fabric.store.store`, nothing else.",
-        "Fabric reads each safetensors segment in one of two worker threads, hashes it with BLAKE3 and appends "
-        "it to a pack of that thread's (docs/formats.md `packs/`), starting the pack's writeback every 16 MiB; "
-        "a reference per chunk is written to a temp file and renamed into `chunks/` after a syncfs (one in the "
-        "background per 256 MiB or 2 s, and one before the commit). With compression on, each chunk's first "
-        "64 KiB are test-compressed (zstd-1) first. zstd -1 runs single-threaded.",
+        "Fabric reads each 8 MiB safetensors segment in one of two worker threads into a reused page-aligned "
+        "buffer, hashes it with BLAKE3 and writes it with direct I/O (O_DIRECT: no page-cache copy) into a pack "
+        "of its own (docs/formats.md `packs/`); a reference per chunk is written to a temp file and "
+        "renamed into `chunks/` after a syncfs (one in the background per 256 MiB or 2 s, and one before the "
+        "commit). `cp -r` copies through the page cache (copy_file_range), and its final `sync` writes it out. "
+        "With compression on, each chunk's first 64 KiB are test-compressed (zstd-1) first. zstd -1 runs "
+        "single-threaded.",
     ]
     best = {name: min((rd[name] for rd in rounds if name in rd), key=lambda run: run.seconds, default=None)
             for name, _ in methods}

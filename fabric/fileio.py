@@ -1,5 +1,4 @@
-"""Writing files: big ones preallocated, in slices of 64 KiB; small ones replaced whole;
-writeback of what was written started early.
+"""Writing files: big ones preallocated, in slices of 64 KiB; small ones replaced whole.
 
 Linux's page cache sizes the folios it allocates for a write by the write's length, so
 one 8 MiB `write` asks for large folios, and on a VM whose host reclaims freed guest
@@ -8,10 +7,6 @@ folios tend to come from memory the host must fault in again: the copy into the 
 cache then ran at 0.6-1.3 GB/s with seconds of system time, where 64 KiB writes ran at
 5-10 GB/s (`python -m bench.pull_throughput`). The extra system calls cost about
 30 ms per 2 GB.
-
-A writer that will make many bytes durable at the end (a publish's packs) starts their
-writeback as it goes (`start_writeback`), so the disk works while the CPU still reads and
-hashes, and the final sync waits only for the tail.
 """
 
 from __future__ import annotations
@@ -52,20 +47,6 @@ def write_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> None:
         done = 0
         while done < len(view):
             done += os.write(fd, view[done:done + WRITE_SLICE])
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing back `length` bytes of `fd` from `offset` (Linux `sync_file_range`
-    with SYNC_FILE_RANGE_WRITE): it does not wait, and it makes nothing durable (no
-    metadata, no cache flush), so an fsync or syncfs is still owed. A no-op elsewhere."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-_SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None)
-if _SYNC_FILE_RANGE is not None:
-    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_SYNC_FILE_RANGE_WRITE = 2
 
 
 def replace_file(path: str | os.PathLike, data: bytes) -> None:

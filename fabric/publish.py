@@ -7,7 +7,8 @@ files are read sequentially and cut by content by the calling thread, which hand
 batches of chunks to the workers. At most a few batches are in flight, so memory stays
 bounded whatever the model's size. When every file is done, the manifest is committed:
 chunks first, then the manifest, then the version ref, so a publish killed at any point
-leaves no half version. A local store keeps new chunks in packs (`PackWriter`).
+leaves no half version. A local store keeps each new big chunk in a pack of its own,
+written with direct I/O from the buffer it was read into (`PackWriter`).
 
 Length: over the ~450-line guide. The one publish path (the target protocol, the
 source walk, the readers for files and bucket objects, the hashing pipeline) stays in

@@ -398,3 +398,22 @@ def test_invalid_safetensors_are_refused_naming_the_file(store, tmp_path, name, 
         publish_local(store, src)
     assert e.value.message.startswith(f"{name}: ")
     assert _nothing_committed(store) and chunk_files(Path(store.backend.describe())) == []
+
+
+def test_publishing_loads_no_http_client_and_the_package_names_stay_the_functions():
+    """`import fabric.publish` (what `fabric publish` and its benchmark child need) leaves the
+    pull path and aiohttp unloaded; `fabric.pull`/`fabric.publish` are the functions however
+    their modules were imported."""
+    import subprocess
+    import sys
+    code = ("import sys, fabric.publish, fabric.store.store\n"
+            "assert 'aiohttp' not in sys.modules and 'fabric.pull' not in sys.modules, sorted(sys.modules)\n"
+            "import fabric, fabric.pull\n"
+            "from fabric import pull, publish, open_store, Manifest, tracing\n"
+            "assert fabric.pull is pull and pull.__module__ == 'fabric.pull' and callable(pull)\n"
+            "assert fabric.publish is publish and publish.__module__ == 'fabric.publish'\n"
+            "assert open_store.__module__ == 'fabric.store.store' and Manifest.__name__ == 'Manifest'\n"
+            "assert tracing.__name__ == 'fabric.tracing'\n"
+            "try:\n    fabric.nothing\nexcept AttributeError:\n    print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr

@@ -14,12 +14,10 @@ a pack once no reference points into it. Only local stores on the same file syst
 as DEST have packs; elsewhere the store keeps its own copy.
 
 A publish into a local store packs too (`PackWriter`), but its packs are the store's
-alone: it appends each new chunk that is not worth compressing to a pack it created
-under `packs/`, with large sequential writes whose writeback starts as it goes, and
-records a reference. Each writing thread appends to a pack of its own (two threads
-write two files at once) and starts a new one after `PACK_MAX` bytes. The references
-are deferred like any publish's chunk objects: they appear only after the store's
-`flush`, whose `syncfs` has made the packs' bytes durable too.
+alone: each new chunk of at least 1 MiB that is not worth compressing gets a pack of
+its own, written with direct I/O straight from the buffer the publisher read it into,
+and a reference. The references are deferred like any publish's chunk objects: they
+appear only after the store's `flush`, whose `syncfs` has made the packs durable too.
 """
 
 from __future__ import annotations
@@ -40,16 +38,13 @@ import zstandard
 from fabric.core.codec import TAG_PACKED
 from fabric.core.limits import MAX_CHUNK
 from fabric.errors import ChunkNotFound, StoreFull
-from fabric.fileio import pwrite_all, start_writeback
+from fabric.fileio import pwrite_all
 
 if TYPE_CHECKING:
     from fabric.store.store import Store
 
 REF_MAX = 128  # a pack reference is never longer: stored objects this small may be one
-PACK_MAX = 256 << 20  # a publish starts a new pack once its current one holds this many bytes
-PACK_MIN = 4096  # smaller chunks stay objects of their own: such an object costs what a reference does
-_KICK = 16 << 20  # bytes appended to a page-cache pack between starts of its writeback
-DIRECT_MIN = 1 << 20  # chunks this big go to a pack written with direct I/O
+PACK_MIN = 1 << 20  # a publish packs chunks this big; smaller ones stay objects of their own
 _ALIGN = 4096  # direct I/O: offsets, lengths and buffers on this boundary
 _STAGE = 1 << 20  # the staging buffer for unaligned bytes written with direct I/O
 _SAMPLE, _PAYS = 64 << 10, 0.9  # the store's compression rule (docs/formats.md `chunks/`): its sample
@@ -111,62 +106,47 @@ def read(chunk_id: str, path: str | os.PathLike, ref: PackRef) -> bytes:
 
 
 class PackWriter:
-    """Where a publish into `store` puts each new chunk: a pack, or an object of its own.
+    """Where a publish into `store` puts each new chunk: a pack of its own, or an object.
 
-    `put` packs a chunk unless the store cannot hold packs (not on this machine, or no
-    deferred writes), the chunk is small, or the store compresses and the chunk's first
-    64 KiB shrink by the store's rule (then the store stores it, compressed if the whole
-    pays). Chunks of at least `DIRECT_MIN` bytes go to a pack written with direct I/O
-    (`O_DIRECT`, each chunk at a 4096-byte boundary, padded): no copy into the page
-    cache, no dirty pages left for the final sync to write; the smaller ones to a pack
-    written through the page cache. `flush` closes the packs and makes everything
-    durable and visible. Thread-safe; each thread appends to packs of its own.
+    `put` gives a chunk of at least `PACK_MIN` bytes a new pack of its own, written with
+    direct I/O (`O_DIRECT`, where the file system allows it: no copy into the page cache,
+    no dirty pages left for the final sync), and records a reference to it; one chunk
+    per pack, so garbage collection frees each chunk's bytes with its reference. A
+    smaller chunk, one the store compresses (its first 64 KiB shrink by the store's
+    rule), or any chunk of a store that cannot hold packs (not on this machine, or no
+    deferred writes) is stored by the store as an object. Everything is durable and
+    visible after `flush`. Thread-safe.
     """
 
     def __init__(self, store: Store):
         caps = store.capabilities
         self.store = store
         self.enabled = caps.files and caps.deferred
-        self._lock = threading.Lock()
-        self._packs: dict[tuple[int, bool], _Pack] = {}  # (writing thread, direct) -> its open pack
         self._deferred = getattr(store.backend, "defer_bytes", None)  # counts towards the store's next flush
 
     def put(self, chunk_id: str, data: bytes | memoryview) -> int:
         """Store a chunk the caller checked against its id, durable at `flush`; the bytes written."""
         if not self.enabled or len(data) < PACK_MIN or (self.store.compress and _sample_pays(data)):
             return self.store.put_chunk(chunk_id, data, verified=True, defer=True)
-        ref = self._append(data)
-        self.store.put_packed(chunk_id, ref, defer=True)
+        pack = _Pack(self.store)
+        try:
+            pack.write(data)
+        finally:
+            pack.close()
+        if self._deferred is not None:
+            self._deferred(len(data))
+        self.store.put_packed(chunk_id, PackRef(pack.key, 0, len(data)), defer=True)
         return len(data)
 
     def flush(self) -> None:
-        """Close the open packs; make every chunk put so far durable, then visible."""
-        with self._lock:
-            packs, self._packs = list(self._packs.values()), {}
-        for pack in packs:
-            pack.close()
+        """Make every chunk put so far durable, then visible."""
         self.store.flush()
-
-    def _append(self, data: bytes | memoryview) -> PackRef:
-        me = (threading.get_ident(), len(data) >= DIRECT_MIN)
-        with self._lock:
-            pack = self._packs.get(me)
-        if pack is None or pack.size >= PACK_MAX:
-            if pack is not None:
-                pack.close()
-            pack = _Pack(self.store, direct=me[1])
-            with self._lock:
-                self._packs[me] = pack
-        offset = pack.append(data)
-        if self._deferred is not None:
-            self._deferred(len(data))
-        return PackRef(pack.key, offset, len(data))
 
 
 class _Pack:
-    """One pack being appended to by one thread, through the page cache or with direct I/O."""
+    """A new pack holding one chunk, written with direct I/O where the file system allows it."""
 
-    def __init__(self, store: Store, *, direct: bool):
+    def __init__(self, store: Store):
         self.key = new_pack_key()
         path = store.backend.path(self.key)
         self.where = str(store)
@@ -175,42 +155,31 @@ class _Pack:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
             raise _full(e, self.where) from None
-        self.direct = direct and _set_direct(self.fd)
-        self.size = self._started = 0
+        self.direct = _set_direct(self.fd)
 
-    def append(self, data: bytes | memoryview) -> int:
-        """Write `data` at the end of the pack; its offset."""
-        offset = self.size
+    def write(self, data: bytes | memoryview) -> None:
         try:
             if self.direct:
                 try:
-                    self.size = offset + self._write_direct(memoryview(data).cast("B"), offset)
-                    return offset
+                    self._write_direct(memoryview(data).cast("B"))
+                    return
                 except OSError as e:  # a file system that took the flag but not the writes
                     if e.errno != errno.EINVAL:
                         raise
-                    self.direct = False
                     fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            pwrite_all(self.fd, data, offset)
+            pwrite_all(self.fd, data, 0)
         except OSError as e:
             raise _full(e, self.where) from None
-        self.size += len(data)
-        if self.size - self._started >= _KICK:
-            start_writeback(self.fd, self._started, self.size - self._started)
-            self._started = self.size
-        return offset
 
-    def _write_direct(self, view: memoryview, offset: int) -> int:
-        """Write `view` at `offset` (aligned) with direct I/O; the bytes it takes in the pack (padded).
-
-        Whole 4096-byte blocks go straight from the caller's buffer where it is aligned;
-        the rest (or all of it, where not) through this thread's aligned staging buffer."""
+    def _write_direct(self, view: memoryview) -> None:
+        """Whole 4096-byte blocks straight from the caller's buffer where it is aligned, the rest
+        (or all of it, where not) through this thread's aligned staging buffer, zero-padded to a
+        block; then the file is cut back to the chunk's length."""
         n = len(view)
-        padded = -(-n // _ALIGN) * _ALIGN
         head = n - n % _ALIGN if _aligned(view) else 0
         done = 0
         while done < head:
-            done += os.pwrite(self.fd, view[done:head], offset + done)
+            done += os.pwrite(self.fd, view[done:head], done)
         stage = _staging()
         while done < n:
             k = min(n - done, len(stage))
@@ -219,14 +188,13 @@ class _Pack:
             stage[k:size] = bytes(size - k)
             written = 0
             while written < size:
-                written += os.pwrite(self.fd, stage[written:size], offset + done + written)
+                written += os.pwrite(self.fd, stage[written:size], done + written)
             done += k
-        return padded
+        if n % _ALIGN:
+            os.ftruncate(self.fd, n)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        os.close(self.fd)
 
 
 def _set_direct(fd: int) -> bool:

@@ -25,7 +25,7 @@ from fabric.fsck import fsck
 from fabric.gc import gc
 from fabric.store.registry import Registry
 from fabric.store.store import chunk_key, open_store
-from fabric.store.packs import DIRECT_MIN, PACK_MIN, REF_MAX, PackRef
+from fabric.store.packs import PACK_MIN, REF_MAX, PackRef
 
 from helpers.files import random_bytes, write_safetensors, write_tree
 from helpers.store import publish_local, pull_local
@@ -121,23 +121,18 @@ def _model(root: Path, rng) -> Path:
     return root
 
 
-def test_publish_packs_new_chunks_big_ones_with_direct_io(tmp_path, rng):
+def test_publish_gives_each_big_chunk_a_pack_of_its_own(tmp_path, rng):
     store = open_store(tmp_path / "store", compress=False)
     src = _model(tmp_path / "src", rng)
     r = publish_local(store, src)
     m = Registry(store).manifest("model", "v1")
     sizes = {cid: n for f in m.files for cid, n in f.chunks}
     refs = dict(store.pack_refs())
-    assert set(refs) == {cid for cid, n in sizes.items() if n >= PACK_MIN}  # small ones are objects
-    assert any(n < PACK_MIN for n in sizes.values()) and len(refs) >= 5
-    direct = {ref.pack for cid, ref in refs.items() if sizes[cid] >= DIRECT_MIN}
-    assert direct and not direct & {ref.pack for cid, ref in refs.items() if sizes[cid] < DIRECT_MIN}
-    for cid, ref in refs.items():
-        assert ref.size == sizes[cid]
-        if sizes[cid] >= DIRECT_MIN:
-            assert ref.offset % 4096 == 0
-    for key in direct:  # each direct chunk padded to a 4096-byte boundary
-        assert (store.backend.root / key).stat().st_size % 4096 == 0
+    assert set(refs) == {cid for cid, n in sizes.items() if n >= PACK_MIN} and len(refs) == 2
+    assert len({ref.pack for ref in refs.values()}) == len(refs) == len(list(store.iter_packs()))
+    for cid, ref in refs.items():  # the pack is the chunk's bytes, nothing else
+        assert (ref.offset, ref.size) == (0, sizes[cid])
+        assert (store.backend.root / ref.pack).read_bytes() == store.get_chunk(cid)
     assert r.new_bytes == r.bytes and r.chunks == len(sizes)
     assert r.written_bytes == r.new_bytes + len(sizes) - len(refs)  # an object's tag byte; a pack holds raw bytes
     assert os.listdir(store.backend.root / "tmp") == []
@@ -164,9 +159,9 @@ def test_a_spoiled_publish_pack_is_found_and_the_chunk_stored_again(tmp_path, rn
     store = open_store(tmp_path / "store", compress=False)
     src = _model(tmp_path / "src", rng)
     publish_local(store, src)
-    cid, ref = next((c, ref) for c, ref in store.pack_refs() if ref.size >= DIRECT_MIN)
+    cid, ref = next((c, ref) for c, ref in store.pack_refs() if ref.size >= 8 << 20)
     with open(store.backend.root / ref.pack, "r+b") as f:
-        f.seek(ref.offset + 7)
+        f.seek(7)
         f.write(b"\x00\x01\x02")
     with pytest.raises(CorruptChunk):
         store.get_chunk(cid)
@@ -177,14 +172,23 @@ def test_a_spoiled_publish_pack_is_found_and_the_chunk_stored_again(tmp_path, rn
     assert fsck(store).ok
 
 
-def test_gc_deletes_publish_packs_once_no_version_needs_them(tmp_path, rng):
+def test_gc_frees_the_packs_of_a_deleted_version_and_keeps_those_still_named(tmp_path, rng):
     store = open_store(tmp_path / "store", compress=False)
-    publish_local(store, _model(tmp_path / "src", rng))
-    packs = list(store.iter_packs())
-    assert len(packs) >= 2 and gc(store, keep=1, grace=0).packs_deleted == 0
+    a, b = (rng.integers(0, 256, 2 << 20, dtype=np.uint8) for _ in range(2))
+    write_safetensors(tmp_path / "v1" / "m.safetensors", {"a": a, "b": b})
+    write_safetensors(tmp_path / "v2" / "m.safetensors", {"a": a, "b": b[::-1].copy()})  # b changes
+    publish_local(store, tmp_path / "v1", version="v1")
+    publish_local(store, tmp_path / "v2", version="v2")
+    refs = dict(store.pack_refs())
+    assert len(refs) == 3 and gc(store, keep=None, grace=0).packs_deleted == 0
+    v1_b = Registry(store).manifest("model", "v1").tensors[1].chunks[0]
     Registry(store).delete_version("model", "v1")
-    assert gc(store, keep=1, grace=3600).packs_deleted == 0  # young: a publish may be writing them
-    assert gc(store, keep=1, grace=0).packs_deleted == len(packs) and not list(store.iter_packs())
+    assert gc(store, keep=None, grace=3600).packs_deleted == 0  # young: a publish may be writing them
+    report = gc(store, keep=None, grace=0)
+    assert report.packs_deleted == 1 and report.bytes_freed >= 2 << 20  # v1's b: its bytes go with it
+    assert {i.key for i in store.iter_packs()} == {ref.pack for cid, ref in refs.items() if cid != v1_b}
+    pull_local(store, "model", "v2", tmp_path / "out")
+    assert (tmp_path / "out" / "m.safetensors").read_bytes() == (tmp_path / "v2" / "m.safetensors").read_bytes()
 
 
 # --- end to end ------------------------------------------------------------------------------
