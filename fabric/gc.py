@@ -2,7 +2,7 @@
 
 Per artifact, the `keep` newest versions survive (all of them with `keep=None`: the
 origin's orphan sweep), and so does every version a channel points at now or could
-roll back to, and every pinned version. Then a mark-and-sweep deletes manifests and
+roll back to (or stages), and every pinned version. Then a mark-and-sweep deletes manifests and
 chunks that nothing references, fenced against commits (`fabric.store.fence`): gc
 holds the store's sweep lease from before it lists anything until its last delete,
 its roots are every version ref and every commit intent listed under the lease, and
@@ -97,7 +97,7 @@ def _committed(registry: Registry) -> set[str]:
 
 
 def _channel_versions(registry: Registry, artifact: str) -> set[str]:
-    return {v for ch in registry.channels(artifact) for v in ch.stack}
+    return {v for ch in registry.channels(artifact) for v in ch.stack + [ch.staged_version] if v}  # staged too
 
 
 def _mark(store: Store, manifests: set[str], *, missing_ok: bool = False) -> set[str]:

@@ -11,7 +11,8 @@ the parts, one module per concern:
    the planned sources (`agents.site.upstream`: upstream relay, peers, origin last),
    materialised under `versions/<artifact>/<version>/`, and only then activated by
    flipping `current/<artifact>` (`agents.site.layout`); then rolled out to the
-   site's workers (`agents.site.rollout`);
+   site's workers (`agents.site.rollout`); a channel's staged version is fetched and
+   held beforehand without activating it (`agents.site.staging`), so its promote is a flip;
 3. relaying (`agents.site.relay`): the site serves its chunks to the sites below it,
    with pull-through for the chunks it lacks;
 4. retention (`agents.site.retention`): the last `retention.keep` versions (plus the
@@ -54,6 +55,7 @@ from agents.site.retention import Pruner
 from agents.site.rollout import Rollout
 from agents.site.trust import SiteTrust
 from agents.site.servers import start_members
+from agents.site.staging import Stager
 from agents.site.upstream import SourcePlan
 
 log = get_logger("agent")
@@ -86,10 +88,12 @@ class SiteAgent:
         self.trust = SiteTrust(cfg.trust, self.layout, self.control, statement_sources, self.metrics, self.channels,
                                cfg.trust_file)
         self.deployer = Deployer(self)
+        self.stager = Stager(self)  # staged versions: fetched and held, not activated (preheat)
         self.follower = Follower(self.control, self.channels, cfg.sync.resync_interval, self.deployer.wake,
-                                 on_resync=self.trust.refresh_delegations)
+                                 on_resync=self.trust.refresh_delegations, staged=self.stager.want)
         self.relay = Relay(self.store, self.upstream, self.metrics)
-        self.pruner = Pruner(self.layout, self.registry, cfg.retention, self.channels, self.metrics)
+        self.pruner = Pruner(self.layout, self.registry, cfg.retention, self.channels, self.metrics,
+                             also_keep=self.stager.also_keep)
         self.ready = False
         self.rollout = Rollout(self, cfg.workers)  # hot-load: workers, canary, rollback
 
@@ -101,7 +105,8 @@ class SiteAgent:
         """The coroutines that run for the agent's life (started by the app)."""
         return [self.follower.follow_events(), self.follower.resync_periodically(), self.report_loop(),
                 self.trust.watch()] + \
-            [self.deployer.loop(a) for a in self.channels] + start_members(self.rollout, self.cfg.servers)
+            [self.deployer.loop(a) for a in self.channels] + [self.stager.loop(a) for a in self.channels] + \
+            start_members(self.rollout, self.cfg.servers)
 
     def set_active_metric(self) -> None:
         self.metrics.set_active({a: ch.active for a, ch in self.channels.items()})

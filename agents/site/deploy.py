@@ -9,13 +9,16 @@ target unless it is active already or was rejected here. A deploy
 2. fetches the manifest from the origin and pulls the version through the one pull
    path (`fabric.pull.pull`): the missing chunks from the site's planned sources
    (upstream relay, peers, origin last), the files materialised under
-   `versions/<artifact>/<version>/`, the manifest recorded in the site's registry;
+   `versions/<artifact>/<version>/`, the manifest recorded in the site's registry; a
+   version this process staged and holds (`agents.site.staging`) skips this step: its
+   manifest comes from the site's registry, its folder is there, verified when built;
 3. only then, and only if the channel still wants that version (newest wins) and both
    statements still verify, flips
    `current/<artifact>`, records the activation in `state.json`, starts the rollout
    to the workers (`agents.site.rollout`) and prunes (`agents.site.retention`).
 
-Deploys and rejections run one at a time (`lock`). A failed deploy leaves the active
+Deploys, rejections and staging pulls run one at a time (`lock`); a deploy or rejection
+cancels a staging pull of anything else first (`Stager.yield_to`). A failed deploy leaves the active
 version serving; the loop retries with backoff. A refused statement leaves it serving
 too, and is checked again at the next event or resync (not retried on its own: the same
 bytes would be refused again). File I/O runs in threads.
@@ -28,6 +31,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fabric import tracing
+from fabric.core.manifest import Manifest
 from fabric.errors import FabricError, SignatureError
 from fabric.logs import get_logger
 from fabric.pull import Sink, fetch_manifest, pull
@@ -100,29 +104,15 @@ class Deployer:
 
     async def _deploy(self, ch: ChannelStatus, version: str, claim: Claim | None) -> None:
         site, artifact = self.site, ch.artifact
+        site.stager.yield_to(artifact, version)  # a staging pull of anything else gives up the lock
         async with self.lock:
             ch.syncing, ch.error = version, None
-            manifest = await fetch_manifest(site.store, site.control, artifact, version)  # via the relay
+            staged = await site.stager.held(artifact, version)  # staged and held here: no fetch, only the flip
+            manifest = staged or await fetch_manifest(site.store, site.control, artifact, version)  # via the relay
             if claim is not None:  # before any chunk: the manifest and the version are the ones signed
                 await site.trust.check_version(ch, claim, manifest)
-            ch.bytes_total, ch.bytes_done = sum(manifest.unique_chunks().values()), 0
-            site.metrics.sync_expected.labels(artifact).set(ch.bytes_total)
-
-            def progress(n: int) -> None:
-                ch.bytes_done += n
-                site.metrics.sync_done.labels(artifact).set(ch.bytes_done)
-
-            def fetched(stats: SyncStats) -> None:
-                ch.bytes_done = ch.bytes_total
-                site.metrics.count_sources(stats)
-                log.info("version fetched", artifact=artifact, version=version,
-                         chunks_fetched=stats.chunks_fetched, chunks_reused=stats.chunks_reused,
-                         bytes_received=stats.bytes_received, bytes_raw=stats.bytes_raw,
-                         wire_ratio=stats.to_json()["wire_ratio"], by_source=stats.bytes_by_source,
-                         bad_chunks=stats.bad_chunks_by_source, seconds=round(stats.seconds, 3))
-
-            await pull(site.store, manifest, Sink.site_version(site.layout.version_dir(artifact, version)),
-                       upstream=site.upstream, progress=progress, on_fetched=fetched)
+            if staged is None:
+                await self._pull(ch, version, manifest)
             if ch.target != version:
                 log.info("newer version wanted; not activating", artifact=artifact, version=version,
                          wanted=ch.target)
@@ -130,9 +120,31 @@ class Deployer:
             if claim is not None:  # right before the flip: both statements still verify
                 site.trust.recheck(ch, claim)
                 await site.trust.accept(ch, claim)
-            else:
+            elif staged is None:
                 await site.trust.keep_unverified(artifact, version)  # for the sites below, untouched
             await self._activate(ch, version)
+
+    async def _pull(self, ch: ChannelStatus, version: str, manifest: Manifest) -> None:
+        """Fetch and materialise the version under versions/ (`fabric.pull.pull`). Holds `lock`."""
+        site, artifact = self.site, ch.artifact
+        ch.bytes_total, ch.bytes_done = sum(manifest.unique_chunks().values()), 0
+        site.metrics.sync_expected.labels(artifact).set(ch.bytes_total)
+
+        def progress(n: int) -> None:
+            ch.bytes_done += n
+            site.metrics.sync_done.labels(artifact).set(ch.bytes_done)
+
+        def fetched(stats: SyncStats) -> None:
+            ch.bytes_done = ch.bytes_total
+            site.metrics.count_sources(stats)
+            log.info("version fetched", artifact=artifact, version=version,
+                     chunks_fetched=stats.chunks_fetched, chunks_reused=stats.chunks_reused,
+                     bytes_received=stats.bytes_received, bytes_raw=stats.bytes_raw,
+                     wire_ratio=stats.to_json()["wire_ratio"], by_source=stats.bytes_by_source,
+                     bad_chunks=stats.bad_chunks_by_source, seconds=round(stats.seconds, 3))
+
+        await pull(site.store, manifest, Sink.site_version(site.layout.version_dir(artifact, version)),
+                   upstream=site.upstream, progress=progress, on_fetched=fetched)
 
     async def _activate(self, ch: ChannelStatus, version: str) -> None:
         """Flip `current/<artifact>` to `version`, record it, roll it out, prune. Holds `lock`."""
@@ -154,6 +166,7 @@ class Deployer:
     async def reject(self, artifact: str, version: str, previous: str | None, reason: str) -> None:
         """A version failed its canary here: mark it bad and put `previous` back in service."""
         site = self.site
+        site.stager.yield_to(artifact, None)
         async with self.lock:
             bad = site.statefile.state.bad.setdefault(artifact, [])
             if version not in bad:

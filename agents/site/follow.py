@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from fabric.core.manifest import check_name
 from fabric.errors import FabricError
 from fabric.logs import get_logger
 from fabric.wire.client import OriginClient
@@ -70,6 +71,7 @@ class ChannelStatus:
     trust: str | None = None  # "verified", "unsigned", "stale" or "refused" (agents.site.trust); None: not checked yet
     trust_error: dict | None = None  # {"code", "message"} of the last refusal, while `trust` is "refused"
     statement_expires: str | None = None  # when the accepted channel statement expires (RFC 3339)
+    staged: dict | None = None  # the channel's staged version as held here (agents.site.staging), or None
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "trace"}
@@ -79,10 +81,12 @@ class Follower:
     """Keeps each channel's `target` equal to what the origin says; `wake(artifact)` on every read."""
 
     def __init__(self, origin: OriginClient, channels: dict[str, ChannelStatus], resync_interval: float,
-                 wake: Callable[[str], None], on_resync: Callable[[], Awaitable[None]] | None = None):
+                 wake: Callable[[str], None], on_resync: Callable[[], Awaitable[None]] | None = None,
+                 staged: Callable[[ChannelStatus, str | None], None] = lambda ch, version: None):
         self.origin, self.channels = origin, channels
         self.resync_interval, self.wake = resync_interval, wake
         self.on_resync = on_resync  # runs first at every resync (the site's trust: newer delegations)
+        self.staged = staged  # each read of a channel's staged version (agents.site.staging.Stager.want)
 
     async def follow_events(self) -> None:
         """Listen to the origin's events forever; re-sync everything on each (re)connect."""
@@ -100,6 +104,7 @@ class Follower:
                             if data.get("traceparent") and data.get("version"):
                                 ch.trace = (data["version"], str(data["traceparent"]))
                             self.want(ch, data.get("version"))
+                            self.staged(ch, _name(data.get("staged")))
                 error = "the origin ended the stream"
             except FabricError as e:
                 error = e.message
@@ -125,7 +130,9 @@ class Follower:
             await self.on_resync()
         for ch in self.channels.values():
             try:
-                self.want(ch, (await self.origin.channel(ch.artifact, ch.channel)).version)
+                read = await self.origin.channel(ch.artifact, ch.channel)
+                self.want(ch, read.version)
+                self.staged(ch, read.staged_version)
             except Exception as e:  # noqa: BLE001 - one channel's bad answer must not skip the others
                 error = e if isinstance(e, FabricError) else FabricError(repr(e)[:300])
                 ch.error = f"{error.code}: {error.message}"
@@ -137,3 +144,11 @@ class Follower:
             log.info("channel points at new version", artifact=ch.artifact, channel=ch.channel, version=version)
             ch.target = version
         self.wake(ch.artifact)
+
+
+def _name(value: object) -> str | None:
+    """An event's `staged`: a version name, else None (absent, or not a name: ignored)."""
+    try:
+        return check_name("version", value) if isinstance(value, str) else None
+    except FabricError:
+        return None

@@ -1,10 +1,11 @@
 """Retention: which versions a site keeps, and collecting the rest.
 
-A site keeps the last `retention.keep` versions it activated, plus the active one and
-the pinned ones; it removes the other materialised folders and registry entries, then
-collects the chunks no kept version needs (`fabric.gc`). Above the high watermark of
-disk use it keeps fewer versions, one step at a time, until use falls below the low
-watermark (or only active and pinned ones remain).
+A site keeps the last `retention.keep` versions it activated, plus the active one, the
+pinned ones and the ones its channels stage (`also_keep`, `agents.site.staging`); it
+removes the other materialised folders and registry entries, then collects the chunks
+no kept version needs (`fabric.gc`). Above the high watermark of disk use it keeps fewer
+versions, one step at a time, until use falls below the low watermark (or only the
+active, pinned and staged ones remain).
 
 Everything here is blocking file I/O: `prune` runs in a thread, on a snapshot of the
 site's state taken on the event loop.
@@ -12,7 +13,7 @@ site's state taken on the event loop.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 from fabric import gc as gc_mod
 from fabric.logs import get_logger
@@ -39,9 +40,10 @@ class Pruner:
     """Drops what a site's retention does not keep. Its methods block: call them in a thread."""
 
     def __init__(self, layout: Layout, registry: Registry, retention: Retention, followed: Iterable[str],
-                 metrics: AgentMetrics):
+                 metrics: AgentMetrics, also_keep: Callable[[str], set[str]] = lambda artifact: set()):
         self.layout, self.registry, self.retention = layout, registry, retention
         self.followed, self.metrics = set(followed), metrics
+        self.also_keep = also_keep  # an artifact's staged versions: kept whatever the watermark says
 
     def prune(self, state: SiteState) -> gc_mod.GcReport:
         """Drop versions beyond retention, then chunks nothing kept needs (`state`: a snapshot)."""
@@ -58,7 +60,7 @@ class Pruner:
 
     def _prune_to(self, state: SiteState, keep: int, grace: float) -> gc_mod.GcReport:
         for artifact in set(self.registry.artifacts()) | self.followed:
-            kept = kept_versions(state, self.layout, artifact, keep)
+            kept = kept_versions(state, self.layout, artifact, keep) | self.also_keep(artifact)
             for version in set(self.layout.materialised(artifact)) - kept:
                 self.layout.remove_version(artifact, version)
                 log.info("version pruned", artifact=artifact, version=version)

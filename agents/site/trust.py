@@ -185,6 +185,15 @@ class SiteTrust:
                                     f"channel statement signed {claim.statement.manifest}")
         claim.version_envelope = await self._version_envelope(ch.artifact, claim.version, manifest.id)
 
+    async def check_staged(self, artifact: str, version: str, manifest: Manifest) -> bytes:
+        """Before any chunk of a staged version (`agents.site.staging`): its own statement verifies
+        for this manifest, as in `check_version` (no channel statement names it yet). The envelope."""
+        return await self._version_envelope(artifact, version, manifest.id)
+
+    async def keep(self, artifact: str, version: str, envelope: bytes) -> None:
+        """Keep a verified version envelope (a staged version's), for the deploy and the sites below."""
+        await asyncio.to_thread(_write_atomic, self.signature_path(artifact, version), envelope)
+
     def recheck(self, ch: ChannelStatus, claim: Claim) -> None:
         """Right before activation: both statements still verify (now, with what is known now)."""
         acc = self.accepted.get(f"{ch.artifact}:{ch.channel}", {})

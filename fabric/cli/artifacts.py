@@ -1,4 +1,4 @@
-"""`fabric publish|pull|ls|show|promote|rollback|gc|fsck`: versions in a store or at an origin.
+"""`fabric publish|pull|ls|show|promote|stage|rollback|gc|fsck`: versions in a store or at an origin.
 
 Each command parses its flags, calls one library function (fabric.publish, fabric.pull,
 the registry, fabric.gc, fabric.fsck) and prints the result through fabric/cli/output.py.
@@ -298,6 +298,28 @@ def promote(ref: str = typer.Argument(..., help="NAME@VERSION: the version the c
         sig = signer(sign_key, statement_expiry)
         ch = sig.promote(reg, artifact, version, channel) if sig else reg.promote(artifact, version, channel)
         emit(ch.to_json(), as_json, lambda: out.print(f"{esc(artifact)}:{esc(channel)} → {esc(ch.version)}"), quiet)
+
+
+@commands.command()
+def stage(ref: str = typer.Argument(..., help="NAME@VERSION to stage (NAME alone with --clear)."),
+          channel: str = typer.Option(..., "--channel", "-c", help="The channel whose sites are to hold it."),
+          clear: bool = typer.Option(False, "--clear", help="Clear the channel's staged version instead."),
+          quiet: bool = QuietOpt, store: Optional[str] = StoreOpt, origin: Optional[str] = OriginOpt,
+          token: Optional[str] = TokenOpt, as_json: bool = JsonOpt):
+    """Make every site following CHANNEL fetch a version and hold it without activating it, so
+    that a later `fabric promote` of it is only the switch (`fabric status` shows who holds it).
+
+    Never signed, even on a signed channel: it moves nothing (the promote stays signed)."""
+    with errors(as_json), open_registry(store, origin, token) as reg:
+        artifact, version, _ = parse_ref(ref)
+        if clear:
+            ch = reg.unstage(artifact, channel)
+        elif not version:
+            raise InvalidInput("stage needs NAME@VERSION (or NAME --clear)")
+        else:
+            ch = reg.stage(artifact, version, channel)
+        emit(ch.to_json(), as_json, lambda: out.print(
+            f"{esc(artifact)}:{esc(channel)} → {esc(ch.version)}, staged: {esc(ch.staged_version or '-')}"), quiet)
 
 
 @commands.command()

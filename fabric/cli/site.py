@@ -1,7 +1,8 @@
 """`fabric status|pin|unpin`: what the sites report, and pins at one site's agent.
 
 `status` reads the site reports the origin keeps, treating every field of them as
-untrusted; `pin` and `unpin` call a site agent (--agent, FABRIC_AGENT or the config file).
+untrusted, and counts per channel the sites holding its staged version; `pin` and
+`unpin` call a site agent (--agent, FABRIC_AGENT or the config file).
 """
 
 from __future__ import annotations
@@ -35,13 +36,48 @@ def status(origin: Optional[str] = OriginOpt, token: Optional[str] = TokenOpt, a
         with SyncOrigin(cfg.origin, cfg.token) as so:
             sites = so.sites()
         rows = [row for site in _items(sites) for row in _site_rows(site)]
+        staged = staged_summary(sites)
 
         def human():
             if not _items(sites):
                 out.print(f"no sites have reported to {esc(cfg.origin)} yet")
             else:
-                table(["site", "channel", "active", "target", "trust", "syncing", "workers", "error", "seen"], rows)
-        emit({"sites": sites}, as_json, human)
+                table(["site", "channel", "active", "target", "staged", "trust", "syncing", "workers", "error",
+                       "seen"], rows)
+            for s in staged:
+                out.print(f"staged {esc(s['channel'])} {esc(s['version'])}: held at {s['held']} of {s['sites']} "
+                          f"site(s) following it" + (f", {s['fetching']} fetching" if s["fetching"] else "")
+                          + (f", {s['failed']} failed or refused" if s["failed"] else ""))
+        emit({"sites": sites, "staged": staged}, as_json, human)
+
+
+def staged_summary(sites) -> list[dict]:
+    """Per channel and staged version: how many of the sites following the channel hold it
+    (docs/protocol.md "Staged versions"), from the sites' reports (untrusted)."""
+    following: dict[str, int] = {}
+    counts: dict[tuple[str, str], dict] = {}
+    for site in _items(sites):
+        for ch in _items(site.get("channels")):
+            name = f"{_text(ch.get('artifact'))}:{_text(ch.get('channel'))}"
+            following[name] = following.get(name, 0) + 1
+            st = ch.get("staged")
+            if not isinstance(st, dict) or not _text(st.get("version")):
+                continue
+            c = counts.setdefault((name, _text(st.get("version"))), {"held": 0, "fetching": 0, "failed": 0})
+            state = _text(st.get("state"))
+            c["held" if state == "held" else "fetching" if state == "fetching" else "failed"] += 1
+    return [{"channel": name, "version": v, "sites": following[name], **c} for (name, v), c in sorted(counts.items())]
+
+
+def _staged(ch: dict) -> str:
+    st = ch.get("staged")
+    if not isinstance(st, dict) or not _text(st.get("version")):
+        return ""
+    state = _text(st.get("state"))
+    total, done = _number(st.get("bytes_total")) or 0, _number(st.get("bytes_done")) or 0
+    if state == "fetching" and total > 0:
+        state = f"{100 * min(done, total) / total:.0f}%"
+    return f"{_text(st.get('version'))} {state}".strip()
 
 
 # A site report is what a site said about itself: every field is untrusted, any may be
@@ -81,7 +117,7 @@ def _site_rows(site: dict) -> list[dict]:
                             + ("" if w.get("state") == "serving" else f" ({_text(w.get('state'))})")
                             for w in _items(site.get("workers")) if w.get("artifact") == ch.get("artifact"))
         rows.append({"site": _text(site.get("site")), "channel": f"{_text(ch.get('artifact'))}:{_text(ch.get('channel'))}",
-                     "active": _text(ch.get("active")), "target": _text(ch.get("target")),
+                     "active": _text(ch.get("active")), "target": _text(ch.get("target")), "staged": _staged(ch),
                      "trust": _trust(ch), "syncing": syncing,
                      "workers": workers, "error": _text(ch.get("error")), "seen": seen})
     return rows

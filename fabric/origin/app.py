@@ -10,6 +10,7 @@ Routes (all JSON unless noted; docs/protocol.md has the full list with examples)
     GET  /v1/artifacts/{a}/channels/{c}                  one channel
     POST /v1/artifacts/{a}/channels/{c}                  {"action": "promote", "version": v} | {"action": "rollback"}
                                                          (+ "statement": the move's signed channel statement)
+                                                         | {"action": "stage", "version": v} | {"action": "unstage"}
     GET  /v1/artifacts/{a}/versions/{v}/signature        the version's signed statement (fabric.origin.signatures)
     PUT  /v1/artifacts/{a}/versions/{v}/signature        keep a signed statement for it
     GET  /v1/trust, PUT /v1/trust                        the newest delegations envelope
@@ -198,11 +199,20 @@ async def move_channel(request: web.Request) -> web.Response:
         if to is not None and not isinstance(to, str):
             raise InvalidInput("'to' must be a version name")
         ch = await asyncio.to_thread(reg.rollback, artifact, channel, steps=steps, to=to, statement=statement)
+    elif action == "stage":  # fetched by the sites, activated by none (docs/protocol.md "Staged versions")
+        version = check_name("version", body.get("version"))
+        if statement is not None:
+            raise InvalidInput("a stage is not signed: it activates nothing (drop 'statement')")
+        ch = await asyncio.to_thread(reg.stage, artifact, version, channel)
+    elif action == "unstage":
+        ch = await asyncio.to_thread(reg.unstage, artifact, channel)
     else:
-        raise InvalidInput("'action' must be 'promote' or 'rollback'")
+        raise InvalidInput("'action' must be 'promote', 'rollback', 'stage' or 'unstage'")
     log.info("channel moved", artifact=artifact, channel=channel, version=ch.version, action=action,
-             signed=statement is not None, sequence=ch.sequence, by=principal(request).name)
+             signed=statement is not None, sequence=ch.sequence, staged=ch.staged_version, by=principal(request).name)
     event = {"type": "channel", "artifact": artifact, "channel": channel, "version": ch.version, "action": action}
+    if ch.staged is not None:
+        event["staged"] = ch.staged_version
     trace = request.app[TRACES].get((artifact, ch.version))  # the version's trace, for the sites' deploys
     request.app[EVENTS].append(event | ({"traceparent": trace} if trace else {}))
     await _share(request, event | ({"traceparent": trace} if trace else {}))

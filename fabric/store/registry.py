@@ -16,6 +16,12 @@ envelope of the move that made its current version, and `sequence` the last sign
 move's sequence number (each signed move's is the previous plus one). An unsigned move
 drops the statement and keeps the sequence. A version's own envelope is kept beside its
 ref and deleted with it.
+
+A channel may also name a *staged* version (`staged`: {"version", "at"}): one the sites
+following it fetch and hold without activating, so a later promote of it is only the
+flip (docs/protocol.md "Staged versions"). `stage` sets it and `unstage` clears it, each
+one compare-and-swap that changes neither the history, the statement nor the sequence;
+any move that makes the staged version the channel's version clears it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class Channel:
     history: tuple[dict, ...]  # {"action": "promote"|"rollback", "version", "at"}
     statement: dict | None = None  # the envelope of the signed move that made `version`, if it was signed
     sequence: int = 0  # the last signed move's sequence number (0: never signed)
+    staged: dict | None = None  # {"version", "at"}: fetched by the sites, activated by none (`Registry.stage`)
 
     @property
     def stack(self) -> list[str]:
@@ -71,7 +78,13 @@ class Channel:
             obj["sequence"] = self.sequence
         if self.statement is not None:
             obj["statement"] = self.statement
+        if self.staged is not None:
+            obj["staged"] = self.staged
         return obj
+
+    @property
+    def staged_version(self) -> str | None:
+        return self.staged["version"] if self.staged else None
 
 
 def now_rfc3339() -> str:
@@ -234,8 +247,20 @@ class Registry:
                           lambda ch: rollback_moves(artifact, channel, ch.stack if ch else [], steps=steps, to=to),
                           statement, "rollback")
 
+    def stage(self, artifact: str, version: str, channel: str) -> Channel:
+        """Stage `version` on the channel (created if new): every following site fetches it and
+        holds it without activating it. Unsigned even on a signed channel: it activates nothing,
+        and the channel keeps its version, history, statement and sequence."""
+        self.manifest_id(artifact, version)  # the version must exist
+        return self._move(artifact, channel, lambda ch: [], action="stage", staged=version)
+
+    def unstage(self, artifact: str, channel: str) -> Channel:
+        """Clear the channel's staged version (nothing staged: no change); the channel must exist."""
+        self.channel(artifact, channel)
+        return self._move(artifact, channel, lambda ch: [], action="unstage")
+
     def _move(self, artifact: str, channel: str, step, statement: dict | None = None,
-              action: str = "promote") -> Channel:
+              action: str = "promote", staged: str | None = None) -> Channel:
         check_name("channel", channel)
         key = _channel_key(artifact, channel)
         for attempt in range(_CAS_TRIES):
@@ -246,13 +271,19 @@ class Registry:
             entries = tuple(dict(e, at=at) for e in (moves if isinstance(moves, list) else [moves]))
             history = (current.history if current else ()) + entries
             sequence = current.sequence if current else 0
-            if statement is not None:  # checked against this very move, in this compare-and-swap
-                result = Channel(artifact, channel, history).version
+            result = Channel(artifact, channel, history).version
+            kept = _staged_after(artifact, channel, current, action, staged, result, at)
+            signed = statement
+            if action in ("stage", "unstage"):  # the version does not move: its statement stays
+                if statement is not None:
+                    raise InvalidInput(f"a {action} is not signed: it activates nothing (drop 'statement')")
+                signed = current.statement if current else None
+            elif statement is not None:  # checked against this very move, in this compare-and-swap
                 sequence = signatures.check_channel_statement(
                     statement, artifact=artifact, channel=channel, version=result,
                     manifest_id=self.manifest_id(artifact, result) if result else None, action=action,
                     previous=sequence)
-            new = Channel(artifact, channel, history, statement, sequence)
+            new = Channel(artifact, channel, history, signed, sequence, kept)
             try:
                 self.store.cas_ref(key, json.dumps(new.to_json(), sort_keys=True).encode(), raw)
                 return new
@@ -260,6 +291,19 @@ class Registry:
                 # exponential back-off with jitter: writers that collided must not retry in lockstep
                 time.sleep(random.uniform(0, min(0.1, 0.002 * 2 ** attempt)))
         raise Conflict(f"channel {artifact}:{channel} kept changing; gave up after {_CAS_TRIES} tries")
+
+
+def _staged_after(artifact: str, channel: str, current: Channel | None, action: str, staged: str | None,
+                  result: str | None, at: str) -> dict | None:
+    """The channel's `staged` after a move whose resulting version is `result`."""
+    if action == "stage":
+        if staged == result:
+            raise InvalidInput(f"channel {artifact}:{channel} points at {staged} already: nothing to stage")
+        return {"version": staged, "at": at}
+    kept = current.staged if current else None
+    if action == "unstage" or (kept is not None and kept["version"] == result):
+        return None  # cleared, or made the channel's version by this move
+    return kept
 
 
 def rollback_moves(artifact: str, channel: str, stack: list[str], *, steps: int | None = None,
@@ -319,9 +363,12 @@ def _channel_from(artifact: str, name: str, raw: bytes) -> Channel:
             raise TypeError("'statement' is not an envelope object")
         if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 0:
             raise TypeError("'sequence' is not a whole number")
+        staged = obj.get("staged")
+        if staged is not None:
+            staged = {"version": check_name("version", staged["version"]), "at": str(staged["at"])}
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidInput(f"channel {artifact}:{name} is unreadable ({e})") from None
-    return Channel(artifact, name, history, statement, sequence)
+    return Channel(artifact, name, history, statement, sequence, staged)
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:

@@ -165,6 +165,13 @@ class OriginClient:
             body["to"] = to
         return await self.move_channel(artifact, channel, body, statement=statement)
 
+    async def stage(self, artifact: str, version: str, channel: str) -> Channel:
+        """Stage `version` on the channel: sites fetch it, none activates it (never signed)."""
+        return await self.move_channel(artifact, channel, {"action": "stage", "version": version})
+
+    async def unstage(self, artifact: str, channel: str) -> Channel:
+        return await self.move_channel(artifact, channel, {"action": "unstage"})
+
     # --- signed statements (docs/protocol.md: the origin stores them, never verifies them) ---------
 
     async def get_signature(self, artifact: str, version: str) -> bytes | None:
@@ -414,6 +421,12 @@ class RemoteRegistry:
     def rollback(self, artifact: str, channel: str, *, steps: int | None = None,
                  to: str | None = None, statement: dict | None = None) -> Channel:
         return self.origin.rollback(artifact, channel, steps=steps, to=to, statement=statement)
+
+    def stage(self, artifact: str, version: str, channel: str) -> Channel:
+        return self.origin.stage(artifact, version, channel)
+
+    def unstage(self, artifact: str, channel: str) -> Channel:
+        return self.origin.unstage(artifact, channel)
 
     def manifest_id(self, artifact: str, version: str) -> str:
         return self.origin.manifest(artifact, version).id
