@@ -26,19 +26,29 @@ class EncodePolicy:
     """Choose per chunk how hard to encode, so encoding never makes a transfer slower.
 
     The sender reports each chunk it encodes (`encoded`: mode, raw and wire bytes,
-    codec seconds) and each write to the socket (`wrote`: bytes, seconds the write
-    waited). The policy keeps moving averages of, per mode, codec seconds per raw byte
-    and wire bytes per raw byte, and of the link's seconds per wire byte. Encoding runs
-    ahead of the writes in `workers` threads, so a mode's predicted cost per raw byte is
+    codec seconds, CPU time of the encoding thread) and what the link delivered
+    (`delivered`: bytes the peer acknowledged and the seconds the connection was busy
+    sending them, from the kernel's TCP counters; `fabric.wire.linkrate`). Where the
+    kernel cannot tell, the time each write waits (`wrote`) stands in; it is ignored
+    once `delivered` has reported, since socket buffers and sendfile make writes
+    return long before the bytes have crossed the link. The policy keeps moving
+    averages, weighted by bytes, of, per mode, codec seconds per raw byte and wire
+    bytes per raw byte, and of the link's seconds per wire byte. Encoding runs ahead of the writes in
+    `workers` threads, so a mode's predicted cost per raw byte is
 
         max(codec s/B ÷ workers, link s/B × the mode's wire ratio)
 
-    and `choose` picks the cheapest (ties: the smaller ratio, then the less codec time). A write that does not
-    wait measures a link faster than the chunks arrive, which makes `STORED` (no codec
-    time) the cheapest: on such a link a sync runs as fast as it did before encodings.
-    A slow link makes writes wait, which makes the compact modes cheapest again. Before
-    anything is measured the policy picks `FULL`; every `probe` chunks it tries the
-    next mode that it is not using, so its estimate of that mode stays current.
+    and `choose` picks the cheapest (ties: the smaller ratio, then the less codec
+    time). `STORED` costs no codec time and its ratio is learnt from every encoded
+    chunk (`stored=`), so it is always known: when the link outruns the codec it
+    wins, and a sync runs as fast as it did before encodings; when the codec outruns
+    the link the compact modes win. Before anything is measured the policy picks
+    `FULL`. Every `probe` chunks it tries a codec mode it is not using, but only one
+    that could be cheaper than the current choice: one whose link term alone
+    (link s/B × its last ratio; if never measured, 0 for `FULL` and `FULL`'s ratio
+    for `LIGHT`, which never compresses more) is below the current prediction. So
+    on a link-bound transfer (a slow link) it never spends bytes on a probe, and on
+    a codec-bound one it keeps the estimates of the faster modes current.
     `fixed` pins one mode (`FABRIC_ENCODE=full|light|stored`; default `auto`).
     """
 
@@ -47,6 +57,8 @@ class EncodePolicy:
         self._codec: dict[Mode, float | None] = {Mode.FULL: None, Mode.LIGHT: None, Mode.STORED: 0.0}
         self._ratio: dict[Mode, float | None] = dict.fromkeys(Mode)
         self._link: float | None = None
+        self._acked = False  # `delivered` has reported: write waits no longer count
+        self._sums: dict[object, tuple[float, float]] = {}  # decayed (amount, bytes) per estimate
         self._count = 0
         self._lock = threading.Lock()
         self.chosen: dict[Mode, int] = dict.fromkeys(Mode, 0)
@@ -56,15 +68,30 @@ class EncodePolicy:
             self._count += 1
             best = self._best() if self.fixed is None else self.fixed
             if self.fixed is None and self._count % self.probe == 0:
-                others = [m for m in Mode if m != best]
-                best = others[(self._count // self.probe) % len(others)]
+                best = self._probe(best)
             self.chosen[best] += 1
             return best
+
+    def _probe(self, best: Mode) -> Mode:
+        """A codec mode other than `best` that could beat it, in turn; `best` if there is none."""
+        current = self.predicted(best)
+        if current is None:
+            return best
+        link, full = self._link or 0.0, self._ratio[Mode.FULL] or 0.0
+        # a mode's ratio if measured; else LIGHT's is at least FULL's (the same codec, fewer zstd stages)
+        ratio = {Mode.FULL: self._ratio[Mode.FULL] or 0.0, Mode.LIGHT: self._ratio[Mode.LIGHT] or full}
+        others = [m for m in (Mode.FULL, Mode.LIGHT) if m != best and link * ratio[m] < current]
+        return others[(self._count // self.probe) % len(others)] if others else best
 
     @property
     def allow_entropy(self) -> bool:
         """For callers with two modes only (codec with or without entropy coding)."""
         return self.choose() != Mode.LIGHT
+
+    @property
+    def link_seconds_per_byte(self) -> float | None:
+        """The link's measured seconds per wire byte (None until measured)."""
+        return self._link
 
     def predicted(self, mode: Mode) -> float | None:
         """Predicted seconds per raw byte in `mode`, or None until it has been measured."""
@@ -86,19 +113,37 @@ class EncodePolicy:
             return
         with self._lock:
             if mode != Mode.STORED:
-                self._codec[mode] = self._avg(self._codec[mode], seconds / raw)
-            self._ratio[mode] = self._avg(self._ratio[mode], wire / raw)
+                self._codec[mode] = self._avg(('codec', mode), seconds, raw)
+            self._ratio[mode] = self._avg(('ratio', mode), wire, raw)
             if stored is not None and mode != Mode.STORED:
-                self._ratio[Mode.STORED] = self._avg(self._ratio[Mode.STORED], stored / raw)
+                self._ratio[Mode.STORED] = self._avg(('ratio', Mode.STORED), stored, raw)
 
-    def wrote(self, nbytes: int, seconds: float) -> None:
-        """One write of `nbytes` to the socket took `seconds` (waiting for the peer included)."""
+    def delivered(self, nbytes: int, seconds: float) -> None:
+        """The peer acknowledged `nbytes` while the connection spent `seconds` sending (TCP busy time)."""
         if nbytes > 0:
             with self._lock:
-                self._link = self._avg(self._link, max(seconds, 0.0) / nbytes)
+                if not self._acked:  # forget what write waits said
+                    self._acked = True
+                    self._sums.pop('link', None)
+                self._link = self._avg('link', max(seconds, 0.0), nbytes)
 
-    def _avg(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.alpha * (new - old)
+    def wrote(self, nbytes: int, seconds: float) -> None:
+        """One write of `nbytes` to the socket took `seconds` (waiting for the peer included).
+
+        The fallback link measure, for connections whose kernel does not report what it
+        delivered; ignored once `delivered` has."""
+        if nbytes > 0 and not self._acked:
+            with self._lock:
+                self._link = self._avg('link', max(seconds, 0.0), nbytes)
+
+    def _avg(self, key, amount: float, nbytes: int) -> float:
+        """The moving average of `amount` per byte under `key`, weighted by bytes: each sample
+        adds its amount and its bytes to sums that decay by (1 - alpha) per sample, so a small
+        chunk (a header, a norm's weights, with the codec's fixed costs) barely moves it."""
+        num, den = self._sums.get(key, (0.0, 0.0))
+        num, den = num * (1 - self.alpha) + amount, den * (1 - self.alpha) + nbytes
+        self._sums[key] = (num, den)
+        return num / den
 
 
 def parse_mode(value: str) -> Mode | None:
