@@ -99,7 +99,7 @@ class Encoded:
 
 
 REFERENCING = (Encoding.XOR, Encoding.PATCH, Encoding.DELTA, Encoding.MULTIPATCH)  # their decoders need a reference
-MAX_REFERENCES = 4  # `multipatch` names at most this many
+MAX_REFERENCES = 8  # `multipatch` names at most this many
 _DELTA_WIDTHS = (2, 4, 8)  # `delta` subtracts elements of these widths
 _PATCHES = (Encoding.PATCH, Encoding.MULTIPATCH)  # a zstd frame with references as its prefix
 _BLOCK = 1 << 16  # elements per block of `delta`'s arithmetic (it stays in the CPU's cache)

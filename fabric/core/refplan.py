@@ -9,9 +9,9 @@ name in another file) and the same segment index in the newest held version that
 the tensor with the same dtype. For any other chunk (the safetensors header, FastCDC
 chunks of other files) it is the chunk of the same file in the newest held version
 that covers the same region, found by lining the unchanged chunks of the two versions
-up (so an edit or an append refers to the bytes around it); where new chunks replaced
-several old ones (a deletion joins the head of one old chunk to the tail of a later
-one), the hint also names the last replaced old chunk, for `multipatch`.
+up (so an edit or an append refers to the bytes around it); the hint also names the
+old chunks on both sides of the edit that the chunk's bytes may come from, for
+`multipatch`.
 
 `PlanCache` keeps plans by manifest ids (manifests are immutable); whoever serves
 chunks owns one. Pure: manifests in, hints out; no store, no registry, no I/O.
@@ -20,11 +20,14 @@ chunks owns one. Pure: manifests in, hints out; no store, no registry, no I/O.
 from __future__ import annotations
 
 import bisect
+from itertools import zip_longest
 from dataclasses import dataclass
 from typing import Sequence
 
 from fabric.core.lru import LRU
 from fabric.core.manifest import FileEntry, Manifest, TensorEntry
+
+_MORE = 7  # further references per chunk (`multipatch` names at most 8 in all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +96,12 @@ def _region_references(new: FileEntry, old: FileEntry) -> list[tuple[str | None,
 
     Chunks both files share are anchors. A run of new chunks between two anchors
     replaced the old chunks between the same anchors: each new chunk refers to the old
-    chunk at the same relative position. Where the run replaced more old chunks than
-    it has (a deletion), the run's first and last new chunks also name the last and
-    the first replaced old chunk: a chunk that joins the head of one old chunk to the
-    tail of another copies from both. A pure insertion (nothing between the old
+    chunk at the same relative position; it also names (at most 7) further old chunks
+    of the span: those its bytes would cover if the run were lined up with the span's
+    start, and with its end (taken in turns, from the start of the one and the end of
+    the other). After a deletion or an insertion one alignment holds
+    before the change and the other after it, so a chunk joining the head of one old
+    chunk to the tail of another names both. A pure insertion (nothing between the old
     anchors), an append included, refers to the anchor before it: similar bytes.
     """
     old_ids = [cid for cid, _ in old.chunks]
@@ -123,15 +128,18 @@ def _region_references(new: FileEntry, old: FileEntry) -> list[tuple[str | None,
             lo, hi = old_starts[left + 1], old_starts[right]
             run = sum(n for _, n in new.chunks[i:k])
             at = 0
-            first, last = old_ids[left + 1], old_ids[right - 1]
-            fewer = k - i < right - left - 1  # the run replaced more old chunks than it has
             for j in range(i, k):
                 offset = lo + (at * (hi - lo) // run if run else 0)
                 ref = old_ids[min(bisect.bisect_right(old_starts, offset) - 1, right - 1)]
-                more = tuple(dict.fromkeys(m for m, end in ((last, j == i), (first, j == k - 1))
-                                           if fewer and end and m != ref))
-                refs[j] = (ref, more)
-                at += new.chunks[j][1]
+                size = new.chunks[j][1]
+                # the old chunks under this one when the run is lined up with the span's
+                # start, then with its end: the bytes before and after an edit
+                heads = list(_covering(old_starts, lo + at, lo + at + size, lo, hi))
+                tails = list(_covering(old_starts, hi - run + at, hi - run + at + size, lo, hi))[::-1]
+                near = [m for pair in zip_longest(heads, tails) for m in pair if m is not None]
+                more = tuple(dict.fromkeys(old_ids[m] for m in near if old_ids[m] != ref))
+                refs[j] = (ref, more[:_MORE])
+                at += size
         else:
             anchor = left if left >= 0 else right
             if 0 <= anchor < len(old_ids):
@@ -139,6 +147,14 @@ def _region_references(new: FileEntry, old: FileEntry) -> list[tuple[str | None,
                     refs[j] = (old_ids[anchor], ())
         i = k
     return refs
+
+
+def _covering(starts: list[int], a: int, b: int, lo: int, hi: int) -> range:
+    """Indices of the old chunks (`starts`: their offsets, then the end) overlapping [a, b) ∩ [lo, hi)."""
+    a, b = max(a, lo), min(b, hi)
+    if a >= b:
+        return range(0)
+    return range(bisect.bisect_right(starts, a) - 1, bisect.bisect_left(starts, b))
 
 
 class PlanCache:
