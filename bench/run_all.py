@@ -61,6 +61,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[float], list[str]]]] = [
     ("verify_overhead", "Signed versions: verification on a pull and at an activation",
      lambda size: ["--size-gb", f"{size:g}"]),
     ("failover", "Origins over one bucket: moves across origins, and failover", lambda size: []),
+    ("shaped_links", "Rate control on shaped links: auto against full and stored", lambda size: ["--runs", "2"]),
 ]
 
 
