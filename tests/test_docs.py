@@ -92,13 +92,22 @@ def test_the_store_marker_example():
 
 
 def test_the_channel_example_follows_the_stack_rule():
-    objs = [o for _, o in json_examples() if isinstance(o, dict) and "history" in o and "statement" not in o]
+    objs = [o for _, o in json_examples() if isinstance(o, dict) and "history" in o and "statement" not in o
+            and "staged" not in o]
     assert len(objs) == 1
     obj = objs[0]
     ch = Channel(obj["artifact"], obj["channel"], tuple(obj["history"]))
     assert ch.version == obj["version"] == "v1"
     assert [e["action"] for e in obj["history"]] == ["promote", "promote", "rollback"]
     assert ch.to_json() == obj
+
+
+def test_the_staged_channel_example_reads_back():
+    objs = [o for _, o in json_examples() if isinstance(o, dict) and "staged" in o]
+    assert len(objs) == 1
+    ch = _channel_from("tiny", "prod", json.dumps(objs[0]).encode())
+    assert (ch.version, ch.staged_version) == ("v1", "v2")  # staged is no history entry
+    assert ch.to_json() == objs[0]
 
 
 def test_the_signed_channel_example_reads_back_with_its_statement():

@@ -138,3 +138,55 @@ def test_staged_version_is_held_everywhere_then_the_promote_only_flips(lab):
         assert (_channel(agent).get("staged") or {}).get("version") == "v3"  # still staged, still held
         assert (agent.data / "versions" / A / "v3").is_dir()
     assert so.channel(A, CH).staged_version == "v3"
+
+
+def test_on_a_signed_channel_the_stage_is_unsigned_and_the_version_statement_is_checked_first(tmp_path):
+    """A site with a trust policy holds a staged version only once its version statement verifies
+    (before any chunk); the signed promote then flips it without a fetch."""
+    from fabric.trust import VersionStatement, sign
+    from fabric.trust.statements import next_channel_statement
+    from helpers.trust import policy, seed_key
+
+    key = seed_key(41)
+    policy(([A], [key])).save(tmp_path / "trust.toml")
+    origin = start_origin(tmp_path / "origin", DEFAULT_TOKENS + SITE_TOKENS)
+    so = SyncOrigin(origin.url, PUBLISH_SECRET)
+    site = AgentProcess(tmp_path, "solo", origin.url, follow=[f"{A}:{CH}"], sync={"resync_interval": 5},
+                        extra={"trust": str(tmp_path / "trust.toml")})
+
+    def release(version: str, *, signed: bool = True) -> str:
+        _publish(so, tmp_path, version, 2)
+        mid = so.manifest(A, version).id
+        if signed:
+            so.put_signature(A, version, sign(VersionStatement(A, version, mid), [key]).to_bytes())
+        return mid
+
+    def promote(version: str, mid: str) -> None:
+        seq = so.channel(A, CH).sequence if version != "v1" else 0
+        so.promote(A, version, CH, statement=sign(next_channel_statement(A, CH, version, mid, "promote", seq, 3600),
+                                                 [key]).to_json())
+    try:
+        promote("v1", release("v1"))
+        site.start()
+        site.wait_active(A, "v1", timeout=30)
+        m2 = release("v2")
+        assert so.stage(A, "v2", CH).statement is not None  # the stage kept the v1 move's statement
+        _until(lambda: (_channel(site).get("staged") or {}).get("state") == "held", "solo holds v2")
+        assert _channel(site)["trust"] == "verified" and site.active(A) == "v1"
+        t0 = time.monotonic()
+        promote("v2", m2)
+        site.wait_active(A, "v2", timeout=20)
+        print(f"\nsigned promote of a staged version to active: {time.monotonic() - t0:.3f} s")
+        assert not _fetched(site, "v2") and _channel(site)["trust"] == "verified"
+
+        release("v3", signed=False)  # no version statement: refused before any chunk
+        so.stage(A, "v3", CH)
+        _until(lambda: (_channel(site).get("staged") or {}).get("state") == "refused", "v3 refused")
+        staged = _channel(site)["staged"]
+        assert staged["error"].startswith("unsigned") and staged["bytes_done"] == 0, staged
+        assert not (site.data / "versions" / A / "v3").exists() and site.active(A) == "v2"
+        assert _channel(site)["trust"] == "verified"  # the channel itself is as it was
+    finally:
+        site.stop()
+        so.close()
+        origin.stop()
