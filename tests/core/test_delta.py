@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fabric.core.codec import Encoding, decode, decode_verified, encode, encode_as
 from fabric.core.digest import digest
@@ -151,3 +153,19 @@ def test_a_multipatch_payload_naming_too_many_or_no_references_is_a_bad_frame(co
     payload[6] = count
     with pytest.raises(BadFrame):
         decode((6, bytes(payload)), raw_size=len(left), reference=left)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), pieces=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3000),
+                                                                 st.integers(0, 3000)), min_size=1, max_size=6),
+       refs=st.integers(1, 8))
+def test_property_multipatch_of_spliced_references_is_lossless(seed, pieces, refs):
+    rng = np.random.default_rng(seed)
+    held = [_rows(int(rng.integers(0, 10_000)), 40) for _ in range(refs)]
+    data = b"".join(held[i % refs][a:a + n] for i, a, n in pieces) + rng.bytes(int(rng.integers(0, 50)))
+    enc = encode(data, reference=held[0], more=[(h, None) for h in held[1:]])
+    assert len(enc.payload) <= len(data) + 6
+    if enc.encoding is Encoding.MULTIPATCH:
+        assert enc.more_ids == tuple(digest(h) for h in held[1:])
+    got = decode_verified(enc, chunk_id=digest(data), raw_size=len(data), reference=held[0], more=held[1:])
+    assert got == data
