@@ -94,12 +94,12 @@ def round_trip(enc: Encoded, data: bytes, reference: bytes | None = None) -> Non
 
 def test_tags_and_names_are_stable():
     assert [(e.value, e.name.lower()) for e in Encoding] == [
-        (0, "raw"), (1, "zstd"), (2, "bytegroup"), (3, "xor"), (4, "patch"), (5, "delta")]
+        (0, "raw"), (1, "zstd"), (2, "bytegroup"), (3, "xor"), (4, "patch"), (5, "delta"), (6, "multipatch")]
     assert Encoding.parse(3) is Encoding.XOR
     assert Encoding.parse("bytegroup") is Encoding.BYTEGROUP
     assert Encoding.parse(4) is Encoding.PATCH
     assert Encoding.parse("delta") is Encoding.DELTA
-    for bad in (6, -1, "lz4"):
+    for bad in (7, -1, "lz4"):
         with pytest.raises(UnknownEncoding):
             Encoding.parse(bad)
 
