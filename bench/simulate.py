@@ -147,14 +147,18 @@ def origin_sockets(port: int) -> int:
     return n
 
 
-def origin_counters(url: str) -> tuple[float, float]:
-    """(requests served, chunk payload bytes sent) from the origin's /metrics."""
+def origin_counters(url: str, routes: dict | None = None) -> tuple[float, float]:
+    """(requests served, chunk payload bytes sent) from the origin's /metrics; `routes` gets the
+    requests by route."""
     req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
     text = urllib.request.urlopen(req, timeout=10).read().decode()
     requests = sent = 0.0
     for line in text.splitlines():
         if line.startswith("fabric_http_requests_total{"):
             requests += float(line.rsplit(" ", 1)[1])
+            if routes is not None:
+                key = line.split("{", 1)[1].rsplit("}", 1)[0]
+                routes[key] = routes.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         elif line.startswith("fabric_bytes_sent_total "):
             sent = float(line.rsplit(" ", 1)[1])
     return requests, sent
@@ -166,7 +170,10 @@ async def _worker() -> None:
     from agents.site.agent import SiteAgent
     from agents.site.app import create_app
     from agents.site.config import SiteConfig
+    from fabric import logs
     from fabric.wire.server import bound_port, serve
+    logs.setup(os.environ.get("SIM_LOG_LEVEL", "warning"))  # JSON lines with their fields, to the worker's log
+    logs.bind("agent")
     raise_nofile()
     from concurrent.futures import ThreadPoolExecutor
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32))  # many sites' file work at once
@@ -395,7 +402,8 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
         src = make_artifact(work / "v1", size)
         with SyncOrigin(url, PUBLISHER) as so:
             result = publish(src, artifact=ARTIFACT, target=RemoteTarget(so), version="v1")
-            r2, s2 = origin_counters(url)
+            before: dict = {}
+            r2, s2 = origin_counters(url, before)
             copy = sum(f.stat().st_size - 1 for f in (work / "origin" / "chunks").rglob("*") if f.is_file())
             sampler = Sampler(port)
             pids = [p.pid for p in agents.procs] if not real else \
@@ -406,7 +414,10 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
         seen, rss = agents.wait("v1", timeout)
         peak = sampler.stop()
         cpu = cpu_seconds(pids) - cpu0
-        r3, s3 = origin_counters(url)
+        after_routes: dict = {}
+        r3, s3 = origin_counters(url, after_routes)
+        _log("origin requests during the rollout, by route: " + ", ".join(
+            f"{k}: {v - before.get(k, 0):g}" for k, v in sorted(after_routes.items()) if v - before.get(k, 0)))
         after = origin_sockets(port)
         latencies = sorted(t - t0 for t in seen.values())
         depth = {site_name(i): d for d, level in enumerate(tree) for i in level}

@@ -16,6 +16,8 @@ sites are below them.
   other answer (a 404, a 422) is the answer;
 * an event stream from a source other than the first ends after `RETRY_PREFERRED`
   seconds, so the follower reconnects and the preferred relay is tried again;
+* a version's signed statement (or its absence) is asked once for all concurrent asks and
+  reused for `SIGNATURE_TTL` seconds;
 * it remembers the stream's epoch and last `seq`, and resumes with `after=seq` (the
   follower re-syncs at every `hello` anyway); every event it passes on also feeds the
   site's own re-served stream (`agents.site.event_relay.EventRelay`) and drops the
@@ -43,6 +45,8 @@ log = get_logger("agent")
 DEAD_FOR = 5.0  # seconds a source that failed is asked only after the others
 RETRY_PREFERRED = 30.0  # seconds an event stream from a fallback source lasts
 _QUEUE = 64  # events read ahead of the follower
+SIGNATURE_TTL = 2.0  # seconds a version's envelope (or its absence) is reused
+_SIGNATURES_KEPT = 256
 
 
 def relay_urls(cfg: SiteConfig) -> list[str]:
@@ -73,6 +77,8 @@ class UpstreamChain:
         self.epoch: str | None = None
         self.seq = 0
         self._dead: dict[str, float] = {}  # url -> until (monotonic)
+        self._signatures: dict[tuple[str, str], tuple[float, bytes | None]] = {}  # -> (until, envelope)
+        self._asking: dict[tuple[str, str], asyncio.Future] = {}
 
     @property
     def url(self) -> str:
@@ -123,7 +129,24 @@ class UpstreamChain:
         return await self._call("get_trust")
 
     async def get_signature(self, artifact: str, version: str) -> bytes | None:
-        return await self._call("get_signature", artifact, version)
+        """The version's envelope (or None), shared by concurrent asks and kept `SIGNATURE_TTL`
+        seconds: a relay passes its children's asks through (`agents.site.trust`), and a
+        thousand sites asking for an unsigned version's envelope must cost the origin one."""
+        key, now = (artifact, version), time.monotonic()
+        if (hit := self._signatures.get(key)) is not None and hit[0] > now:
+            return hit[1]
+        if key not in self._asking:
+            self._asking[key] = asyncio.ensure_future(self._call("get_signature", artifact, version))
+        task = self._asking[key]
+        try:
+            envelope = await asyncio.shield(task)
+        finally:
+            if task.done() and self._asking.get(key) is task:
+                del self._asking[key]
+        self._signatures[key] = (time.monotonic() + SIGNATURE_TTL, envelope)
+        while len(self._signatures) > _SIGNATURES_KEPT:
+            self._signatures.pop(next(iter(self._signatures)))
+        return envelope
 
     async def raw(self, method: str, path: str, params: dict | None, read: Callable) -> Any:
         """`read(client, method, path, params)` against the first source that answers (the relay's
