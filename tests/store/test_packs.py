@@ -142,6 +142,21 @@ def test_publish_gives_each_big_chunk_a_pack_of_its_own(tmp_path, rng):
     assert fsck(store).ok and fsck(store).chunks == len(sizes)
 
 
+@pytest.mark.parametrize("form", ["bytes", "bytearray", "offset view"])
+def test_a_pack_writer_takes_unaligned_buffers_through_its_staging_block(tmp_path, rng, form):
+    from fabric.store.packs import PackWriter
+    store = open_store(tmp_path / "store", compress=False)
+    data = random_bytes(rng, (3 << 20) + 4097)  # longer than the 1 MiB staging block, tail unaligned
+    given = {"bytes": data, "bytearray": memoryview(bytearray(data)),
+             "offset view": memoryview(bytearray(b"x" + data))[1:]}[form]
+    writer, cid = PackWriter(store), digest.digest(data)
+    assert writer.put(cid, given) == len(data) and not store.has_chunk(cid)  # visible after the flush
+    writer.flush()
+    ((got, ref),) = store.pack_refs()
+    assert got == cid and (ref.offset, ref.size) == (0, len(data))
+    assert (store.backend.root / ref.pack).stat().st_size == len(data) and store.get_chunk(cid) == data
+
+
 def test_with_compression_a_chunk_that_shrinks_stays_an_object(tmp_path, rng):
     store = open_store(tmp_path / "store")
     src = tmp_path / "src"
