@@ -120,5 +120,5 @@ def test_compare_and_swap_uses_the_etag_of_the_last_read(weed):
 
 def test_an_s3_store_declares_parallel_checks_and_no_files(weed):
     store = open_store(f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}", s3=weed.options)
-    assert store.capabilities.declared() == ["parallel_has"]
+    assert sorted(store.capabilities.declared()) == ["list_after", "parallel_has"]
     assert not store.local and store.stored_sizes([digest.digest(b"x")]) is None
