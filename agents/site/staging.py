@@ -21,8 +21,8 @@ pull at all, so activation is the trust checks and the flip.
 
 Staging runs under the deployer's lock (one pull at a time, never beside a prune), and
 yields to deploys: a deploy or rejection of anything but the version being staged
-cancels the staging pull (`yield_to`); the chunks already fetched stay in the store and
-the staging resumes after it. A failed staging is retried with backoff; a refused one
+cancels the staging pull (`yield_to`), as does a new staged version (`want`); the chunks
+already fetched stay in the store and the staging resumes after it. A failed staging is retried with backoff; a refused one
 waits for the next event or resync, like a refused deploy.
 """
 
@@ -58,7 +58,12 @@ class Stager:
     def want(self, ch: ChannelStatus, version: str | None) -> None:
         """The channel says `version` is staged (None: nothing is); from the follower."""
         a = ch.artifact
-        if version is None or version == ch.active:
+        if version == ch.active:
+            version = None
+        running = self._running.get(a)
+        if running and running[0] not in (version, ch.target) and not running[1].done():
+            running[1].cancel()  # the channel stages something else now (or nothing), and does not want it
+        if version is None:
             self.wanted[a] = None
             ch.staged = None
             return
@@ -111,7 +116,7 @@ class Stager:
                 self._running.pop(artifact, None)
                 if not task.done():
                     task.cancel()  # the loop itself is being cancelled (shutdown)
-            if task.cancelled():  # a deploy took the lock: try again once it is done
+            if task.cancelled():  # a deploy took the lock, or the channel stages another: look again
                 self._report(ch, version, "fetching", error=None)
                 self._wake[artifact].set()
                 continue

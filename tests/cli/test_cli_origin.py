@@ -81,8 +81,10 @@ def test_status_with_no_sites_and_with_hostile_reports(tmp_path):
         p = run_cli("status", "--origin", o.url, "--token", ADMIN_SECRET)
         assert p.returncode == 0 and "no sites have reported" in p.stdout
         hostile = {"channels": [{"artifact": "[/]", "channel": "[bold]x", "active": {"a": 1}, "syncing": "[/]",
-                                 "bytes_total": "lots", "bytes_done": None, "error": "[red]bad[/red] [/]"},
-                                {"channel": 5}, "not a dict", None],
+                                 "bytes_total": "lots", "bytes_done": None, "error": "[red]bad[/red] [/]",
+                                 "staged": {"version": "[/]v9", "state": "fetching", "bytes_total": "lots"}},
+                                {"channel": 5, "staged": {"version": ["v"], "state": 3}}, {"staged": "v2"},
+                                "not a dict", None],
                    "workers": [{"worker": "[/]w", "artifact": "[/]", "state": ["x"]}, 7],
                    "received": "yesterday"}
         r = request(o.url, "POST", "/v1/sites/x", hostile, token=SITE_SECRET)
@@ -90,6 +92,7 @@ def test_status_with_no_sites_and_with_hostile_reports(tmp_path):
         p = run_cli("status", "--origin", o.url, "--token", ADMIN_SECRET, env={"COLUMNS": "300"})
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
         assert "[/]:[bold]x" in p.stdout and "[red]bad[/red]" in p.stdout and "[/]w" in p.stdout
+        assert "staged [/]:[bold]x [/]v9: held at 0 of 1 site(s) following it, 1 fetching" in p.stdout, p.stdout
         for body in ({"channels": "nope", "workers": {"a": 1}}, {"channels": [{"syncing": 1, "bytes_total": 0}]}):
             assert request(o.url, "POST", "/v1/sites/x", body, token=SITE_SECRET).status == 200
             p = run_cli("status", "--origin", o.url, "--token", ADMIN_SECRET)
