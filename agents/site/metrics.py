@@ -61,7 +61,11 @@ class AgentMetrics:
                                       "Worker loads that checked bytes with BLAKE3 because the site seal was "
                                       "missing, malformed, stale, incomplete or did not match", ["reason"],
                                       registry=registry)
-        self._all = [self.seal_fallbacks, self.active, self.sync_done, self.sync_expected, self.by_source, self.bad_chunks, self.deploys,
+        self.stagings = Counter("fabric_agent_stagings", "Staging pulls by outcome (held, failed, refused)",
+                                ["outcome"], registry=registry)
+        self.staged = Gauge("fabric_agent_staged_version", "1 for each artifact's staged version held here, "
+                            "not active (agents.site.staging)", ["artifact", "version"], registry=registry)
+        self._all = [self.stagings, self.staged, self.seal_fallbacks, self.active, self.sync_done, self.sync_expected, self.by_source, self.bad_chunks, self.deploys,
                      self.deploy_seconds, self.activation_seconds, self.canary_rejections, self.disk,
                      self.high_watermark, self.signature_refusals, self.statement_expiry, self.channel_stale,
                      self.channel_trust]

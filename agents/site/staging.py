@@ -15,7 +15,8 @@ docs/protocol.md "Staged versions"). The follower (`agents.site.follow`) hands i
 It never flips `current/`, never touches the workers and never changes the channel's
 `target`. The site reports it per channel as `staged`: {"version", "state" ("fetching",
 "held", "failed", "refused"), "bytes_done", "bytes_total", "error"}. Retention keeps the
-staged version (`also_keep`). When the channel then moves to a version this process
+staged version (`also_keep`). Metrics: `fabric_agent_stagings_total{outcome}` (held,
+failed, refused) and `fabric_agent_staged_version{artifact,version}` (1 while held). When the channel then moves to a version this process
 held, the deploy takes `held(...)`: the manifest from the site's own registry and no
 pull at all, so activation is the trust checks and the flip.
 
@@ -54,6 +55,7 @@ class Stager:
         self._held: dict[str, str] = {}  # artifact -> a version this process staged, verified, complete
         self._running: dict[str, tuple[str, asyncio.Task]] = {}
         self._wake = {a: asyncio.Event() for a in site.channels}
+        self._shown: dict[str, str] = {}  # artifact -> the version fabric_agent_staged_version shows
 
     def want(self, ch: ChannelStatus, version: str | None) -> None:
         """The channel says `version` is staged (None: nothing is); from the follower."""
@@ -63,6 +65,8 @@ class Stager:
         running = self._running.get(a)
         if running and running[0] not in (version, ch.target) and not running[1].done():
             running[1].cancel()  # the channel stages something else now (or nothing), and does not want it
+        if version != self._shown.get(a):
+            self._gauge(a, None)
         if version is None:
             self.wanted[a] = None
             ch.staged = None
@@ -83,6 +87,7 @@ class Stager:
         if self._held.get(artifact) != version:
             return None
         del self._held[artifact]
+        self._gauge(artifact, None)  # about to be active
         site = self.site
         if not await asyncio.to_thread(site.layout.version_dir(artifact, version).is_dir):
             return None
@@ -124,15 +129,26 @@ class Stager:
             if e is None:
                 backoff = 1.0
             elif isinstance(e, SignatureError):  # the same bytes would be refused again: wait for news
+                self.site.metrics.stagings.labels("refused").inc()
                 self._report(ch, version, "refused", error=f"{e.code}: {e.message}")
                 log.error("staged version refused; not held", artifact=artifact, version=version, code=e.code,
                           error=e.message)
             else:
                 err = e if isinstance(e, FabricError) else FabricError(repr(e))
+                self.site.metrics.stagings.labels("failed").inc()
                 self._report(ch, version, "failed", error=f"{err.code}: {err.message}")
                 log.error("staging failed", artifact=artifact, version=version, error=err.message, retry_in_s=backoff)
                 asyncio.get_running_loop().call_later(backoff, self._wake[artifact].set)
                 backoff = min(backoff * 2, 60.0)
+
+    def _gauge(self, artifact: str, version: str | None) -> None:
+        """fabric_agent_staged_version: 1 for the version held for `artifact` (None: none)."""
+        old = self._shown.pop(artifact, None)
+        if old is not None:
+            self.site.metrics.staged.remove(artifact, old)
+        if version is not None:
+            self.site.metrics.staged.labels(artifact, version).set(1)
+            self._shown[artifact] = version
 
     def _needs(self, ch: ChannelStatus, version: str | None) -> bool:
         if version is None or version == ch.active or version in self.site.statefile.state.bad.get(ch.artifact, []):
@@ -169,6 +185,8 @@ class Stager:
             else:
                 await site.trust.keep_unverified(artifact, version)  # for the sites below, untouched
             self._held[artifact] = version
+            self.site.metrics.stagings.labels("held").inc()
+            self._gauge(artifact, version)
             self._report(ch, version, "held", bytes_done=total, error=None)
             log.info("version staged: held, not active", artifact=artifact, version=version, active=ch.active,
                      chunks_fetched=result.chunks_fetched, bytes_received=result.bytes_received,

@@ -98,6 +98,9 @@ def test_staged_version_is_held_everywhere_then_the_promote_only_flips(lab):
     again = request(a.url, "GET", f"/v1/site/workers/w1/assignment?after={seq}&wait=0.2",
                     token=SITE_SECRETS["edge-a"])
     assert again.status == 200 and again.json()["assignment"] is None, again  # the worker was not reassigned
+    metrics = a.metrics()
+    assert metrics.get(f'fabric_agent_staged_version{{artifact="{A}",version="v2"}}') == 1.0
+    assert metrics.get('fabric_agent_stagings_total{outcome="held"}') == 1.0
     gone = request(a.url, "DELETE", "/v1/site/workers/w1", token=SITE_SECRETS["edge-a"])  # no canary to wait on
     assert gone.status in (200, 204), gone
 
@@ -118,6 +121,7 @@ def test_staged_version_is_held_everywhere_then_the_promote_only_flips(lab):
     assert not _fetched(a, "v2") and not _fetched(b, "v2")  # the flip only: the deploy fetched nothing
     assert so.channel(A, CH).staged is None  # the promote cleared it
     _until(lambda: _channel(a).get("staged") is None, "the site's staged cleared")
+    assert not any(k.startswith("fabric_agent_staged_version{") for k in a.metrics())
 
     missing = fabric("stage", f"{A}@nope", "--channel", CH, "--origin", origin.url, "--token", PUBLISH_SECRET,
                      "--json")
@@ -186,6 +190,7 @@ def test_on_a_signed_channel_the_stage_is_unsigned_and_the_version_statement_is_
         assert staged["error"].startswith("unsigned") and staged["bytes_done"] == 0, staged
         assert not (site.data / "versions" / A / "v3").exists() and site.active(A) == "v2"
         assert _channel(site)["trust"] == "verified"  # the channel itself is as it was
+        assert site.metrics().get('fabric_agent_stagings_total{outcome="refused"}', 0) >= 1
     finally:
         site.stop()
         so.close()
