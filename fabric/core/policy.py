@@ -22,6 +22,9 @@ class Mode(IntEnum):
     STORED = 2  # forward the stored form: no codec work at all
 
 
+MARGIN = 0.05  # a codec mode's predicted cost must be this much below stored's to be chosen
+
+
 class EncodePolicy:
     """Choose per chunk how hard to encode, so encoding never makes a transfer slower.
 
@@ -38,8 +41,8 @@ class EncodePolicy:
 
         max(codec s/B ÷ workers, link s/B × the mode's wire ratio)
 
-    and `choose` picks the cheapest (ties: the smaller ratio, then the less codec
-    time). `STORED` costs no codec time and its ratio is learnt from every encoded
+    and `choose` picks the cheapest, a codec mode's cost counted `MARGIN` (5%) higher
+    (ties: the smaller ratio, then the less codec time). `STORED` costs no codec time and its ratio is learnt from every encoded
     chunk (`stored=`), so it is always known: when the link outruns the codec it
     wins, and a sync runs as fast as it did before encodings; when the codec outruns
     the link the compact modes win. Before anything is measured the policy picks
@@ -103,8 +106,10 @@ class EncodePolicy:
     def _best(self) -> Mode:
         if self._link is None or self._ratio[Mode.FULL] is None:
             return Mode.FULL
-        # ties (a codec that gains nothing: incompressible data) go to the least codec time
-        known = [(p, self._ratio[m], self._codec[m], m) for m in Mode if (p := self.predicted(m)) is not None]
+        # a codec mode must beat stored by MARGIN (its costs beyond the model: copies instead of
+        # sendfile, the receiver's decoding); ties go to the smaller ratio, then the least codec time
+        known = [(p * (1.0 if m == Mode.STORED else 1.0 + MARGIN), self._ratio[m], self._codec[m], m)
+                 for m in Mode if (p := self.predicted(m)) is not None]
         return min(known)[3]
 
     def encoded(self, mode: Mode, raw: int, wire: int, seconds: float, *, stored: int | None = None) -> None:

@@ -6,10 +6,12 @@ the bytes have crossed it, so timing writes measures the link as much faster tha
 is (docs/encodings.md, "Rate control"). Linux keeps, per TCP connection
 (`getsockopt(TCP_INFO)`), `tcpi_bytes_acked` (bytes the peer acknowledged) and
 `tcpi_busy_time` (microseconds the connection had unacknowledged or unsent data:
-sending, or held back by the peer's receive window or a full send buffer). Their
-growth between two readings is what the link delivered and how long it took, whether
-the sender kept the link full or not (a codec slower than the link leaves it idle
-between chunks, and idle time is not busy time).
+sending, or held back by the peer's receive window or a full send buffer) less
+`tcpi_rwnd_limited` (the part held back by the peer's receive window). Their growth
+between two readings is what the link delivered and how long it took, whether the
+sender kept the link full or not (a codec slower than the link leaves it idle between
+chunks, and idle time is not busy time); a receiver slower than the link does not
+count as a slow link.
 
 `metered(policy, transport)` wraps an `EncodePolicy` for one response: its `wrote`
 (called after each write) reads the counters and reports their growth to the
@@ -31,9 +33,10 @@ from typing import Any
 from fabric.core.policy import EncodePolicy
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
-_SIZE = 176  # struct tcp_info through tcpi_busy_time (Linux >= 4.10)
+_SIZE = 184  # struct tcp_info through tcpi_rwnd_limited (Linux >= 4.10)
 _ACKED = 120  # __u64 tcpi_bytes_acked
 _BUSY = 168  # __u64 tcpi_busy_time, microseconds
+_RWND = 176  # __u64 tcpi_rwnd_limited, microseconds (part of the busy time)
 MIN_BUSY = 0.04  # seconds of busy time per report (>= 10 ticks at HZ=250)
 MAX_BYTES = 32 << 20  # report at least this often, however little time it took (a fast link)
 
@@ -41,7 +44,11 @@ _LAST: "weakref.WeakKeyDictionary[Any, tuple[int, float]]" = weakref.WeakKeyDict
 
 
 def read_counters(sock) -> tuple[int, float] | None:
-    """(bytes acknowledged, busy seconds) of a TCP socket, or None where the kernel does not say."""
+    """(bytes acknowledged, seconds busy on the link) of a TCP socket, or None where the kernel does not say.
+
+    Busy time held back by the peer's receive window is left out: a receiver slower than
+    the link (on loopback, one verifying every chunk) is not a slow link, and fewer bytes
+    that it must decode would not help it."""
     if _TCP_INFO is None or sock is None:
         return None
     try:
@@ -52,7 +59,8 @@ def read_counters(sock) -> tuple[int, float] | None:
         return None
     (acked,) = struct.unpack_from("=Q", info, _ACKED)
     (busy,) = struct.unpack_from("=Q", info, _BUSY)
-    return acked, busy / 1e6
+    (rwnd,) = struct.unpack_from("=Q", info, _RWND)
+    return acked, max(busy - rwnd, 0) / 1e6
 
 
 class MeteredPolicy:
