@@ -1,9 +1,10 @@
 """Staged switches: promote to every site active, with the version staged first and without.
 
-    python -m bench.staging [--size-mb 128] [--sites 3] [--runs 3] [--workdir DIR]
+    python -m bench.staging [--size-mb 128] [--sites 3] [--runs 3] [--tree] [--workdir DIR]
 
 Starts a real `fabric origin` and `--sites` `fabric agent` processes on loopback, all
-following `m:prod` (each keeps 1 version, so the disk stays small). Each run publishes
+following `m:prod` (each keeps 1 version, so the disk stays small); with `--tree` the
+first site is a hub the others fetch and follow through (`upstreams = [hub]`). Each run publishes
 two versions of `--size-mb` MB of random bytes (nothing to dedup, nothing to compress):
 
 1. **staged**: publish `s<n>`, `fabric stage` it (the registry's stage, through the
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size-mb", type=int, default=128)
     ap.add_argument("--sites", type=int, default=3, choices=range(1, len(SITES) + 1))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tree", action="store_true", help="the first site a relay for the others")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fabric-staging-"))
@@ -99,10 +101,16 @@ def main(argv=None) -> int:
     try:
         _publish(so, work / "src", "v0", 1)
         so.promote("m", "v0", "prod")
-        agents = [AgentProcess(work, s, origin.url, follow=["m:prod"], retention={"keep": 1},
-                               sync={"resync_interval": 30}).start() for s in SITES[:args.sites]]
+        common = {"follow": ["m:prod"], "retention": {"keep": 1}, "sync": {"resync_interval": 30}}
+        if args.tree:
+            hub = AgentProcess(work, SITES[0], origin.url, tokens=tokens, **common).start()
+            agents = [hub] + [AgentProcess(work, s, origin.url, upstreams=[hub.url], **common).start()
+                              for s in SITES[1:args.sites]]
+        else:
+            agents = [AgentProcess(work, s, origin.url, **common).start() for s in SITES[:args.sites]]
         _all_active(agents, "v0", time.monotonic(), 120)
-        print(f"{COMMAND}: {args.sites} site agents and an origin on loopback (load average "
+        shape = "a hub and edges through it" if args.tree else "each from the origin"
+        print(f"{COMMAND}: {args.sites} site agents ({shape}) and an origin on loopback (load average "
               f"{os.getloadavg()[0]:.1f}); versions of {args.size_mb} MB random bytes; promote answer -> every "
               f"site's current/m")
         for run in range(1, args.runs + 1):
