@@ -42,7 +42,8 @@ def status(origin: Optional[str] = OriginOpt, token: Optional[str] = TokenOpt, a
             if not _items(sites):
                 out.print(f"no sites have reported to {esc(cfg.origin)} yet")
             else:
-                table(["site", "channel", "active", "target", "staged", "trust", "syncing", "workers", "error",
+                staging = ["staged"] if any(r["staged"] for r in rows) else []  # a column only while it says something
+                table(["site", "channel", "active", "target", *staging, "trust", "syncing", "workers", "error",
                        "seen"], rows)
             for s in staged:
                 out.print(f"staged {esc(s['channel'])} {esc(s['version'])}: held at {s['held']} of {s['sites']} "
