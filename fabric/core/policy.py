@@ -29,21 +29,22 @@ class EncodePolicy:
     """Choose per chunk how hard to encode, so encoding never makes a transfer slower.
 
     The sender reports each chunk it encodes (`encoded`: mode, raw and wire bytes,
-    codec seconds, CPU time of the encoding thread) and what the link delivered
+    codec seconds: CPU time of the encoding thread) and what the link delivered
     (`delivered`: bytes the peer acknowledged and the seconds the connection was busy
     sending them, from the kernel's TCP counters; `fabric.wire.linkrate`). Where the
     kernel cannot tell, the time each write waits (`wrote`) stands in; it is ignored
     once `delivered` has reported, since socket buffers and sendfile make writes
     return long before the bytes have crossed the link. The policy keeps moving
     averages, weighted by bytes, of, per mode, codec seconds per raw byte and wire
-    bytes per raw byte, and of the link's seconds per wire byte. Encoding runs ahead of the writes in
-    `workers` threads, so a mode's predicted cost per raw byte is
+    bytes per raw byte, and of the link's seconds per wire byte. Encoding runs ahead
+    of the writes in `workers` threads, so a mode's predicted cost per raw byte is
 
         max(codec s/B ÷ workers, link s/B × the mode's wire ratio)
 
     and `choose` picks the cheapest, a codec mode's cost counted `MARGIN` (5%) higher
-    (ties: the smaller ratio, then the less codec time). `STORED` costs no codec time and its ratio is learnt from every encoded
-    chunk (`stored=`), so it is always known: when the link outruns the codec it
+    (ties: the smaller ratio, then the less codec time). `STORED` costs no codec time
+    and its ratio is learnt from every encoded chunk (`stored=`), so it is always
+    known: when the link outruns the codec it
     wins, and a sync runs as fast as it did before encodings; when the codec outruns
     the link the compact modes win. Before anything is measured the policy picks
     `FULL`. Every `probe` chunks it tries a codec mode it is not using, but only one
