@@ -90,25 +90,31 @@ class ProgressFloor:
             self._mark = (waited, received)
 
 
-MEMORY_BUDGET = 32 << 20  # payload bytes a site's fetches hold at once, read but not yet stored
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MEMORY_BUDGET = 12 << 20  # payload bytes a site's fetches hold at once, read but not yet stored (issue 17)
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters
+MMAP_THRESHOLD = 128 << 10  # blocks this large or larger are mapped, and unmapped when freed
+ARENAS = 2  # malloc arenas: each thread that decodes, verifies or stores a chunk would get its own
 _mmap_fixed = False
 
 
 def _return_freed_payloads() -> None:
-    """Make glibc mmap every allocation of 1 MiB or more, once per process.
+    """Make glibc mmap every allocation of `MMAP_THRESHOLD` or more, once per process.
 
     By default glibc raises its mmap threshold to the largest block freed (up to 32 MiB),
     so after the first chunk payload, 8 MiB payloads come from per-thread heaps that keep
     freed memory: the process's peak RSS then grows far past what `ByteBudget` holds at
-    any one time. A fixed threshold returns each freed payload to the OS. Elsewhere than
-    glibc this does nothing."""
+    any one time. A fixed threshold returns each freed payload to the OS, and the socket
+    reads and a relay's file pieces (128-256 KiB) with them. Smaller blocks freed in one
+    of up to 8 x cores per-thread arenas stay resident there; `ARENAS` arenas keep that
+    to a few. Elsewhere than glibc this does nothing."""
     global _mmap_fixed
     if _mmap_fixed:
         return
     _mmap_fixed = True
     try:
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_ARENA_MAX, ARENAS)
     except (AttributeError, OSError):
         pass
 

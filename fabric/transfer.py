@@ -415,6 +415,7 @@ class _Engine:
                     seen.add(frame.chunk_id)
                     held[0] = 0  # `_receive` gives it back
                     receiving.add(asyncio.create_task(self._receive(source, frame, batch, done, retry)))
+                    del frame  # `_receive` holds the payload now: not this loop while the next waits on the budget
                     if len(receiving) >= _RECEIVE_AHEAD:
                         finished, receiving = await asyncio.wait(receiving, return_when=asyncio.FIRST_COMPLETED)
                         for t in finished:

@@ -42,7 +42,10 @@ from fabric.store.registry import Channel, _channel_from, resolve_ref
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection
 READ_TIMEOUT = 60.0  # seconds any one socket read may wait (the event stream's keepalives come every 15)
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
-_READ_BUFFER = 4 << 20  # read big chunk frames in few large pieces, not 64 KiB ones
+# aiohttp's StreamReader reads ahead up to 2x this per connection, whether or not the reader
+# is waiting on its memory budget: 4 MiB cost a site 8 MiB per connection (issue 17). 256 KiB
+# is the most one socket read brings (asyncio's max_size), so it costs no extra wake-ups.
+READ_BUFFER = 256 << 10
 
 
 class OriginClient:
@@ -65,7 +68,7 @@ class OriginClient:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
             self._session = aiohttp.ClientSession(headers=self._headers, timeout=_TIMEOUT, connector=connector,
-                                                  read_bufsize=_READ_BUFFER)
+                                                  read_bufsize=READ_BUFFER)
         return self._session
 
     async def close(self) -> None:
