@@ -17,17 +17,15 @@ streamed through), except what a lie replaces, as an attacker who controls the o
 `forge_channel` and `forge_version` sign what an attacker wants with a key it does hold
 (its own, untrusted one, or a publisher key trusted for other artifacts); `altered`
 changes a genuine statement and keeps its signatures; `substituted_manifest` serves
-another version's files under a version's name. Runs its own
-event loop in a thread, so blocking tests can use it; set the lies from the test at any time.
+another version's files under a version's name. Runs its own event loop in a thread
+(tests/helpers/threaded.py), so blocking tests can use it; set the lies from the test at any time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import re
-import threading
 
 import aiohttp
 from aiohttp import web
@@ -35,7 +33,7 @@ from aiohttp import web
 from fabric.core.manifest import Manifest
 from fabric.trust import Envelope, Key, VersionStatement, canonical, sign
 
-from .ports import free_port
+from .threaded import ThreadedProxy
 
 _CHANNEL = re.compile(r"^/v1/artifacts/([^/]+)/channels/([^/]+)$")
 _SIGNATURE = re.compile(r"^/v1/artifacts/([^/]+)/versions/([^/]+)/signature$")
@@ -43,10 +41,13 @@ _MANIFEST = re.compile(r"^/v1/artifacts/([^/]+)/versions/([^/]+)$")
 _HOP = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
 
 
-class LyingOrigin:
+class LyingOrigin(ThreadedProxy):
+    _session_options = {"timeout": aiohttp.ClientTimeout(total=None)}
+    _runner_options = {"shutdown_timeout": 1}
+    _stop_wait = 15.0
+
     def __init__(self, upstream: str):
-        self.upstream = upstream.rstrip("/")
-        self.port = free_port()
+        super().__init__(upstream)
         self.channels: dict[tuple[str, str], dict] = {}
         self.signatures: dict[tuple[str, str], bytes] = {}
         self.manifests: dict[tuple[str, str], bytes] = {}
@@ -54,14 +55,6 @@ class LyingOrigin:
         self.strip_signatures = False
         self.strip_trust = False
         self.served: dict[str, int] = {}  # lies served, by kind
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def tell_the_truth(self) -> None:
         self.channels.clear(), self.signatures.clear(), self.manifests.clear()
@@ -119,36 +112,6 @@ class LyingOrigin:
                 await out.write(block)
             await out.write_eof()
             return out
-
-    # --- life -------------------------------------------------------------------------------------
-
-    async def _start(self) -> None:
-        self._session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def _stop(self) -> None:
-        await self._runner.cleanup()
-        await self._session.close()
-
-    def start(self) -> "LyingOrigin":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(15)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    def __enter__(self) -> "LyingOrigin":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _headers(request: web.Request) -> dict[str, str]:

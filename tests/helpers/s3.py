@@ -25,12 +25,12 @@ import threading
 import time
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
 from fabric.store.s3 import S3Options, make_client
-from helpers.ports import free_port, free_ports
+from helpers.ports import free_port, free_ports  # noqa: F401 (test_hook.py takes free_port from here)
 from helpers.process import ServerProcess
+from helpers.threaded import ThreadedProxy
 
 WEED = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
 ACCESS_KEY, SECRET_KEY = "fabric-test-key", "fabric-test-secret-7c1e"
@@ -153,26 +153,17 @@ _SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</C
               b"<Message>Please reduce your request rate.</Message></Error>")
 
 
-class ThrottlingProxy:
+class ThrottlingProxy(ThreadedProxy):
     """Forwards HTTP to `upstream`, except that the first `throttle` requests get 503 SlowDown.
 
-    Runs its own event loop in a thread, so blocking tests can use it. `throttled` and
-    `forwarded` count requests; set `throttle` again at any time to throttle more.
+    Runs its own event loop in a thread (helpers/threaded.py), so blocking tests can use it.
+    `throttled` and `forwarded` count requests; set `throttle` again at any time to throttle more.
     """
 
     def __init__(self, upstream: str, throttle: int = 0):
-        self.upstream = upstream.rstrip("/")
+        super().__init__(upstream)
         self.throttle = throttle
         self.throttled = self.forwarded = 0
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if self.throttle > 0:
@@ -194,34 +185,6 @@ class ThrottlingProxy:
                 out["Content-Length"] = up.headers["Content-Length"]  # HEAD: the size of what GET would send
                 return web.Response(status=up.status, headers=out)
             return web.Response(status=up.status, body=payload, headers=out)
-
-    async def _start(self) -> None:
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def _stop(self) -> None:
-        await self._runner.cleanup()
-        await self._session.close()
-
-    def start(self) -> "ThrottlingProxy":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    def __enter__(self) -> "ThrottlingProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # --- the hook receiver, in this process ------------------------------------------------------------
