@@ -34,7 +34,7 @@ from fabric.core.manifest import check_name
 from fabric.errors import NotFound, RelayUnavailable
 from fabric.store.store import Store
 from fabric.wire.client import OriginClient, error_from, read_body
-from fabric.wire.events import sse_handler
+from fabric.wire.events import Followed, sse_handler
 from fabric.wire.negotiate import serve_manifest
 from fabric.wire.protocol import ARTIFACTS, EVENTS, MAX_ANSWER, MAX_MANIFEST
 from fabric.wire.server import principal
@@ -50,16 +50,13 @@ RELAY_LOG = web.AppKey("relay_events", object)
 READS = web.AppKey("relay_reads", object)
 
 
-class EventRelay:
+class EventRelay(Followed):
     """The upstream's events, re-served: `epoch`, `seq`, `closed`, `since`, `wait` as EventLog has."""
 
     def __init__(self, keep: int = KEEP):
-        self.epoch: str | None = None
-        self.seq = 0
-        self.closed = False
+        super().__init__(None)  # the upstream's, from its first hello
         self._base = 0  # the log holds every event after this seq
         self._events: deque[dict] = deque(maxlen=keep)
-        self._changed = asyncio.Condition()
         self._opened = asyncio.Event()
 
     def feed(self, event: str, data: dict, resumed: bool) -> None:
@@ -80,21 +77,8 @@ class EventRelay:
             return
         asyncio.get_running_loop().create_task(self._notify())
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
     def since(self, after: int) -> tuple[list[dict], bool]:
         return [e for e in self._events if e["seq"] > after], after >= self._base
-
-    async def wait(self, after: int, timeout: float) -> None:
-        epoch = self.epoch
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(
-                    lambda: self.seq > after or self.closed or self.epoch != epoch), timeout)
-            except asyncio.TimeoutError:
-                pass
 
     async def opened(self, timeout: float) -> bool:
         try:
@@ -102,10 +86,6 @@ class EventRelay:
         except asyncio.TimeoutError:
             pass
         return self.epoch is not None
-
-    async def close(self) -> None:
-        self.closed = True
-        await self._notify()
 
 
 def _visible(request: web.Request, event: dict) -> bool:

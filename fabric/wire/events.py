@@ -31,13 +31,40 @@ _KEEP = 4096
 _KEEPALIVE = 15.0  # seconds between comment lines on an idle stream
 
 
-class EventLog:
-    def __init__(self, keep: int = _KEEP):
-        self.epoch = uuid.uuid4().hex[:12]
+class Followed:
+    """What `sse_handler` follows: `epoch`, `seq`, `closed`, `wait`, `close` here; `since` in
+    each kind (`EventLog`; a relay's `agents.site.event_relay.EventRelay`)."""
+
+    def __init__(self, epoch: str | None):
+        self.epoch = epoch
         self.seq = 0
         self.closed = False
-        self._events: deque[dict] = deque(maxlen=keep)
         self._changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        """End every open stream (at server shutdown, so it need not wait for them)."""
+        self.closed = True
+        await self._notify()
+
+    async def wait(self, after: int, timeout: float) -> None:
+        """Until an event past `after`, a close or a new epoch; at most `timeout` seconds."""
+        epoch = self.epoch
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(
+                    lambda: self.seq > after or self.closed or self.epoch != epoch), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+
+class EventLog(Followed):
+    def __init__(self, keep: int = _KEEP):
+        super().__init__(uuid.uuid4().hex[:12])
+        self._events: deque[dict] = deque(maxlen=keep)
 
     def append(self, event: dict) -> dict:
         self.seq += 1
@@ -45,10 +72,6 @@ class EventLog:
         self._events.append(event)
         asyncio.get_running_loop().create_task(self._notify())
         return event
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
 
     def since(self, after: int) -> tuple[list[dict], bool]:
         """Events with seq > after, and whether the log still held all of them."""
@@ -60,20 +83,6 @@ class EventLog:
         stream ends, and each follower, reconnecting, sees the new epoch and re-syncs."""
         self.epoch = uuid.uuid4().hex[:12]
         asyncio.get_running_loop().create_task(self._notify())
-
-    async def close(self) -> None:
-        """End every open stream (at server shutdown, so it need not wait for them)."""
-        self.closed = True
-        await self._notify()
-
-    async def wait(self, after: int, timeout: float) -> None:
-        epoch = self.epoch
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(
-                    lambda: self.seq > after or self.closed or self.epoch != epoch), timeout)
-            except asyncio.TimeoutError:
-                pass
 
 
 def sse_handler(key: web.AppKey, require: Callable[[web.Request], None],
