@@ -74,6 +74,25 @@ def serving(a):
     return a.serving()
 
 
+def fail_then_restore(kind, versions, fault):
+    """A `kind` server with `fault` loads v2 over v1; the fault cleared, v1 is restored: (t, rec, back)."""
+    t = server(kind, versions["v1"])
+    t.server.faults.add(fault)
+    a = adapter(t)
+    try:
+        async def steps():
+            try:
+                rec = await a.load("v2", versions["v2"], ("v1", versions["v1"]))
+                t.server.faults.clear()
+                return rec, await a.restore(("v1", versions["v1"]))
+            finally:
+                await a.close()
+        rec, back = asyncio.run(steps())
+    finally:
+        t.stop()
+    return t, rec, back
+
+
 # --- vLLM ---------------------------------------------------------------------------------
 
 def test_vllm_pauses_reloads_resumes_then_asks_the_golden_request(versions):
@@ -146,21 +165,7 @@ def test_the_extension_loads_through_load_weights_on_a_fake_worker(versions):
     ("health_5xx", "health_check_failed", True),
 ])
 def test_vllm_faults_fail_the_load_and_restore_puts_the_previous_back(versions, fault, code, changed):
-    t = server("vllm", versions["v1"])
-    t.server.faults.add(fault)
-    a = adapter(t)
-    try:
-        async def steps():
-            try:
-                rec = await a.load("v2", versions["v2"], ("v1", versions["v1"]))
-                t.server.faults.clear()
-                back = await a.restore(("v1", versions["v1"]))
-                return rec, back
-            finally:
-                await a.close()
-        rec, back = asyncio.run(steps())
-    finally:
-        t.stop()
+    t, rec, back = fail_then_restore("vllm", versions, fault)
     assert not rec.ok and rec.error.startswith(code + ":") and rec.changed is changed, rec
     assert "POST /resume" in t.server.requests  # a pause sent is always undone, even one that timed out
     assert back.ok and t.server.answer == " Paris" and t.server.folder == versions["v1"]
@@ -239,20 +244,7 @@ def test_sglang_without_weight_version_in_model_info_asks_get_weight_version(ver
     ("health_5xx", "health_check_failed", True),
 ])
 def test_sglang_faults_and_their_restore(versions, fault, code, changed):
-    t = server("sglang", versions["v1"])
-    t.server.faults.add(fault)
-    a = adapter(t)
-    try:
-        async def steps():
-            try:
-                rec = await a.load("v2", versions["v2"], ("v1", versions["v1"]))
-                t.server.faults.clear()
-                return rec, await a.restore(("v1", versions["v1"]))
-            finally:
-                await a.close()
-        rec, back = asyncio.run(steps())
-    finally:
-        t.stop()
+    t, rec, back = fail_then_restore("sglang", versions, fault)
     assert not rec.ok and rec.error.startswith(code + ":") and rec.changed is changed, rec
     assert back.ok and t.server.folder == versions["v1"]
     assert t.server.loads.count(str(versions["v1"])) == (1 if changed else 0)  # re-updated only if it changed
