@@ -162,6 +162,11 @@ class HttpAdapter:
         except FabricError as e:
             raise HealthCheckFailed(f"server {self.name}: the health request on {version} failed: "
                                     f"{e.code}: {e.message}") from None
+        self._compare(body, version)
+
+    def _compare(self, body: Any, version: str) -> None:
+        """With a recorded `expect`: the health answer in `body` must match it within tolerance."""
+        h = self.config.health
         if h is None or h.expect is None:
             return
         where = (h.field or self.health_field)

@@ -35,7 +35,7 @@ from fabric.errors import ConfigError, FabricError, HealthCheckFailed, ServerRef
 
 from agents.serving import v2_repository
 from agents.serving.base import LoadRecord, ServerConfig
-from agents.serving.http import HttpAdapter, folder_bytes, log, matches, pick
+from agents.serving.http import HttpAdapter, folder_bytes, log
 
 _OPTIONS = {"repository", "template", "probe_interval"}
 _POLICY = re.compile(r"version_policy\s*:?\s*\{\s*(all|specific|latest\s*:?\s*\{\s*num_versions\s*:\s*(\d+))")
@@ -123,16 +123,7 @@ class KserveAdapter(HttpAdapter):
         if reported is not None and reported != version:
             raise ServerWrongVersion(f"server {self.name}: asked to serve {version}, its answer says "
                                      f"model_version {body.get('model_version')!r} ({reported})")
-        if h.expect is None:
-            return
-        where = h.field or self.health_field
-        try:
-            answer = pick(body, where)
-        except (KeyError, ValueError, IndexError, TypeError):
-            raise HealthCheckFailed(f"server {self.name}: the health answer on {version} has no {where!r}") from None
-        if not matches(answer, h.expect, h.tolerance):
-            raise HealthCheckFailed(f"server {self.name}: the health answer on {version} is {str(answer)[:200]!r}, "
-                                    f"expected {str(h.expect)[:200]!r} (tolerance {h.tolerance:g})")
+        self._compare(body, version)
 
     async def serving(self) -> str | None:
         """The version the golden answer names (or, without a health request, Triton's newest ready version)."""
