@@ -36,6 +36,7 @@ from fabric.core.manifest import check_name
 from fabric.core.topology import ORIGIN, Topology
 from fabric.errors import FabricError, NotFound
 from fabric.logs import get_logger
+from fabric.pacing import return_freed_payloads
 from fabric.store.registry import Registry
 from fabric.store.store import Store, open_store
 from fabric.transfer import Inflight
@@ -63,6 +64,7 @@ log = get_logger("agent")
 
 class SiteAgent:
     def __init__(self, cfg: SiteConfig):
+        return_freed_payloads()  # a long-lived process: freed chunk payloads go back to the OS
         self.cfg = cfg
         self.layout = Layout(cfg.data)
         self.layout.sweep_staging()

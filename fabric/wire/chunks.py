@@ -249,26 +249,47 @@ async def _sendfile_frames(request: web.Request, resp: web.StreamResponse, store
     The time each send takes goes to `policy`, which thus notices a link getting slower.
     """
     loop = asyncio.get_running_loop()
-    for cid in ids:
-        opened = None if cid in hidden else await asyncio.to_thread(_open_chunk, store, cid)
-        if opened is None:
-            metrics.chunks_missing.inc()
-            await resp.write(frames.missing_frame(cid))
-            continue
-        stored, raw_size = opened
-        try:
-            await resp.write(frames.chunk_header(cid, stored.tag, raw_size, stored.size))
-            if request.transport is None:
-                raise ConnectionResetError("client went away")
-            t0 = time.perf_counter()
-            await loop.sendfile(request.transport, stored.file, stored.offset, stored.size)
-            if policy:
-                policy.wrote(stored.size, time.perf_counter() - t0)
-                policy.encoded(Mode.STORED, raw_size, stored.size, 0.0)
-        finally:
-            stored.file.close()
-        metrics.chunks_out.inc()
-        metrics.bytes_out.inc(stored.size)
+    ahead: asyncio.Future | None = None  # the next chunk, opened (and its pages asked for) while this one goes
+    try:
+        for i, cid in enumerate(ids):
+            opened = None if cid in hidden else await (ahead or asyncio.to_thread(_open_chunk, store, cid))
+            ahead = None
+            if i + 1 < len(ids) and ids[i + 1] not in hidden:
+                ahead = asyncio.ensure_future(asyncio.to_thread(_open_chunk, store, ids[i + 1]))
+            await _sendfile_frame(request, resp, loop, cid, opened, metrics, policy)
+    finally:
+        if ahead is not None:
+            ahead.add_done_callback(_close_opened)
+
+
+async def _sendfile_frame(request: web.Request, resp: web.StreamResponse, loop, cid: str,
+                          opened: "tuple[StoredFile, int] | None", metrics: Metrics,
+                          policy: EncodePolicy | None) -> None:
+    """One chunk's frame by sendfile (or its missing frame); closes the chunk's file."""
+    if opened is None:
+        metrics.chunks_missing.inc()
+        await resp.write(frames.missing_frame(cid))
+        return
+    stored, raw_size = opened
+    try:
+        await resp.write(frames.chunk_header(cid, stored.tag, raw_size, stored.size))
+        if request.transport is None:
+            raise ConnectionResetError("client went away")
+        t0 = time.perf_counter()
+        await loop.sendfile(request.transport, stored.file, stored.offset, stored.size)
+        if policy:
+            policy.wrote(stored.size, time.perf_counter() - t0)
+            policy.encoded(Mode.STORED, raw_size, stored.size, 0.0)
+    finally:
+        stored.file.close()
+    metrics.chunks_out.inc()
+    metrics.bytes_out.inc(stored.size)
+
+
+def _close_opened(fut: asyncio.Future) -> None:
+    """Close the file of a chunk opened ahead that was never sent (the response ended first)."""
+    if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+        fut.result()[0].file.close()
 
 
 async def _relay_frames(resp: web.StreamResponse, store: Store, ids: list[str], ready: Ready, hidden: set[str],
@@ -333,6 +354,8 @@ def _open_chunk(store: Store, chunk_id: str) -> tuple[StoredFile, int] | None:
     stored = store.open_stored(chunk_id)
     if stored is None:
         return None
+    if hasattr(os, "posix_fadvise"):  # start reading it in now (a publish's packs skip the page cache)
+        os.posix_fadvise(stored.file.fileno(), stored.offset, stored.size, os.POSIX_FADV_WILLNEED)
     if stored.tag == Encoding.ZSTD:
         return stored, _raw_size(stored.tag, memoryview(os.pread(stored.file.fileno(), 32, stored.offset)))
     return stored, stored.size
