@@ -8,6 +8,7 @@ inside the lab's namespaces (10.77.0.0/16 exists only there).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -340,5 +341,15 @@ def test_agents_in_the_lab_carry_each_chunk_once_over_the_origin_link(tmp_path):
         missing = [s for s in sites if not (tmp_path / s / "current" / "model").is_symlink()]
         assert not missing, "\n".join(lab.logs(s)[-2000:] for s in missing)
         for p in pairs:
+            # Each chunk crosses each link once: the receiving site fetched exactly the
+            # artifact's bytes, all from its own upstream (its log's by_source).
+            fetched = [json.loads(line[line.index("{"):]) for line in lab.logs(p[1]).splitlines()
+                       if '"version fetched"' in line]
+            assert fetched and fetched[-1]["by_source"] == {lab.url(p[0]): 3_000_000}, (p, fetched)
+            # On the interface: the payload plus TCP/IP and frame overhead and, since relays
+            # re-serve the control plane (events, channel and manifest reads, report answers),
+            # the edges' control traffic, which now crosses the hub link instead of the
+            # origin's. On this 3 MB artifact that came to 1.20-1.25x at the edges (not yet
+            # broken down: see the issue 17 notes); a second copy would be >= 2x.
             sent = lab.iface_bytes(*p)[0] - before[p]
-            assert 3_000_000 <= sent <= 3_000_000 * 1.15, (p, sent, lab.logs(p[1])[-2000:])
+            assert 3_000_000 <= sent <= 3_000_000 * 1.35, (p, sent, lab.logs(p[1])[-2000:])
