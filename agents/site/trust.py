@@ -47,7 +47,7 @@ from pathlib import Path
 from aiohttp import web
 
 from fabric.core.manifest import Manifest, check_name
-from fabric.errors import (FabricError, SignatureError, SignatureNotFound, StatementExpired, StatementMalformed,
+from fabric.errors import (FabricError, SignatureError, from_code, SignatureNotFound, StatementExpired, StatementMalformed,
                            StatementMismatch, TrustNotFound, Unsigned)
 from fabric.logs import get_logger
 from fabric.trust import ChannelStatement, Envelope, TrustPolicy, Verifier, digest
@@ -283,7 +283,7 @@ class SiteTrust:
 
     def _set(self, ch: ChannelStatus, state: str) -> None:
         ch.trust, ch.trust_error = state, None
-        if ch.error and ch.error.split(":", 1)[0] in _SIGNATURE_CODES:
+        if ch.error and isinstance(from_code(ch.error.split(":", 1)[0], ""), SignatureError):
             ch.error = None
         self._metrics(ch)
 
@@ -398,9 +398,6 @@ class SiteTrust:
 
 
 _STATES = ("verified", "unsigned", "stale", "refused")
-_SIGNATURE_CODES = {"signature_refused", "unsigned", "signature_invalid", "unknown_key", "key_revoked",
-                    "key_out_of_scope", "threshold_not_met", "statement_expired", "sequence_rollback",
-                    "statement_mismatch", "statement_malformed", "statement_not_canonical"}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
