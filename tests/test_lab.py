@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # `topology` is a folder of the repo, not an inst
 
 from fabric.core.topology import ORIGIN, Topology  # noqa: E402
 from topology import lab as lab_mod  # noqa: E402
-from topology.lab import (Lab, LabError, cleanup_stale, fabric_command, lab_available, list_namespaces,  # noqa: E402
+from topology.lab import (HOST_DISK_RETENTION, Lab, LabError, cleanup_stale, fabric_command, lab_available, list_namespaces,  # noqa: E402
                           make_plan)
 
 DEMO, LARGE = ROOT / "topology" / "demo.toml", ROOT / "topology" / "large.toml"
@@ -126,7 +126,7 @@ def test_lab_topology_file_and_agent_config_use_namespace_addresses(tmp_path):
     cfg = tomllib.loads(path.read_text())
     assert cfg["site"] == "fra-edge-1" and cfg["token"] == "s3cret" and cfg["follow"] == ["model:prod"]
     assert cfg["listen"] == f"{lab.addr('fra-edge-1')}:7071" and cfg["origin"] == lab.url(ORIGIN)
-    assert cfg["topology"] == str(lab.topology_path.resolve()) and cfg["retention"] == {"keep": 3}
+    assert cfg["topology"] == str(lab.topology_path.resolve()) and cfg["retention"] == {"keep": 3, **HOST_DISK_RETENTION}
     assert cfg["sync"] == {"connections": 4} and cfg["data"] == str((tmp_path / "data").resolve())
     # the other port is in the topology file too, so peers find this agent
     assert Topology.load(lab.topology_path).site("fra-edge-1").url == lab.url("fra-edge-1") == \

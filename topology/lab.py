@@ -60,6 +60,9 @@ _LINK_BASE = int(ipaddress.IPv4Address("10.77.0.0"))
 _NODE_BASE = int(ipaddress.IPv4Address("10.77.255.0"))
 _MAX_LINKS = (255 * 256) // 4  # 10.77.0.0 - 10.77.254.255; 10.77.255.0/24 holds node addresses
 _MAX_NODES = 254
+# [retention] of every agent a lab (or a test) starts on one host: its sites share the host's
+# disk, so the disk watermarks (agents.site.retention) are off and only `keep` prunes
+HOST_DISK_RETENTION = {"high_watermark": 1.0, "low_watermark": 1.0}
 TBF_QUEUE = "50ms"  # tbf `latency`: how long a packet may wait in the shaper's queue
 _REPO = Path(__file__).resolve().parent.parent
 _counter = itertools.count(1)
@@ -617,8 +620,10 @@ class Lab:
         """An agent config for `site` with the lab's URLs; returns its path.
 
         `token` is the secret (a `Path` is written as `token_file`); `extra` adds keys (a
-        mapping value becomes a table, e.g. {"sync": {...}}; `keep` fills [retention]). A `port` other than the lab's agent port is written into the lab's topology
-        file too, so set ports before starting agents that read it.
+        mapping value becomes a table, e.g. {"sync": {...}}; `keep` fills [retention], whose
+        disk watermarks are off: `HOST_DISK_RETENTION`). A `port` other than the lab's agent
+        port is written into the lab's topology file too, so set ports before starting agents
+        that read it.
         """
         self._node(site)
         if site == ORIGIN:
@@ -636,7 +641,10 @@ class Lab:
             keys["token"] = token
         if tokens_file is not None:
             keys["tokens"] = Path(tokens_file).resolve()
-        tables: dict[str, dict] = {"retention": {"keep": int(keep)}} if keep is not None else {}
+        # every site of a lab shares the host's disk: how full the host is must not prune them
+        tables: dict[str, dict] = {"retention": dict(HOST_DISK_RETENTION)}
+        if keep is not None:
+            tables["retention"]["keep"] = int(keep)
         for k, v in (extra or {}).items():
             if isinstance(v, Mapping):
                 tables.setdefault(k, {}).update(v)

@@ -95,7 +95,8 @@ class SiteAgent:
                                  on_resync=self.trust.refresh_delegations, staged=self.stager.want)
         self.relay = Relay(self.store, self.upstream, self.metrics)
         self.pruner = Pruner(self.layout, self.registry, cfg.retention, self.channels, self.metrics,
-                             also_keep=self.stager.also_keep)
+                             also_keep=lambda artifact: self.stager.also_keep(artifact)
+                             | self.rollout.in_use(artifact))
         self.ready = False
         self.rollout = Rollout(self, cfg.workers)  # hot-load: workers, canary, rollback
 

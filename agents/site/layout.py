@@ -105,8 +105,11 @@ class Layout:
         os.replace(tmp, self.state_file)
 
     def disk_usage(self) -> float:
+        """The fraction of the data disk in use, as `df` reports it: used / (used + available
+        to us). Blocks reserved for root, or held back by the host, count as neither."""
         st = os.statvfs(self.data)
-        return 1.0 - st.f_bavail / st.f_blocks if st.f_blocks else 0.0
+        used = st.f_blocks - st.f_bfree
+        return used / (used + st.f_bavail) if used + st.f_bavail else 0.0
 
 
 class StateFile:

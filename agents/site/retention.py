@@ -1,11 +1,12 @@
 """Retention: which versions a site keeps, and collecting the rest.
 
 A site keeps the last `retention.keep` versions it activated, plus the active one, the
-pinned ones and the ones its channels stage (`also_keep`, `agents.site.staging`); it
+pinned ones, the ones its channels stage (`agents.site.staging`) and the ones its workers
+serve, are assigned or would revert to (`agents.site.rollout`), both through `also_keep`; it
 removes the other materialised folders and registry entries, then collects the chunks
 no kept version needs (`fabric.gc`). Above the high watermark of disk use it keeps fewer
 versions, one step at a time, until use falls below the low watermark (or only the
-active, pinned and staged ones remain).
+active, pinned, staged and in-use ones remain): a rollback target is never pruned under it.
 
 Everything here is blocking file I/O: `prune` runs in a thread, on a snapshot of the
 site's state taken on the event loop.
@@ -43,7 +44,7 @@ class Pruner:
                  metrics: AgentMetrics, also_keep: Callable[[str], set[str]] = lambda artifact: set()):
         self.layout, self.registry, self.retention = layout, registry, retention
         self.followed, self.metrics = set(followed), metrics
-        self.also_keep = also_keep  # an artifact's staged versions: kept whatever the watermark says
+        self.also_keep = also_keep  # staged and in-use versions: kept whatever the watermark says
 
     def prune(self, state: SiteState) -> gc_mod.GcReport:
         """Drop versions beyond retention, then chunks nothing kept needs (`state`: a snapshot)."""

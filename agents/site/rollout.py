@@ -263,6 +263,20 @@ class Rollout:
         w.changed.set()
         return w.assignment
 
+    def in_use(self, artifact: str) -> set[str]:
+        """Versions retention must keep whatever its count says: what any worker serves or is
+        assigned, and the version an unfinished rollout would revert to (called from a thread:
+        it reads snapshots of the dicts)."""
+        versions: set[str | None] = set()
+        for w in list(self.workers.values()):
+            if w.artifact == artifact:
+                versions |= {w.serving, w.assignment.version if w.assignment else None}
+        ro = self.rollouts.get(artifact)
+        if ro is not None and ro.phase in ("canary", "rolling"):
+            versions |= {ro.version, ro.previous}
+        versions.discard(None)
+        return versions  # type: ignore[return-value]
+
     def _live(self, artifact: str) -> list[Worker]:
         return sorted((w for w in self.workers.values() if w.artifact == artifact and not w.dead),
                       key=lambda w: w.id)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from topology.lab import HOST_DISK_RETENTION
+
 from .files import toml_lines
 from .http import request
 from .origin import parse_metrics
@@ -23,6 +25,7 @@ SITE_TOKENS = [{"name": name, "secret": secret, "scopes": ["pull"], "site": name
 
 def write_config(path: Path, settings: dict, retention: dict | None = None, sync: dict | None = None) -> Path:
     lines = toml_lines(settings)
+    retention = {**HOST_DISK_RETENTION, **(retention or {})}  # the host's disk is not the site's
     for table, values in (("retention", retention), ("sync", sync)):
         if values:
             lines.append(f"[{table}]")
