@@ -28,6 +28,9 @@ torch, and `agents.worker.hotloader` imports its wire definitions from here.
     POST   /v1/site/workers/{id}/report              how a load went
     DELETE /v1/site/workers/{id}                     deregister (clean shutdown)
     GET    /v1/site/manifests/{artifact}/{version}   a manifest this site holds
+
+Length: the registry, the rollout engine and the worker routes share one state (workers,
+assignments, rollouts) and its invariants; split, each part would reach into the others.
 """
 
 from __future__ import annotations

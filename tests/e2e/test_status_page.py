@@ -4,7 +4,8 @@ An origin, a hub agent and an edge agent under it (a topology file says so) foll
 channel; the page, logged in with a token, shows both sites on their active version and
 the relay tree origin → hub → edge; when v2 is published it updates to v2 without a
 reload (the channel move arrives on the event stream); a wrong token is refused with a
-message; hostile strings in a report stay text; the edge agent's own `/ui/` shows its
+message; a staged version shows as held at both sites while they serve the old one;
+hostile strings in a report stay text; the edge agent's own `/ui/` shows its
 site. Screenshots are kept under test-artifacts/status-page/ (the path is printed).
 """
 
@@ -120,6 +121,19 @@ async def drive(tmp_path: Path, origin, hub: AgentProcess, edge: AgentProcess) -
                          what="the channel move, from the event stream")
         await b.screenshot(SHOTS / "03-v2-live.png")
 
+        # v3 staged (preheat): both sites fetch and hold it while they serve v2; the page counts them.
+        with SyncOrigin(origin.url, PUBLISH_SECRET) as so:
+            publish(make_version(tmp_path / "src" / "v3", 3), artifact=ARTIFACT, target=RemoteTarget(so), version="v3")
+            so.stage(ARTIFACT, "v3", "prod")
+        held = f"document.querySelector('[data-staged=\"{ARTIFACT}:prod@v3\"] [data-field=\"held\"]')"
+        await b.wait_for(f"({held} || {{}}).textContent === 'held at 2 of 2'", timeout=45,
+                         what="v3 held at both sites")
+        assert "ui-model:prod stages v3 (serving v2)" in await b.evaluate("document.getElementById('events').textContent")
+        for site in ("hub", "edge-a"):
+            assert await b.evaluate(field(site, "staged")) == "v3 held"
+            assert await b.evaluate(field(site, "active")) == "v2"  # staged, not activated
+        await b.screenshot(SHOTS / "04-v3-staged.png")
+
         # A report is hostile input: its strings are text, never markup.
         evil = {"ready": True, "upstream": HOSTILE, "channels": [{"artifact": HOSTILE, "channel": "prod",
                                                                    "active": HOSTILE, "error": HOSTILE}]}
@@ -128,7 +142,7 @@ async def drive(tmp_path: Path, origin, hub: AgentProcess, edge: AgentProcess) -
         await b.wait_for(f"{field('evil', 'active')} === {json.dumps(HOSTILE)}", what="the hostile report, as text")
         assert await b.evaluate("document.querySelectorAll('img').length") == 0
         assert await b.evaluate("window.__pwned") is None
-        await b.screenshot(SHOTS / "04-hostile-report.png")
+        await b.screenshot(SHOTS / "05-hostile-report.png")
 
         # The edge agent's own page: its site, fed by its /v1/site (another origin: log in again).
         await b.navigate(f"{edge.url}/ui/")
@@ -137,5 +151,5 @@ async def drive(tmp_path: Path, origin, hub: AgentProcess, edge: AgentProcess) -
         await b.wait_for(f"{field('edge-a', 'active')} === 'v2'", what="the agent's page on v2")
         assert await b.evaluate("document.querySelectorAll('[data-site]').length") == 1
         assert "hub" in await b.evaluate("document.getElementById('tree').textContent")
-        await b.screenshot(SHOTS / "05-agent-page.png")
+        await b.screenshot(SHOTS / "06-agent-page.png")
         assert b.problems == [], b.problems  # no exception, no CSP refusal

@@ -168,7 +168,8 @@ function onEvent(type, raw, id) {
   } else if (type === "version") {
     remember(e, `${e.artifact}@${e.version} published`);
   } else if (type === "channel") {
-    remember(e, `${e.artifact}:${e.channel} → ${e.version} (${e.action})`);
+    remember(e, e.action === "stage" ? `${e.artifact}:${e.channel} stages ${text(e.staged)} (serving ${e.version})`
+      : `${e.artifact}:${e.channel} → ${e.version} (${e.action})`);
   }
   scheduleRefresh();
 }
@@ -184,6 +185,7 @@ function render() {
   $("tree").replaceChildren(tree());
   $("sites").replaceChildren(...(S.sites.length ? S.sites.map(siteCard) : [el("p", { class: "empty" }, "no site has reported yet")]));
   $("rollouts").replaceChildren(rollouts());
+  $("staged").replaceChildren(staged());
   $("errors").replaceChildren(...errors());
   $("events").replaceChildren(...(S.events.length ? S.events.map((e) => el("li", {}, el("span", { class: "meta" }, timeOf(e.at)), " ", e.what))
     : [el("li", { class: "empty" }, S.config.events ? "no event yet" : "this server has no event stream (polling)")]));
@@ -223,6 +225,7 @@ function table(head, rows) {
 function siteCard(s) {
   const age = ago(s.received);
   const stale = age === null || age > STALE_S;
+  const staging = list(s.channels).some((c) => obj(c.staged).version);  // a column only while it says something
   const channels = list(s.channels).map((c) => {
     const syncing = c.syncing && c.bytes_total ? Math.min(1, c.bytes_done / c.bytes_total) : null;
     return el("tr", { "data-channel": `${c.artifact}:${c.channel}` },
@@ -232,6 +235,7 @@ function siteCard(s) {
       el("td", { "data-field": "sync" }, syncing === null ? (c.syncing ? `fetching ${c.syncing}` : "idle")
         : [el("span", { class: "bar" }, el("span", { width: `${(100 * syncing).toFixed(0)}%` })),
            `${c.syncing} ${bytes(c.bytes_done)} / ${bytes(c.bytes_total)}`]),
+      staging ? el("td", { class: "version", "data-field": "staged" }, stagedText(c.staged)) : null,
       el("td", { class: "bad" }, c.error || ""));
   });
   const r = S.rates.get(s.site) || {};
@@ -253,7 +257,7 @@ function siteCard(s) {
       el("span", { class: s.ready ? "ok" : "warn" }, s.ready ? "ready" : "not ready"),
       el("span", { class: stale ? "stale" : "meta", "data-field": "age" }, `${stale ? "stale: " : ""}reported ${agoText(age)}`),
       typeof s.disk_used === "number" ? el("span", { class: "meta" }, `disk ${(100 * s.disk_used).toFixed(0)}% used`) : null),
-    table(["channel", "active", "target", "sync", "error"], channels),
+    table(["channel", "active", "target", "sync", ...(staging ? ["staged"] : []), "error"], channels),
     links.length ? table(["link", "fetched", "rate"], links) : null,
     workers.length ? table(["worker", "artifact", "serving", "assigned", "role", "state", "last load"], workers) : null,
     bad.length ? el("p", { class: "bad" }, `rejected here: ${bad.join("; ")}`) : null);
@@ -270,6 +274,38 @@ function rollouts() {
   }
   return rows.length ? table(["site", "artifact", "version", "previous", "phase", "canary", "failed", "reason"], rows)
     : el("p", { class: "empty" }, "no rollout yet");
+}
+
+function stagedText(st) {  // a channel's staged version as a site reports it: "v3 held", "v3 40%"
+  st = obj(st);
+  if (!st.version) return "–";
+  let state = text(st.state);
+  if (st.state === "fetching" && typeof st.bytes_total === "number" && st.bytes_total > 0)
+    state = `${(100 * Math.min(Number(st.bytes_done) || 0, st.bytes_total) / st.bytes_total).toFixed(0)}%`;
+  return `${st.version} ${state}`;
+}
+
+function staged() {  // per channel and staged version: how many of the sites following it hold it (as `fabric status`)
+  const following = new Map(), counts = new Map();
+  for (const s of S.sites) for (const c of list(s.channels)) {
+    const name = `${text(c.artifact)}:${text(c.channel)}`;
+    following.set(name, (following.get(name) || 0) + 1);
+    const st = obj(c.staged);
+    if (!st.version) continue;
+    const key = JSON.stringify([name, String(st.version)]);
+    const n = counts.get(key) || { held: 0, fetching: 0, failed: 0 };
+    n[st.state === "held" ? "held" : st.state === "fetching" ? "fetching" : "failed"] += 1;
+    counts.set(key, n);
+  }
+  const rows = [...counts.keys()].sort().map((key) => {
+    const [name, version] = JSON.parse(key), n = counts.get(key), of = following.get(name);
+    return el("tr", { "data-staged": `${name}@${version}` },
+      el("td", {}, name), el("td", { class: "version" }, version),
+      el("td", { class: n.held === of ? "ok" : "warn", "data-field": "held" }, `held at ${n.held} of ${of}`),
+      el("td", {}, n.fetching ? `${n.fetching} fetching` : ""), el("td", { class: n.failed ? "bad" : "" }, n.failed ? `${n.failed} failed or refused` : ""));
+  });
+  return rows.length ? table(["channel", "staged version", "sites holding it", "fetching", "failed"], rows)
+    : el("p", { class: "empty" }, "nothing staged");
 }
 
 function errors() {
