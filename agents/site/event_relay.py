@@ -80,6 +80,19 @@ class EventRelay(Followed):
     def since(self, after: int) -> tuple[list[dict], bool]:
         return [e for e in self._events if e["seq"] > after], after >= self._base
 
+    async def wait(self, after: int, timeout: float) -> None:
+        """Until an event to send past `after` (not merely a higher `seq`: the upstream's hello and
+        the events not re-served raise it with nothing to send, and a stream that woke for that
+        would write keepalives in a loop), a close or a new epoch; at most `timeout` seconds."""
+        epoch = self.epoch
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(
+                    lambda: bool(self._events and self._events[-1]["seq"] > after) or self.closed
+                    or self.epoch != epoch), timeout)
+            except asyncio.TimeoutError:
+                pass
+
     async def opened(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._opened.wait(), timeout)
