@@ -17,7 +17,7 @@ sites are below them.
 * an event stream from a source other than the first ends after `RETRY_PREFERRED`
   seconds, so the follower reconnects and the preferred relay is tried again;
 * a version's signed statement (or its absence) is asked once for all concurrent asks and
-  reused for `SIGNATURE_TTL` seconds;
+  reused for `SIGNATURE_TTL` seconds; the newest delegations once for all concurrent asks;
 * it remembers the stream's epoch and last `seq`, and resumes with `after=seq` (the
   follower re-syncs at every `hello` anyway); every event it passes on also feeds the
   site's own re-served stream (`agents.site.event_relay.EventRelay`) and drops the
@@ -77,8 +77,8 @@ class UpstreamChain:
         self.epoch: str | None = None
         self.seq = 0
         self._dead: dict[str, float] = {}  # url -> until (monotonic)
-        self._signatures: dict[tuple[str, str], tuple[float, bytes | None]] = {}  # -> (until, envelope)
-        self._asking: dict[tuple[str, str], asyncio.Future] = {}
+        self._signatures: dict[tuple, tuple[float, bytes | None]] = {}  # shared asks -> (until, envelope)
+        self._asking: dict[tuple, asyncio.Future] = {}
 
     @property
     def url(self) -> str:
@@ -126,24 +126,32 @@ class UpstreamChain:
         return await self._call("call", method, path, body)
 
     async def get_trust(self) -> bytes | None:
-        return await self._call("get_trust")
+        """The newest delegations envelope (or None), one ask for all concurrent ones (every site asks
+        at each resync, and a relay passes its children's asks through); not kept after it: a
+        revocation published at the origin reaches the next ask."""
+        return await self._shared(("trust",), "get_trust", keep=0.0)
 
     async def get_signature(self, artifact: str, version: str) -> bytes | None:
         """The version's envelope (or None), shared by concurrent asks and kept `SIGNATURE_TTL`
         seconds: a relay passes its children's asks through (`agents.site.trust`), and a
         thousand sites asking for an unsigned version's envelope must cost the origin one."""
-        key, now = (artifact, version), time.monotonic()
+        return await self._shared(("signature", artifact, version), "get_signature", artifact, version)
+
+    async def _shared(self, key: tuple, name: str, *args, keep: float = SIGNATURE_TTL) -> bytes | None:
+        """`_call(name, *args)`, one for all concurrent asks of `key`, its answer kept `keep` seconds."""
+        now = time.monotonic()
         if (hit := self._signatures.get(key)) is not None and hit[0] > now:
             return hit[1]
         if key not in self._asking:
-            self._asking[key] = asyncio.ensure_future(self._call("get_signature", artifact, version))
+            self._asking[key] = asyncio.ensure_future(self._call(name, *args))
         task = self._asking[key]
         try:
             envelope = await asyncio.shield(task)
         finally:
             if task.done() and self._asking.get(key) is task:
                 del self._asking[key]
-        self._signatures[key] = (time.monotonic() + SIGNATURE_TTL, envelope)
+        if keep > 0:
+            self._signatures[key] = (time.monotonic() + keep, envelope)
         while len(self._signatures) > _SIGNATURES_KEPT:
             self._signatures.pop(next(iter(self._signatures)))
         return envelope

@@ -9,8 +9,11 @@ followed channel's statement, read from the origin's channel JSON (`statement`):
    with the same envelope when equal) and returns the version it names;
 2. `check_version`, once the manifest is fetched and before any chunk, checks that the
    manifest's id is the one the statement signed, then takes the version's envelope —
-   kept here, else from the site's sources in order (upstream relays, peers, the origin
-   last), the first that verifies — and verifies it for (artifact, version, manifest id);
+   kept here, else through the control chain (`agents.site.control.UpstreamChain`: the
+   upstream relays, the origin last; concurrent asks share one request), else from the
+   peers; only if the chain's envelope does not verify, from each of the site's sources
+   on its own (relays, peers, the origin last) — the first that verifies — and verifies
+   it for (artifact, version, manifest id);
 3. `recheck`, right before `current/<artifact>` flips, verifies both again (a key
    revoked or a statement expired meanwhile), and `accept` records the channel's
    sequence and envelope digest and keeps the version's envelope, which the site serves
@@ -330,19 +333,43 @@ class SiteTrust:
     # --- fetching envelopes ----------------------------------------------------------------------------
 
     async def _version_envelope(self, artifact: str, version: str, manifest_id: str) -> bytes:
-        """The first envelope that verifies: the one kept here, then each source's in order."""
+        """The first envelope that verifies: the one kept here, then the control chain's (through the
+        upstream relays, one ask for all concurrent ones: `UpstreamChain.get_signature`), then the
+        peers'; each chained source on its own (the origin too) only if the chain's did not verify."""
         first_error: SignatureError | None = None
-        for source in [None, *self.sources]:
-            envelope = await (self._kept(artifact, version) if source is None else
-                              self._fetch(source, artifact, version))
-            if envelope is None:
-                continue
+        async for envelope in self._envelopes(artifact, version):
             try:
                 self.verifier.verify_version(envelope, artifact, version, manifest_id)
                 return envelope
             except SignatureError as e:
                 first_error = first_error or e
         raise first_error or Unsigned(f"no source has a signature for {artifact}@{version}")
+
+    async def _envelopes(self, artifact: str, version: str):
+        """The candidates of `_version_envelope`, in order, each fetched only once the one before is refused."""
+        if (kept := await self._kept(artifact, version)) is not None:
+            yield kept
+        chain = await self._fetch(self.origin, artifact, version)
+        if chain is not None:
+            yield chain
+        for source in self._beside():
+            if (envelope := await self._fetch(source, artifact, version)) is not None:
+                yield envelope
+        if chain is None:
+            return  # nobody up the chain has one: asking each of them again would cost the origin one per site
+        chained = self._chained()
+        for source in self.sources:
+            if source.url in chained and (envelope := await self._fetch(source, artifact, version)) is not None:
+                yield envelope
+
+    def _chained(self) -> set[str]:
+        """The URLs the control chain asks (relays, origins): its answer speaks for them."""
+        return {c.url for c in getattr(self.origin, "sources", [self.origin])}
+
+    def _beside(self) -> list[OriginClient]:
+        """The sources the control chain does not ask (peers: they answer from what they hold)."""
+        chained = self._chained()
+        return [s for s in self.sources if s is not self.origin and s.url not in chained]
 
     async def _kept(self, artifact: str, version: str) -> bytes | None:
         try:
@@ -373,7 +400,7 @@ class SiteTrust:
         principal(request).require("pull", artifact)
         envelope = await self._kept(artifact, version)
         if envelope is None and not request.headers.get(PEER_HEADER):  # pass through, untouched
-            for src in self.sources:
+            for src in [self.origin, *self._beside()]:  # the chain shares concurrent asks: one goes up
                 if (envelope := await self._fetch(src, artifact, version)) is not None:
                     break
         if envelope is None:
