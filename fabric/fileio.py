@@ -1,4 +1,5 @@
-"""Writing files: big ones preallocated, in slices of 64 KiB; small ones replaced whole.
+"""Writing files: big ones preallocated, large writes around the page cache (direct I/O),
+the rest in slices of 64 KiB; small files replaced whole.
 
 Linux's page cache sizes the folios it allocates for a write by the write's length, so
 one 8 MiB `write` asks for large folios, and on a VM whose host reclaims freed guest
@@ -7,16 +8,33 @@ folios tend to come from memory the host must fault in again: the copy into the 
 cache then ran at 0.6-1.3 GB/s with seconds of system time, where 64 KiB writes ran at
 5-10 GB/s (`python -m bench.pull_throughput`). The extra system calls cost about
 30 ms per 2 GB.
+
+Around the page cache is cheaper still: on the same VM a buffered 1 GB costs 0.2-1.9 s
+of system time, and the final sync writes it out again, where direct I/O (`O_DIRECT`)
+costs ~0.1 s (`dd`). `pwrite_all` writes the whole 4096-byte blocks of a write of at
+least `DIRECT_MIN` bytes that way, through a second descriptor of the same file (the
+caller's is left as it was) from a per-thread page-aligned staging buffer; the partial
+blocks at either end, and everything on a file system that refuses direct I/O (tmpfs),
+go through the page cache. Either way the bytes are in the file when it returns, and as
+durable as after any write: an `fsync`/`fdatasync` of the file makes them so, since it
+also flushes the device's cache. A later read of those blocks comes from the disk.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
+import threading
 import uuid
 
 WRITE_SLICE = 64 << 10
+DIRECT_MIN = 1 << 20  # writes at least this large skip the page cache where they can
+BLOCK = 4096  # direct I/O's unit: offsets, lengths and buffer addresses are multiples of it
+_STAGE = 2 << 20  # bytes per direct write: each thread that writes keeps a buffer this large
+_refused: set[int] = set()  # st_dev of file systems that refused direct I/O
+_local = threading.local()
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -33,11 +51,63 @@ def create_sized(path: str | os.PathLike, size: int) -> None:
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """Write all of `data` at `offset` of the open file `fd`."""
+    """Write all of `data` at `offset` of the open file `fd` (with direct I/O where it can:
+    see above)."""
     view = memoryview(data).cast("B")
+    if len(view) >= DIRECT_MIN and _pwrite_direct(fd, view, offset):
+        return
+    _pwrite_buffered(fd, view, offset)
+
+
+def _pwrite_buffered(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:done + WRITE_SLICE], offset + done)
+
+
+def _pwrite_direct(fd: int, view: memoryview, offset: int) -> bool:
+    """The whole blocks of `view` by direct I/O, then the ends through the page cache;
+    False (nothing written) where the file system refuses direct I/O."""
+    end = offset + len(view)
+    first, last = -(-offset // BLOCK) * BLOCK, end // BLOCK * BLOCK
+    dev = os.fstat(fd).st_dev
+    if dev in _refused:
+        return False
+    try:
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
+    except OSError as e:  # no /proc (then: no direct I/O either), or a file system without it
+        if e.errno == errno.EINVAL:
+            _refused.add(dev)
+        return False
+    try:
+        stage = _staging()
+        pos = first
+        while pos < last:
+            k = min(last - pos, len(stage))
+            stage[:k] = view[pos - offset:pos - offset + k]
+            done = 0
+            while done < k:
+                done += os.pwrite(direct, stage[done:k], pos + done)
+            pos += k
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        if pos == first:
+            _refused.add(dev)  # took the flag, not the writes
+        return False  # the caller writes it all again, through the page cache
+    finally:
+        os.close(direct)
+    _pwrite_buffered(fd, view[:first - offset], offset)
+    _pwrite_buffered(fd, view[last - offset:], last)
+    return True
+
+
+def _staging() -> memoryview:
+    """This thread's page-aligned buffer for direct writes (anonymous memory, kept)."""
+    stage = getattr(_local, "stage", None)
+    if stage is None:
+        stage = _local.stage = memoryview(mmap.mmap(-1, _STAGE))
+    return stage
 
 
 def write_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> None:

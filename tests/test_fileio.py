@@ -1,0 +1,127 @@
+"""fabric.fileio: large writes go around the page cache (direct I/O) and still land byte for
+byte, unaligned ends included; a file system that refuses direct I/O gets the same bytes
+through the page cache; the caller's descriptor is left as it was."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+
+from fabric import fileio
+
+
+def _resident(path: Path) -> float:
+    """The share of `path`'s pages in the page cache now (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            assert libc.mincore(addr, size, vec) == 0
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec) / pages
+
+
+def _fresh(path: Path, size: int) -> int:
+    fileio.create_sized(path, size)
+    return os.open(path, os.O_WRONLY)
+
+
+@pytest.fixture(autouse=True)
+def _no_refusals(monkeypatch):
+    monkeypatch.setattr(fileio, "_refused", set())
+
+
+def test_unaligned_chunks_land_byte_for_byte_and_skip_the_page_cache(tmp_path, rng):
+    size = 3 * fileio.DIRECT_MIN + 12_345
+    header, a, b = 777, 2 * fileio.DIRECT_MIN + 5, fileio.DIRECT_MIN + 11_563  # odd offsets and lengths
+    data = rng.bytes(size)
+    path = tmp_path / "f.bin"
+    fd = _fresh(path, size)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        fileio.pwrite_all(fd, bytearray(data[header:header + a]), header)  # a reader's buffer
+        fileio.pwrite_all(fd, memoryview(data)[header + a:header + a + b], header + a)
+        fileio.pwrite_all(fd, data[:header], 0)  # small: the page cache
+        os.fsync(fd)
+        refused = os.fstat(fd).st_dev in fileio._refused
+    finally:
+        os.close(fd)
+    if refused:
+        pytest.skip("this file system refuses direct I/O")
+    resident = _resident(path)
+    assert path.read_bytes()[:header + a + b] == data[:header + a + b]
+    assert path.read_bytes()[header + a + b:] == bytes(size - header - a - b)  # untouched: still zeros
+    assert resident < 0.2, f"{resident:.0%} of the file went through the page cache"
+
+
+def test_a_file_system_that_refuses_direct_io_gets_the_bytes_through_the_page_cache(tmp_path, rng, monkeypatch):
+    real_open = os.open
+
+    def refusing_open(path, flags, *a, **kw):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(fileio.os, "open", refusing_open)
+    data = rng.bytes(2 * fileio.DIRECT_MIN + 3)
+    path = tmp_path / "f.bin"
+    fd = _fresh(path, len(data) + 10)
+    try:
+        fileio.pwrite_all(fd, data, 10)
+        dev = os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(10) + data
+    assert dev in fileio._refused  # asked once per file system, not once per write
+
+
+def test_the_callers_descriptor_keeps_its_flags_and_position(tmp_path, rng):
+    data = rng.bytes(fileio.DIRECT_MIN + 4096 * 3 + 1)
+    path = tmp_path / "f.bin"
+    fd = _fresh(path, len(data))
+    try:
+        os.lseek(fd, 5, os.SEEK_SET)
+        before = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fileio.pwrite_all(fd, data, 0)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) == before
+        assert not before & os.O_DIRECT
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 5
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+
+
+def test_tmpfs_writes_land_whatever_it_says_about_direct_io(rng):
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    data = rng.bytes(fileio.DIRECT_MIN * 2 + 999)
+    path = shm / f"fabric-test-fileio-{os.getpid()}"
+    try:
+        fd = _fresh(path, len(data) + 1)
+        try:
+            fileio.pwrite_all(fd, data, 1)
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == b"\0" + data
+    finally:
+        path.unlink(missing_ok=True)
