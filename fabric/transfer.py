@@ -32,8 +32,12 @@ Faults, and what happens:
   with `TransferError` only after `give_up_after` seconds without progress.
 
 Memory: payloads read but not yet stored are bounded by a `fabric.pacing.ByteBudget`
-that every fetch sharing an `Inflight` shares (a relay's deploy and its pull-throughs),
-and each payload is read into one buffer of its size (`FrameReader(reserve=...)`).
+that every fetch sharing an `Inflight` shares (a relay's deploy and its pull-throughs:
+`MEMORY_BUDGET`, 12 MiB); a fetch without one (`fabric pull`, `fabric sync`) has its own
+of `FetchOptions.memory` bytes (32 MiB: a 12 MiB budget held one 8 MiB payload at a time,
+so every other connection's reading waited for that chunk to be verified and written,
+8-11 s of waiting summed over the connections of a 1 GB pull), and each payload is read
+into one buffer of its size (`FrameReader(reserve=...)`).
 
 Length: over the ~450-line guide. The engine is one state machine (batches, sources,
 benching, exclusions, waits, budget) whose rules the list above states; split across
@@ -62,6 +66,7 @@ from fabric.store.store import Store
 
 log = get_logger("transfer")
 BATCH_BYTES = 16 << 20
+PRIVATE_BUDGET = 32 << 20  # a fetch of its own: about one 8 MiB payload per connection (4) stored while more are read
 _RECEIVE_AHEAD = 2  # chunks of one response being verified and stored while the next is read
 Progress = Callable[[int], None]
 ChunkSink = Callable[[str, bytes], None]  # (chunk id, verified bytes): make the chunk the store's
@@ -78,6 +83,7 @@ class FetchOptions:
     min_rate: float = 8 << 10  # … at least this many bytes per second, or be benched
     give_up_after: float = 120.0  # TransferError after this long without any progress
     max_bad: int = 3  # chunks failing verification before a source is dropped
+    memory: int = PRIVATE_BUDGET  # payload bytes held at once by a fetch without an `Inflight` (whose budget it shares)
 
 
 def store_sink(store: Store, *, defer: bool = False, then: ChunkSink | None = None) -> ChunkSink:
@@ -277,7 +283,7 @@ class _Engine:
         self.limit = RateLimit(options.max_rate) if options.max_rate else None
         self.progress = progress
         self.queues: dict[str | None, asyncio.Queue[_Batch]] = {}  # by preferred source: workers each
-        self.budget = inflight.budget if inflight else ByteBudget()
+        self.budget = inflight.budget if inflight else ByteBudget(options.memory)
         self.last_progress = time.monotonic()
         self.failure: FabricError | None = None
 
