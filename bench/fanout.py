@@ -25,7 +25,10 @@ by source (`/metrics`) and the origin's egress on its uplink veth(s) are recorde
 and every edge's file is compared with the source.
 
 Each site's peak memory (`VmHWM` of its agent process, from /proc/PID/status) and CPU
-seconds are read before it stops; the origin uplink's tx counter is sampled every
+seconds are read before it stops, and the bytes it wrote for the version (`write_bytes`
+of /proc/PID/io: what the process sent, or will send, to storage, read right before the
+promote and again once every site is active), against the version's new bytes (one copy
+per site: goal ≤ 1.05×); the origin uplink's tx counter is sampled every
 0.25 s, which tells when the uplink started carrying the version, when it had carried
 99% of it, and its mean rate in between (an idle uplink is time lost on the lower bound).
 `--runs N` repeats the Fabric run N times (a fresh origin, agents and data folders each
@@ -138,7 +141,7 @@ def agent_topology(lab: Lab, path: Path, uplink: str, edge_rate: str) -> Path:
 
 def uplinks(lab: Lab) -> list[tuple[str, str]]:
     """(origin, peer) of every link leaving the origin."""
-    return [(ORIGIN, l.other(ORIGIN)) for l in lab.links if ORIGIN in (l.a, l.b)]
+    return [(ORIGIN, link.other(ORIGIN)) for link in lab.links if ORIGIN in (link.a, link.b)]
 
 
 def origin_egress(lab: Lab) -> dict[str, int]:
@@ -255,6 +258,15 @@ def proc_stats(pid: int) -> tuple[float, float]:
     return hwm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def write_bytes(pid: int) -> int:
+    """Bytes the process caused to be written to storage (`write_bytes` of /proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/io has no write_bytes")
+
+
 def wait_all(check, names: Sequence[str], t0: float, timeout: float, what: str) -> dict[str, float]:
     """Poll `check(name)` every 50 ms until it holds for every name; their times after t0."""
     done: dict[str, float] = {}
@@ -320,6 +332,7 @@ def run_fabric(lab: Lab, work: Path, src: Path, tokens: Path, topo_file: Path | 
     egress0 = origin_egress(lab)
     feeds = {s: (s, lab.nodes[s].upstream) for s in SITES}  # each site's end of its tree uplink
     rx0 = {s: lab.iface_bytes(*f)[1] for s, f in feeds.items()}
+    written0 = {s: write_bytes(p.pid) for s, p in agents.items()}
     r = lab.run(ORIGIN, [*fab, "promote", f"{ARTIFACT}@{VERSION}", "-c", CHANNEL, "--origin", lab.url(ORIGIN),
                          "--token", PUBLISH_SECRET], env=env, timeout=60)
     t0 = time.monotonic()  # the channel has moved
@@ -340,6 +353,7 @@ def run_fabric(lab: Lab, work: Path, src: Path, tokens: Path, topo_file: Path | 
         timeline.stop()
     makespan = max(done[e] for e in EDGES)
     usage = {s: proc_stats(p.pid) for s, p in agents.items()}
+    written = {s: write_bytes(p.pid) - written0[s] for s, p in agents.items()}
     egress = _minus(origin_egress(lab), egress0)
     rx = {s: lab.iface_bytes(*f)[1] - rx0[s] for s, f in feeds.items()}
     _log(f"every edge active after {makespan:.1f}s; checking contents …")
@@ -356,7 +370,8 @@ def run_fabric(lab: Lab, work: Path, src: Path, tokens: Path, topo_file: Path | 
         line = [s, f"{done[s]:.1f}", f"{fetched.get('seconds', float('nan')):.1f}",
                 f"{got.get(up, 0) / MB:,.0f}" if up != ORIGIN else "-",
                 f"{peers / MB:,.0f}", f"{got.get(ORIGIN, 0) / MB:,.0f}"]
-        line += [f"{rx[s] / MB:,.0f}", f"{usage[s][0]:,.0f}", f"{usage[s][1]:.1f}"]
+        line += [f"{rx[s] / MB:,.0f}", f"{written[s] / MB:,.1f}", f"{written[s] / report['new_bytes']:.3f}",
+                 f"{usage[s][0]:,.0f}", f"{usage[s][1]:.1f}"]
         per_site.append(line)
     for s, p in agents.items():
         lab.stop(p, 2)
@@ -514,8 +529,10 @@ def report_run(n: int, args, fab: Outcome, report: dict, per_site: list[list[str
                        f"{fab.total / MB:,.0f}", f"{fab.busiest / artifact_bytes:.2f}",
                        "yes" if fab.identical else "NO"]])
     sites = md_table(["site", "active at s", "fetch s (agent log)", "MB from upstream", "MB from peers",
-                      "MB from origin", "MB in on its uplink veth", "peak RSS MiB (VmHWM)", "CPU s"], per_site)
+                      "MB from origin", "MB in on its uplink veth", "MB written (write_bytes)",
+                      "written / new bytes", "peak RSS MiB (VmHWM)", "CPU s"], per_site)
     hubs = [r for r in per_site if r[0] in HUBS]
+    ratios = [float(r[-3]) for r in per_site]
     lines = [
         f"Run {n} of {args.runs}. Artifact: one safetensors file, {artifact_bytes / MB:,.1f} MB of random U8 tensors "
         f"({report['chunks']} chunks); version's missing-chunk bytes (sent by publish): {missing_bytes / MB:,.1f} MB.",
@@ -533,11 +550,14 @@ def report_run(n: int, args, fab: Outcome, report: dict, per_site: list[list[str
         + ", ".join(f"to {k} {v / missing_bytes:.2f}×" for k, v in fab.egress.items()) + ")",
         f"- {fab.uplink.summary(artifact_bytes, rate)}" if fab.uplink else "",
         f"- hubs' peak RSS relaying to {EDGES_PER_HUB} edges each: " + ", ".join(f"{r[0]} {r[-2]} MiB" for r in hubs),
+        f"- bytes written per site ≤ 1.05 × the version's new bytes ({report['new_bytes'] / MB:,.1f} MB; one copy "
+        f"per site): {verdict(max(ratios) <= 1.05)} (max {max(ratios):.3f}×, min {min(ratios):.3f}×)",
         "",
         "Per site. MB by source: the agent's `fabric_agent_bytes_by_source_total` (its own deploy fetches; chunks "
         "a hub fetched by pull-through for its edges are not counted there). MB in: rx bytes on the site's veth "
-        "towards its upstream in the lab, headers included. Peak RSS and CPU: the agent process, read before it "
-        "stopped.", "", sites,
+        "towards its upstream in the lab, headers included. MB written: `write_bytes` of the agent's /proc/PID/io "
+        "from right before the promote to every site active (chunks, files, references, manifests, state). Peak "
+        "RSS and CPU: the agent process, read before it stopped.", "", sites,
     ]
     return "\n".join(lines)
 

@@ -24,9 +24,22 @@ Given a store to pack into, each file is also hard-linked into that store as a p
 chunk there as a reference to its place in the file: the store holds the chunk
 without a second copy, and a pull that is killed resumes from the references it
 made durable. Where linking is impossible (store not local, another file system),
-`packed` is False and the caller stores chunks itself.
+`packed` is False and the caller stores chunks itself. `fabric pull` and a site agent
+both pack (`Sink.folder(pack=True)`, `Sink.site_version`): a site writes each byte of
+a version once. A private cache's references are durable at its next flush; a site's
+store serves each chunk at once, so there a chunk's bytes are `fdatasync`ed before its
+reference is written. Chunks reused from the store move their references into the new
+files (deferred: the old ones stay valid meanwhile), so older versions' packs can go.
+When done, each pack's mtime is set back to before its first reference, which is how
+the store tells a file edited in place later (`fabric.store.packs.Guard`).
 A site's sink (`Sink.seal`) also seals each chunk written (`fabric.core.seal`) and
-writes the seal into the staging folder before the rename (a reused folder: as it is re-read).
+writes the seal into the staging folder before the rename. A site reuses a folder that
+is already there (a rollback, a restart after the build) once it verifies, and builds
+it again if it does not (a file edited in place); the store's missing chunks are then
+referenced in the folder's files (`packs.adopt`) rather than fetched.
+
+Length: over the ~450-line guide. The assembly and the pull's steps share the sink's
+rules (packing, durability, reuse, the seal), which must not drift apart between modules.
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ from fabric.errors import (ChunkNotFound, CorruptChunk, DestinationExists, Fabri
                            InvalidManifest, MissingChunks, StoreFull)
 from fabric.fileio import create_sized, pwrite_all, replace_file
 from fabric.logs import get_logger
+from fabric.store import packs
 from fabric.store.packs import PackRef
 from fabric.store.registry import Registry
 from fabric.store.store import Store
@@ -101,6 +115,8 @@ class Assembly:
         self.staging = self.dest.parent / f".{self.dest.name}.fabric-{uuid.uuid4().hex[:8]}"
         self.store = pack_into
         self.packed = pack_into is not None
+        self._started_ns = 0  # the staging folder's mtime: before any reference, the packs' mtime once committed
+        self._finished = False  # committing or aborted: takes nothing more from the store (`_take`)
         self._packs: dict[Path, str] = {}  # file -> its pack in the store
         self._referenced: set[Path] = set()  # files whose pack a chunk reference points into
         self._places: dict[str, list[tuple[Path, int]]] = {}
@@ -111,6 +127,7 @@ class Assembly:
 
     def _create_files(self) -> None:
         self.staging.mkdir()
+        self._started_ns = self.staging.stat().st_mtime_ns  # the file system's clock, as references get
         root = self.staging.resolve()
         for entry in self.manifest.files:
             path = self.staging / entry.path
@@ -131,15 +148,18 @@ class Assembly:
             return
         key = self.store.link_pack(path)
         if key is not None:
+            self.store.writing_pack(key)
             self._packs[path] = key
             return
         self.packed = False  # not here: the caller stores its own copies; drop the empty packs
         for key in self._packs.values():
+            self.store.writing_pack(key, False)
             self.store.delete_pack(key)
         self._packs.clear()
 
-    def write(self, chunk_id: str, data: bytes | memoryview) -> bool:
-        """Write a verified chunk at every place the version uses it. Thread-safe.
+    def write(self, chunk_id: str, data: bytes | memoryview, *, durable: bool = False) -> bool:
+        """Write a verified chunk at every place the version uses it (with `durable`, on disk
+        before this returns: `fdatasync`). Thread-safe.
 
         False if there was nothing to do: the chunk is not in this version, or is written.
         """
@@ -149,28 +169,52 @@ class Assembly:
             self._written.add(chunk_id)
         if self.sealer is not None:
             self.sealer.add(chunk_id, data)
-        self._guard(self._pwrite_all, chunk_id, data)
+        self._guard(self._pwrite_all, chunk_id, data, durable)
         return True
 
-    def keep(self, chunk_id: str, data: bytes | memoryview) -> None:
+    def keep(self, chunk_id: str, data: bytes | memoryview, *, defer: bool = True) -> None:
         """Write a fetched, verified chunk into the files and record it in the store as a
-        reference into its pack (durable at the store's next flush). For `packed` only."""
+        reference into its pack. For `packed` only.
+
+        With `defer` (a private cache) the reference is durable and visible at the store's
+        next flush, whose `syncfs` covers the pack too. Without (a site's store, which serves
+        the chunk at once) the chunk's bytes are made durable first, then its reference.
+        """
         if chunk_id not in self._places:  # not ours: stored the usual way
-            self.store.put_chunk(chunk_id, data, verified=True, defer=True)
-        elif self.write(chunk_id, data):
+            self.store.put_chunk(chunk_id, data, verified=True, defer=defer)
+        elif self.write(chunk_id, data, durable=not defer):
             path, offset = self._places[chunk_id][0]
             self._referenced.add(path)
-            self.store.put_packed(chunk_id, PackRef(self._packs[path], offset, len(data)), defer=True)
+            self.store.put_packed(chunk_id, PackRef(self._packs[path], offset, len(data)), defer=defer)
 
-    def _pwrite_all(self, chunk_id: str, data) -> None:
+    def keeper(self, *, defer: bool) -> Callable[[str, bytes], None]:
+        """`keep` as a fetch's sink (`fabric.transfer.ChunkSink`). Without `defer` (a site's
+        store, which others fetch into too: a relay's pull-through) the store also hands this
+        assembly the chunks it needs that others put there meanwhile (`Store.take`)."""
+        if not defer and self.packed:
+            self.store.take(self._places, self._take)
+        return lambda chunk_id, data: self.keep(chunk_id, data, defer=defer)
+
+    def _take(self, chunk_id: str, data: bytes | memoryview) -> bool:
+        """A chunk someone else put in the store: written and referenced here, unless written already."""
+        if self._finished or not self.packed or not self.write(chunk_id, data, durable=True):
+            return False
+        path, offset = self._places[chunk_id][0]
+        self._referenced.add(path)
+        self.store.put_packed(chunk_id, PackRef(self._packs[path], offset, len(data)))
+        return True
+
+    def _pwrite_all(self, chunk_id: str, data, durable: bool = False) -> None:
         view = memoryview(data).cast("B")
-        for path, offset in self._places[chunk_id]:
+        for i, (path, offset) in enumerate(self._places[chunk_id]):
             fd = os.open(path, os.O_WRONLY)
             # One writer per file at a time: the kernel serialises writes to a file anyway,
             # and its lock spins where ours sleeps (seen as 15% of a pull's CPU on 2 cores).
             try:
                 with self._file_locks[path]:
                     pwrite_all(fd, view, offset)
+                if durable and i == 0:  # the place its reference names
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
 
@@ -199,7 +243,7 @@ class Assembly:
                 refetch.append(cid)
                 continue
             if self.packed and store is self.store:
-                self.keep(cid, data)  # refer to this version's file now: older packs can go sooner
+                self.keep(cid, data)  # refer to this version's file now (at the next flush): older packs can go
             else:
                 self.write(cid, data)
             done += 1
@@ -210,18 +254,38 @@ class Assembly:
     def commit(self) -> None:
         """Make the files durable and move the folder into place as DEST."""
         def finish():
+            self._release()  # every chunk is written by now: what others put goes elsewhere
             for entry in self.manifest.files:
                 path = self.staging / entry.path
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
                 os.chmod(path, entry.mode)
+            self._close_packs()
             if self.sealer is not None:
                 replace_file(self.staging / seal.SEAL_FILE, self.sealer.encode(self.manifest))
             _swap_into_place(self.staging, self.dest)
         self._guard(finish)
 
+    def _release(self) -> None:
+        self._finished = True
+        if self.store is not None:
+            self.store.release_takes(self._take)
+
+    def _close_packs(self) -> None:
+        """Done writing: each pack's mtime goes back to before its first reference, so a later
+        write into the file (a program editing DEST in place) shows (`Store._pack_intact`)."""
+        for path, key in self._packs.items():
+            try:
+                os.utime(path, ns=(self._started_ns, self._started_ns))
+            except FileNotFoundError:
+                pass
+            self.store.writing_pack(key, False)
+
     def abort(self) -> None:
         """Remove the staging folder. Packs that chunks refer to stay: a retry resumes from them."""
+        self._release()
+        if self._packs:
+            self._close_packs()
         shutil.rmtree(self.staging, ignore_errors=True)
         for path, key in self._packs.items():
             if path not in self._referenced:
@@ -265,10 +329,11 @@ class Sink:
     @classmethod
     def site_version(cls, folder: str | os.PathLike) -> "Sink":
         """A site's `versions/<artifact>/<version>/` folder (complete or absent), which
-        the agent activates afterwards. The site's store serves other sites at once, and
+        the agent activates afterwards. The site's store shares the folder's files as
+        packs (one copy of each byte at the site) and serves other sites at once, and
         its registry is what they (and its workers) read, so recording the version must
         succeed."""
-        return cls(Path(folder), private=False, reuse=True, must_record=True, seal=True)
+        return cls(Path(folder), pack=True, private=False, reuse=True, must_record=True, seal=True)
 
 
 @dataclass(frozen=True)
@@ -312,16 +377,19 @@ async def pull(store: Store, manifest: Manifest, sink: Sink, *, upstream: Upstre
         if missing:
             raise MissingChunks(f"the store lacks {len(missing)} chunk(s) of this version, e.g. {missing[0]}")
     packed = False
-    if sink.reuse and await asyncio.to_thread(sink.dest.is_dir):  # a rollback, or a restart after the build
-        stats = await _fetch(store, manifest, sink, upstream, store_sink(store, defer=sink.private), progress)
+    reused = sink.reuse and await asyncio.to_thread(_reusable, manifest, sink)  # a rollback, a restart after the build
+    if reused:
+        adopted = sink.pack and await asyncio.to_thread(packs.adopt, store, manifest, sink.dest)
+        if adopted:  # the store holds the version now, in the folder's files
+            sizes = manifest.unique_chunks()
+            stats = SyncStats(chunks_total=len(sizes), chunks_reused=len(sizes))
+        else:
+            stats = await _fetch(store, manifest, sink, upstream, store_sink(store, defer=sink.private), progress)
         if on_fetched:
             on_fetched(stats)
-        sealer = seal.Sealer() if sink.seal else None
-        await asyncio.to_thread(verify_tree, manifest, sink.dest, sealer)
-        if sealer is not None:
-            await asyncio.to_thread(lambda: replace_file(sink.dest / seal.SEAL_FILE, sealer.encode(manifest)))
+        packed = adopted
     else:  # build the folder as chunks arrive; the ones the store held are copied after
-        assembly = await asyncio.to_thread(Assembly, manifest, sink.dest, overwrite=sink.overwrite,
+        assembly = await asyncio.to_thread(Assembly, manifest, sink.dest, overwrite=sink.overwrite or sink.reuse,
                                            pack_into=store if sink.pack else None, sealed=sink.seal)
         try:
             stats = await _assemble(store, manifest, sink, assembly, upstream, progress, on_fetched)
@@ -349,9 +417,12 @@ async def _assemble(store: Store, manifest: Manifest, sink: Sink, assembly: Asse
     """Fetch into `assembly` what the store lacks, then fill the rest of it from the store."""
     if upstream is None:
         await asyncio.to_thread(assembly.fill_from_store, store, progress)
+        if assembly.packed:
+            await asyncio.to_thread(store.flush)  # the references it moved
         sizes = manifest.unique_chunks()
         return SyncStats(chunks_total=len(sizes), chunks_reused=len(sizes))
-    chunk_sink = assembly.keep if assembly.packed else store_sink(store, defer=sink.private, then=assembly.write)
+    chunk_sink = assembly.keeper(defer=sink.private) if assembly.packed \
+        else store_sink(store, defer=sink.private, then=assembly.write)
     stats = await _fetch(store, manifest, sink, upstream, chunk_sink, progress)
     if on_fetched:
         on_fetched(stats)
@@ -366,8 +437,8 @@ async def _assemble(store: Store, manifest: Manifest, sink: Sink, assembly: Asse
         stats.bytes_received += again.bytes_received
         stats.bytes_raw += again.bytes_raw
         await asyncio.to_thread(assembly.fill_from_store, store)
-    if sink.private:
-        await asyncio.to_thread(store.flush)  # references moved by the fill
+    if sink.private or assembly.packed:
+        await asyncio.to_thread(store.flush)  # references moved by the fill (deferred even at a site)
     return stats
 
 
@@ -421,6 +492,22 @@ async def pull_remote(client: OriginClient, store: Store, artifact: str, dest: s
                         upstream=Upstream([client], options), progress=progress)
     result.dest, result.seconds = str(dest), time.monotonic() - t0
     return result, manifest
+
+
+def _reusable(manifest: Manifest, sink: Sink) -> bool:
+    """Whether the folder at `sink.dest` is this version, intact (then sealed again, for a
+    site); a folder that is not (a file edited in place) is built again over it."""
+    if not sink.dest.is_dir():
+        return False
+    sealer = seal.Sealer() if sink.seal else None
+    try:
+        verify_tree(manifest, sink.dest, sealer)
+    except IntegrityError as e:
+        log.warning("the version's folder is spoiled; building it again", dest=str(sink.dest), error=e.message)
+        return False
+    if sealer is not None:
+        replace_file(sink.dest / seal.SEAL_FILE, sealer.encode(manifest))
+    return True
 
 
 def verify_tree(manifest: Manifest, folder: Path, sealer: seal.Sealer | None = None) -> None:

@@ -35,12 +35,16 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
+from fabric.core import digest
 from fabric.core.codec import TAG_PACKED
 from fabric.core.limits import MAX_CHUNK
-from fabric.errors import ChunkNotFound, StoreFull
+from fabric.errors import ChunkNotFound, CorruptChunk, StoreFull
 from fabric.fileio import pwrite_all
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from fabric.core.manifest import Manifest
     from fabric.store.store import Store
 
 REF_MAX = 128  # a pack reference is never longer: stored objects this small may be one
@@ -103,6 +107,66 @@ def read(chunk_id: str, path: str | os.PathLike, ref: PackRef) -> bytes:
     if len(data) != ref.size:
         raise ChunkNotFound(f"chunk {chunk_id}: its pack {ref.pack} is shorter than the reference says")
     return data
+
+
+class Guard:
+    """Which packs may be served without reading them: every pack whose file has not
+    changed since its chunks' references were written. A writer that is done with a pack
+    sets its mtime back to before its first reference (`fabric.pull.Assembly`); a publish
+    writes its packs before their references. So a pack newer than a reference into it
+    was written by someone else (a program editing DEST, a worker writing into a site's
+    version file), and its chunk is checked against its id before it is served. Packs
+    this process is still writing (`writing`) are trusted. Thread-safe."""
+
+    def __init__(self):
+        self._writing: set[str] = set()
+        self._checked: dict[tuple[str, int, int], int] = {}  # (pack, offset, size) -> pack mtime it verified at
+        self.lock = self._lock = threading.Lock()
+
+    def writing(self, key: str, writing: bool = True) -> None:
+        with self._lock:
+            (self._writing.add if writing else self._writing.discard)(key)
+
+    def intact(self, chunk_id: str, ref: PackRef, pack_path: os.PathLike, ref_path: os.PathLike) -> bool:
+        """False if the pack is gone, or changed after the reference and no longer holds the chunk."""
+        with self._lock:
+            if ref.pack in self._writing:
+                return True
+        try:
+            pack_mtime = os.stat(pack_path).st_mtime_ns
+            ref_mtime = os.stat(ref_path).st_mtime_ns
+        except FileNotFoundError:
+            return False
+        key = (ref.pack, ref.offset, ref.size)
+        if pack_mtime <= ref_mtime or self._checked.get(key) == pack_mtime:
+            return True
+        try:
+            digest.verify(chunk_id, read(chunk_id, pack_path, ref))
+        except (CorruptChunk, ChunkNotFound):
+            return False
+        with self._lock:
+            if len(self._checked) > 100_000:
+                self._checked.clear()
+            self._checked[key] = pack_mtime
+        return True
+
+
+def adopt(store: Store, manifest: Manifest, folder: Path) -> bool:
+    """Give `store` the chunks of a verified, durable version folder that it lacks, as
+    references into the folder's files linked as packs (a pack per file that has such a
+    chunk); False where the store cannot link them (it then needs copies). Blocking."""
+    missing = set(store.missing(manifest.chunk_ids()))
+    for entry in manifest.files:
+        offset, key = 0, None
+        for cid, size in entry.chunks:
+            if cid in missing:
+                key = key or store.link_pack(folder / entry.path)
+                if key is None:
+                    return False
+                store.put_packed(cid, PackRef(key, offset, size))
+                missing.discard(cid)
+            offset += size
+    return True
 
 
 class PackWriter:

@@ -26,7 +26,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
 import zstandard
 
@@ -34,6 +34,7 @@ from fabric.core import digest
 from fabric.core.codec import Encoding
 from fabric.core.limits import MAX_CHUNK
 from fabric.errors import Conflict, CorruptChunk, ChunkNotFound, InvalidInput, NotFound
+from fabric.logs import get_logger
 from fabric.store import packs
 from fabric.store.backend import Backend, Capabilities, ObjectInfo
 from fabric.store.local import LocalBackend
@@ -50,6 +51,7 @@ _PACKED = bytes([packs.TAG_PACKED])  # 0xFF: the one stored form that is not a s
 _SAMPLE = 64 << 10
 _PAYS = 0.9  # store compressed only when it saves at least 10%
 _local = threading.local()
+log = get_logger("store")
 
 
 def _zstd_c() -> zstandard.ZstdCompressor:
@@ -88,6 +90,8 @@ class Store:
         self.backend = backend
         self.compress = compress
         self.capabilities: Capabilities = backend.capabilities
+        self.pack_guard = packs.Guard()  # packs being written here, and which changed ones still verify
+        self._takers: dict[str, Callable[[str, bytes | memoryview], bool]] = {}  # chunk id -> an assembly's
 
     def __repr__(self) -> str:
         return f"Store({self.backend.describe()})"
@@ -114,6 +118,9 @@ class Store:
         """
         if not verified:
             digest.verify(chunk_id, data)
+        taker = self._takers.get(chunk_id) if self._takers else None
+        if taker is not None and taker(chunk_id, data):  # written into a version being assembled, referenced
+            return len(data)
         payload, tag = self._maybe_compress(data)
         self._write(chunk_key(chunk_id), [bytes([tag]), payload], defer=defer)
         return len(payload) + 1
@@ -151,6 +158,9 @@ class Store:
         """
         stored = self._get_chunk_object(chunk_id)
         if stored[:1] == _PACKED:
+            ref = packs.parse(chunk_id, stored)
+            if not self._pack_intact(chunk_id, ref):
+                raise ChunkNotFound(f"chunk {chunk_id}: its pack {ref.pack} was changed in place")
             return bytes([TAG_RAW]) + self._read_packed(chunk_id, stored)
         return stored
 
@@ -189,7 +199,7 @@ class Store:
             pack = open(self.backend.path(ref.pack), "rb")
         except FileNotFoundError:
             return None
-        if os.fstat(pack.fileno()).st_size < ref.offset + ref.size:
+        if os.fstat(pack.fileno()).st_size < ref.offset + ref.size or not self._pack_intact(chunk_id, ref):
             pack.close()
             return None
         return StoredFile(pack, TAG_RAW, ref.offset, ref.size)
@@ -211,7 +221,8 @@ class Store:
                 if stored[:1] == _PACKED:  # as `open_stored` will find it: absent if damaged
                     ref = self._parse_ref(cid, stored)
                     held = size(ref.pack) if ref else None
-                    sizes[i] = 1 + ref.size if held is not None and held >= ref.offset + ref.size else None
+                    intact = held is not None and held >= ref.offset + ref.size and self._pack_intact(cid, ref)
+                    sizes[i] = 1 + ref.size if intact else None
         return sizes
 
     # --- packs (fabric.store.packs) ------------------------------------------
@@ -223,6 +234,37 @@ class Store:
             return None
         key = packs.new_pack_key()
         return key if self.backend.link_in(key, path) else None
+
+    def take(self, chunk_ids: Iterable[str], taker: Callable[[str, bytes | memoryview], bool]) -> None:
+        """Route `put_chunk` of these ids to `taker` (until `release_takes`): it writes the chunk
+        into a version being assembled and references it there (True), or declines (False:
+        stored as usual). A chunk another fetcher brings (a relay's pull-through) while this
+        process assembles a version that needs it is then written once, into the version."""
+        with self.pack_guard.lock:
+            self._takers.update(dict.fromkeys(chunk_ids, taker))
+
+    def release_takes(self, taker: Callable[[str, bytes | memoryview], bool]) -> None:
+        """Stop routing any chunk to `taker` (`take`)."""
+        with self.pack_guard.lock:
+            self._takers = {cid: t for cid, t in self._takers.items() if t != taker}
+
+    def writing_pack(self, key: str, writing: bool = True) -> None:
+        """Say that this process is writing the pack `key` (an assembly in progress) or has
+        finished (`writing=False`): a pack being written is not checked before it is served."""
+        self.pack_guard.writing(key, writing)
+
+    def _pack_intact(self, chunk_id: str, ref: packs.PackRef) -> bool:
+        """Whether a packed chunk may be served unread (`packs.Guard.intact`); one whose pack
+        was changed in place and no longer matches loses its reference, so the store lacks
+        it and it is fetched again."""
+        if not self.capabilities.files:
+            return True
+        if self.pack_guard.intact(chunk_id, ref, self.backend.path(ref.pack), self.backend.path(chunk_key(chunk_id))):
+            return True
+        log.warning("a pack was changed in place: dropping the chunk's reference", chunk=chunk_id, pack=ref.pack,
+                    store=str(self))
+        self.delete_chunk(chunk_id)
+        return False
 
     def put_packed(self, chunk_id: str, ref: packs.PackRef, *, defer: bool = False) -> None:
         """Record that `chunk_id`'s raw bytes are at `ref` in a pack. The caller wrote them

@@ -257,12 +257,21 @@ def test_corrupt_relay_is_detected_bypassed_and_reported(tmp_path, origin, token
     publish_to(origin.url, v1, "m", "v1")
     hub = AgentProcess(tmp_path, "hub", origin.url, follow=["m:prod"], tokens=tokens_file).start()
     hub.wait_active("m", "v1")
-    # Flip bytes in every chunk the hub holds (payload only; the tag byte stays valid).
-    for path in (hub.data / "store" / "chunks").rglob("*"):
-        if path.is_file():
+    # Flip a byte of every chunk the hub holds, as a failing disk would: in its packs (the
+    # version folder's files, which its store shares) and in any object of its own, with
+    # the files' times kept, so nothing but the bytes tells.
+    store = hub.data / "store"
+    flipped = 0
+    for path in [*(store / "packs").rglob("*"), *(store / "chunks").rglob("*")]:
+        if path.is_file() and path.stat().st_size > 128:  # a pack, or an object (not a pack reference)
+            st = path.stat()
             data = bytearray(path.read_bytes())
             data[-1] ^= 0xFF
-            path.write_bytes(bytes(data))
+            with open(path, "r+b") as f:
+                f.write(bytes(data))
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            flipped += 1
+    assert flipped >= 1
     edge = AgentProcess(tmp_path, "edge-a", origin.url, follow=["m:prod"], tokens=tokens_file,
                         upstreams=[hub.url]).start()
     try:

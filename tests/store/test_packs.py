@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,60 @@ def test_pull_over_the_same_dest_with_force(lab):
     assert fabric_json("fsck", "--store", site)["ok"]
     again = fabric_json(*lab.pull_args("s@v1", dest, site, "--force"))  # v1 back, from the store alone
     assert again["chunks_fetched"] == 0 and tree_digest(dest) == tree_digest(v1)
+
+
+# --- a site's packs: served only while intact, written once -----------------------------------
+
+def test_a_pack_changed_after_its_references_is_checked_before_it_is_served(tmp_path, rng):
+    parts = [random_bytes(rng, 300_000), random_bytes(rng, 200_000)]
+    store, f, key, ids = packed_store(tmp_path, parts)
+    assert store.open_stored(ids[0]) is not None  # untouched: served unread
+    time.sleep(0.02)  # past the file system's clock tick
+    with open(f, "r+b") as fh:  # a program writes into the second chunk, in place
+        fh.seek(len(parts[0]) + 10)
+        fh.write(b"\0" * 16)
+    first = store.open_stored(ids[0])  # the file changed, but this chunk still matches: served
+    assert first is not None
+    first.file.close()
+    assert store.get_chunk_stored(ids[0])[1:] == parts[0]
+    assert store.stored_sizes(ids) == [1 + len(parts[0]), None]  # found spoiled: not offered
+    assert not store.has_chunk(ids[1])  # its reference is dropped, so it is fetched again
+    assert store.open_stored(ids[1]) is None
+    with pytest.raises(ChunkNotFound):
+        store.get_chunk_stored(ids[1])
+
+
+def test_a_pack_being_written_here_is_served_unread(tmp_path, rng):
+    parts = [random_bytes(rng, 100_000)]
+    store, f, key, ids = packed_store(tmp_path, parts)
+    store.writing_pack(key)
+    time.sleep(0.02)
+    with open(f, "r+b") as fh:  # as an assembly writes the next chunk into it
+        fh.seek(len(parts[0]))
+        fh.write(b"more")
+    assert store.stored_sizes(ids) == [1 + len(parts[0])] and store.has_chunk(ids[0])
+
+
+def test_a_chunk_another_fetcher_stores_goes_into_the_version_being_assembled(tmp_path, rng):
+    from fabric.pull import Assembly
+
+    src = open_store(tmp_path / "src-store")
+    publish_local(src, write_tree(tmp_path / "src", {"w.bin": random_bytes(rng, 600_000)}), "m", "v1")
+    manifest = Registry(src).manifest("m", "v1")
+    site = open_store(tmp_path / "site-store")
+    assembly = Assembly(manifest, tmp_path / "versions" / "v1", pack_into=site, sealed=True)
+    keep = assembly.keeper(defer=False)  # a site's deploy: takes what others store meanwhile
+    ids = list(manifest.unique_chunks())
+    keep(ids[0], src.get_chunk(ids[0]))
+    for cid in ids[1:]:  # a relay's pull-through, say
+        site.put_chunk(cid, src.get_chunk(cid), verified=True)
+    assert assembly.fill_from_store(site) == 0  # nothing left to copy
+    assembly.commit()
+    dest = tmp_path / "versions" / "v1" / "w.bin"
+    assert dest.read_bytes() == (tmp_path / "src" / "w.bin").read_bytes()
+    refs = dict(site.pack_refs())
+    assert set(refs) == set(ids)  # every chunk a reference into the version's file, no copy
+    assert {os.stat(site.backend.path(r.pack)).st_ino for r in refs.values()} == {dest.stat().st_ino}
+    late = random_bytes(rng, 1000)
+    site.put_chunk(digest.digest(late), late)  # after the commit: an object of its own
+    assert site.get_chunk(digest.digest(late)) == late
