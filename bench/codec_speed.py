@@ -6,8 +6,9 @@ Prints, per case, the encoding chosen, payload/raw ratio, and single-thread enco
 and decode GB/s (raw bytes per second), then the same with two threads at once.
 Data: normal(0, 0.02) weights; the "step" cases pair them with the same weights after
 a small update (noise of 1e-3 of the weights' scale), as after an optimizer step:
-once as the selector chooses (`encode`), and once pinned to `xor` and to `delta`
-(`encode_as`; the selector's sampling is then skipped).
+once as the selector chooses (`encode`), and once pinned to `xor`, `delta` and
+`deltapack` (`encode_as`; the selector's sampling is then skipped, except `deltapack`'s
+choice of packing per plane). The last lines time xor, delta and deltapack in turns.
 """
 
 from __future__ import annotations
@@ -92,12 +93,12 @@ def case(name: str, data: bytes, dtype: str, reference: bytes | None = None, pin
 
 
 def side_by_side(rng, dtype: str, rounds: int = 15) -> None:
-    """xor and delta on the same step, timed in alternation (best of `rounds`): on a busy
-    machine the ratio of the two holds even when the absolute figures do not."""
+    """xor, delta and deltapack on the same step, timed in alternation (best of `rounds`): on
+    a busy machine the ratios of the three hold even when the absolute figures do not."""
     before, after = (x.tobytes() for x in weights(rng, dtype))
     ref_id = digest(before)
     kwargs = dict(dtype=dtype, reference=before, reference_id=ref_id)
-    encs = {name: codec.encode_as(name, after, **kwargs) for name in ("xor", "delta")}
+    encs = {name: codec.encode_as(name, after, **kwargs) for name in ("xor", "delta", "deltapack")}
     best = {(name, op): float("inf") for name in encs for op in ("encode", "decode")}
     for _ in range(rounds):
         for name, enc in encs.items():
@@ -109,12 +110,13 @@ def side_by_side(rng, dtype: str, rounds: int = 15) -> None:
             best[name, "encode"] = min(best[name, "encode"], t1 - t0)
             best[name, "decode"] = min(best[name, "decode"], t2 - t1)
     rate = {k: len(after) / v / 1e9 for k, v in best.items()}
-    print(f"{dtype.lower()} step, alternating: xor ratio {len(encs['xor'].payload) / len(after):.3f} "
-          f"encode {rate['xor', 'encode']:.2f} decode {rate['xor', 'decode']:.2f} GB/s; delta ratio "
-          f"{len(encs['delta'].payload) / len(after):.3f} encode {rate['delta', 'encode']:.2f} "
-          f"decode {rate['delta', 'decode']:.2f} GB/s; delta ÷ xor: bytes "
-          f"{len(encs['delta'].payload) / len(encs['xor'].payload):.3f}, decode speed "
-          f"{rate['delta', 'decode'] / rate['xor', 'decode']:.2f}")
+    line = [f"{dtype.lower()} step, alternating:"]
+    for name, enc in encs.items():
+        line.append(f"{name} ratio {len(enc.payload) / len(after):.3f} encode {rate[name, 'encode']:.2f} "
+                    f"decode {rate[name, 'decode']:.2f} GB/s"
+                    + ("" if name == "xor" else f" (÷ xor: bytes {len(enc.payload) / len(encs['xor'].payload):.3f}, "
+                       f"decode speed {rate[name, 'decode'] / rate['xor', 'decode']:.2f})") + ";")
+    print(" ".join(line))
 
 
 def main() -> None:
@@ -125,6 +127,7 @@ def main() -> None:
         case(f"{dtype.lower()} step", after, dtype, reference=before)
         case(f"{dtype.lower()} step, xor", after, dtype, reference=before, pinned="xor")
         case(f"{dtype.lower()} step, delta", after, dtype, reference=before, pinned="delta")
+        case(f"{dtype.lower()} step, dpack", after, dtype, reference=before, pinned="deltapack")
     before, after = (x.tobytes() for x in weights(rng, "BF16"))
     hashed = dict(raw_size=len(after), reference=before)
     enc = codec.encode(after, dtype="BF16", reference=before)

@@ -1,7 +1,7 @@
 """Chunk encodings: how one chunk's bytes travel, losslessly.
 
-Owns the seven encodings (`raw`, `zstd`, `bytegroup`, `xor`, `patch`, `delta`,
-`multipatch`), their binary
+Owns the eight encodings (`raw`, `zstd`, `bytegroup`, `xor`, `patch`, `delta`,
+`multipatch`, `deltapack`), their binary
 payload layout (specified in docs/encodings.md), the rule that picks one per chunk,
 and decoding that treats every payload as hostile. A payload's 6-byte header may
 travel separately (the chunk stream's frame carries the tag and raw size):
@@ -64,6 +64,7 @@ class Encoding(IntEnum):
     PATCH = 4
     DELTA = 5
     MULTIPATCH = 6
+    DELTAPACK = 7
 
     @classmethod
     def parse(cls, value: int | str) -> Encoding:
@@ -98,9 +99,13 @@ class Encoded:
         return memoryview(self.payload)[_HEADER.size:]
 
 
-REFERENCING = (Encoding.XOR, Encoding.PATCH, Encoding.DELTA, Encoding.MULTIPATCH)  # their decoders need a reference
+REFERENCING = (Encoding.XOR, Encoding.PATCH, Encoding.DELTA, Encoding.MULTIPATCH,
+               Encoding.DELTAPACK)  # their decoders need a reference
 MAX_REFERENCES = 8  # `multipatch` names at most this many
-_DELTA_WIDTHS = (2, 4, 8)  # `delta` subtracts elements of these widths
+_DELTA_WIDTHS = (2, 4, 8)  # `delta` and `deltapack` subtract elements of these widths
+_DELTAS = (Encoding.DELTA, Encoding.DELTAPACK)
+_PACK_BITS = (1, 2, 4, 8)  # `deltapack`: a plane's values packed this many bits each (8: as in `delta`)
+_PACK_TRY = 0.9  # ...packing is tried on a plane whose sample compresses to this fraction or less
 _PATCHES = (Encoding.PATCH, Encoding.MULTIPATCH)  # a zstd frame with references as its prefix
 _BLOCK = 1 << 16  # elements per block of `delta`'s arithmetic (it stays in the CPU's cache)
 TAG_PACKED = 0xFF  # a stored form only, never a stream tag: a pack reference (fabric.store.packs)
@@ -126,6 +131,7 @@ class _Plan:
     size: int  # estimated payload size
     flags: tuple[bool, ...] = ()  # per byte plane: compress it?
     blob: bytes | None = None  # `patch`, and `zstd` of a chunk sampled whole: the finished frame
+    bits: tuple[int, ...] = ()  # `deltapack`, per byte plane: bits per packed value
 
 
 def encode(
@@ -182,10 +188,15 @@ def encode_as(
     chunk = _chunk(data, dtype, reference, reference_id, level, more)
     if encoding in REFERENCING and chunk.reference is None:
         raise InvalidInput(f"the {encoding.name.lower()} encoding needs a reference")
-    if encoding == Encoding.DELTA and chunk.width not in _DELTA_WIDTHS:
-        raise InvalidInput("the delta encoding needs a dtype of 2, 4 or 8 bytes")
+    if encoding in _DELTAS and chunk.width not in _DELTA_WIDTHS:
+        raise InvalidInput(f"the {encoding.name.lower()} encoding needs a dtype of 2, 4 or 8 bytes")
     blob = _patch_frame(chunk, encoding == Encoding.MULTIPATCH) if encoding in _PATCHES else None
-    return _encode_plan(_Plan(encoding, 0, (True,) * chunk.width, blob), chunk)
+    bits = ()
+    if encoding == Encoding.DELTAPACK:  # each plane packed as its samples say is smallest
+        spans = _sample_spans(len(chunk.data), chunk.width)
+        sample = b"".join(_delta_prefix(chunk.data[a:b], chunk.reference[a:b], chunk.width) for a, b in spans)
+        _, _, bits = _estimate_packed(sample, len(chunk.data), chunk.width, 1.0)
+    return _encode_plan(_Plan(encoding, 0, (True,) * chunk.width, blob=blob, bits=bits), chunk)
 
 
 def _chunk(data, dtype, reference, reference_id, level, more=()) -> _Chunk:
@@ -247,10 +258,15 @@ def _plans(chunk: _Chunk, gain: float, allowed: set[Encoding]):
         xored = b"".join(_xor_prefix(data[a:b], reference[a:b]) for a, b in spans)
         size, flags = _estimate_group(xored, n, width, gain)
         yield _Plan(Encoding.XOR, overhead + size, flags)
-    if reference is not None and Encoding.DELTA in allowed and width in _DELTA_WIDTHS:
+    if reference is not None and allowed & set(_DELTAS) and width in _DELTA_WIDTHS:
         deltas = b"".join(_delta_prefix(data[a:b], reference[a:b], width) for a, b in spans)
-        size, flags = _estimate_group(deltas, n, width, gain)
-        yield _Plan(Encoding.DELTA, overhead + size, flags)
+        if Encoding.DELTA in allowed:
+            size, flags = _estimate_group(deltas, n, width, gain)
+            yield _Plan(Encoding.DELTA, overhead + size, flags)
+        if Encoding.DELTAPACK in allowed:
+            size, flags, bits = _estimate_packed(deltas, n, width, gain)
+            if min(bits) < 8:  # else it is `delta` with W bytes more
+                yield _Plan(Encoding.DELTAPACK, overhead + size, flags, bits=bits)
 
 
 def _sample_spans(n: int, width: int) -> list[tuple[int, int]]:
@@ -278,6 +294,33 @@ def _estimate_group(sample, n: int, width: int, gain: float) -> tuple[int, tuple
     return size, flags
 
 
+def _estimate_packed(sample, n: int, width: int, gain: float) -> tuple[int, tuple[bool, ...], tuple[int, ...]]:
+    """`_estimate_group` for a packed group section: also each plane's bits (the smallest
+    estimate; packing is tried only on a plane that compresses to _PACK_TRY or less)."""
+    planes, _ = _split(sample, width)
+    scale = (n // width) / max(1, len(planes[0]))
+    size, flags, bits = 1 + n % width, [], []
+    for plane in planes:
+        ratio = _ratio(plane, _compressor(None))
+        best, best_bits = 1 + _PLANE.size + len(plane) * (ratio if ratio <= gain else 1.0), 8
+        if ratio <= _PACK_TRY:
+            for b in _PACK_BITS[:-1]:
+                cost = 1 + 2 * _PLANE.size + sum(_blob_size(s, gain) for s in _packed_streams(plane, b))
+                if cost < best:
+                    best, best_bits = cost, b
+        size += int(best * scale)
+        flags.append(best_bits < 8 or ratio <= gain)
+        bits.append(best_bits)
+    return size, tuple(flags), tuple(bits)
+
+
+def _blob_size(stream, gain: float) -> int:
+    if not len(stream):
+        return 0
+    blob = len(_compressor(None).compress(stream))
+    return blob if blob <= gain * len(stream) else len(stream)
+
+
 def _encode_plan(plan: _Plan, chunk: _Chunk) -> Encoded:
     data, n = chunk.data, len(chunk.data)
     if plan.encoding == Encoding.RAW:
@@ -300,6 +343,9 @@ def _encode_plan(plan: _Plan, chunk: _Chunk) -> Encoded:
     if plan.encoding == Encoding.DELTA:
         parts += _group(_delta_prefix(data, chunk.reference, chunk.width), chunk.width, plan.flags)
         return _encoded(Encoding.DELTA, n, parts, chunk.reference_id)
+    if plan.encoding == Encoding.DELTAPACK:
+        parts += _packed_group(_delta_prefix(data, chunk.reference, chunk.width), chunk.width, plan.bits)
+        return _encoded(Encoding.DELTAPACK, n, parts, chunk.reference_id)
     parts += _group(_xor_prefix(data, chunk.reference), chunk.width, plan.flags)
     return _encoded(Encoding.XOR, n, parts, chunk.reference_id)
 
@@ -330,6 +376,64 @@ def _group(data, width: int, flags: tuple[bool, ...]) -> list:
         descriptors.append(_PLANE.pack(flag, len(blob)))
         blobs.append(blob)
     return [*descriptors, *blobs, tail]
+
+
+def _packed_group(data, width: int, bits: tuple[int, ...]) -> list:
+    """The packed group section: width, per plane its bits and stream descriptors, the
+    streams, the tail. Every stream is compressed where that shrinks it."""
+    planes, tail = _split(data, width)
+    descriptors, blobs = [_U8.pack(width)], []
+    for plane, b in zip(planes, bits):
+        descriptors.append(_U8.pack(b))
+        for stream in ([plane] if b == 8 else _packed_streams(plane, b)):
+            flag, blob = _plane_blob(stream) if len(stream) else (_STORED, stream)
+            descriptors.append(_PLANE.pack(flag, len(blob)))
+            blobs.append(blob)
+    return [*descriptors, *blobs, tail]
+
+
+def _packed_streams(plane: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """A plane's S (each value, at most 2**b - 1, packed b bits each, LSB first) and E
+    (for each value of 2**b - 1 or more, in order, the value less 2**b - 1)."""
+    np = _numpy()
+    top = (1 << b) - 1
+    escaped = np.flatnonzero(plane >= top)  # and take: several times faster than a boolean index
+    return _pack(np.minimum(plane, top), b), plane.take(escaped) - np.uint8(top)
+
+
+def _pack(values: np.ndarray, b: int) -> np.ndarray:
+    """Values below 2**b, 8 // b to a byte, the first in the lowest bits."""
+    np = _numpy()
+    per = 8 // b
+    if len(values) % per:
+        values = np.concatenate([values, np.zeros(per - len(values) % per, np.uint8)])
+    if b == 1:
+        return np.packbits(values, bitorder="little")
+    if b == 4:
+        x = values.view("<u2") | (values.view("<u2") >> 4)
+        return x.astype(np.uint8)
+    x = values.view("<u4") | (values.view("<u4") >> 6)  # b == 2: bytes 0-3 -> bits 0-7
+    x &= 0x000F000F
+    x |= x >> 12
+    return x.astype(np.uint8)
+
+
+def _unpack(packed: np.ndarray, b: int, n: int) -> np.ndarray:
+    """The first n values of `_pack`, as a new writable uint8 array."""
+    np = _numpy()
+    if b == 1:
+        return np.unpackbits(packed, count=n, bitorder="little")
+    if b == 4:
+        x = packed.astype("<u2")
+        x |= x << 4
+        x &= 0x0F0F
+    else:
+        x = packed.astype("<u4")
+        x |= x << 12
+        x &= 0x000F000F
+        x |= x << 6
+        x &= 0x03030303
+    return x.view(np.uint8)[:n]
 
 
 def _numpy():
@@ -485,8 +589,8 @@ def _decode_rest(reader: "_Reader", encoding: Encoding, raw_size: int, reference
         return _read_group(reader, raw_size)[0].tobytes()
     if encoding == Encoding.PATCH:
         return _read_patch(reader, raw_size, reference, reference_id)
-    if encoding == Encoding.DELTA:
-        return _read_delta(reader, raw_size, reference, reference_id)
+    if encoding in _DELTAS:
+        return _read_delta(reader, raw_size, reference, reference_id, encoding == Encoding.DELTAPACK)
     if encoding == Encoding.MULTIPATCH:
         return _read_multipatch(reader, raw_size, [reference, *more], [reference_id, *(more_ids or [None] * len(more))])
     return _read_xor(reader, raw_size, reference, reference_id)
@@ -556,12 +660,71 @@ def _read_group(reader: _Reader, raw_size: int, widths: tuple[int, ...] | None =
     descriptors = [reader.unpack(_PLANE, "plane descriptor") for _ in range(width)]
     np = _numpy()
     out = np.empty(raw_size, np.uint8)
-    elements = out[:n * width].reshape(n, width)
-    for i, (flag, length) in enumerate(descriptors):
-        elements[:, i] = _read_plane(reader.take(length, f"plane {i}"), flag, n)
+    planes = [_read_plane(reader.take(length, f"plane {i}"), flag, n) for i, (flag, length) in enumerate(descriptors)]
+    _interleave(out, planes, width, n)
     out[n * width:] = np.frombuffer(reader.take(tail, "tail"), np.uint8)
     reader.end()
     return out, width
+
+
+def _interleave(out: np.ndarray, planes: list, width: int, n: int) -> None:
+    """Write byte planes back as n elements at the start of `out` (the inverse of `_split`)."""
+    np = _numpy()
+    if width not in (2, 4, 8):  # width 1, or a width with no integer type: column by column
+        elements = out[:n * width].reshape(n, width)
+        for i, plane in enumerate(planes):
+            elements[:, i] = plane
+        return
+    words = out[:n * width].view(f"<u{width}")
+    shifted = np.empty(min(n, _BLOCK), words.dtype)
+    for a in range(0, n, _BLOCK):  # in cache-sized blocks; shifts and ors beat strided byte stores
+        w, t = words[a:a + _BLOCK], shifted[:min(_BLOCK, n - a)]
+        np.copyto(w, planes[0][a:a + _BLOCK], casting="unsafe")
+        for i in range(1, width):
+            np.copyto(t, planes[i][a:a + _BLOCK], casting="unsafe")
+            np.left_shift(t, 8 * i, out=t)
+            np.bitwise_or(w, t, out=w)
+
+
+def _read_packed_group(reader: _Reader, raw_size: int) -> tuple[np.ndarray, int]:
+    """`_read_group` for a packed group section (`deltapack`); widths 2, 4, 8 only."""
+    (width,) = reader.unpack(_U8, "element width")
+    if width not in _DELTA_WIDTHS:
+        raise BadFrame(f"element width {width} is not one of {_DELTA_WIDTHS}")
+    n, tail = divmod(raw_size, width)
+    layout = []
+    for i in range(width):
+        (b,) = reader.unpack(_U8, f"plane {i} bits")
+        if b not in _PACK_BITS:
+            raise BadFrame(f"plane {i} packs {b} bits a value, not one of {_PACK_BITS}")
+        layout.append((b, [reader.unpack(_PLANE, "stream descriptor") for _ in range(1 if b == 8 else 2)]))
+    np = _numpy()
+    out = np.empty(raw_size, np.uint8)
+    planes = []
+    for i, (b, streams) in enumerate(layout):
+        blobs = [(reader.take(length, f"plane {i}"), flag) for flag, length in streams]
+        planes.append(_read_plane(*blobs[0], n) if b == 8 else _read_packed_plane(blobs, b, n))
+    _interleave(out, planes, width, n)
+    out[n * width:] = np.frombuffer(reader.take(tail, "tail"), np.uint8)
+    reader.end()
+    return out, width
+
+
+def _read_packed_plane(blobs, b: int, n: int) -> np.ndarray:
+    np = _numpy()
+    (s_blob, s_flag), (e_blob, e_flag) = blobs
+    size = (n * b + 7) // 8
+    packed = _read_plane(s_blob, s_flag, size)
+    if size and n * b % 8 and packed[-1] >> (n * b % 8):
+        raise BadFrame("packed plane has bits set after its last value")
+    plane = _unpack(packed, b, n)
+    top = (1 << b) - 1
+    escaped = np.flatnonzero(plane == top)
+    extra = _read_plane(e_blob, e_flag, len(escaped))
+    if len(extra) and int(extra.max()) > 255 - top:
+        raise BadFrame(f"escaped value above 255 in a plane packed {b} bits a value")
+    plane[escaped] += extra
+    return plane
 
 
 def _read_plane(blob: memoryview, flag: int, n: int) -> np.ndarray:
@@ -590,10 +753,13 @@ def _read_xor(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:
     return out.tobytes()
 
 
-def _read_delta(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:
+def _read_delta(reader: _Reader, raw_size: int, reference, reference_id, packed: bool = False) -> bytes:
     ref_size, ref_id = _read_reference_id(reader)
     held = _held_reference(ref_id, ref_size, reference, reference_id)
-    out, width = _read_group(reader, raw_size, widths=_DELTA_WIDTHS)
+    if packed:
+        out, width = _read_packed_group(reader, raw_size)
+    else:
+        out, width = _read_group(reader, raw_size, widths=_DELTA_WIDTHS)
     _undelta_into(out, held, width)
     return out.tobytes()
 

@@ -59,10 +59,11 @@ def test_every_encoding_travels_and_decodes_against_the_receivers_store(pair):
     for key, data in new.items():
         tags[key], out = sent(sender, receiver, digest(data), plan[digest(data)])
         assert out == data
-    assert tags == {"w": Encoding.XOR, "fresh": Encoding.BYTEGROUP, "text": Encoding.PATCH,
+    assert tags == {"w": Encoding.DELTAPACK, "fresh": Encoding.BYTEGROUP, "text": Encoding.PATCH,
                     "tiny": Encoding.RAW, "noise": Encoding.RAW, "zeros": Encoding.ZSTD}
     # allow_entropy=False still sends the xor of a small step, with stored exponent planes
-    assert sent(sender, receiver, digest(new["w"]), plan[digest(new["w"])], allow_entropy=False)[0] == Encoding.XOR
+    assert sent(sender, receiver, digest(new["w"]), plan[digest(new["w"])], allow_entropy=False)[0] in (
+        Encoding.XOR, Encoding.DELTAPACK)
 
 
 def test_stream_tags_0_and_1_are_the_stores_forms(pair):
@@ -94,7 +95,7 @@ def test_a_reference_the_receiver_lacks_or_holds_corrupt_is_a_mismatch_never_gar
         s.put_chunk(digest(old), old)
     sender.put_chunk(digest(new), new)
     tag, raw_size, payload = chunks.encode_chunk(sender, digest(new), ChunkHint("BF16", digest(old)))
-    assert tag == Encoding.XOR
+    assert tag in (Encoding.XOR, Encoding.DELTAPACK)
     assert receive(receiver, digest(new), tag, raw_size, payload) == new
     with pytest.raises(ReferenceMismatch):
         receive(mem_store(), digest(new), tag, raw_size, payload)
@@ -122,12 +123,12 @@ def test_the_sender_with_a_rotten_reference_is_caught_by_the_chunk_id(tmp_path):
         raw[100] ^= 0x40  # the sender does not verify its reference
         path.write_bytes(bytes(raw))
         tag, raw_size, payload = chunks.encode_chunk(sender, digest(new), ChunkHint("BF16", digest(old)))
-        if tag == Encoding.XOR:  # xor against the rotten bytes: the receiver's check refuses it
+        if tag in (Encoding.XOR, Encoding.DELTAPACK):  # against the rotten bytes: the receiver's check refuses it
             with pytest.raises(CorruptChunk):
                 receive(receiver, digest(new), tag, raw_size, payload)
         else:  # the stored form did not even decompress: sent standalone
             assert receive(receiver, digest(new), tag, raw_size, payload) == new
-        assert compress or tag == Encoding.XOR
+        assert compress or tag in (Encoding.XOR, Encoding.DELTAPACK)
 
 
 def test_decode_refuses_bad_frames(pair):
@@ -231,7 +232,7 @@ def test_serving_getter_encodes_and_reports_to_the_policy(origin_and_site):
     frames = asyncio.run(run())
     for cid, (tag, raw_size, payload) in frames.items():
         assert receive(site, cid, tag, raw_size, payload) == origin.get_chunk(cid)
-    assert {t for t, _, _ in frames.values()} >= {Encoding.XOR}
+    assert {t for t, _, _ in frames.values()} & {Encoding.XOR, Encoding.DELTAPACK}
     assert sum(policy.chosen.values()) == len(frames)
 
 
@@ -270,7 +271,7 @@ def test_published_safetensors_versions_plan_and_travel(tmp_path):
         receiver.put_chunk(cid, receive(receiver, cid, tag, raw_size, payload), verified=True)
         wire, raw = wire + len(payload), raw + raw_size
         tags.append(tag)
-    assert sorted(tags) == [Encoding.PATCH] + [Encoding.DELTA] * 4  # the reordered header, and the tensors
+    assert sorted(tags) == [Encoding.PATCH] + [Encoding.DELTAPACK] * 4  # the reordered header, and the tensors
     assert wire < 0.65 * raw  # fp32 after a 1e-3 relative step: the low mantissa bytes are noise
     assert not receiver.missing(v2.chunk_ids())
 

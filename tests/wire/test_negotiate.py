@@ -21,7 +21,8 @@ def test_the_receiver_lists_what_it_holds_newest_first(origin_and_site):
     origin, site, (v1, v2, v3) = origin_and_site
     fields = negotiate.request_fields(site, v3)
     assert fields == {"artifact": "m", "version": "v3", "have": ["v2", "v1"],
-                      "encodings": ["raw", "zstd", "bytegroup", "xor", "patch", "delta", "multipatch"]}
+                      "encodings": ["raw", "zstd", "bytegroup", "xor", "patch", "delta", "multipatch",
+                                    "deltapack"]}
     assert negotiate.request_fields(site, v2)["have"] == ["v1"]
     assert negotiate.request_fields(mem_store(), v3)["have"] == []
     ids = list(v3.unique_chunks())
@@ -66,7 +67,7 @@ def test_manifest_patch_round_trip_and_refusals(origin_and_site):
 
 
 def test_parse_encodings_header():
-    assert negotiate.parse_encodings("raw,zstd,bytegroup,xor,patch,delta,multipatch") == list(protocol.ENCODINGS)
+    assert negotiate.parse_encodings("raw,zstd,bytegroup,xor,patch,delta,multipatch,deltapack") == list(protocol.ENCODINGS)
     assert negotiate.parse_encodings("raw,zstd,bytegroup,xor,patch") == list(protocol.ENCODINGS)[:5]  # an older peer
     assert negotiate.parse_encodings(" raw , zstd,bytegroup,lz9") == ["raw", "zstd", "bytegroup"]
     assert negotiate.parse_encodings(None) == ["raw", "zstd"]
