@@ -80,11 +80,15 @@ def _pwrite_direct(fd: int, view: memoryview, offset: int) -> bool:
             _refused.add(dev)
         return False
     try:
-        stage = _staging()
+        stage, stage_at = _staging()
+        src = None if view.readonly else ctypes.addressof(ctypes.c_char.from_buffer(view))
         pos = first
         while pos < last:
             k = min(last - pos, len(stage))
-            stage[:k] = view[pos - offset:pos - offset + k]
+            if src is None:
+                stage[:k] = view[pos - offset:pos - offset + k]
+            else:  # ctypes' memmove lets go of the GIL: the event loop reads on while this copies
+                ctypes.memmove(stage_at, src + pos - offset, k)
             done = 0
             while done < k:
                 done += os.pwrite(direct, stage[done:k], pos + done)
@@ -102,11 +106,12 @@ def _pwrite_direct(fd: int, view: memoryview, offset: int) -> bool:
     return True
 
 
-def _staging() -> memoryview:
-    """This thread's page-aligned buffer for direct writes (anonymous memory, kept)."""
+def _staging() -> tuple[memoryview, int]:
+    """This thread's page-aligned buffer for direct writes (anonymous memory, kept), and its address."""
     stage = getattr(_local, "stage", None)
     if stage is None:
-        stage = _local.stage = memoryview(mmap.mmap(-1, _STAGE))
+        buf = mmap.mmap(-1, _STAGE)
+        stage = _local.stage = (memoryview(buf), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
     return stage
 
 

@@ -254,6 +254,18 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     return stats
 
 
+def _floor_only(resp: aiohttp.ClientResponse) -> None:
+    """Turn off the connection's per-read timeout (`fabric.wire.client.READ_TIMEOUT`) for the
+    rest of this answer, whose body the progress floor watches, more strictly: aiohttp
+    re-arms that timer on every socket read (cancel, `call_later`), 8% of the event loop's
+    time in a 1 GB pull. The answer's headers came under it; the next request on the
+    connection sets its own again."""
+    conn = resp.connection
+    protocol = conn.protocol if conn is not None else None
+    if protocol is not None and isinstance(getattr(type(protocol), "read_timeout", None), property):
+        protocol.read_timeout = None
+
+
 def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[list[str]]:
     out, current, total = [], [], 0
     for cid in ids:
@@ -379,6 +391,7 @@ class _Engine:
                     return list(ids)
                 if resp.status >= 400:
                     raise TransferError(f"{source.url} answered HTTP {resp.status} to a chunk fetch")
+                _floor_only(resp)
                 await self._read_answer(source, resp.content, ids, batch, done, retry)
             source.failures = 0
             for cid in ids:  # a complete answer that skipped an id counts as "missing" for it
