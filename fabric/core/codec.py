@@ -106,6 +106,7 @@ _DELTA_WIDTHS = (2, 4, 8)  # `delta` and `deltapack` subtract elements of these 
 _DELTAS = (Encoding.DELTA, Encoding.DELTAPACK)
 _PACK_BITS = (1, 2, 4, 8)  # `deltapack`: a plane's values packed this many bits each (8: as in `delta`)
 _PACK_TRY = 0.9  # ...packing is tried on a plane whose sample compresses to this fraction or less
+_ESCAPE_COST = 0.05  # ...and each escaped value counts this many bytes more (decoding it is a scatter)
 _PATCHES = (Encoding.PATCH, Encoding.MULTIPATCH)  # a zstd frame with references as its prefix
 _BLOCK = 1 << 16  # elements per block of `delta`'s arithmetic (it stays in the CPU's cache)
 TAG_PACKED = 0xFF  # a stored form only, never a stream tag: a pack reference (fabric.store.packs)
@@ -305,7 +306,8 @@ def _estimate_packed(sample, n: int, width: int, gain: float) -> tuple[int, tupl
         best, best_bits = 1 + _PLANE.size + len(plane) * (ratio if ratio <= gain else 1.0), 8
         if ratio <= _PACK_TRY:
             for b in _PACK_BITS[:-1]:
-                cost = 1 + 2 * _PLANE.size + sum(_blob_size(s, gain) for s in _packed_streams(plane, b))
+                streams = _packed_streams(plane, b)
+                cost = 1 + 2 * _PLANE.size + sum(_blob_size(s, gain) for s in streams) + _ESCAPE_COST * len(streams[1])
                 if cost < best:
                     best, best_bits = cost, b
         size += int(best * scale)
@@ -723,7 +725,7 @@ def _read_packed_plane(blobs, b: int, n: int) -> np.ndarray:
     extra = _read_plane(e_blob, e_flag, len(escaped))
     if len(extra) and int(extra.max()) > 255 - top:
         raise BadFrame(f"escaped value above 255 in a plane packed {b} bits a value")
-    plane[escaped] += extra
+    plane[escaped] = extra + np.uint8(top)  # no overflow: checked above
     return plane
 
 
