@@ -10,7 +10,8 @@ it deletes nothing once the lease is lost. Chunks younger than `grace` seconds (
 the store's clock) are spared, so a publish still uploading keeps what it stored
 before it commits. Last, a pack (`fabric.store.packs`) goes once no chunk reference
 points into it and it has not been written for `grace` seconds (a pull in progress
-writes into its packs). A version's signature envelope (`fabric.store.signatures`) goes
+writes into its packs). A site's packs are its version folders' files: a folder that
+retention removed is freed here, once its references moved (`agents.site.retention`). A version's signature envelope (`fabric.store.signatures`) goes
 with the version; one whose version is gone (a crash between the two deletes) goes in the
 sweep, under the same cutoff.
 """

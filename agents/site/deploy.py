@@ -9,7 +9,8 @@ target unless it is active already or was rejected here. A deploy
 2. fetches the manifest from the origin and pulls the version through the one pull
    path (`fabric.pull.pull`): the missing chunks from the site's planned sources
    (upstream relay, peers, origin last), the files materialised under
-   `versions/<artifact>/<version>/`, the manifest recorded in the site's registry; a
+   `versions/<artifact>/<version>/` and shared with the store as packs (each byte
+   written once), the manifest recorded in the site's registry; a
    version this process staged and holds (`agents.site.staging`) skips this step: its
    manifest comes from the site's registry, its folder is there, verified when built;
 3. only then, and only if the channel still wants that version (newest wins) and both

@@ -1,13 +1,18 @@
 """A site's data folder: what lives where, and the atomic pointer flip.
 
     <data>/store/                         the site's chunk store (fabric.store.store layout)
-    <data>/versions/<artifact>/<version>/ materialised, verified versions
+    <data>/versions/<artifact>/<version>/ materialised, verified versions (the store's packs)
     <data>/current/<artifact>             symlink to the active version's folder
     <data>/state.json                     activation history, pins, bad versions
     <data>/trust/                         signed statements accepted and kept (agents.site.trust)
 
 A version folder appears only by rename from a staging folder, so it is complete
-or absent. `activate` flips `current/<artifact>` with a rename of a new symlink over
+or absent. Its files are hard links of the store's packs (`fabric.store.packs`): the
+site holds each byte once, and workers must treat them as read-only (a file written in
+place is caught by its hash before the store serves it, and fetched again).
+`sweep_staging` removes the staging folders a crash left; the packs linked from their
+files stay in the store with the references into them, so the next pull resumes from
+the chunks they hold, and collection drops them once nothing points into them. `activate` flips `current/<artifact>` with a rename of a new symlink over
 the old one: a reader resolving the link sees the old version or the new one, never
 a mix. `state.json` is rewritten with temp file, fsync, rename (`StateFile` does it
 in a thread, one write at a time, each of a snapshot taken on the event loop).

@@ -9,8 +9,10 @@ docs/protocol.md "Staged versions"). The follower (`agents.site.follow`) hands i
    before any chunk (`SiteTrust.check_staged`: the same check a deploy makes; no channel
    statement names a staged version yet, and none is needed: staging activates nothing);
 3. its chunks from the site's planned sources, materialised and verified under
-   `versions/<artifact>/<version>/` (`fabric.pull.pull`, the deploy's sink), the
-   version's envelope kept for the sites below.
+   `versions/<artifact>/<version>/` (`fabric.pull.pull`, the deploy's sink: the files
+   are the store's packs, and the chunks the staged version shares with the active one
+   move their references into it; retention moves them back out if the staged version
+   is dropped), the version's envelope kept for the sites below.
 
 It never flips `current/`, never touches the workers and never changes the channel's
 `target`. The site reports it per channel as `staged`: {"version", "state" ("fetching",

@@ -1,7 +1,7 @@
 """Packs: chunks whose bytes live inside whole files the store shares with a folder.
 
-A pull writes each fetched chunk once, straight into the file being assembled in
-DEST. For the store to hold that chunk too without a second copy, the file is
+A pull, or a site agent's deploy, writes each fetched chunk once, straight into the
+file being assembled in DEST (a site's `versions/<artifact>/<version>/`). For the store to hold that chunk too without a second copy, the file is
 hard-linked into the store as a *pack* (`packs/<hh>/<32 hex>`), and the chunk's
 object under `chunks/` is a small *pack reference* (tag 0xFF) naming the pack, the
 offset and the length of the chunk's raw bytes in it (docs/formats.md, `packs/`).
@@ -10,7 +10,11 @@ A pack is the same inode as the DEST file: a program that rewrites that file in 
 spoils the store's copy too. Every read of a packed chunk is checked against its id
 like any other read, so the damage is found, never served as good: `fabric pull`
 fetches such chunks again, `fsck --repair` drops their references, and `gc` deletes
-a pack once no reference points into it. Only local stores on the same file system
+a pack once no reference points into it. What a server sends unread (sendfile, a
+relay's pieces) is checked first when the pack changed after the chunk's reference
+(`Guard`): a site whose worker wrote into a version file drops those references and
+fetches the chunks again, and never serves the bytes. `adopt` gives a store the chunks
+of a verified folder as references into its files. Only local stores on the same file system
 as DEST have packs; elsewhere the store keeps its own copy.
 
 A publish into a local store packs too (`PackWriter`), but its packs are the store's

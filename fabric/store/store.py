@@ -7,7 +7,7 @@ Layout (specified in docs/formats.md, "Store layout"):
     manifests/<hex[:2]>/<hex>.json       canonical manifest JSON
     refs/<artifact>/versions/<version>   the manifest id, as text
     refs/<artifact>/channels/<channel>   channel JSON (current version and history)
-    packs/<hh>/<32 hex>                  files shared with a pulled folder (`fabric.store.packs`)
+    packs/<hh>/<32 hex>                  files shared with a pulled or site version folder (`fabric.store.packs`)
     gc/sweep, gc/intents/<32 hex>        the commit fence between gc and commits (`fabric.store.fence`)
 
 An S3 store (`s3://bucket/prefix`, `fabric.store.s3`) holds the same keys as objects.
