@@ -301,16 +301,16 @@ def _estimate_packed(sample, n: int, width: int, gain: float) -> tuple[int, tupl
     planes, _ = _split(sample, width)
     scale = (n // width) / max(1, len(planes[0]))
     size, flags, bits = 1 + n % width, [], []
-    for plane in planes:
+    for plane in planes:  # each option: its streams' bytes on the sample, scaled, and its descriptors
         ratio = _ratio(plane, _compressor(None))
-        best, best_bits = 1 + _PLANE.size + len(plane) * (ratio if ratio <= gain else 1.0), 8
+        options = {8: (len(plane) * (ratio if ratio <= gain else 1.0) * scale + 1 + _PLANE.size)}
         if ratio <= _PACK_TRY:
             for b in _PACK_BITS[:-1]:
                 streams = _packed_streams(plane, b)
-                cost = 1 + 2 * _PLANE.size + sum(_blob_size(s, gain) for s in streams) + _ESCAPE_COST * len(streams[1])
-                if cost < best:
-                    best, best_bits = cost, b
-        size += int(best * scale)
+                body = sum(_blob_size(s, gain) for s in streams) + _ESCAPE_COST * len(streams[1])
+                options[b] = body * scale + 1 + 2 * _PLANE.size
+        best_bits = min(options, key=lambda b: (options[b], -b))  # ties: the wider, faster to decode
+        size += int(options[best_bits])
         flags.append(best_bits < 8 or ratio <= gain)
         bits.append(best_bits)
     return size, tuple(flags), tuple(bits)
