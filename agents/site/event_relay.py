@@ -28,10 +28,11 @@ import json
 import time
 from collections import OrderedDict, deque
 
+import aiohttp
 from aiohttp import web
 
 from fabric.core.manifest import check_name
-from fabric.errors import NotFound, RelayUnavailable
+from fabric.errors import NotFound, RelayUnavailable, TransferError
 from fabric.store.store import Store
 from fabric.wire.client import OriginClient, error_from, read_body
 from fabric.wire.events import Followed, sse_handler
@@ -148,12 +149,19 @@ class ReadRelay:
 
 
 async def _get(client: OriginClient, path: str, params: dict | None, limit: int) -> tuple:
-    """(status, body, passed headers) of a GET to `client`; an error answer raises it."""
-    async with client.session.get(client.url + path, params=params) as resp:
-        body = await read_body(resp, limit, f"GET {client.url}{path}")
-        if resp.status >= 400:
-            raise error_from(resp.status, body)
-        return body, {h: resp.headers[h] for h in _PASSED if h in resp.headers}
+    """(status, body, passed headers) of a GET to `client`; an error answer raises it, and a
+    connection that fails or times out is a `TransferError` (the chain then asks the next source;
+    before, it escaped the chain and the child got a 500)."""
+    try:
+        async with client.session.get(client.url + path, params=params) as resp:
+            body = await read_body(resp, limit, f"GET {client.url}{path}")
+            if resp.status >= 400:
+                raise error_from(resp.status, body)
+            return body, {h: resp.headers[h] for h in _PASSED if h in resp.headers}
+    except aiohttp.ClientError as e:
+        raise TransferError(f"GET {client.url}{path}: {e}") from None
+    except asyncio.TimeoutError:
+        raise TransferError(f"GET {client.url}{path}: timed out") from None
 
 
 def _respond(answer: tuple) -> web.Response:

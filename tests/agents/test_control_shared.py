@@ -37,10 +37,15 @@ class Counting:
             return web.json_response({"code": "signature_not_found", "message": "none"}, status=404)
         return web.Response(body=self.body, content_type=ENVELOPE)
 
+    async def listing(self, request: web.Request) -> web.Response:
+        self.asked.append(request.path)
+        return web.json_response({"versions": [{"version": "v1"}]})
+
     async def __aenter__(self):
         app = web.Application()
         app.router.add_get(SIG, self.handle)
         app.router.add_get(TRUST, self.handle)
+        app.router.add_get("/v1/artifacts/m/versions", self.listing)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -103,3 +108,25 @@ def test_a_trusting_site_takes_the_envelope_through_the_chain_and_the_origin_onl
     assert got == [b"signed"] * 20 and relay == [SIG] and origin == []  # 20 asks, one request, none at the origin
     got, relay, origin = asyncio.run(main(b"forged"))  # a relay whose envelope does not verify
     assert got == [b"signed"] * 20 and origin.count(SIG) >= 1  # each source on its own: the origin's verifies
+
+
+def test_a_relayed_read_whose_first_source_is_unreachable_is_answered_by_the_next():
+    """ReadRelay's reads go through the chain: a refused connection is a TransferError, so the
+    chain asks the next source (it escaped the chain before, and the child got a 500)."""
+    from agents.site.event_relay import ReadRelay
+    from bench.simulate import _free_port
+
+    async def main():
+        async with Counting(b"unused") as origin:
+            app_path = "/v1/artifacts/m/versions"
+            dead = OriginClient(f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+            live = OriginClient(origin.url)
+            chain = UpstreamChain([dead], live)
+            reads = ReadRelay(None, chain)
+            try:
+                return await reads.answer(("versions", "m"), app_path, None, 1.0), origin.asked
+            finally:
+                for c in (dead, live):
+                    await c.close()
+    (body, headers), asked = asyncio.run(main())
+    assert asked == ["/v1/artifacts/m/versions"] and b'"versions"' in body
