@@ -261,11 +261,12 @@ def _plans(chunk: _Chunk, gain: float, allowed: set[Encoding]):
         yield _Plan(Encoding.XOR, overhead + size, flags)
     if reference is not None and allowed & set(_DELTAS) and width in _DELTA_WIDTHS:
         deltas = b"".join(_delta_prefix(data[a:b], reference[a:b], width) for a, b in spans)
+        measured = _measure(deltas, width)  # delta and deltapack share the plain planes' ratios
         if Encoding.DELTA in allowed:
-            size, flags = _estimate_group(deltas, n, width, gain)
+            size, flags = _estimate_group(deltas, n, width, gain, measured)
             yield _Plan(Encoding.DELTA, overhead + size, flags)
         if Encoding.DELTAPACK in allowed:
-            size, flags, bits = _estimate_packed(deltas, n, width, gain)
+            size, flags, bits = _estimate_packed(deltas, n, width, gain, measured)
             if min(bits) < 8:  # else it is `delta` with W bytes more
                 yield _Plan(Encoding.DELTAPACK, overhead + size, flags, bits=bits)
 
@@ -284,10 +285,16 @@ def _ratio(sample, compressor: zstd.ZstdCompressor) -> float:
     return len(compressor.compress(sample)) / len(sample) if len(sample) else 1.0
 
 
-def _estimate_group(sample, n: int, width: int, gain: float) -> tuple[int, tuple[bool, ...]]:
-    """Estimated group-section size for n bytes like `sample`, and which planes to compress."""
+def _measure(sample, width: int) -> tuple[np.ndarray, list[float]]:
+    """The sample's byte planes and the ratio each compresses to."""
     planes, _ = _split(sample, width)
-    ratios = [_ratio(plane, _compressor(None)) for plane in planes]
+    return planes, [_ratio(plane, _compressor(None)) for plane in planes]
+
+
+def _estimate_group(sample, n: int, width: int, gain: float, measured=None) -> tuple[int, tuple[bool, ...]]:
+    """Estimated group-section size for n bytes like `sample`, and which planes to compress
+    (`measured`: `_measure(sample, width)`, if already done)."""
+    _, ratios = measured or _measure(sample, width)
     flags = tuple(r <= gain for r in ratios)
     plane_bytes = n // width
     size = 1 + _PLANE.size * width + n % width
@@ -295,14 +302,14 @@ def _estimate_group(sample, n: int, width: int, gain: float) -> tuple[int, tuple
     return size, flags
 
 
-def _estimate_packed(sample, n: int, width: int, gain: float) -> tuple[int, tuple[bool, ...], tuple[int, ...]]:
+def _estimate_packed(sample, n: int, width: int, gain: float,
+                     measured=None) -> tuple[int, tuple[bool, ...], tuple[int, ...]]:
     """`_estimate_group` for a packed group section: also each plane's bits (the smallest
     estimate; packing is tried only on a plane that compresses to _PACK_TRY or less)."""
-    planes, _ = _split(sample, width)
+    planes, ratios = measured or _measure(sample, width)
     scale = (n // width) / max(1, len(planes[0]))
     size, flags, bits = 1 + n % width, [], []
-    for plane in planes:  # each option: its streams' bytes on the sample, scaled, and its descriptors
-        ratio = _ratio(plane, _compressor(None))
+    for plane, ratio in zip(planes, ratios):  # each option: its streams' sample bytes, scaled, and descriptors
         options = {8: (len(plane) * (ratio if ratio <= gain else 1.0) * scale + 1 + _PLANE.size)}
         if ratio <= _PACK_TRY:
             for b in _PACK_BITS[:-1]:
