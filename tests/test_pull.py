@@ -125,3 +125,28 @@ def test_file_permissions_and_umask(store, published, tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "dest" / "nested" / "dir" / "cfg.json").st_mode & 0o777) == 0o755
+
+
+def test_a_site_folder_already_there_gives_the_store_its_missing_chunks_without_fetching(store, published, tmp_path):
+    # A restart after the rename, or a rollback: the folder verifies, and the chunks the store
+    # lacks are referenced in its files (linked as packs), not fetched (the upstream is unreachable).
+    import asyncio
+
+    from fabric.pull import Sink, Upstream, pull
+    from fabric.wire.client import OriginClient
+
+    m = Registry(store).manifest("m", "v1")
+    folder = tmp_path / "versions" / "m" / "v1"
+    asyncio.run(pull(store, m, Sink.site_version(folder)))
+    for cid in m.chunk_ids():
+        store.delete_chunk(cid)
+    result = asyncio.run(pull(store, m, Sink.site_version(folder),
+                              upstream=Upstream([OriginClient("http://127.0.0.1:9", "t" * 20)])))
+    assert result.packed and result.chunks_fetched == 0
+    assert (folder / "weights.bin").read_bytes() == (published / "weights.bin").read_bytes()
+    refs = dict(store.pack_refs())
+    assert set(refs) == set(m.chunk_ids())  # every chunk back, each a reference
+    folder_files = {p.stat().st_ino for p in folder.rglob("*") if p.is_file()}
+    assert {os.stat(store.backend.path(r.pack)).st_ino for r in refs.values()} <= folder_files
+    for cid in m.chunk_ids():
+        assert store.get_chunk(cid)  # verified

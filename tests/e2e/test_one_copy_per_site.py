@@ -10,7 +10,8 @@ version takes over the chunks it shares with the one before, so once retention p
 the old folder its shared chunks still serve to a child, from the new version's files,
 and after collection the store's packs are exactly the kept version's files. A version
 file edited in place at a relay (a worker writing into it) is caught by its hash before
-it is served: the child never receives the spoiled bytes and still gets the version.
+it is served: the child never receives the spoiled bytes and still gets the version;
+a rollback to a folder spoiled that way builds it again, fetching the spoiled chunks.
 """
 
 from __future__ import annotations
@@ -196,4 +197,33 @@ def test_a_version_file_edited_in_place_at_a_relay_is_never_served(tmp_path, ori
     finally:
         if edge is not None:
             edge.stop()
+        hub.stop()
+
+
+def test_a_rollback_to_a_spoiled_folder_builds_it_again_from_intact_chunks(tmp_path, origin, tokens_file):
+    from helpers.origin import ADMIN_SECRET, fabric_json
+
+    hub = AgentProcess(tmp_path, "hub", origin.url, follow=["m:prod"], tokens=tokens_file).start()
+    try:
+        publish_to(origin.url, make_model(tmp_path / "v1", seed=1), "v1")
+        hub.wait_active("m", "v1")
+        publish_to(origin.url, make_model(tmp_path / "v2", seed=2, changed={0, 3}), "v2")
+        hub.wait_active("m", "v2")
+        # v1's folder stays (the rollback target); a program writes into its weights, in place,
+        # at a tensor only v1 has (so its only place is this file).
+        weights = hub.data / "versions" / "m" / "v1" / "model.safetensors"
+        with open(weights, "r+b") as f:
+            f.seek(weights.stat().st_size // TENSORS // 2)  # inside layer0, which v2 changed
+            f.write(b"\x00" * 64)
+        fabric_json("rollback", "m", "--channel", "prod", "--origin", origin.url, "--token", ADMIN_SECRET)
+        hub.wait_active("m", "v1", timeout=60)
+        assert tree_digest(hub.data / "current" / "m") == tree_digest(tmp_path / "v1")
+        log = hub.log_text()
+        assert "the version's folder is spoiled; building it again" in log  # not reused as it was
+        assert "stored chunk unreadable; fetching it again" in log  # its pack was the spoiled file
+        store = open_store(hub.data / "store")
+        manifest = Registry(store).manifest("m", "v1")
+        for cid in manifest.chunk_ids():
+            assert store.get_chunk(cid)  # every chunk of v1 intact in the store again
+    finally:
         hub.stop()
