@@ -95,6 +95,7 @@ class SiteTrust:
         self._refused: dict[str, tuple[str, str]] = {}  # key -> (code, digest) counted last
         self._delegations_digest: str | None = None
         self._save_turn = asyncio.Lock()
+        self._shown: dict[tuple[str, str], tuple] = {}  # (artifact, channel) -> (trust, expires) last set
         self.verifier = self._start(policy)
         for ch in channels.values():
             self._show(ch)
@@ -318,6 +319,10 @@ class SiteTrust:
     def _metrics(self, ch: ChannelStatus) -> None:
         acc = self.accepted.get(f"{ch.artifact}:{ch.channel}")
         expires = int(acc.get("expires", 0)) if acc else 0
+        shown = (ch.trust, expires)
+        if self._shown.get((ch.artifact, ch.channel)) == shown:
+            return  # `tick` calls this every second: a thousand in-process sites spent 6 label lookups each
+        self._shown[(ch.artifact, ch.channel)] = shown
         ch.statement_expires = format_time(expires) if expires else None
         labels = (ch.artifact, ch.channel)
         if expires:
