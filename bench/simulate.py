@@ -19,7 +19,12 @@ the channel is promoted, and the command prints, per run, side by side:
 * origin egress (`fabric_bytes_sent_total`) in copies of the artifact (one copy: the payload bytes
   of the version's chunks as the origin stores them, which is what one full fetch sends);
 * CPU seconds the agents used during the rollout, per site (worker or agent processes);
-* memory per agent: the worker process's RSS / agents in it (each real process's RSS).
+* memory per agent: the worker process's RSS / agents in it (each real process's RSS);
+* the 1-minute load average at the promote and at the end (a shared 2-CPU machine);
+* who holds the origin's sockets at their peak (the process at the other end: the relay or
+  edge workers, the publisher), and per tree level what the in-process sites asked of the
+  origin themselves during the rollout (`OriginTap`: requests by path, the sites that took
+  chunk bytes from it, their peak connections to it).
 
 Workers talk to the coordinator in JSON lines over stdin/stdout (`--worker`).
 """
@@ -166,6 +171,40 @@ def origin_counters(url: str, routes: dict | None = None) -> tuple[float, float]
 
 # --- the worker: many SiteAgents in one process -----------------------------------------------
 
+class OriginTap:
+    """What one in-process agent asks of the origin itself (not through a relay) during a rollout:
+    requests by path, and the most connections its clients to the origin held at once."""
+
+    def __init__(self, agent):
+        origins = {u.rstrip("/") for u in agent.cfg.origins}
+        clients = agent.plan.sources + agent.control.sources + agent.origins
+        self.clients = list({id(c): c for c in clients if c.url in origins}.values())
+        self.requests: dict[str, int] = {}
+        self.peak = 0
+        for c in self.clients:
+            session = c.session  # made now, so its requests can be counted
+            inner = session._request
+
+            def counted(method, url, *a, _inner=inner, **kw):
+                if self.counting:
+                    path = str(url).split("//", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
+                    key = f"{method} /{path}"
+                    self.requests[key] = self.requests.get(key, 0) + 1
+                return _inner(method, url, *a, **kw)
+            session._request = counted
+        self.counting = False
+
+    def start(self) -> None:
+        self.requests, self.peak, self.counting = {}, 0, True
+
+    def sample(self) -> None:
+        n = 0
+        for c in self.clients:
+            conn = c.session.connector
+            n += len(getattr(conn, "_acquired", ())) + sum(len(v) for v in getattr(conn, "_conns", {}).values())
+        self.peak = max(self.peak, n)
+
+
 async def _worker() -> None:
     from agents.site.agent import SiteAgent
     from agents.site.app import create_app
@@ -177,7 +216,7 @@ async def _worker() -> None:
     raise_nofile()
     from concurrent.futures import ThreadPoolExecutor
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32))  # many sites' file work at once
-    agents, runners = {}, []
+    agents, runners, taps = {}, [], {}
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -195,17 +234,29 @@ async def _worker() -> None:
                 runner = await serve(create_app(agent), "127.0.0.1", 0)
                 runners.append(runner)
                 agents[raw["site"]] = agent
+                taps[raw["site"]] = OriginTap(agent)
                 ports[raw["site"]] = bound_port(runner)
             say({"ports": ports})
         elif msg["op"] == "wait":
             version, deadline, seen = msg["version"], time.monotonic() + msg["timeout"], {}
+            for tap in taps.values():
+                tap.start()
+            rounds = 0
             while len(seen) < len(agents) and time.monotonic() < deadline:
-                now = time.time()
+                now, rounds = time.time(), rounds + 1
                 for name, a in agents.items():
                     if name not in seen and a.channels[ARTIFACT].active == version:
                         seen[name] = now
+                    if rounds % 10 == 0:  # every 0.2 s: the sampling must not cost the agents' CPU
+                        taps[name].sample()
                 await asyncio.sleep(0.02)
-            say({"active": seen, "rss": rss_bytes(), "agents": len(agents)})
+            for tap in taps.values():
+                tap.counting = False
+            origin = {name: {"requests": t.requests, "peak": t.peak,
+                             "chunk_bytes": sum(n for u, n in agents[name].metrics.fetched.items()
+                                                if u.rstrip("/") in {o.rstrip("/") for o in agents[name].cfg.origins})}
+                      for name, t in taps.items() if t.requests or t.peak}
+            say({"active": seen, "rss": rss_bytes(), "agents": len(agents), "origin": origin})
         elif msg["op"] == "stop":
             break
     for r in runners:
@@ -253,8 +304,10 @@ class Workers:
 
     def wait(self, version: str, timeout: float) -> tuple[dict[str, float], list[float]]:
         seen, rss, agents = {}, 0, 0
+        self.origin = {}  # site -> what it asked of the origin itself during the rollout (OriginTap)
         for answer in self._ask([{"op": "wait", "version": version, "timeout": timeout}] * len(self.procs)):
             seen.update(answer["active"])
+            self.origin.update(answer["origin"])
             rss, agents = rss + answer["rss"], agents + answer["agents"]
         return seen, [rss / max(1, agents)]
 
@@ -340,24 +393,65 @@ def _wait_live(url: str, timeout: float, proc: subprocess.Popen | None = None) -
 
 # --- one run, and the comparison ----------------------------------------------------------------
 
-class Sampler:
-    """The origin's established connections, every 0.1 s, in a thread."""
+def origin_peers(port: int, roles: dict[int, str]) -> dict[str, int]:
+    """The origin's established connections by the role of the process at their other end
+    (`roles`: pid -> role; "other" for any other process): which peers hold them."""
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == port:
+                    inodes[f[9]] = 0  # the client's end of a connection to the origin
+        except OSError:
+            pass
+    out: dict[str, int] = {}
+    for pid, role in roles.items():
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    link = os.readlink(fd)
+                except OSError:
+                    continue
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    inodes.pop(link[8:-1])
+                    out[role] = out.get(role, 0) + 1
+        except OSError:
+            pass
+    if inodes:
+        out["other"] = len(inodes)
+    return out
 
-    def __init__(self, port: int):
+
+class Sampler:
+    """The origin's established connections, every 0.1 s, in a thread; at each new peak, which
+    processes hold them (`origin_peers`)."""
+
+    def __init__(self, port: int, roles: dict[int, str] | None = None):
         import threading
         self.port, self.peak, self._stop = port, 0, threading.Event()
+        self.roles, self.peak_peers = roles or {}, {}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, origin_sockets(self.port))
+            n = origin_sockets(self.port)
+            if n > self.peak:
+                self.peak = n
+                if self.roles:
+                    self.peak_peers = origin_peers(self.port, self.roles)
             self._stop.wait(0.1)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
         return self.peak
+
+
+def _load() -> float:
+    """The 1-minute load average."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -395,20 +489,26 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
         while origin_sockets(port) > min(n, roots) * 2 and time.monotonic() < settle:
             time.sleep(0.5)
         steady = origin_sockets(port)
+        all_pids = [p.pid for p in (agents.procs if not real else agents.procs.values())]
         r0, _ = origin_counters(url)
+        idle_cpu0 = cpu_seconds(all_pids)
         time.sleep(10.0)
         r1, _ = origin_counters(url)
-        idle_rps = (r1 - r0) / 10.0
+        idle_rps, idle_cores = (r1 - r0) / 10.0, (cpu_seconds(all_pids) - idle_cpu0) / 10.0
         src = make_artifact(work / "v1", size)
         with SyncOrigin(url, PUBLISHER) as so:
             result = publish(src, artifact=ARTIFACT, target=RemoteTarget(so), version="v1")
             before: dict = {}
             r2, s2 = origin_counters(url, before)
             copy = sum(f.stat().st_size - 1 for f in (work / "origin" / "chunks").rglob("*") if f.is_file())
-            sampler = Sampler(port)
             pids = [p.pid for p in agents.procs] if not real else \
                 [p.pid for p in agents.procs.values()]
-            cpu0 = cpu_seconds(pids)
+            roles = {os.getpid(): "publisher"}
+            if not real:
+                roles.update({p.pid: "relay workers" for p in agents.pools[0]})
+                roles.update({p.pid: "edge workers" for p in agents.pools[1]})
+            sampler = Sampler(port, roles)
+            cpu0, load0 = cpu_seconds(pids), _load()
             t0 = time.time()
             so.promote(ARTIFACT, "v1", CHANNEL)
         seen, rss = agents.wait("v1", timeout)
@@ -424,6 +524,9 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
         by_level = [sorted(t - t0 for s, t in seen.items() if depth[s] == d) for d in range(len(tree))]
         _log("all active after, by level (p50/max s): " + ", ".join(
             f"{d}: {_pct(v, 0.5):.2f}/{v[-1]:.2f}" for d, v in enumerate(by_level) if v))
+        _log(f"origin sockets at their peak ({peak}), by the process at the other end: {sampler.peak_peers}")
+        direct = by_origin(getattr(agents, "origin", {}), depth)
+        _log("what sites asked of the origin itself during the rollout, by level: " + json.dumps(direct))
         span = max(latencies) if latencies else timeout
         return {"sites": n, "mode": "processes" if real else f"in-process ({len(agents.procs)} workers)",
                 "levels": len(tree), "direct": min(n, roots), "active": len(seen),
@@ -432,7 +535,8 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
                 "after_sockets": after, "goal_sockets": min(n, roots) + 1 + 10, "idle_rps": idle_rps,
                 "rollout_rps": (r3 - r2) / max(span, 1e-3), "rollout_requests": r3 - r2,
                 "egress_copies": (s3 - s2) / max(1, copy), "artifact_bytes": result.bytes, "copy_bytes": copy,
-                "cpu_s_per_site": cpu / max(1, len(seen)),
+                "cpu_s_per_site": cpu / max(1, len(seen)), "peak_peers": sampler.peak_peers,
+                "origin_by_level": direct, "idle_cores": idle_cores, "load": f"{load0:.1f}-{_load():.1f}",
                 "rss_per_agent_mib": (sum(rss) / len(rss) / (1 << 20)) if rss else None}
     finally:
         if agents is not None:
@@ -446,18 +550,35 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
             shutil.rmtree(work, ignore_errors=True)
 
 
+def by_origin(taps: dict[str, dict], depth: dict[str, int]) -> dict[int, dict]:
+    """Per tree level: sites that asked the origin anything themselves, requests by path, sites
+    that took chunk bytes from it (and how many), and the sum of their peak connections to it."""
+    out: dict[int, dict] = {}
+    for site, t in sorted(taps.items()):
+        lv = out.setdefault(depth[site], {"sites": 0, "requests": {}, "chunk_sites": 0, "chunk_bytes": 0,
+                                          "peak_conns": 0})
+        lv["sites"] += 1 if t["requests"] else 0
+        for k, n in t["requests"].items():
+            key = k.replace(f"/sites/{site}", "/sites/SITE")
+            lv["requests"][key] = lv["requests"].get(key, 0) + n
+        lv["chunk_sites"] += 1 if t["chunk_bytes"] else 0
+        lv["chunk_bytes"] += t["chunk_bytes"]
+        lv["peak_conns"] += t["peak"]
+    return out
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
 def table(rows: list[dict]) -> str:
     headers = ["sites", "agents run as", "levels", "active", "p50 s", "p99 s", "max s", "origin sockets idle",
-               "peak", "goal", "origin req/s idle", "req/s rollout", "origin egress (copies)", "agent CPU s/site", "RSS/agent MiB"]
+               "peak", "goal", "origin req/s idle", "req/s rollout", "origin egress (copies)", "agent CPU s/site", "RSS/agent MiB", "load"]
     return md_table(headers, [[r["sites"], r["mode"], r["levels"], f"{r['active']}/{r['sites']}", _f(r["p50"], ".2f"),
                                _f(r["p99"], ".2f"), _f(r["max"], ".2f"), r["steady_sockets"], r["peak_sockets"],
                                r["goal_sockets"], _f(r["idle_rps"], ".1f"), _f(r["rollout_rps"], ".1f"),
                                _f(r["egress_copies"], ".2f"), _f(r["cpu_s_per_site"], ".3f"),
-                               _f(r["rss_per_agent_mib"], ".1f")] for r in rows])
+                               _f(r["rss_per_agent_mib"], ".1f"), r["load"]] for r in rows])
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -476,7 +597,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        asyncio.run(_worker())
+        if os.environ.get("SIM_PROFILE"):  # a folder: each worker's cProfile stats go there
+            import cProfile
+            cProfile.runctx("asyncio.run(_worker())", globals(), locals(),
+                            str(Path(os.environ["SIM_PROFILE"]) / f"worker{os.getpid()}.prof"))
+        else:
+            asyncio.run(_worker())
         return ""
     raise_nofile()
     plan = [(int(n), False) for n in args.sites.split(",") if n.strip()] + ([(args.real, True)] if args.real else [])
@@ -495,6 +621,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     if base:
         out += "\n\nall-active time relative to the smallest run: " + ", ".join(
             f"{r['sites']} sites ({r['mode']}): {r['max'] / base:.2f}x" for r in rows if r["max"])
+    for r in rows:
+        out += (f"\n\n{r['sites']} sites ({r['mode']}): origin sockets at their peak by the process holding "
+                f"the other end: {r['peak_peers']}; CPU the agents used while idle: {r['idle_cores']:.2f} "
+                f"cores; what sites asked of the origin themselves during the "
+                f"rollout, by tree level: {json.dumps(r['origin_by_level'])}")
     print(out)
     return out
 
