@@ -33,6 +33,7 @@ WRITE_SLICE = 64 << 10
 DIRECT_MIN = 1 << 20  # writes at least this large skip the page cache where they can
 BLOCK = 4096  # direct I/O's unit: offsets, lengths and buffer addresses are multiples of it
 _STAGE = 2 << 20  # bytes per direct write: each thread that writes keeps a buffer this large
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux's; elsewhere every write goes through the page cache
 _refused: set[int] = set()  # st_dev of file systems that refused direct I/O
 _local = threading.local()
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -54,7 +55,7 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
     """Write all of `data` at `offset` of the open file `fd` (with direct I/O where it can:
     see above)."""
     view = memoryview(data).cast("B")
-    if len(view) >= DIRECT_MIN and _pwrite_direct(fd, view, offset):
+    if len(view) >= DIRECT_MIN and _O_DIRECT and _pwrite_direct(fd, view, offset):
         return
     _pwrite_buffered(fd, view, offset)
 
@@ -74,9 +75,9 @@ def _pwrite_direct(fd: int, view: memoryview, offset: int) -> bool:
     if dev in _refused:
         return False
     try:
-        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
-    except OSError as e:  # no /proc (then: no direct I/O either), or a file system without it
-        if e.errno == errno.EINVAL:
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | _O_DIRECT)
+    except OSError as e:  # a file system without direct I/O, or no /proc mounted
+        if e.errno in (errno.EINVAL, errno.ENOENT):
             _refused.add(dev)
         return False
     try:
