@@ -29,8 +29,9 @@ both pack (`Sink.folder(pack=True)`, `Sink.site_version`): a site writes each by
 a version once. A private cache's references are durable at its next flush; a site's
 store serves each chunk at once, so there a chunk's bytes are `fdatasync`ed before its
 reference is written. Chunks reused from the store move their references into the new
-files (deferred: the old ones stay valid meanwhile), so older versions' packs can go.
-When done, each pack's mtime is set back to before its first reference, which is how
+files (deferred: the old ones stay valid meanwhile), so older versions' packs can go;
+a site hard-links a file unchanged since an older version instead (`share_files`:
+its pack, verified). When done, each pack's mtime is set back to before its first reference, which is how
 the store tells a file edited in place later (`fabric.store.packs.Guard`).
 A site's sink (`Sink.seal`) also seals each chunk written (`fabric.core.seal`) and
 writes the seal into the staging folder before the rename. A site reuses a folder that
@@ -48,6 +49,7 @@ import asyncio
 import errno
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -106,7 +108,7 @@ class Assembly:
     """The files of `manifest`, being written under a staging folder next to `dest`."""
 
     def __init__(self, manifest: Manifest, dest: str | os.PathLike, *, overwrite: bool = False,
-                 pack_into: Store | None = None, sealed: bool = False):
+                 pack_into: Store | None = None, sealed: bool = False, share_files: bool = False):
         self.manifest = manifest
         self.sealer = seal.Sealer() if sealed else None  # each written (verified) chunk's xxh3-128
         self.dest = Path(dest).absolute()
@@ -117,6 +119,8 @@ class Assembly:
         self.packed = pack_into is not None
         self._started_ns = 0  # the staging folder's mtime: before any reference, the packs' mtime once committed
         self._finished = False  # committing or aborted: takes nothing more from the store (`_take`)
+        self._share = share_files and pack_into is not None  # link unchanged files of older versions
+        self.shared: list[str] = []  # files linked from an older version instead of written
         self._packs: dict[Path, str] = {}  # file -> its pack in the store
         self._referenced: set[Path] = set()  # files whose pack a chunk reference points into
         self._places: dict[str, list[tuple[Path, int]]] = {}
@@ -129,19 +133,56 @@ class Assembly:
         self.staging.mkdir()
         self._started_ns = self.staging.stat().st_mtime_ns  # the file system's clock, as references get
         root = self.staging.resolve()
+        owners: dict[str, int] = {}  # chunk id -> how many files hold it
+        for entry in self.manifest.files:
+            for cid in {c for c, _ in entry.chunks}:
+                owners[cid] = owners.get(cid, 0) + 1
         for entry in self.manifest.files:
             path = self.staging / entry.path
             if not path.resolve().is_relative_to(root):
                 raise InvalidManifest(f"file path {entry.path!r} escapes the destination")
             path.parent.mkdir(parents=True, exist_ok=True)
-            create_sized(path, entry.size)
             self._file_locks[path] = threading.Lock()
-            if entry.chunks:
-                self._link(path)
+            if self._share and self.packed and all(owners[c] == 1 for c, _ in entry.chunks) \
+                    and self._link_unchanged(entry, path):
+                self.shared.append(entry.path)
+            else:
+                create_sized(path, entry.size)
+                if entry.chunks:
+                    self._link(path)
             offset = 0
             for cid, size in entry.chunks:
                 self._places.setdefault(cid, []).append((path, offset))
                 offset += size
+
+    def _link_unchanged(self, entry, path: Path) -> bool:
+        """Hard-link, as `path`, a pack that is this very file in an older version (every chunk
+        a reference into it at its offset, same size and mode), once its bytes verify: an
+        unchanged file is not written again. Its chunks are then written (none is in another file)."""
+        refs = [self.store.pack_ref(cid) for cid, _ in entry.chunks]
+        if not refs or None in refs or len({r.pack for r in refs}) != 1:
+            return False
+        offset = 0
+        for (cid, size), ref in zip(entry.chunks, refs):
+            if (ref.offset, ref.size) != (offset, size):
+                return False
+            offset += size
+        pack = self.store.backend.path(refs[0].pack)
+        try:
+            st = os.stat(pack)
+            if st.st_size != entry.size or stat.S_IMODE(st.st_mode) != entry.mode:
+                return False
+            with open(pack, "rb") as f:
+                for (cid, size), ref in zip(entry.chunks, refs):
+                    data = os.pread(f.fileno(), size, ref.offset)
+                    digest.verify(cid, data)
+                    if self.sealer is not None:
+                        self.sealer.add(cid, data)
+            os.link(pack, path)
+        except (OSError, FabricError):
+            return False
+        self._written.update(cid for cid, _ in entry.chunks)
+        return True
 
     def _link(self, path: Path) -> None:
         if not self.packed:
@@ -320,6 +361,7 @@ class Sink:
     reuse: bool = False  # a folder already at `dest` is this version, built before: verify, keep
     must_record: bool = False  # failing to record the version in the registry fails the pull
     seal: bool = False  # write the site seal (fabric.core.seal) beside the files
+    share_files: bool = False  # hard-link files unchanged since an older version (with `pack`)
 
     @classmethod
     def folder(cls, dest: str | os.PathLike, *, overwrite: bool = False, pack: bool = False) -> "Sink":
@@ -333,7 +375,8 @@ class Sink:
         packs (one copy of each byte at the site) and serves other sites at once, and
         its registry is what they (and its workers) read, so recording the version must
         succeed."""
-        return cls(Path(folder), pack=True, private=False, reuse=True, must_record=True, seal=True)
+        return cls(Path(folder), pack=True, private=False, reuse=True, must_record=True, seal=True,
+                   share_files=True)
 
 
 @dataclass(frozen=True)
@@ -390,7 +433,8 @@ async def pull(store: Store, manifest: Manifest, sink: Sink, *, upstream: Upstre
         packed = adopted
     else:  # build the folder as chunks arrive; the ones the store held are copied after
         assembly = await asyncio.to_thread(Assembly, manifest, sink.dest, overwrite=sink.overwrite or sink.reuse,
-                                           pack_into=store if sink.pack else None, sealed=sink.seal)
+                                           pack_into=store if sink.pack else None, sealed=sink.seal,
+                                           share_files=sink.share_files)
         try:
             stats = await _assemble(store, manifest, sink, assembly, upstream, progress, on_fetched)
             await asyncio.to_thread(assembly.commit)

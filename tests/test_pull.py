@@ -150,3 +150,35 @@ def test_a_site_folder_already_there_gives_the_store_its_missing_chunks_without_
     assert {os.stat(store.backend.path(r.pack)).st_ino for r in refs.values()} <= folder_files
     for cid in m.chunk_ids():
         assert store.get_chunk(cid)  # verified
+
+
+def test_a_site_links_a_file_unchanged_since_an_older_version_instead_of_writing_it(store, tmp_path, rng):
+    import asyncio
+
+    from fabric.core import seal
+    from fabric.pull import Sink, pull
+
+    same, old, new = random_bytes(rng, 300_000), random_bytes(rng, 200_000), random_bytes(rng, 200_000)
+    publish_local(store, write_tree(tmp_path / "v1", {"a.bin": same, "b.bin": old}), "m", "v1")
+    publish_local(store, write_tree(tmp_path / "v2", {"a.bin": same, "b.bin": new}), "m", "v2")
+    publish_local(store, write_tree(tmp_path / "v3", {"a.bin": same, "b.bin": new}, modes={"a.bin": 0o600}), "m", "v3")
+    reg, folders = Registry(store), {v: tmp_path / "site" / v for v in ("v1", "v2", "v3")}
+    for v, folder in folders.items():
+        asyncio.run(pull(store, reg.manifest("m", v), Sink.site_version(folder)))
+        sealed = seal.decode((folder / seal.SEAL_FILE).read_bytes())  # the site's seal, beside the files
+        m = reg.manifest("m", v)
+        held = {cid: data for e in m.files for cid, data in _chunks_of(folder / e.path, e.chunks)}
+        assert all(sealed.get(cid) == seal.xxh(data) for cid, data in held.items())  # linked ones too
+        (folder / seal.SEAL_FILE).unlink()
+        assert_same_tree(tmp_path / v, folder)
+    assert (folders["v2"] / "a.bin").samefile(folders["v1"] / "a.bin")  # unchanged: one file, two versions
+    assert not (folders["v2"] / "b.bin").samefile(folders["v1"] / "b.bin")
+    assert not (folders["v3"] / "a.bin").samefile(folders["v1"] / "a.bin")  # its mode differs: a file of its own
+    assert (folders["v3"] / "a.bin").stat().st_mode & 0o777 == 0o600
+    assert (folders["v1"] / "a.bin").stat().st_mode & 0o777 == 0o644
+
+
+def _chunks_of(path, chunks):
+    with open(path, "rb") as f:
+        for cid, size in chunks:
+            yield cid, f.read(size)

@@ -103,8 +103,12 @@ def release_packs(registry: Registry, layout: Layout, doomed: list[tuple[str, st
     version in `registry` still needs: to a kept folder's file holding the chunk, else to a
     copy in the store. Returns how many moved. Each new place is checked against the id."""
     store: Store = registry.store
-    doomed_files = {_inode(p) for a, v in doomed for p in layout.version_dir(a, v).rglob("*") if p.is_file()}
-    doomed_files.discard(None)
+    gone = set(doomed)
+
+    def files(pairs) -> set[tuple[int, int] | None]:
+        return {_inode(p) for a, v in pairs for p in layout.version_dir(a, v).rglob("*") if p.is_file()}
+    kept = [(a, v) for a in registry.artifacts() for v in layout.materialised(a) if (a, v) not in gone]
+    doomed_files = files(doomed) - files(kept) - {None}  # a file a kept folder links too stays
     pack_of: dict[tuple[int, int], str] = {}  # inode -> a pack key, for every pack
     doomed_packs: set[str] = set()
     for info in store.iter_packs():
@@ -118,7 +122,6 @@ def release_packs(registry: Registry, layout: Layout, doomed: list[tuple[str, st
         return 0
     stuck = {cid: ref for cid, ref in store.pack_refs() if ref.pack in doomed_packs}
     needed, places = set(), {}
-    gone = {(a, v) for a, v in doomed}
     for artifact in registry.artifacts():
         for version in registry.versions(artifact):
             try:

@@ -275,7 +275,7 @@ class Store:
         """Every packed chunk and its reference."""
         for cid, info in self.iter_chunks():
             if info.size <= packs.REF_MAX:
-                ref = self._pack_ref(cid)
+                ref = self.pack_ref(cid)
                 if ref is not None:
                     yield cid, ref
 
@@ -287,7 +287,7 @@ class Store:
             raise InvalidInput(f"{key!r} is not a pack")
         self.backend.delete(key)
 
-    def _pack_ref(self, chunk_id: str) -> packs.PackRef | None:
+    def pack_ref(self, chunk_id: str) -> packs.PackRef | None:
         """The chunk's pack reference, or None if it is not a (well-formed) one."""
         try:
             stored = self.backend.get(chunk_key(chunk_id))
