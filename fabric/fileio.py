@@ -51,11 +51,11 @@ def create_sized(path: str | os.PathLike, size: int) -> None:
             f.truncate(size)
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """Write all of `data` at `offset` of the open file `fd` (with direct I/O where it can:
-    see above)."""
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, *, direct: bool = True) -> None:
+    """Write all of `data` at `offset` of the open file `fd` (with direct I/O where it can,
+    see above; `direct=False`: through the page cache, for bytes read again soon)."""
     view = memoryview(data).cast("B")
-    if len(view) >= DIRECT_MIN and _O_DIRECT and _pwrite_direct(fd, view, offset):
+    if direct and len(view) >= DIRECT_MIN and _O_DIRECT and _pwrite_direct(fd, view, offset):
         return
     _pwrite_buffered(fd, view, offset)
 

@@ -108,8 +108,10 @@ class Assembly:
     """The files of `manifest`, being written under a staging folder next to `dest`."""
 
     def __init__(self, manifest: Manifest, dest: str | os.PathLike, *, overwrite: bool = False,
-                 pack_into: Store | None = None, sealed: bool = False, share_files: bool = False):
+                 pack_into: Store | None = None, sealed: bool = False, share_files: bool = False,
+                 direct: bool = True):
         self.manifest = manifest
+        self.direct = direct  # large writes around the page cache (fabric.fileio.pwrite_all)
         self.sealer = seal.Sealer() if sealed else None  # each written (verified) chunk's xxh3-128
         self.dest = Path(dest).absolute()
         check_dest(self.dest, overwrite)
@@ -253,7 +255,7 @@ class Assembly:
             # and its lock spins where ours sleeps (seen as 15% of a pull's CPU on 2 cores).
             try:
                 with self._file_locks[path]:
-                    pwrite_all(fd, view, offset)
+                    pwrite_all(fd, view, offset, direct=self.direct)
                 if durable and i == 0:  # the place its reference names
                     os.fdatasync(fd)
             finally:
@@ -362,6 +364,7 @@ class Sink:
     must_record: bool = False  # failing to record the version in the registry fails the pull
     seal: bool = False  # write the site seal (fabric.core.seal) beside the files
     share_files: bool = False  # hard-link files unchanged since an older version (with `pack`)
+    direct: bool = True  # large writes skip the page cache (fabric.fileio): nothing reads them soon
 
     @classmethod
     def folder(cls, dest: str | os.PathLike, *, overwrite: bool = False, pack: bool = False) -> "Sink":
@@ -374,9 +377,10 @@ class Sink:
         the agent activates afterwards. The site's store shares the folder's files as
         packs (one copy of each byte at the site) and serves other sites at once, and
         its registry is what they (and its workers) read, so recording the version must
-        succeed."""
+        succeed. Its writes go through the page cache: children fetch each chunk from
+        these files (sendfile) as soon as it lands, and workers load the version next."""
         return cls(Path(folder), pack=True, private=False, reuse=True, must_record=True, seal=True,
-                   share_files=True)
+                   share_files=True, direct=False)
 
 
 @dataclass(frozen=True)
@@ -434,7 +438,7 @@ async def pull(store: Store, manifest: Manifest, sink: Sink, *, upstream: Upstre
     else:  # build the folder as chunks arrive; the ones the store held are copied after
         assembly = await asyncio.to_thread(Assembly, manifest, sink.dest, overwrite=sink.overwrite or sink.reuse,
                                            pack_into=store if sink.pack else None, sealed=sink.seal,
-                                           share_files=sink.share_files)
+                                           share_files=sink.share_files, direct=sink.direct)
         try:
             stats = await _assemble(store, manifest, sink, assembly, upstream, progress, on_fetched)
             await asyncio.to_thread(assembly.commit)

@@ -4,10 +4,8 @@ through the page cache; the caller's descriptor is left as it was."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import mmap
 import os
 from pathlib import Path
 
@@ -15,29 +13,7 @@ import pytest
 
 from fabric import fileio
 
-
-def _resident(path: Path) -> float:
-    """The share of `path`'s pages in the page cache now (mincore)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * pages)()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value)
-        try:
-            assert libc.mincore(addr, size, vec) == 0
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return sum(b & 1 for b in vec) / pages
+from helpers.files import page_cache_share
 
 
 def _fresh(path: Path, size: int) -> int:
@@ -67,7 +43,7 @@ def test_unaligned_chunks_land_byte_for_byte_and_skip_the_page_cache(tmp_path, r
         os.close(fd)
     if refused:
         pytest.skip("this file system refuses direct I/O")
-    resident = _resident(path)
+    resident = page_cache_share(path)
     assert path.read_bytes()[:header + a + b] == data[:header + a + b]
     assert path.read_bytes()[header + a + b:] == bytes(size - header - a - b)  # untouched: still zeros
     assert resident < 0.2, f"{resident:.0%} of the file went through the page cache"

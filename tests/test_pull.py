@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fabric.errors import (ArtifactNotFound, ChannelNotFound, CorruptChunk, DestinationExists,
@@ -13,7 +14,7 @@ from fabric.pull import materialize
 from fabric.store.registry import Registry
 from fabric.store.store import chunk_key
 
-from helpers.files import assert_same_tree, random_bytes, read_tree, write_tree
+from helpers.files import assert_same_tree, random_bytes, read_tree, write_safetensors, write_tree
 from helpers.store import publish_local, pull_local
 
 
@@ -182,3 +183,42 @@ def _chunks_of(path, chunks):
     with open(path, "rb") as f:
         for cid, size in chunks:
             yield cid, f.read(size)
+
+
+def test_a_site_version_lands_in_the_page_cache_and_a_pulled_folder_around_it(tmp_path, rng):
+    # a site's children fetch each chunk from its version files as soon as it lands (sendfile)
+    # and its workers load the version next: those writes keep their pages; `fabric pull`'s
+    # large writes skip the page cache (fabric.fileio, direct I/O), where the file system allows
+    import asyncio
+
+    from fabric import fileio
+    from fabric.publish import publish
+    from fabric.pull import Sink, Upstream, pull
+    from fabric.store.store import open_store
+    from fabric.wire.client import OriginClient, RemoteTarget, SyncOrigin
+    from helpers.files import page_cache_share
+    from helpers.origin import PUBLISH_SECRET, PULL_SECRET, start_origin
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_safetensors(src / "w.safetensors", {f"t{i}": rng.integers(0, 255, 4 << 20, dtype=np.uint8) for i in range(6)})
+    origin = start_origin(tmp_path / "origin")
+    try:
+        with SyncOrigin(origin.url, PUBLISH_SECRET) as so:
+            publish(src, artifact="m", version="v1", target=RemoteTarget(so))
+            manifest = so.manifest("m", "v1")
+
+        async def fetch(sink: Sink, store_dir: Path) -> None:
+            async with OriginClient(origin.url, PULL_SECRET) as client:
+                await pull(open_store(store_dir), manifest, sink, upstream=Upstream([client]))
+
+        asyncio.run(fetch(Sink.site_version(tmp_path / "site" / "v1"), tmp_path / "site-store"))
+        asyncio.run(fetch(Sink.folder(tmp_path / "pulled", pack=True), tmp_path / "pull-cache"))
+    finally:
+        origin.stop()
+    site, pulled = tmp_path / "site" / "v1" / "w.safetensors", tmp_path / "pulled" / "w.safetensors"
+    share = page_cache_share(site), page_cache_share(pulled)
+    assert site.read_bytes() == pulled.read_bytes() == (src / "w.safetensors").read_bytes()
+    assert share[0] > 0.8, f"only {share[0]:.0%} of the site's version file is in the page cache"
+    if os.stat(pulled).st_dev not in fileio._refused:
+        assert share[1] < 0.2, f"{share[1]:.0%} of the pulled file went through the page cache"

@@ -169,10 +169,8 @@ class Deployer:
         site = self.site
         site.stager.yield_to(artifact, None)
         async with self.lock:
-            bad = site.statefile.state.bad.setdefault(artifact, [])
-            if version not in bad:
-                bad.append(version)
-                site.metrics.count_rejection(artifact)
+            # the flip back first: whoever sees the version marked bad (status, /v1/site) sees
+            # `previous` active with it, never the bad one still named active
             if await asyncio.to_thread(site.layout.active, artifact) == version:
                 if previous:
                     await asyncio.to_thread(site.layout.activate, artifact, previous)
@@ -180,6 +178,10 @@ class Deployer:
                     await asyncio.to_thread((site.layout.current / artifact).unlink, missing_ok=True)
                 site.channels[artifact].active = previous
                 site.set_active_metric()
+            bad = site.statefile.state.bad.setdefault(artifact, [])
+            if version not in bad:
+                bad.append(version)
+                site.metrics.count_rejection(artifact)
             await site.statefile.save()
             log.error("version rejected at this site", artifact=artifact, version=version, active=previous,
                       reason=reason)

@@ -22,7 +22,14 @@ class FullDisk(Layout):
         return 0.95
 
 
-def _site(tmp_path, layout_cls=Layout, also_keep=lambda artifact: set()):
+class RoomyDisk(Layout):
+    """A site's layout on a disk half full: retention by count alone, however full the host's is."""
+
+    def disk_usage(self) -> float:
+        return 0.5
+
+
+def _site(tmp_path, layout_cls=RoomyDisk, also_keep=lambda artifact: set()):
     layout = layout_cls(tmp_path / "data")
     registry = Registry(open_store(layout.store_dir))
     for v in ("v1", "v2", "v3", "v4"):
@@ -75,7 +82,7 @@ def _packed_site(tmp_path, rng):
     from helpers.files import random_bytes, write_tree
     from helpers.store import publish_local
 
-    layout = Layout(tmp_path / "data")
+    layout = RoomyDisk(tmp_path / "data")
     store = open_store(layout.store_dir)
     registry = Registry(store)
     shared = random_bytes(rng, 300_000)

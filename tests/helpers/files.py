@@ -8,7 +8,9 @@ broken header.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import stat
 from pathlib import Path
@@ -123,3 +125,27 @@ def toml_value(value) -> str:
 def toml_lines(keys: dict) -> list[str]:
     """`key = value` lines for one table's keys."""
     return [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+
+
+def page_cache_share(path: Path) -> float:
+    """The share of `path`'s pages in the page cache now (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            assert libc.mincore(addr, size, vec) == 0
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec) / pages
