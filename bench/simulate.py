@@ -103,13 +103,26 @@ def make_artifact(folder: Path, size: int) -> Path:
     return folder
 
 
-def site_config(i: int, work: Path, origin: str, tokens: Path, upstream: str | None, report: float) -> dict:
+def make_trust(work: Path):
+    """A publisher key and a trust file that trusts it for the artifact (`--trust`)."""
+    from fabric.trust import Key, TrustPolicy
+    key = Key.from_seed(os.urandom(32))
+    policy = TrustPolicy()
+    policy.add(key.public, [ARTIFACT], name="sim-ci")
+    policy.save(work / "trust.toml")
+    return key, work / "trust.toml"
+
+
+def site_config(i: int, work: Path, origin: str, tokens: Path, upstream: str | None, report: float,
+                trust: Path | None = None) -> dict:
     cfg = {"site": site_name(i), "data": str(work / "sites" / site_name(i)), "listen": "127.0.0.1:1",
            "origin": origin, "token": secret(i), "follow": [f"{ARTIFACT}:{CHANNEL}"], "tokens": str(tokens),
            "report_interval": report, "log_level": os.environ.get("SIM_LOG_LEVEL", "warning"),
            "sync": {"resync_interval": 60, "stall_timeout": 30, "give_up_after": 120}}
     if upstream:
         cfg["upstreams"] = [upstream]
+    if trust:
+        cfg["trust"] = str(trust)
     return cfg
 
 
@@ -459,12 +472,13 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 
 def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, report: float, timeout: float,
-        base: str | None = None, relay_per: int = 10) -> dict:
+        base: str | None = None, relay_per: int = 10, trust: bool = False) -> dict:
     from fabric.publish import publish
     from fabric.wire.client import RemoteTarget, SyncOrigin
     from topology.lab import fabric_command
     work = Path(tempfile.mkdtemp(prefix=f"fabric-sim-{n}-", dir=base))
     tokens = write_tokens(work / "tokens.toml", n)
+    key, trust_file = make_trust(work) if trust else (None, None)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     origin = subprocess.Popen(fabric_command() + ["origin", "--store", str(work / "origin"), "--listen",
@@ -480,7 +494,8 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
         t_start = time.monotonic()
         tree = levels(n, fanout, roots)
         for level in tree:
-            configs = [site_config(i, work, url, tokens, urls.get(parent(i, fanout, roots)), report) for i in level]
+            configs = [site_config(i, work, url, tokens, urls.get(parent(i, fanout, roots)), report, trust_file)
+                       for i in level]
             ports = agents.start(configs)
             urls.update({i: f"http://127.0.0.1:{ports[site_name(i)]}" for i in level})
         _log(f"{n} sites started in {time.monotonic() - t_start:.1f} s ({len(tree)} levels); settling")
@@ -490,14 +505,26 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
             time.sleep(0.5)
         steady = origin_sockets(port)
         all_pids = [p.pid for p in (agents.procs if not real else agents.procs.values())]
-        r0, _ = origin_counters(url)
+        idle0: dict = {}
+        r0, _ = origin_counters(url, idle0)
         idle_cpu0 = cpu_seconds(all_pids)
         time.sleep(10.0)
-        r1, _ = origin_counters(url)
+        idle1: dict = {}
+        r1, _ = origin_counters(url, idle1)
+        _log("origin requests while idle (10 s), by route: " + ", ".join(
+            f"{k}: {v - idle0.get(k, 0):g}" for k, v in sorted(idle1.items()) if v - idle0.get(k, 0)))
         idle_rps, idle_cores = (r1 - r0) / 10.0, (cpu_seconds(all_pids) - idle_cpu0) / 10.0
         src = make_artifact(work / "v1", size)
         with SyncOrigin(url, PUBLISHER) as so:
             result = publish(src, artifact=ARTIFACT, target=RemoteTarget(so), version="v1")
+            statement = None
+            if key is not None:  # signed: the version's statement, and the promote's
+                from fabric.trust import VersionStatement, sign
+                from fabric.trust.statements import next_channel_statement
+                so.put_signature(ARTIFACT, "v1", sign(VersionStatement(ARTIFACT, "v1", result.manifest_id),
+                                                      [key]).to_bytes())
+                statement = sign(next_channel_statement(ARTIFACT, CHANNEL, "v1", result.manifest_id, "promote", 0,
+                                                        3600), [key]).to_json()
             before: dict = {}
             r2, s2 = origin_counters(url, before)
             copy = sum(f.stat().st_size - 1 for f in (work / "origin" / "chunks").rglob("*") if f.is_file())
@@ -510,7 +537,7 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
             sampler = Sampler(port, roles)
             cpu0, load0 = cpu_seconds(pids), _load()
             t0 = time.time()
-            so.promote(ARTIFACT, "v1", CHANNEL)
+            so.promote(ARTIFACT, "v1", CHANNEL, statement=statement)
         seen, rss = agents.wait("v1", timeout)
         peak = sampler.stop()
         cpu = cpu_seconds(pids) - cpu0
@@ -528,7 +555,8 @@ def run(n: int, fanout: int, roots: int, *, real: bool, size: int, per: int, rep
         direct = by_origin(getattr(agents, "origin", {}), depth)
         _log("what sites asked of the origin itself during the rollout, by level: " + json.dumps(direct))
         span = max(latencies) if latencies else timeout
-        return {"sites": n, "mode": "processes" if real else f"in-process ({len(agents.procs)} workers)",
+        mode = ("processes" if real else f"in-process ({len(agents.procs)} workers)") + (", signed" if trust else "")
+        return {"sites": n, "mode": mode,
                 "levels": len(tree), "direct": min(n, roots), "active": len(seen),
                 "p50": _pct(latencies, 0.5) if latencies else None, "p99": _pct(latencies, 0.99) if latencies else None,
                 "max": span if latencies else None, "steady_sockets": steady, "peak_sockets": peak,
@@ -594,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every site to activate")
     ap.add_argument("--data", default=None, help="where the sites' folders go (default: the temp folder); "
                     "/dev/shm keeps a thousand sites' fsyncs off one shared disk")
+    ap.add_argument("--trust", action="store_true", help="every site has a trust policy; the version and its "
+                    "promote are signed")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -611,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         _log(f"run: {n} sites, {'processes' if real else 'in-process'}, fanout {args.fanout}")
         row = run(n, args.fanout, args.roots, real=real, size=int(args.size_mb * (1 << 20)), per=args.per_worker,
                   report=args.report_interval, timeout=args.timeout, base=args.data,
-                  relay_per=args.relays_per_worker)
+                  relay_per=args.relays_per_worker, trust=args.trust)
         _log(json.dumps(row))
         rows.append(row)
     m = machine()
