@@ -11,6 +11,7 @@ import pytest
 import zstandard
 
 from fabric.core import digest
+from fabric.core.codec import Encoding
 
 from fabric.wire import frames as wire
 from fabric.wire import protocol
@@ -145,7 +146,7 @@ def test_decode_checks_bytes_sizes_and_encodings():
     with pytest.raises(BadFrame, match="expected 3 bytes"):
         wire.decode_frame(_frame(data), expected_size=3)
     with pytest.raises(IntegrityError):  # unknown encoding tag
-        wire.decode_frame(_frame(data, encoding=9))
+        wire.decode_frame(_frame(data, encoding=max(Encoding) + 1))
     with pytest.raises((IntegrityError, BadFrame)):  # not zstd at all
         wire.decode_frame(_frame(data, encoding=1))
     with pytest.raises(BadFrame):
