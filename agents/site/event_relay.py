@@ -9,8 +9,8 @@ read-only control routes, so they never need the origin while this relay lives
   `epoch`, its sequence numbers as event ids, the last `KEEP` events for
   `Last-Event-ID` resumes. When the upstream's epoch changes, or a reconnect finds
   events missing (`complete: false`), it drops what it held and takes the new epoch,
-  which ends every child's stream (`sse_handler`): each reconnects, sees the new epoch
-  and re-syncs. Children see only `version` and `channel` events of artifacts their
+  and ends every child's stream (`sse_handler`; `restarts` where the epoch stayed): each
+  reconnects, sees the new epoch or `complete: false`, and re-syncs. Children see only `version` and `channel` events of artifacts their
   token (this relay's token file) may pull. Before its own stream has opened once, a
   relay waits up to `CONNECT_WAIT` seconds, then answers `503 relay_unavailable`.
 * `ReadRelay` answers `GET /v1/artifacts`, `…/{a}/versions`, `…/{a}/versions/{v}`
@@ -64,6 +64,8 @@ class EventRelay(Followed):
         """One event from the upstream stream (`UpstreamChain.on_event`)."""
         if event == "hello":
             if not resumed or self.epoch is None:
+                if self.epoch is not None:  # events were missed: every child's stream ends (even on the same epoch)
+                    self.restarts += 1
                 self.epoch = str(data.get("epoch"))
                 self._events.clear()
                 self.seq = self._base = data["seq"] if isinstance(data.get("seq"), int) else 0
@@ -84,13 +86,13 @@ class EventRelay(Followed):
     async def wait(self, after: int, timeout: float) -> None:
         """Until an event to send past `after` (not merely a higher `seq`: the upstream's hello and
         the events not re-served raise it with nothing to send, and a stream that woke for that
-        would write keepalives in a loop), a close or a new epoch; at most `timeout` seconds."""
-        epoch = self.epoch
+        would write keepalives in a loop), a close, a new epoch or a restart; at most `timeout` seconds."""
+        epoch, restarts = self.epoch, self.restarts
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(
                     lambda: bool(self._events and self._events[-1]["seq"] > after) or self.closed
-                    or self.epoch != epoch), timeout)
+                    or (self.epoch, self.restarts) != (epoch, restarts)), timeout)
             except asyncio.TimeoutError:
                 pass
 

@@ -39,6 +39,9 @@ class Followed:
         self.epoch = epoch
         self.seq = 0
         self.closed = False
+        # bumped when open streams must end though the epoch stays: a relay whose upstream, on a
+        # reconnect with the same epoch, said `complete: false` (each child reconnects and re-syncs)
+        self.restarts = 0
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
@@ -51,12 +54,13 @@ class Followed:
         await self._notify()
 
     async def wait(self, after: int, timeout: float) -> None:
-        """Until an event past `after`, a close or a new epoch; at most `timeout` seconds."""
-        epoch = self.epoch
+        """Until an event past `after`, a close, a new epoch or a restart; at most `timeout` seconds."""
+        epoch, restarts = self.epoch, self.restarts
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(
-                    lambda: self.seq > after or self.closed or self.epoch != epoch), timeout)
+                    lambda: self.seq > after or self.closed or (self.epoch, self.restarts) != (epoch, restarts)),
+                    timeout)
             except asyncio.TimeoutError:
                 pass
 
@@ -102,9 +106,10 @@ def sse_handler(key: web.AppKey, require: Callable[[web.Request], None],
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         events, complete = log.since(after)
-        epoch = log.epoch
+        epoch, restarts = log.epoch, log.restarts
         await _send(resp, "hello", {"epoch": epoch, "seq": log.seq, "complete": complete})
-        while not log.closed and log.epoch == epoch:  # a relayed log changes epoch with its upstream's
+        # a relayed log changes epoch with its upstream's, and restarts when its upstream lost events
+        while not log.closed and (log.epoch, log.restarts) == (epoch, restarts):
             for e in events:
                 if visible(request, e):
                     await _send(resp, e["type"], e, event_id=e["seq"])

@@ -31,7 +31,8 @@ async def _serve(relay: EventRelay) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/events"
 
 
-async def _read_for(url: str, seconds: float, after: int = 0) -> bytes:
+async def _read_for(url: str, seconds: float, after: int = 0, ended: list | None = None) -> bytes:
+    """What the stream sent in `seconds`; `ended` gets True if the server ended it before then."""
     got = bytearray()
     async with aiohttp.ClientSession() as session:
         async with session.get(url, params={"after": str(after)}) as resp:
@@ -39,6 +40,8 @@ async def _read_for(url: str, seconds: float, after: int = 0) -> bytes:
                 async with asyncio.timeout(seconds):
                     async for block in resp.content.iter_any():
                         got += block
+                if ended is not None:
+                    ended.append(True)
             except TimeoutError:
                 pass
     return bytes(got)
@@ -63,3 +66,26 @@ def test_an_idle_relayed_stream_sends_its_hello_and_no_keepalive_loop():
     idle, later = asyncio.run(main())
     assert b"event: hello" in idle and idle.count(b"keepalive") == 0 and len(idle) < 200, idle[:300]
     assert b"event: channel" in later and b'"version": "v1"' in later and later.count(b"keepalive") == 0
+
+
+def test_an_upstream_that_lost_events_under_the_same_epoch_ends_every_child_stream():
+    """The upstream's hello on a reconnect says `complete: false` with the epoch unchanged: the
+    relay held nothing of what was lost, so its children must re-sync, not carry on as if resumed."""
+    async def main():
+        relay = EventRelay()
+        relay.feed("hello", {"epoch": "e1", "seq": 5, "complete": True}, False)
+        runner, url = await _serve(relay)
+        try:
+            ended: list = []
+            open_stream = asyncio.ensure_future(_read_for(url, 3.0, after=5, ended=ended))
+            await asyncio.sleep(0.3)
+            relay.feed("hello", {"epoch": "e1", "seq": 9, "complete": False}, False)  # events 6-9 lost
+            first = await open_stream
+            again = await _read_for(url, 0.5, after=5)  # the child reconnects from what it had seen
+            return first, ended, again
+        finally:
+            await relay.close()
+            await runner.cleanup()
+    first, ended, again = asyncio.run(main())
+    assert ended == [True] and first.count(b"event: hello") == 1, first  # ended well before 3 s
+    assert b'"epoch": "e1"' in again and b'"complete": false' in again and b'"seq": 9' in again, again
