@@ -113,6 +113,18 @@ def test_authenticate_and_scopes():
         Principal("p", frozenset({"pull"}), ("*",)).require("publish", "m")
 
 
+def test_a_token_file_of_a_thousand_sites_finds_each_one():
+    """An origin's or a relay's file names every site below it: each is found by its own secret."""
+    entries = [{"name": f"site-{i}", "secret": f"secret-of-site-{i:04d}-xxxxxxxx", "scopes": ["pull"],
+                "site": f"site-{i}"} for i in range(1000)]
+    table = TokenTable.from_dict({"token": entries})
+    for i in (0, 1, 499, 998, 999):
+        p = table.authenticate(f"Bearer secret-of-site-{i:04d}-xxxxxxxx")
+        assert p.name == f"site-{i}" and p.speaks_for(f"site-{i}") and not p.speaks_for(f"site-{i + 1}")
+    with pytest.raises(Unauthorized):
+        table.authenticate("Bearer secret-of-site-1000-xxxxxxxx")
+
+
 def test_token_file_round_trip_with_hashed_secret(tmp_path):
     path = write_token_file(tmp_path / "t.toml")
     table = TokenTable.from_file(path)
