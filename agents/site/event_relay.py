@@ -18,7 +18,8 @@ read-only control routes, so they never need the origin while this relay lives
   with the same checks as the origin, from its own store where it holds the manifest,
   else from its upstream chain with its own token. Identical concurrent reads share one
   upstream request; answers are kept `TTL` seconds (manifests: until evicted; they never
-  change), and an event about an artifact drops what is kept about it.
+  change), and so is a `not found` (a channel that does not exist yet, which every site
+  below asks for until it does), and an event about an artifact drops what is kept about it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import aiohttp
 from aiohttp import web
 
 from fabric.core.manifest import check_name
-from fabric.errors import NotFound, RelayUnavailable, TransferError
+from fabric.errors import NotFound, RelayUnavailable, TransferError, from_code
 from fabric.store.store import Store
 from fabric.wire.client import OriginClient, error_from, read_body
 from fabric.wire.events import Followed, sse_handler
@@ -113,22 +114,29 @@ class ReadRelay:
 
     def __init__(self, store: Store, chain: UpstreamChain):
         self.store, self.chain = store, chain
-        self._kept: OrderedDict[tuple, tuple[float, tuple]] = OrderedDict()  # key -> (until, answer)
+        # key -> (until, answer), or (until, NotFound) for an upstream's 404, kept at most TTL
+        self._kept: OrderedDict[tuple, tuple[float, tuple | NotFound]] = OrderedDict()
         self._pending: dict[tuple, asyncio.Future] = {}
+
+    def _changes(self, key: tuple) -> bool:
+        """Whether what is kept at `key` can change: anything but a manifest that was found."""
+        return key[0] != "manifest" or isinstance(self._kept[key][1], NotFound)
 
     def forget(self, artifact: str | None) -> None:
         """Drop what is kept about `artifact` (an event named it), and the artifact listing."""
-        for key in [k for k in self._kept if k[0] != "manifest" and k[1] in (artifact, None)]:
+        for key in [k for k in self._kept if self._changes(k) and k[1] in (artifact, None)]:
             del self._kept[key]
 
     def forget_all(self) -> None:
-        """Drop every kept answer but the manifests (the upstream's event log restarted)."""
-        for key in [k for k in self._kept if k[0] != "manifest"]:
+        """Drop every kept answer but the manifests found (the upstream's event log restarted)."""
+        for key in [k for k in self._kept if self._changes(k)]:
             del self._kept[key]
 
     async def answer(self, key: tuple, path: str, params: dict | None, keep: float) -> tuple:
         now = time.monotonic()
         if (hit := self._kept.get(key)) is not None and hit[0] > now:
+            if isinstance(hit[1], NotFound):  # a kept "not there yet": a fresh copy of the error
+                raise from_code(hit[1].code, hit[1].message)
             return hit[1]
         if key in self._pending:
             return await asyncio.shield(self._pending[key])
@@ -139,15 +147,21 @@ class ReadRelay:
             answer = await self.chain.raw("GET", path, params, lambda c, m, p, q: _get(c, p, q, limit))
             fut.set_result(answer)
             self._kept[key] = (time.monotonic() + keep, answer)
-            while len(self._kept) > 1 and sum(len(a[0]) for _, a in self._kept.values()) > _KEPT_BYTES:
+            while len(self._kept) > 1 and sum(_size(a) for _, a in self._kept.values()) > _KEPT_BYTES:
                 self._kept.popitem(last=False)
             return answer
         except BaseException as e:
+            if isinstance(e, NotFound):  # kept like an answer, at most TTL: sites poll for a channel
+                self._kept[key] = (time.monotonic() + min(keep, TTL), e)  # before it exists
             fut.set_exception(e)
             fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
             raise
         finally:
             del self._pending[key]
+
+
+def _size(answer: tuple | NotFound) -> int:
+    return 0 if isinstance(answer, NotFound) else len(answer[0])
 
 
 async def _get(client: OriginClient, path: str, params: dict | None, limit: int) -> tuple:
