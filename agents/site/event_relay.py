@@ -10,9 +10,10 @@ read-only control routes, so they never need the origin while this relay lives
   `Last-Event-ID` resumes. When the upstream's epoch changes, or a reconnect finds
   events missing (`complete: false`), it drops what it held and takes the new epoch,
   and ends every child's stream (`sse_handler`; `restarts` where the epoch stayed): each
-  reconnects, sees the new epoch or `complete: false`, and re-syncs. Children see only `version` and `channel` events of artifacts their
-  token (this relay's token file) may pull. Before its own stream has opened once, a
-  relay waits up to `CONNECT_WAIT` seconds, then answers `503 relay_unavailable`.
+  reconnects, sees the new epoch or `complete: false`, and re-syncs. Children see only
+  `version` and `channel` events of artifacts their token (this relay's token file) may
+  pull. Before its own stream has opened once, a relay waits up to `CONNECT_WAIT` seconds,
+  then answers `503 relay_unavailable`.
 * `ReadRelay` answers `GET /v1/artifacts`, `…/{a}/versions`, `…/{a}/versions/{v}`
   (manifests, and patches against a base) and `…/{a}/channels/{c}` for a child's token
   with the same checks as the origin, from its own store where it holds the manifest,
@@ -88,12 +89,12 @@ class EventRelay(Followed):
         """Until an event to send past `after` (not merely a higher `seq`: the upstream's hello and
         the events not re-served raise it with nothing to send, and a stream that woke for that
         would write keepalives in a loop), a close, a new epoch or a restart; at most `timeout` seconds."""
-        epoch, restarts = self.epoch, self.restarts
+        stream = self.stream()
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(
                     lambda: bool(self._events and self._events[-1]["seq"] > after) or self.closed
-                    or (self.epoch, self.restarts) != (epoch, restarts)), timeout)
+                    or self.stream() != stream), timeout)
             except asyncio.TimeoutError:
                 pass
 

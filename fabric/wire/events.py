@@ -44,6 +44,10 @@ class Followed:
         self.restarts = 0
         self._changed = asyncio.Condition()
 
+    def stream(self) -> tuple[str | None, int]:
+        """What an open stream follows: it ends when this changes (a new epoch, or a restart)."""
+        return self.epoch, self.restarts
+
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
@@ -55,12 +59,11 @@ class Followed:
 
     async def wait(self, after: int, timeout: float) -> None:
         """Until an event past `after`, a close, a new epoch or a restart; at most `timeout` seconds."""
-        epoch, restarts = self.epoch, self.restarts
+        stream = self.stream()
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(
-                    lambda: self.seq > after or self.closed or (self.epoch, self.restarts) != (epoch, restarts)),
-                    timeout)
+                    lambda: self.seq > after or self.closed or self.stream() != stream), timeout)
             except asyncio.TimeoutError:
                 pass
 
@@ -106,10 +109,10 @@ def sse_handler(key: web.AppKey, require: Callable[[web.Request], None],
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         events, complete = log.since(after)
-        epoch, restarts = log.epoch, log.restarts
-        await _send(resp, "hello", {"epoch": epoch, "seq": log.seq, "complete": complete})
+        stream = log.stream()
+        await _send(resp, "hello", {"epoch": log.epoch, "seq": log.seq, "complete": complete})
         # a relayed log changes epoch with its upstream's, and restarts when its upstream lost events
-        while not log.closed and (log.epoch, log.restarts) == (epoch, restarts):
+        while not log.closed and log.stream() == stream:
             for e in events:
                 if visible(request, e):
                     await _send(resp, e["type"], e, event_id=e["seq"])

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiohttp import web
 
 from agents.site.control import UpstreamChain
 from agents.site.trust import SiteTrust
+from fabric.errors import NotFound
 from fabric.wire.client import OriginClient
 from fabric.wire.protocol import ENVELOPE, TRUST
 
@@ -138,12 +140,7 @@ def test_a_channel_that_does_not_exist_yet_costs_the_upstream_one_ask_a_second_u
     """Sites below a relay ask for a channel until it exists: the upstream's 404 is kept like an
     answer (at most `TTL`), raised afresh to each asker, and dropped by an event about the artifact
     (1000 in-process sites cost the origin 14.6 such 404s a second through the root hub before)."""
-    import pytest
-
     from agents.site.event_relay import TTL, ReadRelay
-    from fabric.errors import NotFound
-
-    path = CHANNEL
 
     async def main():
         async with Counting(None, delay=0.0) as origin:
@@ -154,16 +151,16 @@ def test_a_channel_that_does_not_exist_yet_costs_the_upstream_one_ask_a_second_u
                 codes = []
                 for _ in range(5):  # five children asking within TTL
                     with pytest.raises(NotFound) as e:
-                        await reads.answer(key, path, None, TTL)
+                        await reads.answer(key, CHANNEL, None, TTL)
                     codes.append(e.value.code)
                 within = len(origin.asked)
                 reads.forget("m")  # a channel event about m
                 with pytest.raises(NotFound):
-                    await reads.answer(key, path, None, TTL)
+                    await reads.answer(key, CHANNEL, None, TTL)
                 after_event = len(origin.asked)
                 await asyncio.sleep(TTL + 0.1)
                 with pytest.raises(NotFound):
-                    await reads.answer(key, path, None, TTL)
+                    await reads.answer(key, CHANNEL, None, TTL)
                 return codes, within, after_event, len(origin.asked)
             finally:
                 await client.close()
