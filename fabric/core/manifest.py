@@ -16,6 +16,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Iterator
 
 from fabric.core import digest
@@ -86,9 +87,8 @@ class TensorEntry:
     chunks: tuple[str, ...]
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["shape"], d["chunks"] = list(self.shape), list(self.chunks)
-        return d
+        return {"file": self.file, "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "offset": self.offset, "length": self.length, "chunks": list(self.chunks)}
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Manifest:
     def canonical(self) -> bytes:
         return canonical_json(self.to_json())
 
-    @property
+    @cached_property  # computed once: a manifest is immutable (frozen, and nothing edits its dicts)
     def id(self) -> str:
         return digest.digest(self.canonical())
 
