@@ -27,6 +27,10 @@ demo: venv
 # quick `command -v` when it is there); without it tests/e2e/test_status_page.py skips.
 BROWSER_TOOLS := chromium fonts-dejavu-core
 
+# The reflink tests (tests/test_fileio.py, tests/test_pull.py, tests/e2e/test_one_copy_per_site.py)
+# loop-mount an XFS: Debian's xfsprogs, installed once as root; without it they skip.
+FS_TOOLS := xfsprogs
+
 # promtool checks deploy/observability/alerts.yml: Debian's prometheus package, installed once as root;
 # without it tests/deploy/test_observability.py skips that check.
 OBSERVABILITY_TOOLS := prometheus
@@ -36,6 +40,8 @@ test: venv
 		apt-get install -y -qq $(BROWSER_TOOLS); } || echo "chromium not installed: the status page's test will skip"
 	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends $(OBSERVABILITY_TOOLS); } || echo "promtool not installed: the alert rules' check will skip"
+	@command -v mkfs.xfs >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends $(FS_TOOLS); } || echo "mkfs.xfs not installed: the reflink tests will skip"
 	$(BIN)/python -m pytest -q
 
 # The generated-input suite at full size (make test runs it with 1500 cases): origin, agent, hook, parsers.
@@ -43,10 +49,10 @@ fuzz: venv
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/fuzz --fuzz-cases 10000
 
 # The peers the benchmarks compare with, from Debian's packages (installed once, as root).
-BENCH_TOOLS := rsync casync nginx-light aria2 curl zstd time
+BENCH_TOOLS := rsync casync nginx-light aria2 curl zstd time xfsprogs
 
 bench: venv
-	@for t in rsync casync nginx aria2c curl zstd /usr/bin/time; do command -v $$t >/dev/null || missing=1; done; \
+	@for t in rsync casync nginx aria2c curl zstd /usr/bin/time mkfs.xfs; do command -v $$t >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $(BENCH_TOOLS); fi
 	$(BIN)/python -m bench.run_all
 

@@ -53,6 +53,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[float], list[str]]]] = [
      lambda size: ["--size-gb", f"{size:g}"]),
     ("codec_speed", "Chunk codec speed", lambda size: []),
     ("fanout", "Fan-out makespan vs direct pulls", lambda size: ["--size-mb", "1024"]),
+    ("site_writes", "One copy per site: a later version on ext4 and on XFS with reflinks", lambda size: []),
     ("relay_memory", "Relay memory: a hub relaying one version to 10 children", lambda size: []),
     ("hotload", "Hot-load: changed tensors vs a full reload (CPU)", lambda size: []),
     ("hook_latency", "Push hook: bucket to active at a site, and publish from S3", lambda size: []),

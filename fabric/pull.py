@@ -31,7 +31,9 @@ store serves each chunk at once, so there a chunk's bytes are `fdatasync`ed befo
 reference is written. Chunks reused from the store move their references into the new
 files (deferred: the old ones stay valid meanwhile), so older versions' packs can go;
 a site hard-links a file unchanged since an older version instead (`share_files`:
-its pack, verified). When done, each pack's mtime is set back to before its first reference, which is how
+its pack, verified). On a file system with reflinks a reused chunk is not even
+written: its blocks are shared with the pack that held it (`_clone_in`), then read
+back and verified. When done, each pack's mtime is set back to before its first reference, which is how
 the store tells a file edited in place later (`fabric.store.packs.Guard`).
 A site's sink (`Sink.seal`) also seals each chunk written (`fabric.core.seal`) and
 writes the seal into the staging folder before the rename. A site reuses a folder that
@@ -61,12 +63,12 @@ from fabric.core import digest, seal
 from fabric.core.manifest import Manifest
 from fabric.errors import (ChunkNotFound, CorruptChunk, DestinationExists, FabricError, IntegrityError,
                            InvalidManifest, MissingChunks, StoreFull)
-from fabric.fileio import create_sized, pwrite_all, replace_file
+from fabric.fileio import cannot_share, clone_range, create_sized, pwrite_all, replace_file
 from fabric.logs import get_logger
 from fabric.store import packs
 from fabric.store.packs import PackRef
 from fabric.store.registry import Registry
-from fabric.store.store import Store
+from fabric.store.store import TAG_RAW, Store
 from fabric.transfer import ChunkSink, FetchOptions, Inflight, Progress, SyncStats, fetch_chunks, store_sink
 from fabric.wire.client import OriginClient
 from fabric.wire.negotiate import manifest_base, request_fields
@@ -128,6 +130,7 @@ class Assembly:
         self._places: dict[str, list[tuple[Path, int]]] = {}
         self._file_locks: dict[Path, threading.Lock] = {}
         self._written: set[str] = set()
+        self._cloning = True  # reused chunks may share blocks with older files (False: this file system cannot)
         self._lock = threading.Lock()
         self._guard(self._create_files)
 
@@ -277,6 +280,12 @@ class Assembly:
         done = 0
         for cid in todo:
             try:
+                data = self._clone_in(cid) if store is self.store else None
+                if data is not None:  # shared with the older file, not written
+                    done += 1
+                    if progress:
+                        progress(len(data) * len(self._places[cid]))
+                    continue
                 data = store.get_chunk(cid)
             except (CorruptChunk, ChunkNotFound) as e:
                 if refetch is None:
@@ -293,6 +302,50 @@ class Assembly:
             if progress:
                 progress(len(data) * len(self._places[cid]))
         return done
+
+    def _clone_in(self, chunk_id: str) -> bytes | None:
+        """Put a chunk the store holds in a pack (an older version's file) at its places by
+        sharing the pack's blocks (`fabric.fileio.clone_range`: reflinks, nothing written),
+        then verify what landed and refer to it, as `keep` does; the chunk's bytes, or None
+        (nothing done) where the blocks cannot be shared. Raises CorruptChunk if the shared
+        bytes do not match the id (the pack was spoiled): the chunk then counts as not written."""
+        if not self.packed or not self._cloning:
+            return None
+        found = self.store.open_stored(chunk_id)
+        if found is None:
+            return None
+        with found.file as pack:
+            if found.tag != TAG_RAW:
+                return None
+            with self._lock:
+                if chunk_id in self._written:
+                    return None
+                self._written.add(chunk_id)
+            data, shared = None, False
+            try:
+                for path, offset in self._places[chunk_id]:
+                    fd = os.open(path, os.O_RDWR)
+                    try:
+                        with self._file_locks[path]:
+                            if not clone_range(pack.fileno(), found.offset, fd, offset, found.size):
+                                self._cloning = not cannot_share(fd)  # none will share on this file system
+                                return None
+                            if data is None:  # what landed, read back once: the bytes checked are the file's
+                                data = os.pread(fd, found.size, offset)
+                    finally:
+                        os.close(fd)
+                digest.verify(chunk_id, data)
+                shared = True
+            finally:
+                if not shared:  # the caller writes it (or fetches it again)
+                    with self._lock:
+                        self._written.discard(chunk_id)
+        if self.sealer is not None:
+            self.sealer.add(chunk_id, data)
+        path, offset = self._places[chunk_id][0]
+        self._referenced.add(path)
+        self.store.put_packed(chunk_id, PackRef(self._packs[path], offset, len(data)), defer=True)  # as `keep`
+        return data
 
     def commit(self) -> None:
         """Make the files durable and move the folder into place as DEST."""

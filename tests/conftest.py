@@ -64,5 +64,17 @@ def suite_weed(tmp_path_factory):
 
 
 @pytest.fixture
+def reflinks(tmp_path):
+    """An empty folder on a file system with reflinks (a loop-mounted XFS, `bench.loopfs`);
+    skipped where one cannot be made (not root, no mkfs.xfs)."""
+    from bench import loopfs
+    why = loopfs.unavailable()
+    if why:
+        pytest.skip(why)
+    with loopfs.xfs_with_reflinks(tmp_path / "xfs", size_mb=512) as mnt:
+        yield mnt
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)

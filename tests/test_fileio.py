@@ -101,3 +101,54 @@ def test_tmpfs_writes_land_whatever_it_says_about_direct_io(rng):
         assert path.read_bytes() == b"\0" + data
     finally:
         path.unlink(missing_ok=True)
+
+
+# --- sharing blocks (reflinks) ----------------------------------------------------------------
+
+def _used(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_clone_range_shares_the_whole_blocks_and_copies_the_unaligned_ends(reflinks, rng):
+    data = rng.bytes(6 << 20)
+    src_path, dst_path = reflinks / "old", reflinks / "new"
+    src_path.write_bytes(data)
+    os.sync()
+    fileio.create_sized(dst_path, len(data))
+    os.sync()
+    before = _used(reflinks)
+    src, dst = os.open(src_path, os.O_RDONLY), os.open(dst_path, os.O_RDWR)
+    try:
+        # a range that starts and ends inside blocks, at the same place in a block in both files
+        assert fileio.clone_range(src, 1000, dst, 1000, (5 << 20) + 123)
+        assert os.pread(dst, (5 << 20) + 123, 1000) == data[1000:1000 + (5 << 20) + 123]
+        assert os.pread(dst, 1000, 0) == bytes(1000), "nothing outside the range"
+        # offsets at different places in a block cannot share: nothing written
+        assert not fileio.clone_range(src, 0, dst, 1, 1 << 20)
+        assert os.pread(dst, 1, 0) == b"\0"
+        assert not fileio.cannot_share(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    os.sync()
+    # the destination's preallocated blocks gave way to the shared ones: no new space for 5 MiB
+    assert _used(reflinks) - before < (1 << 20)
+
+
+def test_clone_range_says_no_where_the_file_system_has_no_reflinks(tmp_path, rng, monkeypatch):
+    monkeypatch.setattr(fileio, "_unshared", set())
+    data = rng.bytes(1 << 20)
+    (tmp_path / "old").write_bytes(data)
+    fileio.create_sized(tmp_path / "new", len(data))
+    src, dst = os.open(tmp_path / "old", os.O_RDONLY), os.open(tmp_path / "new", os.O_RDWR)
+    try:
+        shared = fileio.clone_range(src, 0, dst, 0, len(data))
+        if shared:  # this temp folder happens to be on a file system with reflinks
+            assert os.pread(dst, len(data), 0) == data
+            pytest.skip("the temp folder's file system shares blocks")
+        assert os.pread(dst, len(data), 0) == bytes(len(data)), "nothing written"
+        assert fileio.cannot_share(dst)
+    finally:
+        os.close(src)
+        os.close(dst)

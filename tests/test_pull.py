@@ -222,3 +222,70 @@ def test_a_site_version_lands_in_the_page_cache_and_a_pulled_folder_around_it(tm
     assert share[0] > 0.8, f"only {share[0]:.0%} of the site's version file is in the page cache"
     if os.stat(pulled).st_dev not in fileio._refused:
         assert share[1] < 0.2, f"{share[1]:.0%} of the pulled file went through the page cache"
+
+
+def _two_versions(store, tmp_path, rng, changed=(2,)) -> dict[str, Path]:
+    """v1: eight 1 MiB float32 tensors; v2: the tensors in `changed` redrawn (same layout)."""
+    t1 = {f"w{i}": rng.standard_normal(1 << 18).astype(np.float32) for i in range(8)}
+    t2 = {k: (rng.standard_normal(1 << 18).astype(np.float32) if int(k[1:]) in changed else v) for k, v in t1.items()}
+    srcs = {}
+    for v, tensors in (("v1", t1), ("v2", t2)):
+        srcs[v] = write_safetensors(tmp_path / "src" / v / "model.safetensors", tensors).parent
+        publish_local(store, srcs[v], "m", v)
+    return srcs
+
+
+def _used(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_with_reflinks_a_site_shares_the_chunks_a_version_reuses_with_the_older_file(reflinks, tmp_path, rng):
+    import asyncio
+
+    from fabric.core import seal
+    from fabric.pull import Sink, pull
+    from fabric.store.store import open_store
+
+    store = open_store(reflinks / "store")
+    srcs = _two_versions(store, tmp_path, rng)
+    reg, site = Registry(store), reflinks / "versions" / "m"
+    asyncio.run(pull(store, reg.manifest("m", "v1"), Sink.site_version(site / "v1")))  # the store's chunks: packs in v1
+    os.sync()
+    before = _used(reflinks)
+    asyncio.run(pull(store, reg.manifest("m", "v2"), Sink.site_version(site / "v2")))
+    os.sync()
+    grown = _used(reflinks) - before
+    m2 = reg.manifest("m", "v2")
+    assert (site / "v2" / "model.safetensors").read_bytes() == (srcs["v2"] / "model.safetensors").read_bytes()
+    # 8 MiB file, 1 MiB of it new: the 7 reused MiB share v1's blocks (ext4 writes them again)
+    assert grown < 2 << 20, f"v2 took {grown} bytes of new space"
+    sealed = seal.decode((site / "v2" / seal.SEAL_FILE).read_bytes())
+    held = dict(_chunks_of(site / "v2" / "model.safetensors", m2.files[0].chunks))
+    assert all(sealed.get(cid) == seal.xxh(data) for cid, data in held.items())
+    refs = dict(store.pack_refs())  # the reused chunks now refer to v2's file: v1 may go
+    v2_ino = (site / "v2" / "model.safetensors").stat().st_ino
+    assert {os.stat(store.backend.path(refs[c].pack)).st_ino for c in m2.chunk_ids()} == {v2_ino}
+    for cid in m2.chunk_ids():
+        assert store.get_chunk(cid)  # verified
+
+
+def test_with_reflinks_spoiled_bytes_in_the_older_file_are_not_shared_into_a_version(reflinks, tmp_path, rng):
+    import asyncio
+
+    from fabric.pull import Sink, pull
+    from fabric.store.store import open_store
+
+    store = open_store(reflinks / "store")
+    _two_versions(store, tmp_path, rng)
+    reg, site = Registry(store), reflinks / "versions" / "m"
+    asyncio.run(pull(store, reg.manifest("m", "v1"), Sink.site_version(site / "v1")))
+    old = site / "v1" / "model.safetensors"
+    st = old.stat()
+    with open(old, "r+b") as f:  # edited in place, and its times put back: only the bytes tell
+        f.seek(st.st_size - 1000)
+        f.write(b"\x13\x37" * 8)
+    os.utime(old, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CorruptChunk):
+        asyncio.run(pull(store, reg.manifest("m", "v2"), Sink.site_version(site / "v2")))
+    assert not (site / "v2").exists() and _leftovers(site) == [], "no version, no staging folder left"
