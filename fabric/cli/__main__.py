@@ -1,5 +1,5 @@
 """`python -m fabric.cli`: the same as the `fabric` console script."""
 
-from fabric.cli.app import main
+from fabric.cli import main
 
 main()

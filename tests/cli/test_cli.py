@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +257,29 @@ def test_concurrent_promotes_from_processes(st):
 
 def _tiny(root: Path, v: str) -> Path:
     return write_tree(root / f"tiny-{v}", {"f.txt": v.encode()})
+
+
+def _main_with(argv: list[str], prelude: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `fabric.cli.main()` (the console script's entry) in a child, after `prelude`."""
+    code = (f"import sys, fabric.cli\n{prelude}\nsys.argv = ['fabric', *{argv!r}]\nfabric.cli.main()\n"
+            "print('not reached')\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "FABRIC_CONFIG": os.devnull})
+
+
+def test_the_entry_point_exits_fast_but_runs_what_a_normal_exit_does(tmp_path):
+    # main skips the interpreter's teardown (os._exit), after the atexit handlers, logging's
+    # flush and stdout's: nothing a caller sees is lost, and the status is the command's
+    prelude = ("import atexit, logging\n"
+               f"h = logging.FileHandler({str(tmp_path / 'log.txt')!r}, delay=False)\n"
+               "logging.getLogger('probe').addHandler(h); logging.getLogger('probe').error('logged before exit')\n"
+               "atexit.register(lambda: print('atexit ran'))\n"
+               "sys.stdout.write('buffered, not flushed ')\n")
+    ok = _main_with(["--version"], prelude, tmp_path)
+    assert ok.returncode == 0 and ok.stdout.startswith("buffered, not flushed fabric ")
+    assert "atexit ran" in ok.stdout and "not reached" not in ok.stdout
+    assert (tmp_path / "log.txt").read_text() == "logged before exit\n"
+    usage = _main_with(["pull", "--json"], prelude, tmp_path)  # a usage error: exit 2, a JSON error on stdout
+    assert usage.returncode == 2 and '"code": "invalid_input"' in usage.stdout and "atexit ran" in usage.stdout
+    failed = _main_with(["show", "m@v1", "--store", str(tmp_path / "none"), "--json"], "", tmp_path)
+    assert failed.returncode not in (0, 2) and json.loads(failed.stdout)["error"]["code"]
