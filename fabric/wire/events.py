@@ -19,13 +19,14 @@ import json
 import time
 import uuid
 from collections import deque
-from typing import AsyncIterable, AsyncIterator, Callable
-
-from aiohttp import web
+from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Callable
 
 from fabric.core.boundedjson import decode as decode_json
 from fabric.errors import InvalidInput, TransferError
 from fabric.wire.protocol import MAX_EVENT
+
+if TYPE_CHECKING:  # the server side's; a client (the CLI) reads events without importing aiohttp's server
+    from aiohttp import web
 
 _KEEP = 4096
 _KEEPALIVE = 15.0  # seconds between comment lines on an idle stream
@@ -101,6 +102,8 @@ def sse_handler(key: web.AppKey, require: Callable[[web.Request], None],
     """
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
         require(request)
         log: EventLog = request.app[key]
         # a follower cannot have seen events past the head: its `after` comes from another epoch (another
