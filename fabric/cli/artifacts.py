@@ -19,7 +19,7 @@ from fabric import gc as gc_mod
 from fabric.cli.options import (JsonOpt, OriginOpt, S3EndpointOpt, S3KeyOpt, S3SecretOpt, StoreOpt, TokenOpt,
                                 open_local_store, open_registry, open_target, parse_meta, parse_rate,
                                 s3_options)
-from fabric.cli import exits
+from fabric.cli import exits, keep_freed_memory
 from fabric.cli.signing import ExpiryOpt, SignKeyOpt, TrustOpt, load_trust, signer, warn_unsigned
 from fabric.cli.dryrun import DryRunTarget, existing_store, local_holds, publish_plan, pull_plan, remote_holds
 from fabric.cli.output import emit, errors, esc, out, progress_bar, size, table
@@ -189,6 +189,8 @@ def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, m
         held = set(sizes) - set(s.missing(list(sizes)))
         progress.set_total(sum(sizes.values()))
         progress.reused(len(held), sum(sizes[c] for c in held))
+
+    keep_freed_memory()
 
     async def run():
         async with OriginClient(cfg.origin, cfg.token, connections=connections) as client:
