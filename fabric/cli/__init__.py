@@ -21,9 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["fabric_command", "keep_freed_memory", "main"]
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+__all__ = ["fabric_command", "main"]
 
 
 def fabric_command() -> list[str]:
@@ -34,21 +32,6 @@ def fabric_command() -> list[str]:
     """
     binary = Path(sys.executable).parent / "fabric"
     return [str(binary)] if binary.exists() else [sys.executable, "-m", "fabric.cli"]
-
-
-def keep_freed_memory() -> None:
-    """For a one-shot transfer (`fabric pull`, `fabric publish`): let glibc's malloc keep
-    the memory that freed chunk buffers give back, for the next ones, instead of handing
-    it to the kernel and faulting fresh zeroed pages in for every 8 MiB payload (a 1 GB
-    loopback pull: 53-99k page faults per GB -> 25k, 0.7-0.8 s of system time -> 0.5-0.6 s,
-    `python -m bench.pull_throughput`). Daemons keep the defaults: idle, they give memory
-    back. A no-op where the C library has no `mallopt` (not glibc)."""
-    import ctypes
-
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, 64 << 20)  # buffers up to 64 MiB come from the heap, reused
-        mallopt(_M_TRIM_THRESHOLD, 512 << 20)  # the heap's free top goes back only past 512 MiB
 
 
 def main() -> None:

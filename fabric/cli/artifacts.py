@@ -19,13 +19,14 @@ from fabric import gc as gc_mod
 from fabric.cli.options import (JsonOpt, OriginOpt, S3EndpointOpt, S3KeyOpt, S3SecretOpt, StoreOpt, TokenOpt,
                                 open_local_store, open_registry, open_target, parse_meta, parse_rate,
                                 s3_options)
-from fabric.cli import exits, keep_freed_memory
+from fabric.cli import exits
 from fabric.cli.signing import ExpiryOpt, SignKeyOpt, TrustOpt, load_trust, signer, warn_unsigned
 from fabric.cli.dryrun import DryRunTarget, existing_store, local_holds, publish_plan, pull_plan, remote_holds
 from fabric.cli.output import emit, errors, esc, out, progress_bar, size, table
 from fabric.config import load_client_config
 from fabric.core.manifest import diff
 from fabric.errors import InvalidInput
+from fabric.pacing import keep_freed_payloads
 from fabric.publish import collect_files, publish as publish_fn
 from fabric.pull import check_dest, materialize, pull_remote
 from fabric.signing import SigningTarget, check_origin, check_ref
@@ -190,7 +191,7 @@ def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, m
         progress.set_total(sum(sizes.values()))
         progress.reused(len(held), sum(sizes[c] for c in held))
 
-    keep_freed_memory()
+    keep_freed_payloads()  # a one-shot pull: no fresh zeroed pages for every payload
 
     async def run():
         async with OriginClient(cfg.origin, cfg.token, connections=connections) as client:
