@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "The second has every round, each publish against the `cp -r` of the same round. Peak RSS is the "
         "command's own (GNU time `%M`); the publish child is a Python interpreter that imports "
         "`fabric.publish` and `fabric.store.store`, nothing else.",
-        "Fabric reads each 8 MiB safetensors segment in one of two worker threads into a reused page-aligned "
+        "Fabric reads each 8 MiB safetensors segment in one of its worker threads (`fabric.publish._WORKERS`: 4) into a reused page-aligned "
         "buffer, hashes it with BLAKE3 and writes it with direct I/O (O_DIRECT: no page-cache copy) into a pack "
         "of its own (docs/formats.md `packs/`); a reference per chunk is written to a temp file and "
         "renamed into `chunks/` after a syncfs (one in the background per 256 MiB or 2 s, and one before the "
