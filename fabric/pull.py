@@ -280,13 +280,8 @@ class Assembly:
         done = 0
         for cid in todo:
             try:
-                data = self._clone_in(cid) if store is self.store else None
-                if data is not None:  # shared with the older file, not written
-                    done += 1
-                    if progress:
-                        progress(len(data) * len(self._places[cid]))
-                    continue
-                data = store.get_chunk(cid)
+                shared = self._clone_in(cid) if store is self.store else None  # its blocks shared, not written
+                data = shared if shared is not None else store.get_chunk(cid)
             except (CorruptChunk, ChunkNotFound) as e:
                 if refetch is None:
                     raise
@@ -294,9 +289,9 @@ class Assembly:
                 store.delete_chunk(cid)
                 refetch.append(cid)
                 continue
-            if self.packed and store is self.store:
+            if shared is None and self.packed and store is self.store:
                 self.keep(cid, data)  # refer to this version's file now (at the next flush): older packs can go
-            else:
+            elif shared is None:
                 self.write(cid, data)
             done += 1
             if progress:
@@ -314,37 +309,47 @@ class Assembly:
         found = self.store.open_stored(chunk_id)
         if found is None:
             return None
-        with found.file as pack:
+        with found.file:
             if found.tag != TAG_RAW:
                 return None
             with self._lock:
                 if chunk_id in self._written:
                     return None
                 self._written.add(chunk_id)
-            data, shared = None, False
+            shared = False
             try:
-                for path, offset in self._places[chunk_id]:
-                    fd = os.open(path, os.O_RDWR)
-                    try:
-                        with self._file_locks[path]:
-                            if not clone_range(pack.fileno(), found.offset, fd, offset, found.size):
-                                self._cloning = not cannot_share(fd)  # none will share on this file system
-                                return None
-                            if data is None:  # what landed, read back once: the bytes checked are the file's
-                                data = os.pread(fd, found.size, offset)
-                    finally:
-                        os.close(fd)
-                digest.verify(chunk_id, data)
-                shared = True
+                data = self._share_blocks(chunk_id, found)
+                if data is not None:
+                    digest.verify(chunk_id, data)
+                    shared = True
             finally:
                 if not shared:  # the caller writes it (or fetches it again)
                     with self._lock:
                         self._written.discard(chunk_id)
+        if not shared:
+            return None
         if self.sealer is not None:
             self.sealer.add(chunk_id, data)
         path, offset = self._places[chunk_id][0]
         self._referenced.add(path)
         self.store.put_packed(chunk_id, PackRef(self._packs[path], offset, len(data)), defer=True)  # as `keep`
+        return data
+
+    def _share_blocks(self, chunk_id: str, found) -> bytes | None:
+        """Share the blocks `found` holds at every place of `chunk_id`; the bytes that landed,
+        read back from the first place, or None where the file system cannot share them."""
+        data = None
+        for path, offset in self._places[chunk_id]:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                with self._file_locks[path]:
+                    if not clone_range(found.file.fileno(), found.offset, fd, offset, found.size):
+                        self._cloning = not cannot_share(fd)  # none will share on this file system
+                        return None
+                    if data is None:
+                        data = os.pread(fd, found.size, offset)
+            finally:
+                os.close(fd)
         return data
 
     def commit(self) -> None:
