@@ -116,13 +116,9 @@ def return_freed_payloads() -> None:
     if _mmap_fixed:
         return
     _mmap_fixed = True
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)  # glibc's default, should a pull in this process have raised it
-        libc.mallopt(_M_ARENA_MAX, ARENAS)
-    except (AttributeError, OSError):
-        pass
+    _mallopt({_M_MMAP_THRESHOLD: MMAP_THRESHOLD,
+              _M_TRIM_THRESHOLD: 128 << 10,  # glibc's default, should a pull in this process have raised it
+              _M_ARENA_MAX: ARENAS})
 
 
 def keep_freed_payloads() -> None:
@@ -133,14 +129,18 @@ def keep_freed_payloads() -> None:
     0.71-0.83 -> 0.48-0.75 s per GB, `python -m bench.pull_throughput`). Its peak memory is
     what its budget holds at once, kept until it exits. A process that called
     `return_freed_payloads` (it runs a daemon) keeps that. Elsewhere than glibc this does nothing."""
-    if _mmap_fixed:
-        return
+    if not _mmap_fixed:
+        _mallopt({_M_MMAP_THRESHOLD: 64 << 20, _M_TRIM_THRESHOLD: 512 << 20})
+
+
+def _mallopt(settings: dict[int, int]) -> None:
+    """glibc's `mallopt` for each (parameter, value); nothing where the C library has none."""
     try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)
+        mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):
-        pass
+        return  # not glibc: its defaults are what there is
+    for param, value in settings.items():
+        mallopt(param, value)
 
 
 class ByteBudget:
