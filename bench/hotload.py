@@ -215,11 +215,16 @@ def bench_full_reload(base: torch.nn.Module, versions, target: str, repeat: int,
     return _row(swaps, pauses, client.during(windows), versions[target][0].joinpath("model.safetensors").stat().st_size)
 
 
+def changed_tensors(versions, target: str) -> list:
+    """The tensors of `target` whose chunks differ from v1's (what a load from v1 reads)."""
+    old = {t.name: t.chunks for t in versions["v1"][1].tensors}
+    return [t for t in versions[target][1].tensors if t.chunks != old[t.name]]
+
+
 def primitives(versions) -> list[list[str]]:
     """GB/s of copying, checked copying and hashing the changed bytes of v10 (best of 5)."""
     folder, m = versions["v10"]
-    old = {t.name: t.chunks for t in versions["v1"][1].tensors}
-    changed = [t for t in m.tensors if t.chunks != old[t.name]]
+    changed = changed_tensors(versions, "v10")
     files = VersionFiles(folder, m)
     seal_, _ = load_seal(folder, m)
     targets = {t.name: torch.empty(t.length, dtype=torch.uint8) for t in changed}
@@ -245,8 +250,7 @@ def copy_time(versions, target: str) -> float:
     """Seconds torch's copy_ takes to copy `target`'s changed tensors from the mapped file into
     spare tensors: what an in-place pause is compared with (median of 5, after one unmeasured)."""
     folder, m = versions[target]
-    old = {t.name: t.chunks for t in versions["v1"][1].tensors}
-    changed = [t for t in m.tensors if t.chunks != old[t.name]]
+    changed = changed_tensors(versions, target)
     files = VersionFiles(folder, m)
     spare = {t.name: torch.empty(t.length, dtype=torch.uint8) for t in changed}
 

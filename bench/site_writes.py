@@ -25,6 +25,7 @@ in a temp folder under /tmp, removed at the end with the mount and the processes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from bench import loopfs, machine, md_table
 from bench.fanout import write_bytes
 from bench.pull_throughput import free_port, service, wait_http
 from fabric.cli import fabric_command
+from fabric.demo.processes import write_toml
 from fabric.safetensors_io import TensorSpec, write_safetensors
 from topology.lab import HOST_DISK_RETENTION
 
@@ -68,10 +70,9 @@ def make_version(folder: Path, size: int, changed_every: int, version: int) -> P
 
 
 def agent_config(path: Path, site: str, data: Path, port: int, origin: str) -> Path:
-    retention = "\n".join(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"'
-                          for k, v in HOST_DISK_RETENTION.items())
-    path.write_text(f'site = "{site}"\ndata = "{data}"\nlisten = "127.0.0.1:{port}"\norigin = "{origin}"\n'
-                    f'token = "{SITES[site]}"\nfollow = ["{ARTIFACT}:{CHANNEL}"]\n\n[retention]\n{retention}\n')
+    write_toml(path, {"site": site, "data": data, "listen": f"127.0.0.1:{port}", "origin": origin,
+                      "token": SITES[site], "follow": [f"{ARTIFACT}:{CHANNEL}"],
+                      "retention": dict(HOST_DISK_RETENTION)})  # the host's disk is not the site's
     return path
 
 
@@ -89,9 +90,8 @@ def active(data: Path) -> str | None:
 
 def run_once(work: Path, xfs: Path, size: int, changed_every: int, env: dict) -> list[dict]:
     tokens = work / "tokens.toml"
-    tokens.write_text(f'[[token]]\nname = "publisher"\nsecret = "{PUBLISHER}"\nscopes = ["publish", "pull"]\n'
-                      + "".join(f'[[token]]\nname = "{s}"\nsite = "{s}"\nsecret = "{t}"\nscopes = ["pull"]\n'
-                                for s, t in SITES.items()))
+    write_toml(tokens, {"token": [{"name": "publisher", "secret": PUBLISHER, "scopes": ["publish", "pull"]}]
+                        + [{"name": s, "site": s, "secret": t, "scopes": ["pull"]} for s, t in SITES.items()]})
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     data = {"ext4": work / "ext4-site", "xfs": xfs / "xfs-site"}
@@ -99,14 +99,13 @@ def run_once(work: Path, xfs: Path, size: int, changed_every: int, env: dict) ->
     with service([*fabric_command(), "origin", "--store", str(work / "origin-store"), "--listen",
                   f"127.0.0.1:{port}", "--tokens", str(tokens), "--log-level", "warning"], work / "origin.log"):
         wait_http(f"{origin}/livez", log=work / "origin.log")
-        procs, stack = {}, []
-        try:
+        with contextlib.ExitStack() as agents:
+            procs = {}
             for site in SITES:
                 p = free_port()
                 cfg = agent_config(work / f"{site}.toml", site, data[site], p, origin)
-                cm = service([*fabric_command(), "agent", "--config", str(cfg)], work / f"{site}.log")
-                procs[site] = cm.__enter__()
-                stack.append(cm)
+                procs[site] = agents.enter_context(service([*fabric_command(), "agent", "--config", str(cfg)],
+                                                           work / f"{site}.log"))
                 wait_http(f"http://127.0.0.1:{p}/livez", log=work / f"{site}.log")
             for version in (1, 2):
                 src = make_version(work / f"src-v{version}", size, changed_every, version)
@@ -133,9 +132,6 @@ def run_once(work: Path, xfs: Path, size: int, changed_every: int, env: dict) ->
                                  "folder": (src / "model.safetensors").stat().st_size,
                                  "written": write_bytes(p.pid) - before[s], "seconds": seconds[s]})
                 shutil.rmtree(src)
-        finally:
-            for cm in reversed(stack):
-                cm.__exit__(None, None, None)
     return rows
 
 

@@ -7,6 +7,7 @@ s3, …); only fixtures live here.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -71,15 +72,12 @@ def reflinks(tmp_path):
     why = loopfs.unavailable()
     if why:
         pytest.skip(why)
-    made = loopfs.xfs_with_reflinks(tmp_path / "xfs", size_mb=512)
-    try:
-        mnt = made.__enter__()
-    except RuntimeError as e:  # no loop devices here, say (a container without them)
-        pytest.skip(f"cannot mount an XFS with reflinks here: {e}")
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            mnt = stack.enter_context(loopfs.xfs_with_reflinks(tmp_path / "xfs", size_mb=512))
+        except RuntimeError as e:  # no loop devices here, say (a container without them)
+            pytest.skip(f"cannot mount an XFS with reflinks here: {e}")
         yield mnt
-    finally:
-        made.__exit__(None, None, None)
 
 
 @pytest.fixture

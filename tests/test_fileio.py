@@ -13,7 +13,7 @@ import pytest
 
 from fabric import fileio
 
-from helpers.files import page_cache_share
+from helpers.files import page_cache_share, used_bytes
 
 
 def _fresh(path: Path, size: int) -> int:
@@ -105,11 +105,6 @@ def test_tmpfs_writes_land_whatever_it_says_about_direct_io(rng):
 
 # --- sharing blocks (reflinks) ----------------------------------------------------------------
 
-def _used(folder: Path) -> int:
-    st = os.statvfs(folder)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
-
-
 def test_clone_range_shares_the_whole_blocks_and_copies_the_unaligned_ends(reflinks, rng):
     data = rng.bytes(6 << 20)
     src_path, dst_path = reflinks / "old", reflinks / "new"
@@ -117,7 +112,7 @@ def test_clone_range_shares_the_whole_blocks_and_copies_the_unaligned_ends(refli
     os.sync()
     fileio.create_sized(dst_path, len(data))
     os.sync()
-    before = _used(reflinks)
+    before = used_bytes(reflinks)
     src, dst = os.open(src_path, os.O_RDONLY), os.open(dst_path, os.O_RDWR)
     try:
         # a range that starts and ends inside blocks, at the same place in a block in both files
@@ -133,7 +128,7 @@ def test_clone_range_shares_the_whole_blocks_and_copies_the_unaligned_ends(refli
         os.close(dst)
     os.sync()
     # the destination's preallocated blocks gave way to the shared ones: no new space for 5 MiB
-    assert _used(reflinks) - before < (1 << 20)
+    assert used_bytes(reflinks) - before < (1 << 20)
 
 
 def test_clone_range_says_no_where_the_file_system_has_no_reflinks(tmp_path, rng, monkeypatch):

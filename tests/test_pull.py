@@ -14,7 +14,7 @@ from fabric.pull import materialize
 from fabric.store.registry import Registry
 from fabric.store.store import chunk_key
 
-from helpers.files import assert_same_tree, random_bytes, read_tree, write_safetensors, write_tree
+from helpers.files import assert_same_tree, random_bytes, read_tree, used_bytes, write_safetensors, write_tree
 from helpers.store import publish_local, pull_local
 
 
@@ -235,11 +235,6 @@ def _two_versions(store, tmp_path, rng, changed=(2,)) -> dict[str, Path]:
     return srcs
 
 
-def _used(folder: Path) -> int:
-    st = os.statvfs(folder)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
-
-
 def test_with_reflinks_a_site_shares_the_chunks_a_version_reuses_with_the_older_file(reflinks, tmp_path, rng):
     import asyncio
 
@@ -252,10 +247,10 @@ def test_with_reflinks_a_site_shares_the_chunks_a_version_reuses_with_the_older_
     reg, site = Registry(store), reflinks / "versions" / "m"
     asyncio.run(pull(store, reg.manifest("m", "v1"), Sink.site_version(site / "v1")))  # the store's chunks: packs in v1
     os.sync()
-    before = _used(reflinks)
+    before = used_bytes(reflinks)
     asyncio.run(pull(store, reg.manifest("m", "v2"), Sink.site_version(site / "v2")))
     os.sync()
-    grown = _used(reflinks) - before
+    grown = used_bytes(reflinks) - before
     m2 = reg.manifest("m", "v2")
     assert (site / "v2" / "model.safetensors").read_bytes() == (srcs["v2"] / "model.safetensors").read_bytes()
     # 8 MiB file, 1 MiB of it new: the 7 reused MiB share v1's blocks (ext4 writes them again)

@@ -149,3 +149,9 @@ def page_cache_share(path: Path) -> float:
     finally:
         os.close(fd)
     return sum(b & 1 for b in vec) / pages
+
+
+def used_bytes(folder) -> int:
+    """Bytes in use on the file system holding `folder` (what a write there costs it)."""
+    st = os.statvfs(folder)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
