@@ -6,7 +6,8 @@ bytes. A fetch body without delta fields gets the stored forms (sendfile from a 
 store, zero-copy). With them (docs/encodings.md, "Negotiation") the server plans
 references (`plan_request`, cached in the app's `PlanCache`) and encodes each chunk
 (`serving_getter`, `encode_data`) in the mode the peer's `EncodePolicy` predicts
-fastest; the app owns those policies (`PeerPolicies`, under `POLICIES`).
+fastest; the app owns those policies (`PeerPolicies`, under `POLICIES`) and the
+frames `full` made, served again to the next peer that asks (`FrameCache`, `FRAMES`).
 
 A relay (`prepare` and `ready` given) serves stored forms as each chunk becomes held
 (`_relay_frames`): while a chunk is still being fetched upstream it sends a wait frame
@@ -53,6 +54,7 @@ from fabric.store.chunk_index import ChunkIndex
 from fabric.store.registry import Registry
 from fabric.store.store import Store, StoredFile
 from fabric.wire import frames, linkrate
+from fabric.wire.framecache import ORIGIN_BYTES, FrameCache, key as frame_key
 from fabric.wire.negotiate import parse_fields
 from fabric.wire.protocol import (CHUNK_STREAM, CHUNKS_FETCH, CHUNKS_HAS, ENCODINGS, ENCODINGS_HEADER, MAGIC,
                                   MAX_IDS, WAIT_HEADER, WAIT_INTERVAL)
@@ -61,6 +63,8 @@ from fabric.wire.server import METRICS, STORE, Metrics, principal, read_json
 PLANS = web.AppKey("plans", PlanCache)
 INDEX = web.AppKey("chunk_index", ChunkIndex)
 POLICIES = web.AppKey("policies", PeerPolicies)
+FRAMES = web.AppKey("frames", FrameCache)
+LEVEL = 3  # the zstd level of the codec's entropy stages when serving
 _READ_AHEAD = 3  # stored chunks read ahead of the one being sent
 # bytes a relay reads from a chunk's file per write; a request holds it and, until the socket
 # takes it, the transport's copy of its unsent rest: 10 children x 4 connections x 512 KiB
@@ -129,7 +133,8 @@ async def upload_references(request: web.Request, frame: frames.Frame) -> frames
 
 
 def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | None = None,
-                 prepare: Prepare | None = None, ready: Ready | None = None) -> None:
+                 prepare: Prepare | None = None, ready: Ready | None = None,
+                 frame_budget: int = ORIGIN_BYTES) -> None:
     """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store).
 
     `index` tells which artifacts reference a chunk (who may see it; kept as `INDEX`).
@@ -137,12 +142,14 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
     it to start fetching the ones it lacks from upstream (pull-through); with `ready` (which
     returns once a chunk is held, or will not be) a local relay store serves stored forms
     by `_relay_frames`, with wait frames and bounded memory. The app keeps the
-    plan cache (`PLANS`) and one encode policy per peer (`POLICIES`).
+    plan cache (`PLANS`), one encode policy per peer (`POLICIES`) and up to
+    `frame_budget` bytes of encoded frames (`FRAMES`).
     """
     get = get or store_getter(app[STORE])
     app[INDEX] = index
     app[PLANS] = PlanCache()
     app[POLICIES] = PeerPolicies(workers=min(_READ_AHEAD, os.cpu_count() or 1), fixed=encode_mode())
+    app[FRAMES] = FrameCache(frame_budget)
 
     async def has(request: web.Request) -> web.Response:
         principal(request).require_any(("pull", "publish"))
@@ -167,12 +174,15 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
         plan = await plan_for_request(store, body, may=lambda a: p.may("pull", a), cache=request.app[PLANS])
         policy = request.app[POLICIES].get((p.name, request.remote)) if plan else None
         policy = linkrate.metered(policy, request.transport)  # the link measured by what the peer acknowledged
-        if plan and prepare is None and store.local and policy.choose() == Mode.STORED:
+        cache = request.app[FRAMES]
+        if (plan and prepare is None and store.local and not _all_kept(cache, plan, ids, hidden)
+                and policy.choose() == Mode.STORED):
             plan = None  # the link outruns the codec: this batch goes out stored, zero-copy
         if plan and ready is not None and store.local and not any(plan.hint(c).reference for c in ids):
             plan = None  # a relay encodes only deltas: whole chunks in memory per request cost more than zstd gains
-        read = _hiding(serving_getter(get, store, plan, policy) if plan else get, hidden)
         metrics: Metrics = request.app[METRICS]
+        read = _hiding(serving_getter(get, store, plan, policy, cache=cache, metrics=metrics) if plan else get,
+                       hidden)
         resp = web.StreamResponse(headers={"Content-Type": CHUNK_STREAM})
         length = await _stream_length(store, ids, hidden) if prepare is None and plan is None else None
         if length is not None:
@@ -195,6 +205,11 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
 
     app.router.add_post(CHUNKS_HAS, has)
     app.router.add_post(CHUNKS_FETCH, fetch)
+
+
+def _all_kept(cache: FrameCache, plan: RequestPlan, ids: list[str], hidden: set[str]) -> bool:
+    """Whether the cache holds a frame for every id shown (then encoding costs nothing)."""
+    return cache.holds_all(frame_key(cid, plan.hint(cid), LEVEL, plan.names) for cid in ids if cid not in hidden)
 
 
 def _hiding(read, hidden: set[str]):
@@ -453,35 +468,46 @@ async def plan_for_request(store: Store, body: dict, *, may: Callable[[str], boo
 # --- encoding what is sent ------------------------------------------------------------------
 
 def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: EncodePolicy, *,
-                   level: int = 3) -> Callable[[str], Awaitable[FrameFields | None]]:
+                   level: int = LEVEL, cache: FrameCache | None = None, metrics: Metrics | None = None
+                   ) -> Callable[[str], Awaitable[FrameFields | None]]:
     """Wrap a server's stored-chunk getter so it yields encoded frame fields (None: missing).
 
-    Each chunk is encoded in a worker thread, in the mode `policy` picks; the server
-    reports its socket writes to `policy.wrote`.
+    A frame `cache` holds is sent as it is (and counted in `metrics`); any other chunk
+    is encoded in a worker thread, in the mode `policy` picks, and kept in `cache` if
+    that mode was `full`. The server reports its socket writes to `policy.wrote`.
     """
     async def serve(chunk_id: str) -> FrameFields | None:
+        k = frame_key(chunk_id, plan.hint(chunk_id), level, plan.names)
+        kept = cache.get(k) if cache is not None else None
+        if kept is not None:
+            if metrics is not None:
+                metrics.frames_reused.inc()
+            return kept
         stored = await get(chunk_id)
         if stored is None:
             return None
         mode = policy.choose()
-        frame, seconds = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode, level)
+        frame, seconds, encoded = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode, level)
         policy.encoded(mode, frame[1], len(frame[2]), seconds, stored=len(stored) - 1)
+        if encoded and mode == Mode.FULL and cache is not None:
+            cache.put(k, frame)
         return frame
     return serve
 
 
 def _serve_one(store: Store, chunk_id: str, stored: bytes, plan: RequestPlan, mode: Mode,
-               level: int) -> tuple[FrameFields, float]:
+               level: int) -> tuple[FrameFields, float, bool]:
+    """The frame for one chunk in `mode`, the codec's CPU seconds, and whether the codec made it."""
     if mode == Mode.STORED or not stored:
-        return stored_frame(stored), 0.0
+        return stored_frame(stored), 0.0, False
     t0 = time.thread_time()  # the codec's CPU time: other work on the machine does not count
     try:
         data = Store.decode_stored(chunk_id, stored)
     except CorruptChunk:
-        return stored_frame(stored), 0.0  # forward as is: the receiver's check will catch it
+        return stored_frame(stored), 0.0, False  # forward as is: the receiver's check will catch it
     frame = encode_data(store, data, plan.hint(chunk_id), allow_entropy=mode == Mode.FULL, level=level,
                         encodings=plan.names)
-    return frame, time.thread_time() - t0
+    return frame, time.thread_time() - t0, True
 
 
 def encode_chunk(store: Store, chunk_id: str, hint: ChunkHint | None, *, allow_entropy: bool = True,

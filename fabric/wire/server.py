@@ -68,6 +68,8 @@ class Metrics:
                                "(sendfile: stored forms, zero-copy; stored; encoded: per the encode policy)",
                                ["path"], registry=r)
         self.chunks_missing = Counter("fabric_chunks_missing", "Chunks asked for but not held", registry=r)
+        self.frames_reused = Counter("fabric_encoded_frames_reused", "Chunks sent as a frame encoded for an "
+                                     "earlier fetch (fabric.wire.framecache: encoded once)", registry=r)
         self.chunks_in = Counter("fabric_chunks_received", "Chunks received and stored", registry=r)
 
 

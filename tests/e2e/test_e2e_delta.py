@@ -7,6 +7,8 @@
 * A site whose copy of a v1 chunk is gone gets that chunk standalone after the
   reference mismatch, and still ends byte-identical; a site with nothing gets
   standalone byte-grouped chunks.
+* A second site pulling v2 after v1 gets the frames the origin encoded for the first
+  (`fabric.wire.framecache`): the same bytes, none encoded again.
 * With `FABRIC_ENCODE` unset (auto) on loopback the origin falls back to stored forms
   once it measures a link faster than its codec: never more bytes than before.
 
@@ -150,6 +152,19 @@ def test_a_receiver_missing_the_reference_gets_standalone_chunks_that_verify(com
     fresh = pull(origin, "v2", root / "fresh-v2", root / "site-fresh")  # nothing held: byte planes only
     assert tree_digest(root / "fresh-v2") == tree_digest(v2)
     assert fresh["bytes_received"] < 0.9 * fresh["bytes"]
+
+
+def test_a_second_site_gets_the_deltas_the_origin_encoded_for_the_first(compact):
+    root, origin, v1, v2 = compact
+    reused = "fabric_encoded_frames_reused_total"
+    got = []
+    for name in ("cache-a", "cache-b"):
+        pull(origin, "v1", root / f"{name}-v1", root / name)
+        before = origin.counter(reused)
+        got.append(pull(origin, "v2", root / f"{name}-v2", root / name))
+        assert tree_digest(root / f"{name}-v2") == tree_digest(v2)
+    assert origin.counter(reused) - before == TENSORS  # the second site's deltas were not encoded again
+    assert got[1]["bytes_received"] == got[0]["bytes_received"] < 0.5 * new_bytes(origin, "v1", "v2")
 
 
 def test_auto_on_loopback_never_sends_more_than_the_stored_forms(models):

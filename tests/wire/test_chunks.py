@@ -21,6 +21,7 @@ from fabric.publish import LocalTarget, publish
 from fabric.store.registry import Registry
 from fabric.store.store import Store, chunk_key, open_store
 from fabric.wire import chunks, client, negotiate, protocol
+from fabric.wire.framecache import FrameCache, key as frame_key
 
 from helpers.files import safetensors_bytes
 from helpers.versions import RNG, Seg, _W, b, mem_store, origin_and_site_stores, receive, step, version, weights
@@ -234,6 +235,42 @@ def test_serving_getter_encodes_and_reports_to_the_policy(origin_and_site):
         assert receive(site, cid, tag, raw_size, payload) == origin.get_chunk(cid)
     assert {t for t, _, _ in frames.values()} & {Encoding.XOR, Encoding.DELTAPACK}
     assert sum(policy.chosen.values()) == len(frames)
+
+
+def test_serving_getter_serves_a_full_frame_again_from_the_cache_without_reading_or_encoding(origin_and_site):
+    origin, site, (v1, v2, v3) = origin_and_site
+    body = negotiate.fetch_body(list(v3.unique_chunks()), negotiate.request_fields(site, v3))
+    plan = chunks.plan_request(origin, body)
+    cache = FrameCache(64 << 20)
+    reads = []
+
+    async def get(cid):
+        reads.append(cid)
+        return origin.get_chunk_stored(cid)
+
+    async def serve_all(mode):
+        policy = EncodePolicy(fixed=mode)
+        serve = chunks.serving_getter(get, origin, plan, policy, cache=cache)
+        return {cid: await serve(cid) for cid in body["ids"]}, policy
+
+    asyncio.run(serve_all(Mode.LIGHT))
+    assert len(cache) == 0  # only `full` frames are kept
+    first, _ = asyncio.run(serve_all(Mode.FULL))
+    assert len(cache) == len(body["ids"]) and cache.bytes == sum(len(p) for _, _, p in first.values())
+    reads.clear()
+    again, policy = asyncio.run(serve_all(Mode.STORED))  # a hit is sent whatever the policy would pick
+    assert reads == [] and sum(policy.chosen.values()) == 0  # nothing read, nothing encoded
+    assert {cid: (t, n, bytes(p)) for cid, (t, n, p) in first.items()} == again
+    for cid, (tag, raw_size, payload) in again.items():
+        assert receive(site, cid, tag, raw_size, payload) == origin.get_chunk(cid)
+    other = chunks.RequestPlan(plan.hints, frozenset(plan.encodings) - {Encoding.DELTAPACK}, plan.standalone)
+    assert cache.holds_all(frame_key(cid, plan.hint(cid), chunks.LEVEL, plan.names) for cid in body["ids"])
+    # a receiver that accepts other encodings gets frames made for it, not these
+    assert not cache.holds_all(frame_key(cid, other.hint(cid), chunks.LEVEL, other.names) for cid in body["ids"])
+    k0 = frame_key(body["ids"][0], plan.hint(body["ids"][0]), chunks.LEVEL, plan.names)
+    zero = FrameCache(0)  # a zero budget keeps nothing
+    zero.put(k0, first[body["ids"][0]])
+    assert zero.get(k0) is None and not zero.holds_all([k0]) and len(zero) == 0
 
 
 # --- publishing (fabric.wire.client) -------------------------------------------------------------------------------------------

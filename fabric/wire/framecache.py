@@ -1,0 +1,61 @@
+"""Encoded frames kept for the next peer that asks: a sender encodes each delta once.
+
+A chunk encoded against a reference is the same bytes for every receiver that holds
+that reference and accepts the same encodings: an origin serving a new version to its
+direct children, or a hub to its edges, used to encode it again for each of them.
+`FrameCache` keeps the frames the `full` mode made (the fewest bytes the codec finds),
+by everything that decides them, within a byte budget, least recently used first out.
+
+A hit is served whatever mode the peer's policy would pick (docs/encodings.md, "Rate
+control"): it costs no codec time and is the fewest bytes, so the policy neither pays
+for it nor learns from it. What the cache holds was made from bytes addressed by their
+ids (the chunk and its references), so it never goes stale; the receiver checks the
+decoded bytes against the chunk id as for any frame. Visibility is decided before the
+cache is asked (`fabric.wire.chunks`), so a hit shows no one a chunk they may not see.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from fabric.core.lru import LRU
+from fabric.core.refplan import ChunkHint
+
+ORIGIN_BYTES = 128 << 20  # an origin's budget: the deltas of a 1 GB version's changed tenth
+RELAY_BYTES = 16 << 20  # a relaying site agent's: it stays within issue 17's memory bound
+
+Frame = tuple[int, int, bytes]  # stream tag, raw size, payload
+Key = tuple[str, ChunkHint, int, tuple[str, ...]]
+
+
+def key(chunk_id: str, hint: ChunkHint, level: int, encodings: Iterable[str]) -> Key:
+    """What decides a `full`-mode frame: the chunk, its hint (dtype, references), the zstd
+    level and the encodings the receiver accepts."""
+    return chunk_id, hint, level, tuple(encodings)
+
+
+class FrameCache:
+    """Encoded frames by `key`, at most `budget` payload bytes in all (0: keep none)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._frames: LRU[Frame] = LRU(budget, weigh=lambda f: len(f[2]))
+
+    def get(self, k: Key) -> Frame | None:
+        return self._frames.get(k) if self.budget else None
+
+    def holds_all(self, keys: Iterable[Key]) -> bool:
+        """Whether every one of `keys` is held now (a fetch of only those costs no codec time)."""
+        return bool(self.budget) and all(self._frames.get(k) is not None for k in keys)
+
+    def put(self, k: Key, frame: tuple[int, int, bytes | memoryview]) -> None:
+        if self.budget:
+            tag, raw_size, payload = frame
+            self._frames.put(k, (tag, raw_size, bytes(payload)))
+
+    @property
+    def bytes(self) -> int:
+        return self._frames.weight
+
+    def __len__(self) -> int:
+        return len(self._frames)
