@@ -20,6 +20,11 @@ chunk payload bytes `fabric pull --json` counts, `pull s` = the seconds
 exit (interpreter start-up included; no final sync: the data is small). Modes run
 interleaved (auto, full, stored, auto, …) so that load on the machine falls on all
 alike. Every run is printed; the table gives the median of the runs per mode.
+
+The origins run for all the rounds, as an origin serves one version to many sites:
+the first round's pull is the first site's (the origin encodes each delta), later
+rounds are later sites' (the origin sends the frames `full` made for the first,
+`fabric.wire.framecache`). The table keeps the two apart (`first site`, `later sites`).
 Targets (issue 16): on every link `auto` sends ≤ 1.05× the bytes of `full` and
 takes no longer (`pull s`) than the faster of `full` and `stored`.
 
@@ -129,6 +134,7 @@ def one_link(work: Path, origin: Path, seed: Path, rate: str, families: list[str
                 for fam in families:
                     for mode in modes:
                         got = pull_once(link, work, seed, fam, mode)
+                        got["site"] = "first site" if r == 0 else "later sites"
                         results.append((rate, fam, mode, got))
                         _log(f"{rate} {fam} run {r + 1}/{runs} {mode:>6}: {got['bytes']:>11,} B on the link, "
                              f"payload {got['payload']:,} B of {got['raw']:,} raw, {got['seconds']:.2f} s "
@@ -140,32 +146,31 @@ def one_link(work: Path, origin: Path, seed: Path, rate: str, families: list[str
 
 def table(results: list, rates: list[str], families: list[str], modes: list[str]) -> tuple[str, list[str]]:
     rows, verdicts = [], []
-    for rate in rates:
-        for fam in families:
-            med = {}
-            for mode in modes:
-                runs = [g for (r, f, m, g) in results if (r, f, m) == (rate, fam, mode)]
-                if runs:
-                    med[mode] = {k: statistics.median(g[k] for g in runs)
-                                 for k in ("bytes", "payload", "seconds", "inside")}
-                    med[mode]["all"] = " ".join(f"{g['inside']:.1f}/{g['seconds']:.1f}" for g in runs)
-                    med[mode]["all_b"] = " ".join(f"{g['bytes'] / MB:.2f}" for g in runs)
-            full = med.get("full")
-            for mode in modes:
-                if mode not in med:
-                    continue
-                m = med[mode]
-                rows.append([rate, PAIRS[fam][0], mode, f"{m['bytes']:,.0f}", f"{m['payload']:,.0f}",
-                             f"{m['bytes'] / full['bytes']:.2f}x" if full else "-", f"{m['inside']:.2f}",
-                             f"{m['seconds']:.2f}", m["all_b"], m["all"]])
-            if {"auto", "full", "stored"} <= med.keys():
-                b = med["auto"]["bytes"] / med["full"]["bytes"]
-                fastest = min(med["full"]["inside"], med["stored"]["inside"])
-                t = med["auto"]["inside"] / fastest
-                verdicts.append(f"{rate}, {fam}: auto bytes = {b:.2f}x full (target ≤ 1.05x: "
-                                f"{'met' if b <= 1.05 else 'NOT met'}); auto seconds = {t:.2f}x the faster of "
-                                f"full and stored (target ≤ 1.00x: {'met' if t <= 1.0 else 'NOT met'})")
-    headers = ["link", "pair", "mode", "bytes on link (median)", "payload bytes", "vs full", "pull s (median)",
+    for rate, fam, site in [(r, f, s) for r in rates for f in families for s in ("first site", "later sites")]:
+        med = {}
+        for mode in modes:
+            runs = [g for (r, f, m, g) in results if (r, f, m, g["site"]) == (rate, fam, mode, site)]
+            if runs:
+                med[mode] = {k: statistics.median(g[k] for g in runs)
+                             for k in ("bytes", "payload", "seconds", "inside")}
+                med[mode]["all"] = " ".join(f"{g['inside']:.1f}/{g['seconds']:.1f}" for g in runs)
+                med[mode]["all_b"] = " ".join(f"{g['bytes'] / MB:.2f}" for g in runs)
+        full = med.get("full")
+        for mode in modes:
+            if mode not in med:
+                continue
+            m = med[mode]
+            rows.append([rate, PAIRS[fam][0], site, mode, f"{m['bytes']:,.0f}", f"{m['payload']:,.0f}",
+                         f"{m['bytes'] / full['bytes']:.2f}x" if full else "-", f"{m['inside']:.2f}",
+                         f"{m['seconds']:.2f}", m["all_b"], m["all"]])
+        if {"auto", "full", "stored"} <= med.keys():
+            b = med["auto"]["bytes"] / med["full"]["bytes"]
+            fastest = min(med["full"]["inside"], med["stored"]["inside"])
+            t = med["auto"]["inside"] / fastest
+            verdicts.append(f"{rate}, {fam}, {site}: auto bytes = {b:.2f}x full (target ≤ 1.05x: "
+                            f"{'met' if b <= 1.05 else 'NOT met'}); auto seconds = {t:.2f}x the faster of "
+                            f"full and stored (target ≤ 1.00x: {'met' if t <= 1.0 else 'NOT met'})")
+    headers = ["link", "pair", "sites", "mode", "bytes on link (median)", "payload bytes", "vs full", "pull s (median)",
                "child s (median)", "every run (MB)", "every run (pull s / child s)"]
     return md_table(headers, rows), verdicts
 
@@ -208,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         "Byte counts barely vary between runs; seconds do (the machine is shared).",
         "`pull s`: the time `fabric pull --json` reports for its own work (resolve, fetch, verify, write); "
         "`child s`: the child from start to exit, interpreter start-up included. The targets use `pull s`.",
-        f"Medians of {args.runs} run(s) per mode, modes interleaved; 1-minute load at the end "
+        "`first site`: round 1, the origin encodes; `later sites`: rounds 2 on, the same origins, which send "
+        "the frames `full` kept for round 1 (`stored` has none to keep).",
+        f"Medians of the run(s) per mode ({args.runs} round(s)), modes interleaved; 1-minute load at the end "
         f"{os.getloadavg()[0]:.1f}. Took {time.monotonic() - t_start:.0f} s.",
     ]
     report = text + "\n\n" + "\n".join(f"- {n}" for n in notes)
