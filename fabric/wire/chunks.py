@@ -474,7 +474,8 @@ def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: En
 
     A frame `cache` holds is sent as it is (and counted in `metrics`); any other chunk
     is encoded in a worker thread, in the mode `policy` picks, and kept in `cache` if
-    that mode was `full`. The server reports its socket writes to `policy.wrote`.
+    that mode was `full` and the sender held the references the hint names. The server
+    reports its socket writes to `policy.wrote`.
     """
     async def serve(chunk_id: str) -> FrameFields | None:
         k = frame_key(chunk_id, plan.hint(chunk_id), level, plan.names)
@@ -487,9 +488,9 @@ def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: En
         if stored is None:
             return None
         mode = policy.choose()
-        frame, seconds, encoded = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode, level)
+        frame, seconds, keep = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode, level)
         policy.encoded(mode, frame[1], len(frame[2]), seconds, stored=len(stored) - 1)
-        if encoded and mode == Mode.FULL and cache is not None:
+        if keep and mode == Mode.FULL and cache is not None:
             cache.put(k, frame)
         return frame
     return serve
@@ -497,7 +498,9 @@ def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: En
 
 def _serve_one(store: Store, chunk_id: str, stored: bytes, plan: RequestPlan, mode: Mode,
                level: int) -> tuple[FrameFields, float, bool]:
-    """The frame for one chunk in `mode`, the codec's CPU seconds, and whether the codec made it."""
+    """The frame for one chunk in `mode`, the codec's CPU seconds, and whether it may be kept:
+    the codec made it with every reference the hint names (a relay still fetching one sends
+    the chunk standalone, a frame no later child should get)."""
     if mode == Mode.STORED or not stored:
         return stored_frame(stored), 0.0, False
     t0 = time.thread_time()  # the codec's CPU time: other work on the machine does not count
@@ -505,9 +508,8 @@ def _serve_one(store: Store, chunk_id: str, stored: bytes, plan: RequestPlan, mo
         data = Store.decode_stored(chunk_id, stored)
     except CorruptChunk:
         return stored_frame(stored), 0.0, False  # forward as is: the receiver's check will catch it
-    frame = encode_data(store, data, plan.hint(chunk_id), allow_entropy=mode == Mode.FULL, level=level,
-                        encodings=plan.names)
-    return frame, time.thread_time() - t0, True
+    frame, held = _encode(store, data, plan.hint(chunk_id), mode == Mode.FULL, level, plan.names)
+    return frame, time.thread_time() - t0, held
 
 
 def encode_chunk(store: Store, chunk_id: str, hint: ChunkHint | None, *, allow_entropy: bool = True,
@@ -528,7 +530,12 @@ def encode_data(store: Store | None, data: bytes | memoryview, hint: ChunkHint |
     The sender does not verify the reference it reads (nor the chunk, as for stored
     forms): the receiver checks the decoded bytes against the chunk id.
     """
-    hint = hint or STANDALONE
+    return _encode(store, data, hint or STANDALONE, allow_entropy, level, encodings)[0]
+
+
+def _encode(store: Store | None, data: bytes | memoryview, hint: ChunkHint, allow_entropy: bool, level: int,
+            encodings: Iterable[str] | None) -> tuple[FrameFields, bool]:
+    """`encode_data`, and whether the sender held every reference the hint names."""
     reference = None
     if hint.reference and store is not None:
         try:
@@ -544,7 +551,8 @@ def encode_data(store: Store | None, data: bytes | memoryview, hint: ChunkHint |
     enc = codec.encode(data, dtype=hint.dtype, reference=reference,
                        reference_id=hint.reference if reference is not None else None,
                        level=level, allow_entropy=allow_entropy, encodings=encodings, more=more)
-    return enc.tag, enc.raw_size, enc.body
+    held = not hint.reference or (reference is not None and len(more) == len(hint.more))
+    return (enc.tag, enc.raw_size, enc.body), held
 
 
 def stored_frame(stored: bytes) -> FrameFields:

@@ -4,7 +4,9 @@ A chunk encoded against a reference is the same bytes for every receiver that ho
 that reference and accepts the same encodings: an origin serving a new version to its
 direct children, or a hub to its edges, used to encode it again for each of them.
 `FrameCache` keeps the frames the `full` mode made (the fewest bytes the codec finds),
-by everything that decides them, within a byte budget, least recently used first out.
+by everything that decides them, within a byte budget, least recently used first out
+(not one made while the sender lacked a reference its hint names: a relay still
+fetching it sends the chunk standalone, a bigger frame than any later child should get).
 
 A hit is served whatever mode the peer's policy would pick (docs/encodings.md, "Rate
 control"): it costs no codec time and is the fewest bytes, so the policy neither pays

@@ -88,6 +88,29 @@ def test_a_reference_the_sender_lacks_means_standalone(pair):
     assert tag == Encoding.BYTEGROUP and data == new
 
 
+def test_a_sender_without_the_reference_keeps_no_frame_and_keeps_the_delta_once_it_holds_it(pair):
+    sender, receiver = pair
+    w = weights(20_000)
+    old, new = b(w), b(step(w))
+    sender.put_chunk(digest(new), new)
+    receiver.put_chunk(digest(old), old)
+    hint = ChunkHint("BF16", digest(old))
+    plan = chunks.RequestPlan({digest(new): hint}, frozenset(Encoding), frozenset())
+    cache = FrameCache(1 << 20)
+
+    async def get(cid):
+        return sender.get_chunk_stored(cid)
+
+    async def serve():
+        return await chunks.serving_getter(get, sender, plan, EncodePolicy(fixed=Mode.FULL), cache=cache)(digest(new))
+
+    assert asyncio.run(serve())[0] == Encoding.BYTEGROUP and len(cache) == 0  # a relay still fetching `old`
+    sender.put_chunk(digest(old), old)
+    tag, raw_size, payload = asyncio.run(serve())
+    assert codec.body_reference(tag, payload) == digest(old) and len(cache) == 1
+    assert receive(receiver, digest(new), tag, raw_size, payload) == new
+
+
 def test_a_reference_the_receiver_lacks_or_holds_corrupt_is_a_mismatch_never_garbage(tmp_path):
     sender, receiver = open_store(tmp_path / "s"), open_store(tmp_path / "r")
     w = weights(20_000)
