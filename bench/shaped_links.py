@@ -167,8 +167,8 @@ def table(results: list, rates: list[str], families: list[str], modes: list[str]
             b = med["auto"]["bytes"] / med["full"]["bytes"]
             fastest = min(med["full"]["inside"], med["stored"]["inside"])
             t = med["auto"]["inside"] / fastest
-            verdicts.append(f"{rate}, {fam}, {site}: auto bytes = {b:.2f}x full (target ≤ 1.05x: "
-                            f"{'met' if b <= 1.05 else 'NOT met'}); auto seconds = {t:.2f}x the faster of "
+            verdicts.append(f"{rate}, {fam}, {site}: auto bytes = {b:.3f}x full (target ≤ 1.05x: "
+                            f"{'met' if b <= 1.05 else 'NOT met'}); auto seconds = {t:.3f}x the faster of "
                             f"full and stored (target ≤ 1.00x: {'met' if t <= 1.0 else 'NOT met'})")
     headers = ["link", "pair", "sites", "mode", "bytes on link (median)", "payload bytes", "vs full", "pull s (median)",
                "child s (median)", "every run (MB)", "every run (pull s / child s)"]
