@@ -64,6 +64,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[float], list[str]]]] = [
      lambda size: ["--size-gb", f"{size:g}"]),
     ("failover", "Origins over one bucket: moves across origins, and failover", lambda size: []),
     ("shaped_links", "Rate control on shaped links: auto against full and stored", lambda size: ["--runs", "2"]),
+    ("shared_deltas", "Many sites pulling one delta at once: the origin's work with frames kept and without",
+     lambda size: []),
     ("staging", "Staged switches: promote to every site active, staged first and not",
      lambda size: ["--size-mb", "256"]),
 ]

@@ -56,6 +56,17 @@ def encode_mode() -> Mode | None:
     return parse_mode(os.environ.get("FABRIC_ENCODE", "auto"))
 
 
+def frame_cache_bytes(default: int) -> int:
+    """The bytes of encoded frames a server keeps (`fabric.wire.framecache`): `FABRIC_FRAME_CACHE_MB`
+    (0 keeps none), else `default` (the role's)."""
+    raw = os.environ.get("FABRIC_FRAME_CACHE_MB", "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ConfigError(f"FABRIC_FRAME_CACHE_MB={raw!r}: give whole MiB (0 keeps no encoded frames)")
+    return int(raw) << 20
+
+
 def server_limits_env() -> dict[str, float]:
     """`FABRIC_SERVER_LIMITS`, e.g. "header_timeout=5,max_connections=256": overrides of what
     every server gives a connection (`fabric.wire.connections.ServerLimits` checks the names)."""

@@ -42,7 +42,7 @@ from typing import Awaitable, Callable, Iterable
 import zstandard
 from aiohttp import web
 
-from fabric.config import encode_mode
+from fabric.config import encode_mode, frame_cache_bytes
 from fabric.core import codec, digest
 from fabric.core.codec import Encoding
 from fabric.core.manifest import Manifest
@@ -143,13 +143,13 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
     returns once a chunk is held, or will not be) a local relay store serves stored forms
     by `_relay_frames`, with wait frames and bounded memory. The app keeps the
     plan cache (`PLANS`), one encode policy per peer (`POLICIES`) and up to
-    `frame_budget` bytes of encoded frames (`FRAMES`).
+    `frame_budget` bytes of encoded frames (`FRAMES`; `FABRIC_FRAME_CACHE_MB` overrides it).
     """
     get = get or store_getter(app[STORE])
     app[INDEX] = index
     app[PLANS] = PlanCache()
     app[POLICIES] = PeerPolicies(workers=min(_READ_AHEAD, os.cpu_count() or 1), fixed=encode_mode())
-    app[FRAMES] = FrameCache(frame_budget)
+    app[FRAMES] = FrameCache(frame_cache_bytes(frame_budget))
 
     async def has(request: web.Request) -> web.Response:
         principal(request).require_any(("pull", "publish"))
@@ -472,26 +472,31 @@ def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: En
                    ) -> Callable[[str], Awaitable[FrameFields | None]]:
     """Wrap a server's stored-chunk getter so it yields encoded frame fields (None: missing).
 
-    A frame `cache` holds is sent as it is (and counted in `metrics`); any other chunk
-    is encoded in a worker thread, in the mode `policy` picks, and kept in `cache` if
-    that mode was `full` and the sender held the references the hint names. The server
-    reports its socket writes to `policy.wrote`.
+    A frame `cache` holds, or another request is encoding for it, is sent as it is
+    (and counted in `metrics`); any other chunk is encoded in a worker thread, in the
+    mode `policy` picks, and kept in `cache` if that mode was `full` and the sender held
+    the references the hint names. The server reports its socket writes to `policy.wrote`.
     """
     async def serve(chunk_id: str) -> FrameFields | None:
         k = frame_key(chunk_id, plan.hint(chunk_id), level, plan.names)
-        kept = cache.get(k) if cache is not None else None
+        kept = (cache.get(k) or await cache.wait(k)) if cache is not None else None
         if kept is not None:
             if metrics is not None:
                 metrics.frames_reused.inc()
             return kept
-        stored = await get(chunk_id)
-        if stored is None:
-            return None
-        mode = policy.choose()
-        frame, seconds, keep = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode, level)
+        # claimed before the first await, so a request arriving meanwhile waits for this one
+        claimed = cache is not None and cache.claim(k)
+        frame, keep, mode = None, False, None
+        try:
+            stored = await get(chunk_id)
+            if stored is None:
+                return None
+            mode = policy.choose()
+            frame, seconds, keep = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode, level)
+        finally:
+            if claimed:
+                cache.release(k, frame if keep and mode == Mode.FULL else None)
         policy.encoded(mode, frame[1], len(frame[2]), seconds, stored=len(stored) - 1)
-        if keep and mode == Mode.FULL and cache is not None:
-            cache.put(k, frame)
         return frame
     return serve
 

@@ -8,6 +8,10 @@ by everything that decides them, within a byte budget, least recently used first
 (not one made while the sender lacked a reference its hint names: a relay still
 fetching it sends the chunk standalone, a bigger frame than any later child should get).
 
+Requests that want a frame another request is encoding wait for it (`claim`, `wait`,
+`release`: one encoding per key at a time), so the direct children that all ask for a
+new version's deltas at its promote get them encoded once, not once each.
+
 A hit is served whatever mode the peer's policy would pick (docs/encodings.md, "Rate
 control"): it costs no codec time and is the fewest bytes, so the policy neither pays
 for it nor learns from it. What the cache holds was made from bytes addressed by their
@@ -18,6 +22,7 @@ cache is asked (`fabric.wire.chunks`), so a hit shows no one a chunk they may no
 
 from __future__ import annotations
 
+import asyncio
 from typing import Iterable
 
 from fabric.core.lru import LRU
@@ -42,6 +47,7 @@ class FrameCache:
     def __init__(self, budget: int):
         self.budget = budget
         self._frames: LRU[Frame] = LRU(budget, weigh=lambda f: len(f[2]))
+        self._encoding: dict[Key, asyncio.Future] = {}  # keys a request is encoding now (event loop only)
 
     def get(self, k: Key) -> Frame | None:
         return self._frames.get(k) if self.budget else None
@@ -54,6 +60,28 @@ class FrameCache:
         if self.budget:
             tag, raw_size, payload = frame
             self._frames.put(k, (tag, raw_size, bytes(payload)))
+
+    def claim(self, k: Key) -> bool:
+        """Say this request encodes `k` now (False: another one does, or nothing is kept);
+        a True must be followed by `release`."""
+        if not self.budget or k in self._encoding:
+            return False
+        self._encoding[k] = asyncio.get_running_loop().create_future()
+        return True
+
+    def release(self, k: Key, frame: tuple[int, int, bytes | memoryview] | None) -> None:
+        """End a `claim`: keep `frame` (None: nothing to keep) and hand it to the waiters."""
+        if frame is not None:
+            self.put(k, frame)
+        fut = self._encoding.pop(k, None)
+        if fut is not None and not fut.done():
+            fut.set_result(self.get(k))
+
+    async def wait(self, k: Key) -> Frame | None:
+        """The frame another request is encoding for `k`, once it is done (None if none is,
+        or it kept nothing)."""
+        fut = self._encoding.get(k)
+        return await asyncio.shield(fut) if fut is not None else None
 
     @property
     def bytes(self) -> int:

@@ -16,7 +16,7 @@ from fabric.core.codec import TAG_PACKED, Encoding
 from fabric.core.digest import digest
 from fabric.core.policy import EncodePolicy, Mode
 from fabric.core.refplan import STANDALONE, ChunkHint, PlanCache, plan_references
-from fabric.errors import BadFrame, CorruptChunk, NotFound, ReferenceMismatch, UnknownEncoding
+from fabric.errors import BadFrame, ConfigError, CorruptChunk, NotFound, ReferenceMismatch, UnknownEncoding
 from fabric.publish import LocalTarget, publish
 from fabric.store.registry import Registry
 from fabric.store.store import Store, chunk_key, open_store
@@ -86,6 +86,86 @@ def test_a_reference_the_sender_lacks_means_standalone(pair):
     sender.put_chunk(digest(new), new)
     tag, data = sent(sender, receiver, digest(new), ChunkHint("BF16", digest(b(w))))
     assert tag == Encoding.BYTEGROUP and data == new
+
+
+def test_the_frame_budget_is_the_roles_unless_the_environment_gives_one(monkeypatch):
+    from aiohttp import web
+    from fabric.store.chunk_index import ChunkIndex
+    from fabric.wire.framecache import ORIGIN_BYTES
+    from fabric.wire.server import STORE
+
+    def budget() -> int:
+        app = web.Application()
+        app[STORE] = mem_store()
+        chunks.chunk_routes(app, index=ChunkIndex(lambda: {}))
+        return app[chunks.FRAMES].budget
+    monkeypatch.delenv("FABRIC_FRAME_CACHE_MB", raising=False)
+    assert budget() == ORIGIN_BYTES
+    monkeypatch.setenv("FABRIC_FRAME_CACHE_MB", "0")
+    assert budget() == 0
+    monkeypatch.setenv("FABRIC_FRAME_CACHE_MB", "lots")
+    with pytest.raises(ConfigError, match="FABRIC_FRAME_CACHE_MB"):
+        budget()
+
+
+def test_requests_asking_at_once_for_a_frame_being_encoded_wait_for_it_and_it_is_encoded_once(origin_and_site,
+                                                                                               monkeypatch):
+    origin, site, (v1, v2, v3) = origin_and_site
+    body = negotiate.fetch_body(list(v3.unique_chunks()), negotiate.request_fields(site, v3))
+    plan = chunks.plan_request(origin, body)
+    cache, encoded = FrameCache(64 << 20), []
+    real = chunks._serve_one
+
+    def counting(store, chunk_id, *a):
+        encoded.append(chunk_id)
+        return real(store, chunk_id, *a)
+    monkeypatch.setattr(chunks, "_serve_one", counting)
+
+    async def get(cid):
+        await asyncio.sleep(0)  # a read yields to the loop, as a store's does: others arrive meanwhile
+        return origin.get_chunk_stored(cid)
+
+    async def children(n):
+        serves = [chunks.serving_getter(get, origin, plan, EncodePolicy(fixed=Mode.FULL), cache=cache)
+                  for _ in range(n)]
+        return await asyncio.gather(*(serve(cid) for serve in serves for cid in body["ids"]))
+
+    frames = asyncio.run(children(4))
+    assert sorted(encoded) == sorted(body["ids"])  # each chunk encoded once for the four
+    by_id = {}  # gather's order: child by child, each in the order of the ids
+    for idx, frame in enumerate(frames):
+        by_id.setdefault(body["ids"][idx % len(body["ids"])], set()).add((frame[0], frame[1], bytes(frame[2])))
+    assert all(len(v) == 1 for v in by_id.values())  # the same frame to every child
+    for cid, ((tag, raw_size, payload),) in by_id.items():
+        assert receive(site, cid, tag, raw_size, payload) == origin.get_chunk(cid)
+
+
+def test_when_the_encoding_request_fails_the_waiting_one_encodes_for_itself(origin_and_site, monkeypatch):
+    origin, site, (v1, v2, v3) = origin_and_site
+    body = negotiate.fetch_body(list(v3.unique_chunks()), negotiate.request_fields(site, v3))
+    plan, cache, calls = chunks.plan_request(origin, body), FrameCache(64 << 20), []
+    real = chunks._serve_one
+
+    def first_fails(*a):
+        calls.append(a[1])
+        if len(calls) == 1:
+            raise OSError("disk went away")
+        return real(*a)
+    monkeypatch.setattr(chunks, "_serve_one", first_fails)
+
+    async def get(cid):
+        return origin.get_chunk_stored(cid)
+
+    async def two():
+        cid = body["ids"][0]
+        serves = [chunks.serving_getter(get, origin, plan, EncodePolicy(fixed=Mode.FULL), cache=cache)
+                  for _ in range(2)]
+        return await asyncio.gather(*(serve(cid) for serve in serves), return_exceptions=True)
+
+    failed, frame = asyncio.run(asyncio.wait_for(two(), 10))
+    assert isinstance(failed, OSError) and len(calls) == 2
+    assert receive(site, body["ids"][0], frame[0], frame[1], frame[2]) == origin.get_chunk(body["ids"][0])
+    assert len(cache) == 1
 
 
 def test_a_sender_without_the_reference_keeps_no_frame_and_keeps_the_delta_once_it_holds_it(pair):
