@@ -68,9 +68,12 @@ def _log(msg: str) -> None:
 
 
 def prepare(work: Path, corpus, families: list[str]) -> tuple[Path, Path]:
-    """The origin store (base and new of each pair) and the client's seed (the bases, same manifests)."""
+    """The origin store (base and new of each pair), the client's seed (the bases, same manifests)
+    and the origins' token file (`work`/tokens.toml: `TOKEN`, may pull)."""
     from fabric.publish import LocalTarget, publish
     from fabric.store.store import open_store
+
+    (work / "tokens.toml").write_text(f'[[token]]\nname = "bench"\nsecret = "{TOKEN}"\nscopes = ["pull"]\n')
 
     origin = work / "origin-store"
     target = LocalTarget(open_store(origin))
@@ -197,7 +200,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     work = Path(tempfile.mkdtemp(prefix="fabric-shaped-", dir="/tmp"))
     results: list = []
     try:
-        (work / "tokens.toml").write_text(f'[[token]]\nname = "bench"\nsecret = "{TOKEN}"\nscopes = ["pull"]\n')
         origin, seed = prepare(work, corpus, families)
         for rate in rates:
             one_link(work, origin, seed, rate, families, modes, args.runs, results)

@@ -133,7 +133,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     work = Path(tempfile.mkdtemp(prefix="fabric-shared-deltas-", dir="/tmp"))
     results: list = []
     try:
-        (work / "tokens.toml").write_text(f'[[token]]\nname = "bench"\nsecret = "{TOKEN}"\nscopes = ["pull"]\n')
         origin_store, seed = prepare(work, corpus, families)
         for fam in families:
             expected = tree_bytes(corpus.version(PAIRS[fam][2]))
