@@ -43,8 +43,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from bench import md_table, netns
 from bench.corpus import build
@@ -84,6 +85,23 @@ def prepare(work: Path, corpus, families: list[str]) -> tuple[Path, Path]:
     for fam in families:
         publish(corpus.version(PAIRS[fam][2]), artifact=fam, version=PAIRS[fam][2], target=target)
     return origin, seed
+
+
+@contextmanager
+def prepared(root: str, families: list[str], prefix: str, *, keep: bool = False
+             ) -> Iterator[tuple[object, Path, Path, Path]]:
+    """The corpus (built under `root` unless there), a temp work folder and, in it, `prepare`'s
+    origin store and client seed: (corpus, work, origin store, seed). The folder goes at the end
+    (unless `keep`: then its path is logged)."""
+    corpus = build(root, log=_log, text=None)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield (corpus, work, *prepare(work, corpus, families))
+    finally:
+        if keep:
+            _log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def tx_bytes(link: netns.Link) -> int:
@@ -196,18 +214,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         print(msg)
         return msg
     t_start = time.monotonic()
-    corpus = build(args.root, log=_log, text=None)
-    work = Path(tempfile.mkdtemp(prefix="fabric-shaped-", dir="/tmp"))
     results: list = []
-    try:
-        origin, seed = prepare(work, corpus, families)
+    with prepared(args.root, families, "fabric-shaped-", keep=args.keep) as (_, work, origin, seed):
         for rate in rates:
             one_link(work, origin, seed, rate, families, modes, args.runs, results)
-    finally:
-        if args.keep:
-            _log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     text, verdicts = table(results, rates, families, modes)
     notes = verdicts + [
         "`bytes on link`: what the origins' veth sent during the pull (TCP/IP headers, HTTP, the manifest "

@@ -30,16 +30,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Sequence
 
 from bench import md_table
-from bench.corpus import build
 from bench.pull_throughput import _child_env, service, wait_http
-from bench.shaped_links import PAIRS, TOKEN, prepare
+from bench.shaped_links import PAIRS, TOKEN, prepared
 from fabric.cli import fabric_command
 
 COMMAND = "python -m bench.shared_deltas"
@@ -129,16 +127,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = p.parse_args(argv)
     families = [f for f in args.pairs.split(",") if f]
     t_start = time.monotonic()
-    corpus = build(args.root, log=_log, text=None)
-    work = Path(tempfile.mkdtemp(prefix="fabric-shared-deltas-", dir="/tmp"))
     results: list = []
-    try:
-        origin_store, seed = prepare(work, corpus, families)
+    with prepared(args.root, families, "fabric-shared-deltas-") as (corpus, work, origin_store, seed):
         for fam in families:
             expected = tree_bytes(corpus.version(PAIRS[fam][2]))
             rounds(work, origin_store, seed, fam, expected, args.sites, args.runs, results)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     rows, notes = [], []
     for fam in families:
         med = {}
