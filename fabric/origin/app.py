@@ -35,7 +35,10 @@ from aiohttp import web
 
 from fabric.wire import frames
 from fabric.wire.auth import TokenTable, visible_report
-from fabric.wire.chunks import INDEX, chunk_routes, upload_references
+from fabric.wire.chunks import FRAMES, INDEX, chunk_routes, upload_references
+from fabric.wire.warming import Warmer, warming
+from fabric.config import encode_mode
+from fabric.core.policy import Mode
 from fabric.store.chunk_index import ChunkIndex, RegistrySource
 from fabric.wire.negotiate import serve_manifest
 from fabric.wire.protocol import ARTIFACTS, CHUNKS_UPLOAD, EVENTS as EVENTS_PATH, SITES as SITES_PATH
@@ -66,6 +69,7 @@ SITE_METRICS = web.AppKey("site_metrics", OriginMetrics)
 MOVES = web.AppKey("moves", MoveWatch)  # the store's move log (fabric.origin.peers), where origins share one
 STORED = web.AppKey("stored_reports", StoredReports)  # site reports kept in the store (fabric.origin.sitereports)
 TRACES = web.AppKey("traces", LRU)  # (artifact, version) -> the traceparent its commit came with
+WARMER = web.AppKey("warmer", Warmer)  # encodes new versions' deltas before the first site asks
 _UPLOAD_AHEAD = 4  # uploaded chunks being verified and stored while the next is read
 
 
@@ -92,6 +96,8 @@ def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = N
                                 changed=lambda site: app[EVENTS].append({"type": "site", "site": site}))
     app.cleanup_ctx.append(keeping(STORED))  # reports outlive the process (fabric.origin.sitereports)
     chunk_routes(app, index=ChunkIndex(RegistrySource(app[REGISTRY])))  # who may see which chunk
+    app[WARMER] = Warmer(app[REGISTRY], app[FRAMES], app[METRICS].registry, enabled=encode_mode() != Mode.STORED)
+    app.cleanup_ctx.append(warming(WARMER))  # fabric.wire.warming
     r = app.router
     r.add_get(ARTIFACTS, list_artifacts)
     r.add_get(f"{ARTIFACTS}/{{artifact}}/versions", list_versions)
@@ -170,6 +176,7 @@ async def commit_manifest(request: web.Request) -> web.Response:
         event["traceparent"] = trace
     request.app[EVENTS].append(event)
     await _share(request, event)
+    request.app[WARMER].add(artifact, version)  # against the artifact's newest older version
     return web.json_response({"artifact": artifact, "version": version, "manifest_id": mid}, status=201)
 
 
@@ -213,6 +220,11 @@ async def move_channel(request: web.Request) -> web.Response:
     event = {"type": "channel", "artifact": artifact, "channel": channel, "version": ch.version, "action": action}
     if ch.staged is not None:
         event["staged"] = ch.staged_version
+    # the version the channel's sites fetch next, warmed against the one they hold (fabric.wire.warming)
+    if action == "promote" and len(ch.stack) >= 2:
+        request.app[WARMER].add(artifact, ch.version, ch.stack[-2])
+    elif action == "stage" and ch.version and ch.staged_version:
+        request.app[WARMER].add(artifact, ch.staged_version, ch.version)
     trace = request.app[TRACES].get((artifact, ch.version))  # the version's trace, for the sites' deploys
     request.app[EVENTS].append(event | ({"traceparent": trace} if trace else {}))
     await _share(request, event | ({"traceparent": trace} if trace else {}))

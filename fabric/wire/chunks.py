@@ -54,7 +54,7 @@ from fabric.store.chunk_index import ChunkIndex
 from fabric.store.registry import Registry
 from fabric.store.store import Store, StoredFile
 from fabric.wire import frames, linkrate
-from fabric.wire.framecache import ORIGIN_BYTES, FrameCache, key as frame_key
+from fabric.wire.framecache import ORIGIN_BYTES, Frame, FrameCache, key as frame_key
 from fabric.wire.negotiate import parse_fields
 from fabric.wire.protocol import (CHUNK_STREAM, CHUNKS_FETCH, CHUNKS_HAS, ENCODINGS, ENCODINGS_HEADER, MAGIC,
                                   MAX_IDS, WAIT_HEADER, WAIT_INTERVAL)
@@ -515,6 +515,14 @@ def _serve_one(store: Store, chunk_id: str, stored: bytes, plan: RequestPlan, mo
         return stored_frame(stored), 0.0, False  # forward as is: the receiver's check will catch it
     frame, held = _encode(store, data, plan.hint(chunk_id), mode == Mode.FULL, level, plan.names)
     return frame, time.thread_time() - t0, held
+
+
+def encode_kept(store: Store, chunk_id: str, plan: RequestPlan, level: int = LEVEL) -> Frame | None:
+    """The `full`-mode frame a fetch under `plan` would send and keep for `chunk_id` (blocking),
+    or None where it would keep none (a reference the hint names is not held here).
+    Raises ChunkNotFound if the chunk is not in the store."""
+    frame, _seconds, held = _serve_one(store, chunk_id, store.get_chunk_stored(chunk_id), plan, Mode.FULL, level)
+    return (frame[0], frame[1], bytes(frame[2])) if held else None
 
 
 def encode_chunk(store: Store, chunk_id: str, hint: ChunkHint | None, *, allow_entropy: bool = True,

@@ -8,7 +8,8 @@
   reference mismatch, and still ends byte-identical; a site with nothing gets
   standalone byte-grouped chunks.
 * A second site pulling v2 after v1 gets the frames the origin encoded for the first
-  (`fabric.wire.framecache`): the same bytes, none encoded again.
+  (`fabric.wire.framecache`): the same bytes, none encoded again; and the first site too
+  gets frames encoded before it asked, at the publish (`fabric.wire.warming`).
 * With `FABRIC_ENCODE` unset (auto) on loopback the origin falls back to stored forms
   once it measures a link faster than its codec: never more bytes than before.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +167,29 @@ def test_a_second_site_gets_the_deltas_the_origin_encoded_for_the_first(compact)
         assert tree_digest(root / f"{name}-v2") == tree_digest(v2)
     assert origin.counter(reused) - before == TENSORS  # the second site's deltas were not encoded again
     assert got[1]["bytes_received"] == got[0]["bytes_received"] < 0.5 * new_bytes(origin, "v1", "v2")
+
+
+def test_the_first_site_gets_the_deltas_the_origin_encoded_at_the_publish(models):
+    root, v1, v2 = models
+    origin = start(root / "warm")  # the default mode, auto
+    try:
+        publish(origin, v1, "v1")
+        publish(origin, v2, "v2")
+        deadline = time.monotonic() + 60
+        while origin.counter("fabric_frame_warm_jobs") or origin.counter("fabric_frames_warmed_total") < TENSORS:
+            assert time.monotonic() < deadline, origin.log_text()[-2000:]
+            time.sleep(0.1)
+        assert origin.counter("fabric_frames_warmed_total") == TENSORS  # v2's deltas against v1, nothing else
+        reused = "fabric_encoded_frames_reused_total"
+        site = root / "warm-site"
+        pull(origin, "v1", root / "warm-v1", site)
+        before = origin.counter(reused)
+        r2 = pull(origin, "v2", root / "warm-v2", site)
+        assert origin.counter(reused) - before == TENSORS  # none encoded for this first site
+        assert tree_digest(root / "warm-v2") == tree_digest(v2)
+        assert r2["bytes_received"] < 0.5 * new_bytes(origin, "v1", "v2")
+    finally:
+        origin.stop()
 
 
 def test_auto_on_loopback_never_sends_more_than_the_stored_forms(models):

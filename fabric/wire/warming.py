@@ -1,0 +1,173 @@
+"""Encoding a new version's deltas before the first site asks: an origin warms its frame cache.
+
+Sites that hold a version and pull the next one get its changed chunks as deltas
+encoded in `full` mode, and the sender keeps those frames (`fabric.wire.framecache`):
+every site after the first gets them without codec time. `Warmer` makes the first
+site one of those too. When a version is committed, when a channel is promoted or
+staged to a version, and when the origin starts, it encodes that version's chunks
+against the version the sites hold (the channel's version before the move; for a
+commit, or at start-up, the artifact's newest older version) exactly as a fetch from
+such a site would ask (`fabric.wire.chunks`: the plan of `plan_references`, every
+encoding, the serving zstd level), and puts the frames in the app's cache
+(docs/encodings.md, "Encoded once").
+
+Only chunks with a reference are warmed (the deltas: a chunk without one goes to the
+first site as it goes today, and a relay sends such chunks stored anyway), and only
+chunks the base version lacks (a site holding the base never asks for those).
+Jobs run one at a time in one worker thread, in the order asked, so warming uses at
+most one core of the origin's; a frame the cache holds, or that a request is
+encoding, is skipped, and a request that wants a frame the warmer is encoding waits
+for it (the cache's `claim`). A job stops once it has put half of the cache's budget,
+leaving the rest to what requests encode; at most `STARTUP_ARTIFACTS` artifacts are
+warmed at start-up (those with the newest versions). Nothing is warmed when the cache
+keeps nothing or the encode mode is pinned to `stored` (no request would send a kept
+frame it did not ask for). A failure (a manifest or chunk gone, a store error) ends
+that job with a log line; the fetches encode for themselves, as before.
+
+Metrics: `fabric_frames_warmed_total` (frames put in the cache) and
+`fabric_frame_warm_jobs` (jobs queued or running; 0: the cache is as warm as it gets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from fabric.core.codec import Encoding
+from fabric.core.manifest import Manifest
+from fabric.core.refplan import plan_references
+from fabric.errors import FabricError
+from fabric.logs import get_logger
+from fabric.store.registry import Registry
+from fabric.store.store import Store
+from fabric.wire.chunks import LEVEL, RequestPlan, encode_kept
+from fabric.wire.framecache import FrameCache, key as frame_key
+
+log = get_logger("warming")
+STARTUP_ARTIFACTS = 4  # artifacts warmed when an origin starts: those whose newest version is newest
+_QUEUE = 64  # jobs waiting at most; a burst of commits beyond it drops the oldest waiting job
+
+
+@dataclass(frozen=True)
+class Job:
+    artifact: str
+    version: str  # the version sites will fetch
+    base: str | None  # the version they hold (None: the artifact's newest older version)
+
+
+class Warmer:
+    """Warm `cache` with the deltas of versions in `registry`'s store, one job at a time."""
+
+    def __init__(self, registry: Registry, cache: FrameCache, metrics_registry: CollectorRegistry, *,
+                 enabled: bool = True):
+        self.registry, self.cache, self.enabled = registry, cache, enabled and cache.budget > 0
+        self._jobs: list[Job] = []
+        self._wake = asyncio.Event()
+        self.warmed = Counter("fabric_frames_warmed", "Delta frames encoded ahead of the first fetch "
+                              "(fabric.wire.warming)", registry=metrics_registry)
+        self.pending = Gauge("fabric_frame_warm_jobs", "Frame warming jobs queued or running",
+                             registry=metrics_registry)
+
+    def add(self, artifact: str, version: str, base: str | None = None) -> None:
+        """Queue a job (no-op when warming is off, or when `base` is `version`)."""
+        if not self.enabled or base == version:
+            return
+        job = Job(artifact, version, base)
+        if job in self._jobs:
+            return
+        if len(self._jobs) >= _QUEUE:
+            self._jobs.pop(0)
+        self._jobs.append(job)
+        self.pending.set(len(self._jobs))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Queue the start-up jobs (`STARTUP_ARTIFACTS`), then run jobs as they come until cancelled."""
+        if not self.enabled:
+            return
+        try:
+            for job in await asyncio.to_thread(self._startup_jobs):
+                self.add(job.artifact, job.version, job.base)
+        except (FabricError, OSError) as e:
+            log.warning("start-up warming skipped", code=getattr(e, "code", "io_error"), error=str(e))
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._jobs:
+                job = self._jobs[0]
+                try:
+                    n, size = await self.warm(job)
+                    if n:
+                        log.info("frames warmed", artifact=job.artifact, version=job.version, base=job.base,
+                                 frames=n, bytes=size)
+                except (FabricError, OSError) as e:
+                    log.warning("warming failed", artifact=job.artifact, version=job.version,
+                                code=getattr(e, "code", "io_error"), error=str(e))
+                finally:
+                    if self._jobs and self._jobs[0] == job:
+                        self._jobs.pop(0)
+                    self.pending.set(len(self._jobs))
+
+    def _startup_jobs(self) -> list[Job]:
+        newest = []
+        for artifact in self.registry.artifacts():
+            versions = self.registry.versions(artifact)
+            if len(versions) >= 2:
+                created = self.registry.manifest(artifact, versions[-1]).created
+                newest.append((created, Job(artifact, versions[-1], versions[-2])))
+        newest.sort(key=lambda cj: cj[0], reverse=True)
+        return [job for _, job in newest[:STARTUP_ARTIFACTS]]
+
+    async def warm(self, job: Job) -> tuple[int, int]:
+        """Encode `job`'s deltas into the cache; (frames put, their payload bytes)."""
+        prepared = await asyncio.to_thread(self._plan, job)
+        if prepared is None:
+            return 0, 0
+        store, plan, ids = prepared
+        put = size = 0
+        for cid in ids:
+            if size >= self.cache.budget // 2:
+                break
+            k = frame_key(cid, plan.hint(cid), LEVEL, plan.names)
+            if self.cache.get(k) is not None or not self.cache.claim(k):
+                continue  # kept already, or a request is encoding it
+            frame = None
+            try:
+                frame = await asyncio.to_thread(encode_kept, store, cid, plan)
+            finally:
+                self.cache.release(k, frame)
+            if frame is not None:
+                put, size = put + 1, size + len(frame[2])
+                self.warmed.inc()
+        return put, size
+
+    def _plan(self, job: Job) -> tuple[Store, RequestPlan, list[str]] | None:
+        """The plan a fetch from a site holding the base would get, and the chunks to warm (blocking)."""
+        reg = self.registry
+        target = reg.manifest(job.artifact, job.version)
+        base = job.base
+        if base is None:
+            older = [v for v in reg.versions(job.artifact) if v != job.version
+                     and reg.manifest(job.artifact, v).created <= target.created]
+            base = older[-1] if older else None
+        if base is None:
+            return None
+        held: Manifest = reg.manifest(job.artifact, base)
+        hints = plan_references(target, [held])
+        plan = RequestPlan(hints, frozenset(Encoding))
+        have = set(held.chunk_ids())
+        ids = [cid for cid in dict.fromkeys(target.chunk_ids()) if cid not in have and plan.hint(cid).reference]
+        return reg.store, plan, ids
+
+
+def warming(key: web.AppKey):
+    """A cleanup context: the app's `Warmer` (under `key`) runs while the app runs."""
+    async def ctx(app: web.Application):
+        task = asyncio.create_task(app[key].run())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return ctx

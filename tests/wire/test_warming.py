@@ -1,0 +1,135 @@
+"""Warming an origin's frame cache (fabric.wire.warming): the frames a site holding the base
+asks for are kept before it asks, and a fetch then encodes nothing; a commit, a promote and
+a stage queue jobs; budgets, the `stored` pin and a lost chunk."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from fabric.core.policy import EncodePolicy, Mode
+from fabric.store.registry import Registry
+from fabric.store.store import chunk_key
+from fabric.wire import chunks, negotiate
+from fabric.wire.framecache import FrameCache
+from fabric.wire.warming import Job, Warmer
+
+from helpers.versions import origin_and_site_stores, receive
+
+
+@pytest.fixture
+def origin_and_site():
+    return origin_and_site_stores()
+
+
+def warmer(store, budget: int = 64 << 20, **kw) -> Warmer:
+    return Warmer(Registry(store), FrameCache(budget), CollectorRegistry(), **kw)
+
+
+def fetched_by_site(origin, site, target, cache, monkeypatch) -> tuple[list[str], dict]:
+    """What a site holding its versions gets for `target`'s chunks it lacks: (ids encoded, frames)."""
+    wanted = [cid for cid in target.unique_chunks() if not site.has_chunk(cid)]
+    body = negotiate.fetch_body(wanted, negotiate.request_fields(site, target))
+    plan, encoded, real = chunks.plan_request(origin, body), [], chunks._serve_one
+
+    def counting(store, chunk_id, *a):
+        encoded.append(chunk_id)
+        return real(store, chunk_id, *a)
+    monkeypatch.setattr(chunks, "_serve_one", counting)
+
+    async def get(cid):
+        return origin.get_chunk_stored(cid)
+
+    async def fetch():
+        serve = chunks.serving_getter(get, origin, plan, EncodePolicy(fixed=Mode.FULL), cache=cache)
+        return {cid: await serve(cid) for cid in wanted}
+    return encoded, asyncio.run(fetch())
+
+
+def test_a_warmed_version_is_fetched_by_the_first_site_without_encoding(origin_and_site, monkeypatch):
+    origin, site, (v1, v2, v3) = origin_and_site
+    w = warmer(origin)
+    put, size = asyncio.run(w.warm(Job("m", "v3", "v2")))
+    deltas = [cid for cid in v3.unique_chunks() if cid not in set(v2.chunk_ids())]
+    assert put == len(deltas) > 0 and size > 0
+    assert w.warmed._value.get() == put
+    encoded, frames = fetched_by_site(origin, site, v3, w.cache, monkeypatch)
+    assert encoded == []  # every delta the site asked for was kept already
+    for cid, (tag, raw_size, payload) in frames.items():
+        assert receive(site, cid, tag, raw_size, payload) == origin.get_chunk(cid)
+
+
+def test_without_warming_the_first_site_encodes_each_delta(origin_and_site, monkeypatch):
+    origin, site, (v1, v2, v3) = origin_and_site
+    encoded, _ = fetched_by_site(origin, site, v3, FrameCache(64 << 20), monkeypatch)
+    assert len(encoded) == len([c for c in v3.unique_chunks() if c not in set(v2.chunk_ids())])
+
+
+def test_a_job_without_a_base_warms_against_the_newest_older_version(origin_and_site):
+    origin, _, (v1, v2, v3) = origin_and_site
+    w = warmer(origin)
+    assert asyncio.run(w.warm(Job("m", "v3", None)))[0] > 0
+    assert asyncio.run(w.warm(Job("m", "v1", None))) == (0, 0)  # nothing older: nothing to warm
+    assert asyncio.run(w.warm(Job("m", "v3", None))) == (0, 0)  # kept already: skipped
+
+
+def test_a_job_stops_at_half_the_budget(origin_and_site):
+    origin, _, _ = origin_and_site
+    full = asyncio.run(warmer(origin).warm(Job("m", "v3", "v2")))
+    one_frame = full[1] // full[0]
+    put, size = asyncio.run(warmer(origin, budget=2 * one_frame).warm(Job("m", "v3", "v2")))
+    assert 1 <= put < full[0] and size >= one_frame
+
+
+def test_warming_is_off_without_a_budget_or_under_the_stored_pin(origin_and_site):
+    origin, _, _ = origin_and_site
+    for w in (warmer(origin, budget=0), warmer(origin, enabled=False)):
+        w.add("m", "v3", "v2")
+        assert not w.enabled and w.pending._value.get() == 0
+        asyncio.run(asyncio.wait_for(w.run(), 5))  # returns at once: nothing to run
+
+
+def test_run_warms_the_newest_version_at_start_and_queued_jobs_then_idles(origin_and_site, monkeypatch):
+    origin, site, (v1, v2, v3) = origin_and_site
+    w = warmer(origin)
+
+    async def run_until_done():
+        task = asyncio.create_task(w.run())
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if w.warmed._value.get() and w.pending._value.get() == 0:
+                break
+        w.add("m", "v2", "v1")  # a promote's job after start-up
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if w.pending._value.get() == 0:
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    asyncio.run(run_until_done())
+    encoded, _ = fetched_by_site(origin, site, v3, w.cache, monkeypatch)
+    assert encoded == []  # start-up warmed v3 against v2, what the site holds
+    assert w.pending._value.get() == 0 and len(w.cache) > len(set(v3.chunk_ids()) - set(v2.chunk_ids()))
+
+
+def test_a_lost_chunk_ends_the_job_with_a_log_line_and_the_next_job_runs(origin_and_site):
+    origin, _, (v1, v2, v3) = origin_and_site
+    lost = next(c for c in v3.unique_chunks() if c not in set(v2.chunk_ids()))
+    origin.backend.delete(chunk_key(lost))
+    w = warmer(origin)
+
+    async def two_jobs():
+        w.add("m", "v3", "v2")
+        w.add("m", "v2", "v1")
+        task = asyncio.create_task(w.run())
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if w.pending._value.get() == 0:
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    asyncio.run(two_jobs())
+    assert w.pending._value.get() == 0
+    assert w.warmed._value.get() > 0  # the second job (and chunks before the lost one) still warmed
