@@ -164,6 +164,24 @@ def wait_http(url: str, wrap: Callable[[list[str]], list[str]] = list, timeout: 
     raise SystemExit(f"{url} did not come up within {timeout:.0f}s\n{tail}")
 
 
+def wait_warmed(url: str, token: str, wrap: Callable[[list[str]], list[str]] = list,
+                timeout: float = 120.0) -> tuple[float, float, float]:
+    """Poll an origin's /metrics at `url` (with curl, from where `wrap` runs it) until it has no
+    frame-warming job left (`fabric.wire.warming`); (frames it warmed, their codec CPU seconds,
+    seconds waited)."""
+    t0 = time.monotonic()
+    while True:
+        out = subprocess.run(wrap(["curl", "-sf", "-H", f"Authorization: Bearer {token}", f"{url}/metrics"]),
+                             capture_output=True, text=True).stdout
+        values = dict(line.rsplit(" ", 1) for line in out.splitlines() if line and not line.startswith("#"))
+        if values and float(values.get("fabric_frame_warm_jobs", 0)) == 0:
+            return (float(values.get("fabric_frames_warmed_total", 0)),
+                    float(values.get("fabric_frame_warm_cpu_seconds_total", 0)), time.monotonic() - t0)
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"{url} still warming its frame cache after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 def nginx_config(work: Path, root: Path, host: str, port: int) -> Path:
     """A minimal foreground nginx serving `root` read-only on host:port."""
     prefix = work / "nginx"

@@ -22,9 +22,13 @@ interleaved (auto, full, stored, auto, …) so that load on the machine falls on
 alike. Every run is printed; the table gives the median of the runs per mode.
 
 The origins run for all the rounds, as an origin serves one version to many sites:
-the first round's pull is the first site's (the origin encodes each delta), later
-rounds are later sites' (the origin sends the frames `full` made for the first,
-`fabric.wire.framecache`). The table keeps the two apart (`first site`, `later sites`).
+the first round's pull is the first site's, later rounds are later sites' (the origin
+sends the frames `full` made for the first, `fabric.wire.framecache`). The table keeps
+the two apart (`first site`, `later sites`). An origin warms its cache when it starts
+(`fabric.wire.warming`: each artifact's newest version against the one before, here
+the pairs' new versions against their bases); the command waits until every origin
+says it is done (`fabric_frame_warm_jobs` 0 on its /metrics) and prints how long that
+took and how many frames each warmed, so the first site gets the warmed frames.
 Targets (issue 16): on every link `auto` sends ≤ 1.05× the bytes of `full` and
 takes no longer (`pull s`) than the faster of `full` and `stored`.
 
@@ -49,7 +53,7 @@ from typing import Iterator, Sequence
 
 from bench import md_table, netns
 from bench.corpus import build
-from bench.pull_throughput import _child_env, service, wait_http
+from bench.pull_throughput import _child_env, service, wait_http, wait_warmed
 from fabric.cli import fabric_command
 
 COMMAND = "python -m bench.shaped_links"
@@ -151,6 +155,11 @@ def one_link(work: Path, origin: Path, seed: Path, rate: str, families: list[str
             for mode in modes:
                 wait_http(f"http://{link.addr_a}:{PORTS[mode]}/livez", lambda c: link.wrap("b", c),
                           log=work / f"origin-{mode}.log", timeout=60)
+            for mode in modes:
+                warmed, cpu, seconds = wait_warmed(f"http://{link.addr_a}:{PORTS[mode]}", TOKEN,
+                                                   lambda c: link.wrap("b", c))
+                _log(f"{rate}: origin {mode} warmed {warmed:.0f} frames ({cpu:.2f} codec CPU s), done "
+                     f"{seconds:.2f} s after it answered")
             for r in range(runs):
                 for fam in families:
                     for mode in modes:
@@ -225,8 +234,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         "Byte counts barely vary between runs; seconds do (the machine is shared).",
         "`pull s`: the time `fabric pull --json` reports for its own work (resolve, fetch, verify, write); "
         "`child s`: the child from start to exit, interpreter start-up included. The targets use `pull s`.",
-        "`first site`: round 1, the origin encodes; `later sites`: rounds 2 on, the same origins, which send "
-        "the frames `full` kept for round 1 (`stored` has none to keep).",
+        "`first site`: round 1, after the origins warmed their caches at start-up (the deltas of the new "
+        "versions against their bases, `fabric.wire.warming`; the `stored` origin warms nothing); `later "
+        "sites`: rounds 2 on, the same origins, which send the frames `full` kept.",
         f"Medians of the run(s) per mode ({args.runs} round(s)), modes interleaved; 1-minute load at the end "
         f"{os.getloadavg()[0]:.1f}. Took {time.monotonic() - t_start:.0f} s.",
     ]

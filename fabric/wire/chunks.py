@@ -517,12 +517,12 @@ def _serve_one(store: Store, chunk_id: str, stored: bytes, plan: RequestPlan, mo
     return frame, time.thread_time() - t0, held
 
 
-def encode_kept(store: Store, chunk_id: str, plan: RequestPlan, level: int = LEVEL) -> Frame | None:
+def encode_kept(store: Store, chunk_id: str, plan: RequestPlan, level: int = LEVEL) -> tuple[Frame | None, float]:
     """The `full`-mode frame a fetch under `plan` would send and keep for `chunk_id` (blocking),
-    or None where it would keep none (a reference the hint names is not held here).
-    Raises ChunkNotFound if the chunk is not in the store."""
-    frame, _seconds, held = _serve_one(store, chunk_id, store.get_chunk_stored(chunk_id), plan, Mode.FULL, level)
-    return (frame[0], frame[1], bytes(frame[2])) if held else None
+    or None where it would keep none (a reference the hint names is not held here); and the
+    codec's CPU seconds. Raises ChunkNotFound if the chunk is not in the store."""
+    frame, seconds, held = _serve_one(store, chunk_id, store.get_chunk_stored(chunk_id), plan, Mode.FULL, level)
+    return ((frame[0], frame[1], bytes(frame[2])) if held else None), seconds
 
 
 def encode_chunk(store: Store, chunk_id: str, hint: ChunkHint | None, *, allow_entropy: bool = True,

@@ -24,8 +24,9 @@ keeps nothing or the encode mode is pinned to `stored` (no request would send a 
 frame it did not ask for). A failure (a manifest or chunk gone, a store error) ends
 that job with a log line; the fetches encode for themselves, as before.
 
-Metrics: `fabric_frames_warmed_total` (frames put in the cache) and
-`fabric_frame_warm_jobs` (jobs queued or running; 0: the cache is as warm as it gets).
+Metrics: `fabric_frames_warmed_total` (frames put in the cache), `fabric_frame_warm_cpu_seconds_total`
+(the codec's CPU time for them) and `fabric_frame_warm_jobs` (jobs queued or running; 0: the
+cache is as warm as it gets).
 """
 
 from __future__ import annotations
@@ -68,8 +69,11 @@ class Warmer:
         self._wake = asyncio.Event()
         self.warmed = Counter("fabric_frames_warmed", "Delta frames encoded ahead of the first fetch "
                               "(fabric.wire.warming)", registry=metrics_registry)
+        self.cpu = Counter("fabric_frame_warm_cpu_seconds", "CPU seconds the warming encodes took "
+                           "(fabric.wire.warming)", registry=metrics_registry)
         self.pending = Gauge("fabric_frame_warm_jobs", "Frame warming jobs queued or running",
                              registry=metrics_registry)
+        self.pending.set(1 if self.enabled else 0)  # the start-up jobs, until `run` has listed them
 
     def add(self, artifact: str, version: str, base: str | None = None) -> None:
         """Queue a job (no-op when warming is off, or when `base` is `version`)."""
@@ -93,6 +97,7 @@ class Warmer:
                 self.add(job.artifact, job.version, job.base)
         except (FabricError, OSError) as e:
             log.warning("start-up warming skipped", code=getattr(e, "code", "io_error"), error=str(e))
+        self.pending.set(len(self._jobs))
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -136,7 +141,8 @@ class Warmer:
                 continue  # kept already, or a request is encoding it
             frame = None
             try:
-                frame = await asyncio.to_thread(encode_kept, store, cid, plan)
+                frame, seconds = await asyncio.to_thread(encode_kept, store, cid, plan)
+                self.cpu.inc(seconds)
             finally:
                 self.cache.release(k, frame)
             if frame is not None:

@@ -54,7 +54,7 @@ def test_a_warmed_version_is_fetched_by_the_first_site_without_encoding(origin_a
     put, size = asyncio.run(w.warm(Job("m", "v3", "v2")))
     deltas = [cid for cid in v3.unique_chunks() if cid not in set(v2.chunk_ids())]
     assert put == len(deltas) > 0 and size > 0
-    assert w.warmed._value.get() == put
+    assert w.warmed._value.get() == put and w.cpu._value.get() > 0
     encoded, frames = fetched_by_site(origin, site, v3, w.cache, monkeypatch)
     assert encoded == []  # every delta the site asked for was kept already
     for cid, (tag, raw_size, payload) in frames.items():
