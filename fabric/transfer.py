@@ -31,7 +31,8 @@ Faults, and what happens:
 * every source down: workers wait for the first to come off the bench, and give up
   with `TransferError` only after `give_up_after` seconds without progress.
 
-Memory: payloads read but not yet stored are bounded by a `fabric.pacing.ByteBudget`
+Memory: payloads read but not yet stored, and for a delta the chunk it decodes to and its
+reference (`fabric.wire.frames.memory`), are bounded by a `fabric.pacing.ByteBudget`
 that every fetch sharing an `Inflight` shares (a relay's deploy and its pull-throughs:
 `MEMORY_BUDGET`, 12 MiB); a fetch without one (`fabric pull`, `fabric sync`) has its own
 of `FetchOptions.memory` bytes (32 MiB: a 12 MiB budget held one 8 MiB payload at a time,
@@ -453,7 +454,7 @@ class _Engine:
         try:
             await self._store(source, frame, batch, done, retry)
         finally:
-            self.budget.give(len(frame.payload))
+            self.budget.give(frame.held or len(frame.payload))
 
     async def _store(self, source: SourceState, frame: wire.Frame, batch: _Batch, done: set[str],
                      retry: set[str]) -> None:

@@ -98,3 +98,52 @@ def test_fetches_sharing_an_inflight_share_its_site_budget(lab):
     (budget,) = WatchedBudget.made  # the Inflight's; the fetch made none of its own
     assert budget is inflight.budget and budget.limit == MEMORY_BUDGET
     assert FetchOptions().memory > MEMORY_BUDGET  # a pull of its own may hold more than a site's fetches
+
+
+def test_a_delta_is_charged_the_chunk_it_decodes_to_and_its_reference(tmp_path, monkeypatch):
+    """A codec frame's payload is small, but decoding it holds the chunk and its reference
+    (`fabric.wire.frames.memory`): the budget counts those, so a site decodes few at once."""
+    from fabric.core.codec import Encoding
+    from fabric.wire import frames as wire_frames, negotiate
+    from helpers.versions import Seg, b, step, version, weights
+
+    WatchedBudget.made = []
+    monkeypatch.setattr(transfer, "ByteBudget", WatchedBudget)
+    monkeypatch.setenv("FABRIC_ENCODE", "full")  # deltas, as on a WAN link
+    charged = []
+    real_memory = wire_frames.memory
+
+    def memory(encoding, raw_size, length):
+        charged.append((encoding, raw_size, length))
+        return real_memory(encoding, raw_size, length)
+    monkeypatch.setattr(wire_frames, "memory", memory)
+    origin, site = open_store(tmp_path / "origin"), open_store(tmp_path / "site")
+    old = [weights(1 << 18) for _ in range(4)]
+    version("m", "v1", "2026-01-01T00:00:00Z", {"m.st": [Seg(b(w), f"t{i}", "BF16") for i, w in enumerate(old)]},
+            stores=(origin, site))
+    v2 = version("m", "v2", "2026-01-02T00:00:00Z",
+                 {"m.st": [Seg(b(step(w)), f"t{i}", "BF16") for i, w in enumerate(old)]}, stores=(origin,))
+    sizes = {c: n for c, n in v2.unique_chunks().items() if not site.has_chunk(c)}
+
+    async def run():
+        runner, url = await serve_origin(origin, TOKENS)
+        try:
+            async with OriginClient(url, SECRET) as client:
+                return await fetch_chunks(sizes, site, [client], FetchOptions(memory=1),
+                                          delta_fields=negotiate.request_fields(site, v2))
+        finally:
+            await runner.cleanup()
+
+    stats = asyncio.run(run())
+    assert stats.chunks_fetched == len(sizes) == 4 and site.missing(list(sizes)) == []
+    deltas = [(raw, length) for enc, raw, length in charged if enc > Encoding.ZSTD]
+    assert len(deltas) == 4 and all(length < raw for raw, length in deltas)  # small payloads...
+    (budget,) = WatchedBudget.made
+    assert budget.peak >= max(length + 2 * raw for raw, length in deltas)  # ...charged what they decode to
+    assert budget.used == 0  # and all of it given back
+
+
+def test_stored_forms_are_charged_their_payload_only():
+    from fabric.wire.frames import memory
+    assert memory(0, 1000, 1000) == memory(1, 5000, 1000) == 1000
+    assert memory(7, 5000, 1000) == 11000

@@ -24,7 +24,8 @@ references (`upload_references`) may name only chunks the uploader may pull.
 
 A relay encodes only chunks the plan gives a reference (deltas); the rest go stored,
 since encoding holds whole chunks in memory per request and random-looking weights
-gain little from entropy coding on a relay's short links.
+gain little from entropy coding on a relay's short links. It encodes them one at a time
+(`RELAY_ENCODERS` slots, taken once the chunk is held here), however many children ask.
 
 Length: over the ~450-line guide. The three ways of sending a fetch's frames (sendfile,
 a relay's waits, encoded) share the request's planning and visibility rules, which
@@ -34,6 +35,7 @@ must not drift apart between modules.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -65,6 +67,7 @@ INDEX = web.AppKey("chunk_index", ChunkIndex)
 POLICIES = web.AppKey("policies", PeerPolicies)
 FRAMES = web.AppKey("frames", FrameCache)
 LEVEL = 3  # the zstd level of the codec's entropy stages when serving
+RELAY_ENCODERS = 1  # chunks a relay reads and encodes at once for its children (issue 17's memory bound)
 _READ_AHEAD = 3  # stored chunks read ahead of the one being sent
 # bytes a relay reads from a chunk's file per write; a request holds it and, until the socket
 # takes it, the transport's copy of its unsent rest: 10 children x 4 connections x 512 KiB
@@ -134,7 +137,7 @@ async def upload_references(request: web.Request, frame: frames.Frame) -> frames
 
 def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | None = None,
                  prepare: Prepare | None = None, ready: Ready | None = None,
-                 frame_budget: int = ORIGIN_BYTES) -> None:
+                 frame_budget: int = ORIGIN_BYTES, encoders: int | None = None) -> None:
     """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store).
 
     `index` tells which artifacts reference a chunk (who may see it; kept as `INDEX`).
@@ -144,12 +147,16 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
     by `_relay_frames`, with wait frames and bounded memory. The app keeps the
     plan cache (`PLANS`), one encode policy per peer (`POLICIES`) and up to
     `frame_budget` bytes of encoded frames (`FRAMES`; `FABRIC_FRAME_CACHE_MB` overrides it).
+    `encoders`, if given, is how many chunks its fetches may hold read for encoding at once,
+    whatever the number of requests (a relay: `RELAY_ENCODERS`; each holds the chunk, its
+    reference and the codec's work, several times the chunk).
     """
     get = get or store_getter(app[STORE])
     app[INDEX] = index
     app[PLANS] = PlanCache()
     app[POLICIES] = PeerPolicies(workers=min(_READ_AHEAD, os.cpu_count() or 1), fixed=encode_mode())
     app[FRAMES] = FrameCache(frame_cache_bytes(frame_budget))
+    slots = asyncio.Semaphore(encoders) if encoders else None
 
     async def has(request: web.Request) -> web.Response:
         principal(request).require_any(("pull", "publish"))
@@ -181,8 +188,8 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
         if plan and ready is not None and store.local and not any(plan.hint(c).reference for c in ids):
             plan = None  # a relay encodes only deltas: whole chunks in memory per request cost more than zstd gains
         metrics: Metrics = request.app[METRICS]
-        read = _hiding(serving_getter(get, store, plan, policy, cache=cache, metrics=metrics) if plan else get,
-                       hidden)
+        read = _hiding(serving_getter(get, store, plan, policy, cache=cache, metrics=metrics, ready=ready,
+                                      slots=slots) if plan else get, hidden)
         resp = web.StreamResponse(headers={"Content-Type": CHUNK_STREAM})
         length = await _stream_length(store, ids, hidden) if prepare is None and plan is None else None
         if length is not None:
@@ -468,7 +475,8 @@ async def plan_for_request(store: Store, body: dict, *, may: Callable[[str], boo
 # --- encoding what is sent ------------------------------------------------------------------
 
 def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: EncodePolicy, *,
-                   level: int = LEVEL, cache: FrameCache | None = None, metrics: Metrics | None = None
+                   level: int = LEVEL, cache: FrameCache | None = None, metrics: Metrics | None = None,
+                   ready: Ready | None = None, slots: asyncio.Semaphore | None = None
                    ) -> Callable[[str], Awaitable[FrameFields | None]]:
     """Wrap a server's stored-chunk getter so it yields encoded frame fields (None: missing).
 
@@ -476,6 +484,8 @@ def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: En
     (and counted in `metrics`); any other chunk is encoded in a worker thread, in the
     mode `policy` picks, and kept in `cache` if that mode was `full` and the sender held
     the references the hint names. The server reports its socket writes to `policy.wrote`.
+    With `slots`, a chunk is read and encoded only while holding one (after `ready`, if
+    given, says it is held here: waiting on upstream holds none).
     """
     async def serve(chunk_id: str) -> FrameFields | None:
         k = frame_key(chunk_id, plan.hint(chunk_id), level, plan.names)
@@ -488,15 +498,21 @@ def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: En
         claimed = cache is not None and cache.claim(k)
         frame, keep, mode = None, False, None
         try:
-            stored = await get(chunk_id)
-            if stored is None:
-                return None
-            mode = policy.choose()
-            frame, seconds, keep = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode, level)
+            if ready is not None and slots is not None:
+                await ready(chunk_id)
+            async with slots or contextlib.nullcontext():
+                stored = await get(chunk_id)
+                if stored is None:
+                    return None
+                mode = policy.choose()
+                frame, seconds, keep = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode,
+                                                               level)
+                stored_size = len(stored) - 1
+                del stored  # not held while the frame waits for its turn on the socket
         finally:
             if claimed:
                 cache.release(k, frame if keep and mode == Mode.FULL else None)
-        policy.encoded(mode, frame[1], len(frame[2]), seconds, stored=len(stored) - 1)
+        policy.encoded(mode, frame[1], len(frame[2]), seconds, stored=stored_size)
         return frame
     return serve
 

@@ -46,6 +46,14 @@ class Frame:
     encoding: int = 0
     raw_size: int = 0
     payload: bytes | bytearray = b""  # a bytearray from a reader with `reserve`
+    held: int = 0  # what a reader with `reserve` reserved for it (`memory`)
+
+
+def memory(encoding: int, raw_size: int, length: int) -> int:
+    """The bytes a received chunk frame holds until it is stored: its payload and, for a codec
+    encoding (tags 2 and up), the decoded chunk and its reference beside it (decoding a stored
+    form makes its bytes from the payload alone)."""
+    return length + (2 * raw_size if encoding > Encoding.ZSTD else 0)
 
 
 def id_bytes(chunk_id: str) -> bytes:
@@ -95,7 +103,7 @@ def encode_stream(frames: list[bytes]) -> bytes:
 
 
 ReadExactly = Callable[[int], Awaitable[bytes]]
-Reserve = Callable[[int], Awaitable[None]]  # called with a payload's length before it is read
+Reserve = Callable[[int], Awaitable[None]]  # called with a frame's `memory` before its payload is read
 PIECE = 1 << 20  # a payload is read this many bytes at a time, into one buffer of its length
 
 
@@ -144,9 +152,10 @@ class FrameReader:
         raw_id, encoding, raw_size, length = CHUNK_HEAD.unpack(await self._take(CHUNK_HEAD.size))
         if raw_size > MAX_CHUNK or length > MAX_PAYLOAD:
             raise BadFrame(f"frame sizes out of range (raw {raw_size}, payload {length})")
+        held = memory(encoding, raw_size, length) if self._reserve is not None else 0
         if self._reserve is not None:
-            await self._reserve(length)
-        return Frame(FRAME_CHUNK, id_from_bytes(raw_id), encoding, raw_size, await self._payload(length))
+            await self._reserve(held)
+        return Frame(FRAME_CHUNK, id_from_bytes(raw_id), encoding, raw_size, await self._payload(length), held)
 
     async def _payload(self, n: int) -> bytes | bytearray:
         """`n` bytes; for a reader with `reserve`, read `PIECE` at a time into one buffer, so

@@ -534,3 +534,51 @@ def test_upload_encoder_follows_its_policy(monkeypatch):
     auto.frames(chunks, protocol.ENCODINGS)
     auto.uploaded(10 << 20, 0.0)  # a link that takes no time: stop encoding
     assert {f[1] for f in auto.frames(chunks * 4, protocol.ENCODINGS)[:-1]} == {Encoding.RAW}
+
+
+def test_with_one_slot_chunks_are_encoded_one_at_a_time_and_waiting_on_upstream_holds_no_slot(origin_and_site,
+                                                                                              monkeypatch):
+    import threading
+    import time
+    origin, site, (v1, v2, v3) = origin_and_site
+    body = negotiate.fetch_body(list(v3.unique_chunks()), negotiate.request_fields(site, v3))
+    plan, lock, running, peak = chunks.plan_request(origin, body), threading.Lock(), [0], [0]
+    real = chunks._serve_one
+
+    def counting(*a):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        try:
+            return real(*a)
+        finally:
+            with lock:
+                running[0] -= 1
+    monkeypatch.setattr(chunks, "_serve_one", counting)
+    first, rest = body["ids"][0], body["ids"][1:]
+    upstream = None  # set in the loop: the first chunk is still coming from upstream until it is set
+
+    async def ready(cid):
+        if cid == first:
+            await upstream.wait()
+
+    async def get(cid):
+        return origin.get_chunk_stored(cid)
+
+    async def main():
+        nonlocal upstream
+        upstream, slots = asyncio.Event(), asyncio.Semaphore(1)
+        serves = [chunks.serving_getter(get, origin, plan, EncodePolicy(fixed=Mode.FULL), ready=ready, slots=slots)
+                  for _ in range(3)]  # no frame cache: every request encodes
+        waiting = asyncio.ensure_future(serves[0](first))
+        others = await asyncio.wait_for(asyncio.gather(*(s(cid) for s in serves[1:] for cid in rest)), 20)
+        assert not waiting.done()  # it waits on upstream, and the others were encoded meanwhile
+        upstream.set()
+        return await asyncio.wait_for(waiting, 20), others
+
+    got, others = asyncio.run(main())
+    assert peak[0] == 1  # never two chunks read and encoded at once
+    assert receive(site, first, *got) == origin.get_chunk(first)
+    for cid, frame in zip(rest * 2, others):
+        assert receive(site, cid, *frame) == origin.get_chunk(cid)
