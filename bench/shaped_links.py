@@ -25,8 +25,8 @@ The origins run for all the rounds, as an origin serves one version to many site
 the first round's pull is the first site's, later rounds are later sites' (the origin
 sends the frames `full` made for the first, `fabric.wire.framecache`). The table keeps
 the two apart (`first site`, `later sites`). An origin warms its cache when it starts
-(`fabric.wire.warming`: each artifact's newest version against the one before, here
-the pairs' new versions against their bases); the command waits until every origin
+(`fabric.wire.warming`: each channel's version against the one before it, here channel
+`prod`, promoted to each pair's base and then its new version); the command waits until every origin
 says it is done (`fabric_frame_warm_jobs` 0 on its /metrics) and prints how long that
 took and how many frames each warmed, so the first site gets the warmed frames.
 Targets (issue 16): on every link `auto` sends ≤ 1.05× the bytes of `full` and
@@ -82,12 +82,12 @@ def prepare(work: Path, corpus, families: list[str]) -> tuple[Path, Path]:
 
     origin = work / "origin-store"
     target = LocalTarget(open_store(origin))
-    for fam in families:
-        publish(corpus.version(PAIRS[fam][1]), artifact=fam, version=PAIRS[fam][1], target=target)
+    for fam in families:  # channel `prod` holds the base, then the new version, as sites follow it
+        publish(corpus.version(PAIRS[fam][1]), artifact=fam, version=PAIRS[fam][1], target=target, channel="prod")
     seed = work / "client-seed"
     shutil.copytree(origin, seed, symlinks=True)
     for fam in families:
-        publish(corpus.version(PAIRS[fam][2]), artifact=fam, version=PAIRS[fam][2], target=target)
+        publish(corpus.version(PAIRS[fam][2]), artifact=fam, version=PAIRS[fam][2], target=target, channel="prod")
     return origin, seed
 
 

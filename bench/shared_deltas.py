@@ -160,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     notes.append(f"{args.sites} sites pulling at once from one origin on loopback, `FABRIC_ENCODE=full`; "
                  f"{args.runs} round(s), both origins started afresh each round; medians. `warm-up`: the codec CPU "
                  f"seconds of the origin's start-up warming (`fabric_frame_warm_cpu_seconds_total`; "
-                 f"`fabric.wire.warming`: the newest version of every pair in its store, not only this row's), "
+                 f"`fabric.wire.warming`: each channel's version against the one before it, here every pair's `prod`, "
+                 f"not only this row's), "
                  f"done before the sites start; `origin CPU`: during "
                  f"the rollout. 1-minute load at the end "
                  f"{os.getloadavg()[0]:.1f}. Took {time.monotonic() - t_start:.0f} s.")

@@ -3,12 +3,13 @@
 Sites that hold a version and pull the next one get its changed chunks as deltas
 encoded in `full` mode, and the sender keeps those frames (`fabric.wire.framecache`):
 every site after the first gets them without codec time. `Warmer` makes the first
-site one of those too. When a version is committed, when a channel is promoted or
-staged to a version, and when the origin starts, it encodes that version's chunks
-against the version the sites hold (the channel's version before the move; for a
-commit, or at start-up, the artifact's newest older version) exactly as a fetch from
-such a site would ask (`fabric.wire.chunks`: the plan of `plan_references`, every
-encoding, the serving zstd level), and puts the frames in the app's cache
+site one of those too. When a version is committed through this origin, it encodes
+that version's chunks against the artifact's newest older version; when a channel is
+promoted (or stages a version) here, the channel's new (staged) version against the
+one its sites hold; when the origin starts, the channels' versions against the ones
+before them (`STARTUP_JOBS`, the channels moved last). It plans each as a fetch from
+such a site would (`fabric.wire.chunks`: the plan of `plan_references`, every
+encoding, the serving zstd level) and puts the frames in the app's cache
 (docs/encodings.md, "Encoded once").
 
 Only chunks with a reference are warmed (the deltas: a chunk without one goes to the
@@ -18,8 +19,7 @@ Jobs run one at a time in one worker thread, in the order asked, so warming uses
 most one core of the origin's; a frame the cache holds, or that a request is
 encoding, is skipped, and a request that wants a frame the warmer is encoding waits
 for it (the cache's `claim`). A job stops once it has put half of the cache's budget,
-leaving the rest to what requests encode; at most `STARTUP_ARTIFACTS` artifacts are
-warmed at start-up (those with the newest versions). Nothing is warmed when the cache
+leaving the rest to what requests encode. Nothing is warmed when the cache
 keeps nothing or the encode mode is pinned to `stored` (no request would send a kept
 frame it did not ask for). A failure (a manifest or chunk gone, a store error) ends
 that job with a log line; the fetches encode for themselves, as before.
@@ -48,8 +48,8 @@ from fabric.wire.chunks import LEVEL, RequestPlan, encode_kept
 from fabric.wire.framecache import FrameCache, key as frame_key
 
 log = get_logger("warming")
-STARTUP_ARTIFACTS = 4  # artifacts warmed when an origin starts: those whose newest version is newest
-_QUEUE = 64  # jobs waiting at most; a burst of commits beyond it drops the oldest waiting job
+STARTUP_JOBS = 4  # jobs queued when an origin starts: the channels moved most recently
+_QUEUE = 64  # jobs queued at most; a burst of commits beyond it drops the oldest waiting job
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,13 @@ class Warmer:
         if job in self._jobs:
             return
         if len(self._jobs) >= _QUEUE:
-            self._jobs.pop(0)
+            del self._jobs[1]  # the oldest waiting one (the first is running)
         self._jobs.append(job)
         self.pending.set(len(self._jobs))
         self._wake.set()
 
     async def run(self) -> None:
-        """Queue the start-up jobs (`STARTUP_ARTIFACTS`), then run jobs as they come until cancelled."""
+        """Queue the start-up jobs (`STARTUP_JOBS`), then run jobs as they come until cancelled."""
         if not self.enabled:
             return
         try:
@@ -117,14 +117,18 @@ class Warmer:
                     self.pending.set(len(self._jobs))
 
     def _startup_jobs(self) -> list[Job]:
-        newest = []
+        """Each channel's version against the one before it (and a staged version against the
+        channel's), the `STARTUP_JOBS` most recently moved; one listing and a read per channel."""
+        moved = []
         for artifact in self.registry.artifacts():
-            versions = self.registry.versions(artifact)
-            if len(versions) >= 2:
-                created = self.registry.manifest(artifact, versions[-1]).created
-                newest.append((created, Job(artifact, versions[-1], versions[-2])))
-        newest.sort(key=lambda cj: cj[0], reverse=True)
-        return [job for _, job in newest[:STARTUP_ARTIFACTS]]
+            for ch in self.registry.channels(artifact):
+                at = max((e.get("at", "") for e in ch.history), default="")
+                if len(ch.stack) >= 2:
+                    moved.append((at, Job(artifact, ch.stack[-1], ch.stack[-2])))
+                if ch.staged_version and ch.version and ch.staged_version != ch.version:
+                    moved.append(((ch.staged or {}).get("at", at), Job(artifact, ch.staged_version, ch.version)))
+        moved.sort(key=lambda aj: aj[0], reverse=True)
+        return list(dict.fromkeys(job for _, job in moved))[:STARTUP_JOBS]
 
     async def warm(self, job: Job) -> tuple[int, int]:
         """Encode `job`'s deltas into the cache; (frames put, their payload bytes)."""

@@ -91,8 +91,10 @@ def test_warming_is_off_without_a_budget_or_under_the_stored_pin(origin_and_site
         asyncio.run(asyncio.wait_for(w.run(), 5))  # returns at once: nothing to run
 
 
-def test_run_warms_the_newest_version_at_start_and_queued_jobs_then_idles(origin_and_site, monkeypatch):
+def test_run_warms_each_channels_version_at_start_and_queued_jobs_then_idles(origin_and_site, monkeypatch):
     origin, site, (v1, v2, v3) = origin_and_site
+    for v in ("v2", "v3"):
+        Registry(origin).promote("m", v, "prod")  # the site follows prod: it holds v2, fetches v3
     w = warmer(origin)
 
     async def run_until_done():
@@ -110,7 +112,7 @@ def test_run_warms_the_newest_version_at_start_and_queued_jobs_then_idles(origin
         await asyncio.gather(task, return_exceptions=True)
     asyncio.run(run_until_done())
     encoded, _ = fetched_by_site(origin, site, v3, w.cache, monkeypatch)
-    assert encoded == []  # start-up warmed v3 against v2, what the site holds
+    assert encoded == []  # start-up warmed prod's v3 against v2, what the site holds
     assert w.pending._value.get() == 0 and len(w.cache) > len(set(v3.chunk_ids()) - set(v2.chunk_ids()))
 
 
@@ -133,3 +135,59 @@ def test_a_lost_chunk_ends_the_job_with_a_log_line_and_the_next_job_runs(origin_
     asyncio.run(two_jobs())
     assert w.pending._value.get() == 0
     assert w.warmed._value.get() > 0  # the second job (and chunks before the lost one) still warmed
+
+
+def test_start_up_warms_channels_only_the_most_recently_moved_first(origin_and_site):
+    origin, _, _ = origin_and_site
+    reg = Registry(origin)
+    assert warmer(origin)._startup_jobs() == []  # no channel: nothing to guess (a commit warms its own)
+    reg.promote("m", "v1", "old")
+    reg.promote("m", "v2", "old")
+    reg.promote("m", "v2", "prod")
+    reg.promote("m", "v3", "prod")
+    reg.stage("m", "v3", "old")
+    jobs = warmer(origin)._startup_jobs()
+    assert jobs == [Job("m", "v3", "v2"), Job("m", "v2", "v1")]  # the stage and prod's move (same job), then old's
+
+
+def test_a_promote_and_a_stage_through_the_origin_queue_warming_of_what_sites_fetch_next(origin_and_site):
+    import aiohttp
+    from fabric.origin.app import WARMER
+    from fabric.wire.auth import TokenTable
+    from helpers.sources import serve_origin
+    origin, _, (v1, v2, v3) = origin_and_site
+    secret = "warming-admin-secret-0123456789"
+    tokens = TokenTable.from_dict({"token": [{"name": "admin", "secret": secret, "scopes": ["admin"]}]})
+    Registry(origin).promote("m", "v1", "prod")  # one version on the channel: nothing to warm at start-up
+
+    async def idle(w: Warmer) -> None:
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if w.pending._value.get() == 0:
+                return
+        raise AssertionError("still warming")
+
+    async def main() -> list[float]:
+        runner, url = await serve_origin(origin, tokens)
+        seen = []
+        try:
+            w = runner.app[WARMER]
+            await idle(w)
+            seen.append(w.warmed._value.get())
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {secret}"}) as s:
+                for body in ({"action": "promote", "version": "v2"}, {"action": "stage", "version": "v3"}):
+                    async with s.post(f"{url}/v1/artifacts/m/channels/prod", json=body) as r:
+                        assert r.status == 200, await r.text()
+                    await idle(w)
+                    seen.append(w.warmed._value.get())
+        finally:
+            await runner.cleanup()
+        return seen
+
+    def changed(new, old) -> int:
+        return len(set(new.unique_chunks()) - set(old.chunk_ids()))
+
+    start, promoted, staged = asyncio.run(main())
+    assert start == 0
+    assert promoted == changed(v2, v1)  # v2's deltas against v1, which prod's sites held
+    assert staged - promoted == changed(v3, v2)  # the staged v3 against v2, prod's version now
