@@ -155,15 +155,14 @@ def main(argv: Sequence[str] | None = None) -> str:
                      f"{(kept['cpu'] + kept['warm_cpu']) / none['cpu']:.2f}x counting its warm-up) and all "
                      f"{args.sites} sites had the version in {kept['seconds'] / none['seconds']:.2f}x the time; "
                      f"bytes sent {kept['sent'] / none['sent']:.3f}x")
-    headers = ["pair", "origin", "warm-up CPU s (frames)", "origin CPU s (median)", "all sites s (median)", "payload MB sent", "frames reused",
-               "every run: origin CPU s", "every run: all sites s"]
+    headers = ["pair", "origin", "warm-up CPU s (frames)", "origin CPU s (median)", "all sites s (median)",
+               "payload MB sent", "frames reused", "every run: origin CPU s", "every run: all sites s"]
     notes.append(f"{args.sites} sites pulling at once from one origin on loopback, `FABRIC_ENCODE=full`; "
                  f"{args.runs} round(s), both origins started afresh each round; medians. `warm-up`: the codec CPU "
                  f"seconds of the origin's start-up warming (`fabric_frame_warm_cpu_seconds_total`; "
-                 f"`fabric.wire.warming`: each channel's version against the one before it, here every pair's `prod`, "
-                 f"not only this row's), "
-                 f"done before the sites start; `origin CPU`: during "
-                 f"the rollout. 1-minute load at the end "
+                 f"`fabric.wire.warming`: each channel's version against the one before it, here every pair's "
+                 f"`prod`, not only this row's), done before the sites start; `origin CPU`: during the rollout. "
+                 f"1-minute load at the end "
                  f"{os.getloadavg()[0]:.1f}. Took {time.monotonic() - t_start:.0f} s.")
     report = md_table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
     print(report)
