@@ -176,7 +176,7 @@ async def commit_manifest(request: web.Request) -> web.Response:
         event["traceparent"] = trace
     request.app[EVENTS].append(event)
     await _share(request, event)
-    request.app[WARMER].add(artifact, version)  # against the artifact's newest older version
+    request.app[WARMER].add(artifact, version, manifest.parent)  # the version its sites likely hold
     return web.json_response({"artifact": artifact, "version": version, "manifest_id": mid}, status=201)
 
 

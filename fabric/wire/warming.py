@@ -4,7 +4,8 @@ Sites that hold a version and pull the next one get its changed chunks as deltas
 encoded in `full` mode, and the sender keeps those frames (`fabric.wire.framecache`):
 every site after the first gets them without codec time. `Warmer` makes the first
 site one of those too. When a version is committed through this origin, it encodes
-that version's chunks against the artifact's newest older version; when a channel is
+that version's chunks against its parent (the manifest's `parent`: the version its
+publisher started from, the channel's or the artifact's latest); when a channel is
 promoted (or stages a version) here, the channel's new (staged) version against the
 one its sites hold; when the origin starts, the channels' versions against the ones
 before them (`STARTUP_JOBS`, the channels moved last). It plans each as a fetch from
@@ -38,7 +39,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fabric.core.codec import Encoding
-from fabric.core.manifest import Manifest
 from fabric.core.refplan import plan_references
 from fabric.errors import FabricError
 from fabric.logs import get_logger
@@ -56,7 +56,7 @@ _QUEUE = 64  # jobs queued at most; a burst of commits beyond it drops the oldes
 class Job:
     artifact: str
     version: str  # the version sites will fetch
-    base: str | None  # the version they hold (None: the artifact's newest older version)
+    base: str  # the version they hold
 
 
 class Warmer:
@@ -75,9 +75,9 @@ class Warmer:
                              registry=metrics_registry)
         self.pending.set(1 if self.enabled else 0)  # the start-up jobs, until `run` has listed them
 
-    def add(self, artifact: str, version: str, base: str | None = None) -> None:
-        """Queue a job (no-op when warming is off, or when `base` is `version`)."""
-        if not self.enabled or base == version:
+    def add(self, artifact: str, version: str, base: str | None) -> None:
+        """Queue a job (no-op when warming is off, or when `base` is None or `version`)."""
+        if not self.enabled or base is None or base == version:
             return
         job = Job(artifact, version, base)
         if job in self._jobs:
@@ -132,10 +132,7 @@ class Warmer:
 
     async def warm(self, job: Job) -> tuple[int, int]:
         """Encode `job`'s deltas into the cache; (frames put, their payload bytes)."""
-        prepared = await asyncio.to_thread(self._plan, job)
-        if prepared is None:
-            return 0, 0
-        store, plan, ids = prepared
+        store, plan, ids = await asyncio.to_thread(self._plan, job)
         put = size = 0
         for cid in ids:
             if size >= self.cache.budget // 2:
@@ -154,18 +151,10 @@ class Warmer:
                 self.warmed.inc()
         return put, size
 
-    def _plan(self, job: Job) -> tuple[Store, RequestPlan, list[str]] | None:
+    def _plan(self, job: Job) -> tuple[Store, RequestPlan, list[str]]:
         """The plan a fetch from a site holding the base would get, and the chunks to warm (blocking)."""
         reg = self.registry
-        target = reg.manifest(job.artifact, job.version)
-        base = job.base
-        if base is None:
-            older = [v for v in reg.versions(job.artifact) if v != job.version
-                     and reg.manifest(job.artifact, v).created <= target.created]
-            base = older[-1] if older else None
-        if base is None:
-            return None
-        held: Manifest = reg.manifest(job.artifact, base)
+        target, held = reg.manifest(job.artifact, job.version), reg.manifest(job.artifact, job.base)
         hints = plan_references(target, [held])
         plan = RequestPlan(hints, frozenset(Encoding))
         have = set(held.chunk_ids())

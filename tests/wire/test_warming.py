@@ -67,12 +67,18 @@ def test_without_warming_the_first_site_encodes_each_delta(origin_and_site, monk
     assert len(encoded) == len([c for c in v3.unique_chunks() if c not in set(v2.chunk_ids())])
 
 
-def test_a_job_without_a_base_warms_against_the_newest_older_version(origin_and_site):
-    origin, _, (v1, v2, v3) = origin_and_site
+def test_a_job_is_queued_only_with_a_base_other_than_its_version_and_once(origin_and_site):
+    origin, _, _ = origin_and_site
     w = warmer(origin)
-    assert asyncio.run(w.warm(Job("m", "v3", None)))[0] > 0
-    assert asyncio.run(w.warm(Job("m", "v1", None))) == (0, 0)  # nothing older: nothing to warm
-    assert asyncio.run(w.warm(Job("m", "v3", None))) == (0, 0)  # kept already: skipped
+    w.pending.set(0)  # as `run` leaves it when start-up found nothing
+    for base in (None, "v3"):  # a first version (no parent), and a version against itself
+        w.add("m", "v3", base)
+    assert w.pending._value.get() == 0
+    w.add("m", "v3", "v2")
+    w.add("m", "v3", "v2")
+    assert w.pending._value.get() == 1
+    assert asyncio.run(w.warm(Job("m", "v3", "v2")))[0] > 0
+    assert asyncio.run(w.warm(Job("m", "v3", "v2"))) == (0, 0)  # kept already: skipped
 
 
 def test_a_job_stops_at_half_the_budget(origin_and_site):
