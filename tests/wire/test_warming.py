@@ -5,6 +5,7 @@ a stage queue jobs; budgets, the `stored` pin and a lost chunk."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -26,6 +27,26 @@ def origin_and_site():
 
 def warmer(store, budget: int = 64 << 20, **kw) -> Warmer:
     return Warmer(Registry(store), FrameCache(budget), CollectorRegistry(), **kw)
+
+
+async def idle(w: Warmer, done=lambda: True) -> None:
+    """Wait (5 s at most) until `w` has no job left and `done()` holds."""
+    for _ in range(500):
+        await asyncio.sleep(0.01)
+        if w.pending._value.get() == 0 and done():
+            return
+    raise AssertionError("still warming")
+
+
+@contextlib.asynccontextmanager
+async def running(w: Warmer):
+    """`w.run()` as a task for the block's length."""
+    task = asyncio.create_task(w.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def fetched_by_site(origin, site, target, cache, monkeypatch) -> tuple[list[str], dict]:
@@ -104,18 +125,10 @@ def test_run_warms_each_channels_version_at_start_and_queued_jobs_then_idles(ori
     w = warmer(origin)
 
     async def run_until_done():
-        task = asyncio.create_task(w.run())
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if w.warmed._value.get() and w.pending._value.get() == 0:
-                break
-        w.add("m", "v2", "v1")  # a promote's job after start-up
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if w.pending._value.get() == 0:
-                break
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        async with running(w):
+            await idle(w, lambda: w.warmed._value.get() > 0)
+            w.add("m", "v2", "v1")  # a promote's job after start-up
+            await idle(w)
     asyncio.run(run_until_done())
     encoded, _ = fetched_by_site(origin, site, v3, w.cache, monkeypatch)
     assert encoded == []  # start-up warmed prod's v3 against v2, what the site holds
@@ -131,13 +144,8 @@ def test_a_lost_chunk_ends_the_job_with_a_log_line_and_the_next_job_runs(origin_
     async def two_jobs():
         w.add("m", "v3", "v2")
         w.add("m", "v2", "v1")
-        task = asyncio.create_task(w.run())
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if w.pending._value.get() == 0:
-                break
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        async with running(w):
+            await idle(w)
     asyncio.run(two_jobs())
     assert w.pending._value.get() == 0
     assert w.warmed._value.get() > 0  # the second job (and chunks before the lost one) still warmed
@@ -165,13 +173,6 @@ def test_a_promote_and_a_stage_through_the_origin_queue_warming_of_what_sites_fe
     secret = "warming-admin-secret-0123456789"
     tokens = TokenTable.from_dict({"token": [{"name": "admin", "secret": secret, "scopes": ["admin"]}]})
     Registry(origin).promote("m", "v1", "prod")  # one version on the channel: nothing to warm at start-up
-
-    async def idle(w: Warmer) -> None:
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if w.pending._value.get() == 0:
-                return
-        raise AssertionError("still warming")
 
     async def main() -> list[float]:
         runner, url = await serve_origin(origin, tokens)
