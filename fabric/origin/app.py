@@ -97,7 +97,7 @@ def create_app(store: Store, tokens: TokenTable, limits: OriginLimits | None = N
     app.cleanup_ctx.append(keeping(STORED))  # reports outlive the process (fabric.origin.sitereports)
     chunk_routes(app, index=ChunkIndex(RegistrySource(app[REGISTRY])))  # who may see which chunk
     app[WARMER] = Warmer(app[REGISTRY], app[FRAMES], app[METRICS].registry, enabled=encode_mode() != Mode.STORED)
-    app.cleanup_ctx.append(warming(WARMER))  # fabric.wire.warming
+    app.cleanup_ctx.append(warming(WARMER, EVENTS))  # fabric.wire.warming: follows the event log
     r = app.router
     r.add_get(ARTIFACTS, list_artifacts)
     r.add_get(f"{ARTIFACTS}/{{artifact}}/versions", list_versions)
@@ -176,7 +176,6 @@ async def commit_manifest(request: web.Request) -> web.Response:
         event["traceparent"] = trace
     request.app[EVENTS].append(event)
     await _share(request, event)
-    request.app[WARMER].add(artifact, version, manifest.parent)  # the version its sites likely hold
     return web.json_response({"artifact": artifact, "version": version, "manifest_id": mid}, status=201)
 
 
@@ -220,11 +219,6 @@ async def move_channel(request: web.Request) -> web.Response:
     event = {"type": "channel", "artifact": artifact, "channel": channel, "version": ch.version, "action": action}
     if ch.staged is not None:
         event["staged"] = ch.staged_version
-    # the version the channel's sites fetch next, warmed against the one they hold (fabric.wire.warming)
-    if action == "promote" and len(ch.stack) >= 2:
-        request.app[WARMER].add(artifact, ch.version, ch.stack[-2])
-    elif action == "stage" and ch.version and ch.staged_version:
-        request.app[WARMER].add(artifact, ch.staged_version, ch.version)
     trace = request.app[TRACES].get((artifact, ch.version))  # the version's trace, for the sites' deploys
     request.app[EVENTS].append(event | ({"traceparent": trace} if trace else {}))
     await _share(request, event | ({"traceparent": trace} if trace else {}))

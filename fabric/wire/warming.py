@@ -3,15 +3,18 @@
 Sites that hold a version and pull the next one get its changed chunks as deltas
 encoded in `full` mode, and the sender keeps those frames (`fabric.wire.framecache`):
 every site after the first gets them without codec time. `Warmer` makes the first
-site one of those too. When a version is committed through this origin, it encodes
-that version's chunks against its parent (the manifest's `parent`: the version its
-publisher started from, the channel's or the artifact's latest); when a channel is
-promoted (or stages a version) here, the channel's new (staged) version against the
-one its sites hold; when the origin starts, the channels' versions against the ones
-before them (`STARTUP_JOBS`, the channels moved last). It plans each as a fetch from
-such a site would (`fabric.wire.chunks`: the plan of `plan_references`, every
-encoding, the serving zstd level) and puts the frames in the app's cache
-(docs/encodings.md, "Encoded once").
+site one of those too. It follows the origin's event log (`fabric.wire.events`), which
+carries this origin's commits and channel moves and, over a store shared with other
+origins, theirs (`fabric.origin.peers`): for a new version it encodes the version's
+chunks against its parent (the manifest's `parent`: the version its publisher
+started from, the channel's or the artifact's latest); for a promote, the channel's
+version against the one before it in the channel's history; for a stage, the staged
+version against the channel's. When the origin starts, it does the same for the
+channels' versions (`STARTUP_JOBS`, the channels moved last). It plans each as a fetch
+from a site holding the base would (`fabric.wire.chunks`: the plan of
+`plan_references`, every encoding, the serving zstd level) and puts the frames in the
+app's cache (docs/encodings.md, "Encoded once"). A job reads at most its two manifests
+and one channel.
 
 Only chunks with a reference are warmed (the deltas: a chunk without one goes to the
 first site as it goes today, and a relay sends such chunks stored anyway), and only
@@ -39,12 +42,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fabric.core.codec import Encoding
+from fabric.core.manifest import Manifest
 from fabric.core.refplan import plan_references
 from fabric.errors import FabricError
 from fabric.logs import get_logger
 from fabric.store.registry import Registry
 from fabric.store.store import Store
 from fabric.wire.chunks import LEVEL, RequestPlan, encode_kept
+from fabric.wire.events import EventLog
 from fabric.wire.framecache import FrameCache, key as frame_key
 
 log = get_logger("warming")
@@ -56,7 +61,8 @@ _QUEUE = 64  # jobs queued at most; a burst of commits beyond it drops the oldes
 class Job:
     artifact: str
     version: str  # the version sites will fetch
-    base: str  # the version they hold
+    base: str | None = None  # the version they hold; None: found when the job runs (`_base`)
+    channel: str | None = None  # for None bases: the channel that moved (else the manifest's parent)
 
 
 class Warmer:
@@ -75,11 +81,10 @@ class Warmer:
                              registry=metrics_registry)
         self.pending.set(1 if self.enabled else 0)  # the start-up jobs, until `run` has listed them
 
-    def add(self, artifact: str, version: str, base: str | None) -> None:
-        """Queue a job (no-op when warming is off, or when `base` is None or `version`)."""
-        if not self.enabled or base is None or base == version:
+    def add(self, job: Job) -> None:
+        """Queue a job (no-op when warming is off, or when its base is its version)."""
+        if not self.enabled or job.base == job.version:
             return
-        job = Job(artifact, version, base)
         if job in self._jobs:
             return
         if len(self._jobs) >= _QUEUE:
@@ -88,13 +93,36 @@ class Warmer:
         self.pending.set(len(self._jobs))
         self._wake.set()
 
+    def saw(self, event: dict) -> None:
+        """Queue the job an event of the origin's log calls for (a new version, a promote, a stage)."""
+        kind, artifact, action = event.get("type"), event.get("artifact"), event.get("action")
+        if not isinstance(artifact, str):
+            return
+        if kind == "version" and isinstance(event.get("version"), str):
+            self.add(Job(artifact, event["version"]))
+        elif kind == "channel" and action in ("promote", "stage") and isinstance(event.get("channel"), str):
+            version = event.get("staged") if action == "stage" else event.get("version")
+            if isinstance(version, str):
+                self.add(Job(artifact, version, channel=event["channel"]))
+
+    async def follow(self, events: EventLog) -> None:
+        """Call `saw` for every event appended to `events` from now on, until cancelled."""
+        after = events.seq
+        while not events.closed:
+            await events.wait(after, 60.0)
+            new, _ = events.since(after)
+            for event in new:
+                self.saw(event)
+            if new:
+                after = new[-1]["seq"]
+
     async def run(self) -> None:
         """Queue the start-up jobs (`STARTUP_JOBS`), then run jobs as they come until cancelled."""
         if not self.enabled:
             return
         try:
             for job in await asyncio.to_thread(self._startup_jobs):
-                self.add(job.artifact, job.version, job.base)
+                self.add(job)
         except (FabricError, OSError) as e:
             log.warning("start-up warming skipped", code=getattr(e, "code", "io_error"), error=str(e))
         self.pending.set(len(self._jobs))
@@ -132,7 +160,10 @@ class Warmer:
 
     async def warm(self, job: Job) -> tuple[int, int]:
         """Encode `job`'s deltas into the cache; (frames put, their payload bytes)."""
-        store, plan, ids = await asyncio.to_thread(self._plan, job)
+        prepared = await asyncio.to_thread(self._plan, job)
+        if prepared is None:
+            return 0, 0
+        store, plan, ids = prepared
         put = size = 0
         for cid in ids:
             if size >= self.cache.budget // 2:
@@ -151,10 +182,24 @@ class Warmer:
                 self.warmed.inc()
         return put, size
 
-    def _plan(self, job: Job) -> tuple[Store, RequestPlan, list[str]]:
-        """The plan a fetch from a site holding the base would get, and the chunks to warm (blocking)."""
+    def _base(self, job: Job, target: Manifest) -> str | None:
+        """The version the sites hold that will fetch `job`'s (blocking)."""
+        if job.base is not None or job.channel is None:
+            return job.base or target.parent
+        ch = self.registry.channel(job.artifact, job.channel)
+        if ch.staged_version == job.version:
+            return ch.version
+        return ch.stack[-2] if len(ch.stack) >= 2 and ch.stack[-1] == job.version else None
+
+    def _plan(self, job: Job) -> tuple[Store, RequestPlan, list[str]] | None:
+        """The plan a fetch from a site holding the base would get, and the chunks to warm (blocking);
+        None when there is no base (a first version) or it is the version itself."""
         reg = self.registry
-        target, held = reg.manifest(job.artifact, job.version), reg.manifest(job.artifact, job.base)
+        target = reg.manifest(job.artifact, job.version)
+        base = self._base(job, target)
+        if base is None or base == job.version:
+            return None
+        held = reg.manifest(job.artifact, base)
         hints = plan_references(target, [held])
         plan = RequestPlan(hints, frozenset(Encoding))
         have = set(held.chunk_ids())
@@ -162,11 +207,16 @@ class Warmer:
         return reg.store, plan, ids
 
 
-def warming(key: web.AppKey):
-    """A cleanup context: the app's `Warmer` (under `key`) runs while the app runs."""
+def warming(key: web.AppKey, events: web.AppKey):
+    """A cleanup context: the app's `Warmer` (under `key`) runs while the app runs, following
+    the app's event log (under `events`)."""
     async def ctx(app: web.Application):
-        task = asyncio.create_task(app[key].run())
+        warmer: Warmer = app[key]
+        tasks = [asyncio.create_task(warmer.run())]
+        if warmer.enabled:
+            tasks.append(asyncio.create_task(warmer.follow(app[events])))
         yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return ctx

@@ -88,18 +88,72 @@ def test_without_warming_the_first_site_encodes_each_delta(origin_and_site, monk
     assert len(encoded) == len([c for c in v3.unique_chunks() if c not in set(v2.chunk_ids())])
 
 
-def test_a_job_is_queued_only_with_a_base_other_than_its_version_and_once(origin_and_site):
-    origin, _, _ = origin_and_site
+def test_a_job_is_queued_once_and_a_version_without_a_parent_warms_nothing(origin_and_site):
+    origin, _, (v1, v2, v3) = origin_and_site
     w = warmer(origin)
     w.pending.set(0)  # as `run` leaves it when start-up found nothing
-    for base in (None, "v3"):  # a first version (no parent), and a version against itself
-        w.add("m", "v3", base)
+    w.add(Job("m", "v3", "v3"))  # a version against itself
     assert w.pending._value.get() == 0
-    w.add("m", "v3", "v2")
-    w.add("m", "v3", "v2")
+    w.add(Job("m", "v3", "v2"))
+    w.add(Job("m", "v3", "v2"))
     assert w.pending._value.get() == 1
+    assert v3.parent is None and asyncio.run(w.warm(Job("m", "v3"))) == (0, 0)  # no parent: no base
     assert asyncio.run(w.warm(Job("m", "v3", "v2")))[0] > 0
     assert asyncio.run(w.warm(Job("m", "v3", "v2"))) == (0, 0)  # kept already: skipped
+
+
+def test_the_events_that_call_for_warming_and_the_base_each_one_gets(origin_and_site):
+    origin, _, _ = origin_and_site
+    reg, w = Registry(origin), warmer(origin)
+    for event in ({"type": "version", "artifact": "m", "version": "v3"},
+                  {"type": "channel", "artifact": "m", "channel": "prod", "version": "v2", "action": "promote"},
+                  {"type": "channel", "artifact": "m", "channel": "prod", "version": "v2", "action": "stage",
+                   "staged": "v3"},
+                  {"type": "channel", "artifact": "m", "channel": "prod", "version": "v1", "action": "rollback"},
+                  {"type": "site", "site": "s1"}, {"type": "version", "artifact": 7, "version": "v1"}):
+        w.saw(event)
+    assert w._jobs == [Job("m", "v3"), Job("m", "v2", channel="prod"), Job("m", "v3", channel="prod")]
+    reg.promote("m", "v1", "prod")
+    reg.promote("m", "v2", "prod")
+    reg.stage("m", "v3", "prod")
+    v3 = reg.manifest("m", "v3")
+    assert [w._base(job, v3) for job in w._jobs[1:]] == ["v1", "v2"]  # the promote's previous, the stage's current
+
+
+def test_a_move_through_another_origin_over_the_store_warms_here_too(origin_and_site, tmp_path):
+    from fabric.origin.peers import MoveWatch
+    from fabric.store.store import open_store
+    from fabric.wire.events import EventLog
+    from helpers.versions import Seg, b, step, version, weights
+    store = open_store(tmp_path / "shared")  # a store two origins share, with their move log
+    arrays = [weights(4000) for _ in range(3)]
+    for i, name in enumerate(("v1", "v2")):
+        arrays = [step(a) for a in arrays]
+        version("m", name, f"2026-01-0{i + 1}T00:00:00Z",
+                {"m.st": [Seg(b(a), f"t{k}", "BF16") for k, a in enumerate(arrays)]}, stores=(store,))
+    here, there = EventLog(), EventLog()
+    w = Warmer(Registry(store), FrameCache(64 << 20), CollectorRegistry())
+
+    async def main() -> int:
+        mine, theirs = MoveWatch(store, here, CollectorRegistry()), MoveWatch(store, there, CollectorRegistry())
+        follower = asyncio.create_task(w.follow(here))
+        try:
+            for v in ("v1", "v2"):  # promoted through the other origin
+                await asyncio.to_thread(Registry(store).promote, "m", v, "prod")
+                await theirs.record({"type": "channel", "artifact": "m", "channel": "prod", "version": v,
+                                     "action": "promote"})
+            assert await mine.poll_once() == 1  # the channel read once, at v2
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if w._jobs:
+                    break
+        finally:
+            follower.cancel()
+        assert w._jobs == [Job("m", "v2", channel="prod")]
+        return (await w.warm(w._jobs[0]))[0]
+
+    v1, v2 = (Registry(store).manifest("m", v) for v in ("v1", "v2"))
+    assert asyncio.run(main()) == len(set(v2.unique_chunks()) - set(v1.chunk_ids())) > 0
 
 
 def test_a_job_stops_at_half_the_budget(origin_and_site):
@@ -113,7 +167,7 @@ def test_a_job_stops_at_half_the_budget(origin_and_site):
 def test_warming_is_off_without_a_budget_or_under_the_stored_pin(origin_and_site):
     origin, _, _ = origin_and_site
     for w in (warmer(origin, budget=0), warmer(origin, enabled=False)):
-        w.add("m", "v3", "v2")
+        w.add(Job("m", "v3", "v2"))
         assert not w.enabled and w.pending._value.get() == 0
         asyncio.run(asyncio.wait_for(w.run(), 5))  # returns at once: nothing to run
 
@@ -127,7 +181,7 @@ def test_run_warms_each_channels_version_at_start_and_queued_jobs_then_idles(ori
     async def run_until_done():
         async with running(w):
             await idle(w, lambda: w.warmed._value.get() > 0)
-            w.add("m", "v2", "v1")  # a promote's job after start-up
+            w.add(Job("m", "v2", "v1"))  # a promote's job after start-up
             await idle(w)
     asyncio.run(run_until_done())
     encoded, _ = fetched_by_site(origin, site, v3, w.cache, monkeypatch)
@@ -142,8 +196,8 @@ def test_a_lost_chunk_ends_the_job_with_a_log_line_and_the_next_job_runs(origin_
     w = warmer(origin)
 
     async def two_jobs():
-        w.add("m", "v3", "v2")
-        w.add("m", "v2", "v1")
+        w.add(Job("m", "v3", "v2"))
+        w.add(Job("m", "v2", "v1"))
         async with running(w):
             await idle(w)
     asyncio.run(two_jobs())
