@@ -454,7 +454,7 @@ class _Engine:
         try:
             await self._store(source, frame, batch, done, retry)
         finally:
-            self.budget.give(frame.held or len(frame.payload))
+            self.budget.give(frame.held)  # what `reserve` took for it (`fabric.wire.frames.memory`)
 
     async def _store(self, source: SourceState, frame: wire.Frame, batch: _Batch, done: set[str],
                      retry: set[str]) -> None:

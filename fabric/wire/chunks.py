@@ -56,7 +56,7 @@ from fabric.store.chunk_index import ChunkIndex
 from fabric.store.registry import Registry
 from fabric.store.store import Store, StoredFile
 from fabric.wire import frames, linkrate
-from fabric.wire.framecache import ORIGIN_BYTES, Frame, FrameCache, key as frame_key
+from fabric.wire.framecache import ORIGIN_BYTES, FrameCache, Key as FrameKey, key as frame_key
 from fabric.wire.negotiate import parse_fields
 from fabric.wire.protocol import (CHUNK_STREAM, CHUNKS_FETCH, CHUNKS_HAS, ENCODINGS, ENCODINGS_HEADER, MAGIC,
                                   MAX_IDS, WAIT_HEADER, WAIT_INTERVAL)
@@ -216,7 +216,7 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
 
 def _all_kept(cache: FrameCache, plan: RequestPlan, ids: list[str], hidden: set[str]) -> bool:
     """Whether the cache holds a frame for every id shown (then encoding costs nothing)."""
-    return cache.holds_all(frame_key(cid, plan.hint(cid), LEVEL, plan.names) for cid in ids if cid not in hidden)
+    return cache.holds_all(plan.key(cid) for cid in ids if cid not in hidden)
 
 
 def _hiding(read, hidden: set[str]):
@@ -424,6 +424,10 @@ class RequestPlan:
     def names(self) -> list[str]:
         return [e.name.lower() for e in sorted(self.encodings)]
 
+    def key(self, chunk_id: str, level: int = LEVEL) -> FrameKey:
+        """The frame cache's key for `chunk_id`'s `full`-mode frame under this plan."""
+        return frame_key(chunk_id, self.hint(chunk_id), level, self.names)
+
 
 def plan_request(store: Store, body: dict, *, may: Callable[[str], bool] | None = None,
                  cache: PlanCache | None = None) -> RequestPlan | None:
@@ -488,7 +492,7 @@ def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: En
     given, says it is held here: waiting on upstream holds none).
     """
     async def serve(chunk_id: str) -> FrameFields | None:
-        k = frame_key(chunk_id, plan.hint(chunk_id), level, plan.names)
+        k = plan.key(chunk_id, level)
         kept = (cache.get(k) or await cache.wait(k)) if cache is not None else None
         if kept is not None:
             if metrics is not None:
@@ -533,12 +537,13 @@ def _serve_one(store: Store, chunk_id: str, stored: bytes, plan: RequestPlan, mo
     return frame, time.thread_time() - t0, held
 
 
-def encode_kept(store: Store, chunk_id: str, plan: RequestPlan, level: int = LEVEL) -> tuple[Frame | None, float]:
+def encode_kept(store: Store, chunk_id: str, plan: RequestPlan, level: int = LEVEL
+                ) -> tuple[FrameFields | None, float]:
     """The `full`-mode frame a fetch under `plan` would send and keep for `chunk_id` (blocking),
     or None where it would keep none (a reference the hint names is not held here); and the
     codec's CPU seconds. Raises ChunkNotFound if the chunk is not in the store."""
     frame, seconds, held = _serve_one(store, chunk_id, store.get_chunk_stored(chunk_id), plan, Mode.FULL, level)
-    return ((frame[0], frame[1], bytes(frame[2])) if held else None), seconds
+    return (frame if held else None), seconds
 
 
 def encode_chunk(store: Store, chunk_id: str, hint: ChunkHint | None, *, allow_entropy: bool = True,

@@ -152,8 +152,9 @@ class FrameReader:
         raw_id, encoding, raw_size, length = CHUNK_HEAD.unpack(await self._take(CHUNK_HEAD.size))
         if raw_size > MAX_CHUNK or length > MAX_PAYLOAD:
             raise BadFrame(f"frame sizes out of range (raw {raw_size}, payload {length})")
-        held = memory(encoding, raw_size, length) if self._reserve is not None else 0
+        held = 0
         if self._reserve is not None:
+            held = memory(encoding, raw_size, length)
             await self._reserve(held)
         return Frame(FRAME_CHUNK, id_from_bytes(raw_id), encoding, raw_size, await self._payload(length), held)
 

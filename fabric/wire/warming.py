@@ -48,9 +48,9 @@ from fabric.errors import FabricError
 from fabric.logs import get_logger
 from fabric.store.registry import Registry
 from fabric.store.store import Store
-from fabric.wire.chunks import LEVEL, RequestPlan, encode_kept
+from fabric.wire.chunks import RequestPlan, encode_kept
 from fabric.wire.events import EventLog
-from fabric.wire.framecache import FrameCache, key as frame_key
+from fabric.wire.framecache import FrameCache
 
 log = get_logger("warming")
 STARTUP_JOBS = 4  # jobs queued when an origin starts: the channels moved most recently
@@ -168,7 +168,7 @@ class Warmer:
         for cid in ids:
             if size >= self.cache.budget // 2:
                 break
-            k = frame_key(cid, plan.hint(cid), LEVEL, plan.names)
+            k = plan.key(cid)
             if self.cache.get(k) is not None or not self.cache.claim(k):
                 continue  # kept already, or a request is encoding it
             frame = None
@@ -184,8 +184,10 @@ class Warmer:
 
     def _base(self, job: Job, target: Manifest) -> str | None:
         """The version the sites hold that will fetch `job`'s (blocking)."""
-        if job.base is not None or job.channel is None:
-            return job.base or target.parent
+        if job.base is not None:
+            return job.base
+        if job.channel is None:
+            return target.parent
         ch = self.registry.channel(job.artifact, job.channel)
         if ch.staged_version == job.version:
             return ch.version
