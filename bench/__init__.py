@@ -16,6 +16,7 @@ import ctypes.util
 import mmap
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -121,6 +122,24 @@ def machine() -> dict[str, str]:
         pass
     return {"cpu": model, "nproc": str(len(os.sched_getaffinity(0))), "ram": ram,
             "kernel": platform.release(), "python": platform.python_version()}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format -> {"name{labels}": value}."""
+    out = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"([a-z_]+(?:\{[^}]*\})?) ([-+0-9.eE]+|NaN)", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def scrape(url: str, token: str) -> dict[str, float]:
+    """A Fabric server's /metrics (`parse_metrics`), with `token`."""
+    import urllib.request
+    req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return parse_metrics(r.read().decode())
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

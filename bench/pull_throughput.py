@@ -55,7 +55,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from bench import cached_fraction, machine, md_table, tree_size
+from bench import cached_fraction, machine, md_table, parse_metrics, tree_size
 from bench import netns
 from fabric.cli import fabric_command
 from fabric.safetensors_io import TensorSpec, write_safetensors
@@ -173,10 +173,10 @@ def wait_warmed(url: str, token: str, wrap: Callable[[list[str]], list[str]] = l
     while True:
         out = subprocess.run(wrap(["curl", "-sf", "-H", f"Authorization: Bearer {token}", f"{url}/metrics"]),
                              capture_output=True, text=True).stdout
-        values = dict(line.rsplit(" ", 1) for line in out.splitlines() if line and not line.startswith("#"))
-        if values and float(values.get("fabric_frame_warm_jobs", 0)) == 0:
-            return (float(values.get("fabric_frames_warmed_total", 0)),
-                    float(values.get("fabric_frame_warm_cpu_seconds_total", 0)), time.monotonic() - t0)
+        values = parse_metrics(out)
+        if values and values.get("fabric_frame_warm_jobs", 0) == 0:
+            return (values.get("fabric_frames_warmed_total", 0.0),
+                    values.get("fabric_frame_warm_cpu_seconds_total", 0.0), time.monotonic() - t0)
         if time.monotonic() - t0 > timeout:
             raise SystemExit(f"{url} still warming its frame cache after {timeout:.0f} s")
         time.sleep(0.1)

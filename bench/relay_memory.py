@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from bench import machine, md_table
+from bench import machine, md_table, scrape
 from bench.simulate import ADMIN, PUBLISHER, RealAgents, _free_port, _wait_live, raise_nofile, site_config, site_name, write_tokens
 
 GOAL_MIB = 100
@@ -100,15 +100,6 @@ def make_weights(folder: Path, size: int, step: bool) -> Path:
 
     write_safetensors(folder / "model.safetensors", specs, fill, metadata={"format": "pt"})
     return folder
-
-
-def _metrics(url: str) -> dict[str, float]:
-    """An agent's /metrics samples (the simulation's admin token), by name with labels."""
-    import urllib.request
-    req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        lines = resp.read().decode().splitlines()
-    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))}
 
 
 def reset_peak(pid: int) -> None:
@@ -184,7 +175,7 @@ def run(size: int, children: int, timeout: float, base: str | None, delta: bool 
                 wall, active, mem = rollout(agents, so, nxt, NEXT, timeout, work)
                 out["delta"] = {"active": active, "wall": wall, "hub_hwm": mem[site_name(0)][0],
                                 "hub_rss": mem[site_name(0)][1], "edges": {s: mem[s] for s in edges},
-                                "hub_metrics": _metrics(hub_url)}
+                                "hub_metrics": scrape(hub_url, ADMIN)}
         return out
     finally:
         if agents is not None:

@@ -34,11 +34,10 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from bench import md_table
+from bench import md_table, scrape
 from bench.pull_throughput import _child_env, service, wait_http, wait_warmed
 from bench.shaped_links import PAIRS, TOKEN, prepared
 from fabric.cli import fabric_command
@@ -60,12 +59,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def metric(url: str, name: str) -> float:
-    req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
+    return scrape(url, TOKEN).get(name, 0.0)
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:

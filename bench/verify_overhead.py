@@ -44,7 +44,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -53,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from bench import machine, md_table
+from bench import machine, md_table, scrape
 from bench.pull_throughput import FABRIC, _child_env, clear, free_port, generate, service, timed, wait_http
 
 COMMAND = "python -m bench.verify_overhead"
@@ -164,19 +163,6 @@ def agent_config(work: Path, site: str, origin_url: str, port: int, trust: Path 
     path = work / f"{site}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def scrape(url: str, token: str) -> dict[str, float]:
-    import urllib.request
-    req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        m = re.fullmatch(r"([a-z_]+(?:\{[^}]*\})?) ([-+0-9.eE]+|NaN)", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
 
 
 def site_deploys(work: Path, origin_url: str, trust: Path, key_file: Path, deploys: int) -> dict[str, dict]:
