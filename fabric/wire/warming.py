@@ -26,7 +26,8 @@ for it (the cache's `claim`). A job stops once it has put half of the cache's bu
 leaving the rest to what requests encode. Nothing is warmed when the cache
 keeps nothing or the encode mode is pinned to `stored` (no request would send a kept
 frame it did not ask for). A failure (a manifest or chunk gone, a store error) ends
-that job with a log line; the fetches encode for themselves, as before.
+that job with a log line (any other exception too: warming never stops for good); the
+fetches encode for themselves, as before.
 
 Metrics: `fabric_frames_warmed_total` (frames put in the cache), `fabric_frame_warm_cpu_seconds_total`
 (the codec's CPU time for them) and `fabric_frame_warm_jobs` (jobs queued or running; 0: the
@@ -139,6 +140,9 @@ class Warmer:
                 except (FabricError, OSError) as e:
                     log.warning("warming failed", artifact=job.artifact, version=job.version,
                                 code=getattr(e, "code", "io_error"), error=str(e))
+                except Exception as e:  # a bug, or the codec on bytes it cannot take: this job only
+                    log.error("warming failed", artifact=job.artifact, version=job.version,
+                              code="internal", error=f"{type(e).__name__}: {e}")
                 finally:
                     if self._jobs and self._jobs[0] == job:
                         self._jobs.pop(0)

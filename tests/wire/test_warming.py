@@ -205,6 +205,26 @@ def test_a_lost_chunk_ends_the_job_with_a_log_line_and_the_next_job_runs(origin_
     assert w.warmed._value.get() > 0  # the second job (and chunks before the lost one) still warmed
 
 
+def test_a_job_that_raises_anything_ends_only_itself(origin_and_site, monkeypatch):
+    origin, _, _ = origin_and_site
+    w = warmer(origin)
+    real = w._plan
+
+    def plan(job):
+        if job.version == "v3":
+            raise ValueError("a bug in planning")
+        return real(job)
+    monkeypatch.setattr(w, "_plan", plan)
+
+    async def two_jobs():
+        w.add(Job("m", "v3", "v2"))
+        w.add(Job("m", "v2", "v1"))
+        async with running(w):
+            await idle(w, lambda: w.warmed._value.get() > 0)
+    asyncio.run(two_jobs())
+    assert w.pending._value.get() == 0 and w.warmed._value.get() > 0  # v2's job ran after v3's failed
+
+
 def test_start_up_warms_channels_only_the_most_recently_moved_first(origin_and_site):
     origin, _, _ = origin_and_site
     reg = Registry(origin)
