@@ -157,6 +157,8 @@ class SiteAgent:
                     await self.control.report_site(self.cfg.site, body)
             except FabricError as e:
                 log.warning("status report failed", error=e.message)
+            except Exception as e:  # noqa: BLE001 - a bug in a report must not end the reports for good
+                log.error("status report failed", error=f"{type(e).__name__}: {e}")
             await asyncio.sleep(self.cfg.report_interval)
 
     async def close(self) -> None:

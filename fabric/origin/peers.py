@@ -106,6 +106,9 @@ class MoveWatch:
             except FabricError as e:
                 self.metrics.errors.labels("poll").inc()
                 log.warning("move log poll failed", error=e.code, message=e.message[:300])
+            except Exception as e:  # noqa: BLE001 - a bug, or an entry we cannot take: the watch outlives it
+                self.metrics.errors.labels("poll").inc()
+                log.error("move log poll failed", error="internal", message=f"{type(e).__name__}: {e}"[:300])
 
     async def poll_once(self) -> int:
         """Read the entries after the cursor and re-emit the other origins'; how many events it emitted."""

@@ -140,7 +140,7 @@ class Warmer:
                 except (FabricError, OSError) as e:
                     log.warning("warming failed", artifact=job.artifact, version=job.version,
                                 code=getattr(e, "code", "io_error"), error=str(e))
-                except Exception as e:  # a bug, or the codec on bytes it cannot take: this job only
+                except Exception as e:  # noqa: BLE001 - a bug, or the codec on bytes it cannot take: this job only
                     log.error("warming failed", artifact=job.artifact, version=job.version,
                               code="internal", error=f"{type(e).__name__}: {e}")
                 finally:

@@ -366,3 +366,38 @@ def test_hubs_under_the_origin_split_its_uplink_by_chunk_owner(tmp_path, origin,
     finally:
         for h in hubs:
             h.stop()
+
+
+def test_a_bug_in_one_status_report_does_not_end_the_reports():
+    """The report loop outlives an exception that is not a FabricError (a bug in a report)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from agents.site.agent import SiteAgent
+    from fabric.errors import TransferError
+
+    sent, calls = [], iter([KeyError("a bug"), TransferError("upstream down"), None, None])
+
+    def status():
+        e = next(calls)
+        if e is not None:
+            raise e
+        return {"ok": True}
+
+    async def report_site(site, body):
+        sent.append(body)
+
+    fake = SimpleNamespace(status=status, subtree=SimpleNamespace(bodies=lambda own: [own]),
+                           control=SimpleNamespace(report_site=report_site),
+                           cfg=SimpleNamespace(site="s1", report_interval=0.01))
+
+    async def run():
+        task = asyncio.create_task(SiteAgent.report_loop(fake))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(sent) >= 2:
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    asyncio.run(run())
+    assert sent == [{"ok": True}, {"ok": True}]  # the reports after the bug and the failure went out

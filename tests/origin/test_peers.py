@@ -62,3 +62,29 @@ def test_another_origins_moves_become_events_here_and_own_ones_are_not_echoed(tm
         assert await wb.poll_once() == 0  # the channel `nope` does not exist: no event
         assert b.epoch != epoch  # so B's followers re-sync (and learn of the rollback there)
     asyncio.run(run())
+
+
+def test_the_watch_outlives_a_poll_that_raises_anything(tmp_path):
+    store = open_store(tmp_path / "s")
+
+    async def run():
+        watch = MoveWatch(store, EventLog(), CollectorRegistry(), poll=0.01)
+        polls = []
+
+        async def poll_once():
+            polls.append(1)
+            if len(polls) == 1:
+                raise ValueError("an entry this code cannot take")
+            return 0
+        watch.poll_once = poll_once
+        task = asyncio.create_task(watch.run())
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(polls) >= 3:
+                break
+        alive = not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert alive and len(polls) >= 3
+        assert watch.metrics.errors.labels("poll")._value.get() == 1
+    asyncio.run(run())
