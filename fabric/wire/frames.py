@@ -51,9 +51,9 @@ class Frame:
 
 def memory(encoding: int, raw_size: int, length: int) -> int:
     """The bytes a received chunk frame holds until it is stored: its payload and, for a codec
-    encoding (tags 2 and up), the decoded chunk and its reference beside it (decoding a stored
+    encoding (`CODEC_TAGS`), the decoded chunk and its reference beside it (decoding a stored
     form makes its bytes from the payload alone)."""
-    return length + (2 * raw_size if encoding > Encoding.ZSTD else 0)
+    return length + (2 * raw_size if encoding in CODEC_TAGS else 0)
 
 
 def id_bytes(chunk_id: str) -> bytes:
