@@ -96,6 +96,14 @@ def json_error(e: FabricError) -> web.Response:
     return web.json_response(wire.error_body(e), status=e.http_status)
 
 
+def _answer_started(request: web.Request) -> bool:
+    """Whether bytes of this request's answer went out already (a stream under way). An error
+    then cannot become an error body: a second response written into the first one's body
+    left the client waiting for the rest of a chunked answer that never came."""
+    writer = request.writer
+    return writer is not None and writer.output_size > 0
+
+
 @web.middleware
 async def _edge(request: web.Request, handler):
     metrics: Metrics = request.app[METRICS]
@@ -114,6 +122,8 @@ async def _edge(request: web.Request, handler):
         metrics.errors.labels(e.code).inc()
         if ON_ERROR in request.app:
             request.app[ON_ERROR](request, e)
+        if _answer_started(request):
+            raise  # too late for an error body: aiohttp closes the connection, the client sees it cut
         return json_error(e)
     except web.HTTPException as e:
         status = e.status
@@ -132,6 +142,8 @@ async def _edge(request: web.Request, handler):
     except Exception as e:  # noqa: BLE001 - the edge: anything unexpected becomes a 500
         log.error("unhandled error", route=route, error=repr(e))
         metrics.errors.labels("internal").inc()
+        if _answer_started(request):
+            raise
         return web.json_response({"code": "internal", "message": "internal server error"}, status=500)
     finally:
         metrics.requests.labels(route, str(status)).inc()

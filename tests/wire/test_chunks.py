@@ -5,6 +5,7 @@ request, the serving getter, uploads, and a property test over random versions."
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from fabric.publish import LocalTarget, publish
 from fabric.store.registry import Registry
 from fabric.store.store import Store, chunk_key, open_store
 from fabric.wire import chunks, client, negotiate, protocol
+from fabric.wire import frames as wire_frames
 from fabric.wire.framecache import FrameCache, key as frame_key
 
 from helpers.files import safetensors_bytes
@@ -582,3 +584,129 @@ def test_with_one_slot_chunks_are_encoded_one_at_a_time_and_waiting_on_upstream_
     assert receive(site, first, *got) == origin.get_chunk(first)
     for cid, frame in zip(rest * 2, others):
         assert receive(site, cid, *frame) == origin.get_chunk(cid)
+
+
+# --- a relay's frames: sendfile inside a chunked answer, wait frames, a file cut short -----------
+
+def _relay_fetch(tmp_path, ids_of, ready, *, open_chunk=None, monkeypatch=None):
+    """Serve a local store through `chunk_routes` as a relay does (prepare and ready given), fetch
+    `ids_of(store)` with wait frames asked for, and return (frames read, the response's headers,
+    the error that ended the read or None)."""
+    import aiohttp
+    from aiohttp import web
+    from fabric.store.chunk_index import ChunkIndex
+    from fabric.wire.auth import TokenTable
+    from fabric.wire.server import base_app
+    from tests.helpers.ports import free_port
+
+    secret = "relay-test-secret-0123456789"
+    store = open_store(tmp_path / "store")
+    ids = ids_of(store)
+    if open_chunk is not None:
+        monkeypatch.setattr(chunks, "_open_chunk", open_chunk)
+
+    async def prepare(request, asked) -> None:
+        return None
+
+    async def main():
+        app = base_app(tokens=TokenTable.from_dict({"token": [{"name": "ops", "secret": secret, "scopes": ["admin"]}]}),
+                       store=store)
+        chunks.chunk_routes(app, index=ChunkIndex(lambda: {}), prepare=prepare, ready=ready)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        got, error = [], None
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"http://127.0.0.1:{port}{protocol.CHUNKS_FETCH}", json={"ids": ids},
+                                        headers={"Authorization": f"Bearer {secret}",
+                                                 protocol.WAIT_HEADER: "1"}) as resp:
+                    assert resp.status == 200
+                    headers = dict(resp.headers)
+                    try:
+                        async for frame in wire_frames.FrameReader(resp.content.readexactly, waits=True):
+                            got.append(frame)
+                    except (BadFrame, aiohttp.ClientPayloadError) as e:
+                        error = e
+        finally:
+            await runner.cleanup()
+        return got, headers, error
+
+    return asyncio.run(main()), ids
+
+
+def test_a_relay_sends_held_chunks_by_sendfile_in_arrival_order_with_waits_while_one_is_fetched(tmp_path):
+    rng = np.random.default_rng(3)
+    data = {}
+
+    def ids_of(store: Store) -> list[str]:
+        for blob in (rng.bytes(300_000), rng.bytes(700_001), bytes(500_000)):  # raw, raw, zstd
+            cid = digest(blob)
+            store.put_chunk(cid, blob)
+            data[cid] = blob
+        return [*data, digest(b"never held here")]
+
+    async def ready(cid: str) -> None:  # the second chunk is still "being fetched upstream" for 1.5 s
+        if cid == list(data)[1]:
+            await asyncio.sleep(1.5)
+
+    (got, headers, error), ids = _relay_fetch(tmp_path, ids_of, ready)
+    assert error is None
+    assert headers.get("Transfer-Encoding") == "chunked"
+    kinds = [(f.kind, f.chunk_id) for f in got]
+    first, second, third, absent = ids
+    waits = [c for k, c in kinds if k == wire_frames.FRAME_WAIT]
+    assert waits and set(waits) == {second}  # the relay said it is alive while it waited
+    chunk_frames = [f for f in got if f.kind == wire_frames.FRAME_CHUNK]
+    assert [f.chunk_id for f in chunk_frames] == [first, third, second]  # as they were held
+    assert {f.encoding for f in chunk_frames} == {0, 1}  # the stores' forms, tag 0 and 1
+    for f in chunk_frames:
+        assert wire_frames.decode_frame(f, expected_size=len(data[f.chunk_id])) == data[f.chunk_id]
+    assert (wire_frames.FRAME_MISSING, absent) in kinds
+    assert kinds[-1] == (wire_frames.FRAME_CHUNK, second)
+
+
+def test_a_relay_whose_chunk_file_is_cut_short_ends_the_answer_without_an_end_frame(tmp_path, monkeypatch):
+    blob = np.random.default_rng(4).bytes(400_000)
+    cid = digest(blob)
+
+    def ids_of(store: Store) -> list[str]:
+        store.put_chunk(cid, blob)
+        return [cid]
+
+    real = chunks._open_chunk
+
+    def open_then_cut(store, chunk_id):  # the file shrinks between its opening and its sending
+        opened = real(store, chunk_id)
+        os.truncate(opened[0].file.name, 1000)
+        return opened
+
+    async def ready(c: str) -> None:
+        return None
+
+    (got, _, error), _ = _relay_fetch(tmp_path, ids_of, ready, open_chunk=open_then_cut, monkeypatch=monkeypatch)
+    assert error is not None  # the client sees a broken answer, never a short chunk or an end frame
+    assert not [f for f in got if f.kind == wire_frames.FRAME_CHUNK]
+
+
+def test_an_error_after_the_answer_began_cuts_the_connection_instead_of_leaving_the_client_waiting(tmp_path,
+                                                                                                  monkeypatch):
+    """The edge turns an unexpected error into a 500, but not once the chunk stream is under way:
+    a second response inside the first one's chunked body left the client waiting for its rest."""
+    blob = np.random.default_rng(5).bytes(100_000)
+    cid = digest(blob)
+
+    def ids_of(store: Store) -> list[str]:
+        store.put_chunk(cid, blob)
+        return [cid]
+
+    def broken_open(store, chunk_id):
+        raise OSError(5, "Input/output error")
+
+    async def ready(c: str) -> None:
+        return None
+
+    (got, _, error), _ = asyncio.run(asyncio.wait_for(asyncio.to_thread(
+        _relay_fetch, tmp_path, ids_of, ready, open_chunk=broken_open, monkeypatch=monkeypatch), 20))
+    assert error is not None and got == []
