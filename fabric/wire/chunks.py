@@ -12,9 +12,9 @@ frames `full` made, served again to the next peer that asks (`FrameCache`, `FRAM
 A relay (`prepare` and `ready` given) serves stored forms as each chunk becomes held
 (`_relay_frames`): while a chunk is still being fetched upstream it sends a wait frame
 every `WAIT_INTERVAL` to a client that asked for them (`WAIT_HEADER`), so the client
-knows the relay is alive; and it copies each payload from its file in `_PIECE`-sized
-reads, so a relay serving many children holds a few pieces per request, never whole
-chunks (docs/protocol.md, "Relays").
+knows the relay is alive; and the kernel sends each payload straight from its file
+(sendfile, one HTTP chunk a frame), so a relay serving many children holds no payload in
+its own memory (docs/protocol.md, "Relays").
 
 Who sees a chunk (docs/protocol.md, "Authentication and scopes"): a chunk is served,
 or reported held, only to a token that may pull an artifact whose versions reference
@@ -69,10 +69,6 @@ FRAMES = web.AppKey("frames", FrameCache)
 LEVEL = 3  # the zstd level of the codec's entropy stages when serving
 RELAY_ENCODERS = 1  # chunks a relay reads and encodes at once for its children (issue 17's memory bound)
 _READ_AHEAD = 3  # stored chunks read ahead of the one being sent
-# bytes a relay reads from a chunk's file per write; a request holds it and, until the socket
-# takes it, the transport's copy of its unsent rest: 10 children x 4 connections x 512 KiB
-# pieces held 40 MiB of the relay's memory (issue 17)
-_PIECE = 128 << 10
 
 FrameFields = tuple[int, int, "bytes | memoryview"]  # stream tag, raw size, payload (codec body)
 ChunkGetter = Callable[[str], Awaitable[bytes | None]]  # stored bytes (tag + payload) or None
@@ -194,14 +190,18 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
         length = await _stream_length(store, ids, hidden) if prepare is None and plan is None else None
         if length is not None:
             resp.content_length = length  # no chunked encoding: frames go out as they are
+        relayed = length is None and ready is not None and plan is None and store.local
+        if relayed:
+            resp.enable_chunked_encoding()  # `_relay_frame` writes each frame as one HTTP chunk
         await resp.prepare(request)
         await resp.write(MAGIC)
         if length is not None and store.local:
             metrics.fetches.labels("sendfile").inc()
             await _sendfile_frames(request, resp, store, ids, metrics, policy, hidden)  # stored forms, zero-copy
-        elif ready is not None and plan is None and store.local:
+        elif relayed:
             metrics.fetches.labels("relayed").inc()
-            await _relay_frames(resp, store, ids, ready, hidden, metrics, waits=request.headers.get(WAIT_HEADER) == "1")
+            await _relay_frames(request, resp, store, ids, ready, hidden, metrics,
+                                waits=request.headers.get(WAIT_HEADER) == "1")
         else:
             metrics.fetches.labels("encoded" if plan else "stored").inc()
             await _send_frames(resp, ids, read, plan, policy, metrics,
@@ -314,10 +314,10 @@ def _close_opened(fut: asyncio.Future) -> None:
         fut.result()[0].file.close()
 
 
-async def _relay_frames(resp: web.StreamResponse, store: Store, ids: list[str], ready: Ready, hidden: set[str],
-                        metrics: Metrics, *, waits: bool) -> None:
-    """A relay's frames: each chunk once `ready` says it is held, its stored payload copied
-    from the file `_PIECE` bytes at a time; a missing frame if it is hidden or never came.
+async def _relay_frames(request: web.Request, resp: web.StreamResponse, store: Store, ids: list[str], ready: Ready,
+                        hidden: set[str], metrics: Metrics, *, waits: bool) -> None:
+    """A relay's frames: each chunk once `ready` says it is held, its stored payload sent
+    from its file by the kernel; a missing frame if it is hidden or never came.
 
     To a client that reads wait frames (`waits`), chunks go in the order they arrive here
     (any order is allowed then: docs/protocol.md, "Relays"), with a wait frame naming the
@@ -338,7 +338,7 @@ async def _relay_frames(resp: web.StreamResponse, store: Store, ids: list[str], 
             else:
                 fut = min(pending, key=pending.get)
                 await fut
-            await _relay_frame(resp, store, ids[pending.pop(fut)], hidden, metrics)
+            await _relay_frame(request, resp, store, ids[pending.pop(fut)], hidden, metrics)
     finally:
         for fut in pending:
             fut.cancel()
@@ -348,8 +348,14 @@ async def _nothing() -> None:
     return None
 
 
-async def _relay_frame(resp: web.StreamResponse, store: Store, cid: str, hidden: set[str], metrics: Metrics) -> None:
-    """One chunk frame (or a missing frame) of `_relay_frames`, its payload read in pieces."""
+async def _relay_frame(request: web.Request, resp: web.StreamResponse, store: Store, cid: str, hidden: set[str],
+                       metrics: Metrics) -> None:
+    """One chunk frame (or a missing frame) of `_relay_frames`.
+
+    The response is chunked (HTTP/1.1), and the frame goes out as one HTTP chunk written
+    under aiohttp's writer, straight to the transport: its size line and the frame's
+    header, the payload by sendfile, the CRLF that ends it. A file that gives fewer bytes
+    than its chunk's size ends the connection (no end frame: the client fetches again)."""
     opened = None if cid in hidden else await asyncio.to_thread(_open_chunk, store, cid)
     if opened is None:
         metrics.chunks_missing.inc()
@@ -357,14 +363,16 @@ async def _relay_frame(resp: web.StreamResponse, store: Store, cid: str, hidden:
         return
     stored, raw_size = opened
     try:
-        await resp.write(frames.chunk_header(cid, stored.tag, raw_size, stored.size))
-        fd, sent = stored.file.fileno(), 0
-        while sent < stored.size:
-            piece = await asyncio.to_thread(os.pread, fd, min(_PIECE, stored.size - sent), stored.offset + sent)
-            if not piece:
-                raise ConnectionResetError(f"chunk {cid} ended early in its file")  # cut: no end frame
-            await resp.write(piece)
-            sent += len(piece)
+        header = frames.chunk_header(cid, stored.tag, raw_size, stored.size)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        transport.write(b"%x\r\n%s" % (len(header) + stored.size, header))
+        sent = await asyncio.get_running_loop().sendfile(transport, stored.file, stored.offset, stored.size)
+        if sent != stored.size:
+            transport.abort()
+            raise ConnectionResetError(f"chunk {cid} ended early in its file ({sent} of {stored.size} bytes)")
+        transport.write(b"\r\n")
     finally:
         stored.file.close()
     metrics.chunks_out.inc()
