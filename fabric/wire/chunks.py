@@ -286,19 +286,34 @@ async def _sendfile_frames(request: web.Request, resp: web.StreamResponse, store
 
 async def _sendfile_frame(request: web.Request, resp: web.StreamResponse, loop, cid: str,
                           opened: "tuple[StoredFile, int] | None", metrics: Metrics,
-                          policy: EncodePolicy | None) -> None:
-    """One chunk's frame by sendfile (or its missing frame); closes the chunk's file."""
+                          policy: EncodePolicy | None, *, chunked: bool = False) -> None:
+    """One chunk's frame by sendfile (or its missing frame); closes the chunk's file.
+
+    In a `chunked` answer (a relay's, `_relay_frames`) the frame goes out as one HTTP chunk
+    written under aiohttp's writer, straight to the transport: its size line with the frame's
+    header, the payload by sendfile, the CRLF that ends it. A file that gives fewer bytes than
+    the frame announced ends the connection (no end frame: the client fetches again)."""
     if opened is None:
         metrics.chunks_missing.inc()
         await resp.write(frames.missing_frame(cid))
         return
     stored, raw_size = opened
     try:
-        await resp.write(frames.chunk_header(cid, stored.tag, raw_size, stored.size))
-        if request.transport is None:
+        header = frames.chunk_header(cid, stored.tag, raw_size, stored.size)
+        transport = request.transport
+        if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
+        if chunked:
+            transport.write(b"%x\r\n%s" % (len(header) + stored.size, header))
+        else:
+            await resp.write(header)
         t0 = time.perf_counter()
-        await loop.sendfile(request.transport, stored.file, stored.offset, stored.size)
+        sent = await loop.sendfile(transport, stored.file, stored.offset, stored.size)
+        if sent != stored.size:
+            transport.abort()
+            raise ConnectionResetError(f"chunk {cid} ended early in its file ({sent} of {stored.size} bytes)")
+        if chunked:
+            transport.write(b"\r\n")
         if policy:
             policy.wrote(stored.size, time.perf_counter() - t0)
             policy.encoded(Mode.STORED, raw_size, stored.size, 0.0)
@@ -350,33 +365,9 @@ async def _nothing() -> None:
 
 async def _relay_frame(request: web.Request, resp: web.StreamResponse, store: Store, cid: str, hidden: set[str],
                        metrics: Metrics) -> None:
-    """One chunk frame (or a missing frame) of `_relay_frames`.
-
-    The response is chunked (HTTP/1.1), and the frame goes out as one HTTP chunk written
-    under aiohttp's writer, straight to the transport: its size line and the frame's
-    header, the payload by sendfile, the CRLF that ends it. A file that gives fewer bytes
-    than its chunk's size ends the connection (no end frame: the client fetches again)."""
+    """One chunk frame (or a missing frame) of `_relay_frames`, as one HTTP chunk by sendfile."""
     opened = None if cid in hidden else await asyncio.to_thread(_open_chunk, store, cid)
-    if opened is None:
-        metrics.chunks_missing.inc()
-        await resp.write(frames.missing_frame(cid))
-        return
-    stored, raw_size = opened
-    try:
-        header = frames.chunk_header(cid, stored.tag, raw_size, stored.size)
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
-        transport.write(b"%x\r\n%s" % (len(header) + stored.size, header))
-        sent = await asyncio.get_running_loop().sendfile(transport, stored.file, stored.offset, stored.size)
-        if sent != stored.size:
-            transport.abort()
-            raise ConnectionResetError(f"chunk {cid} ended early in its file ({sent} of {stored.size} bytes)")
-        transport.write(b"\r\n")
-    finally:
-        stored.file.close()
-    metrics.chunks_out.inc()
-    metrics.bytes_out.inc(stored.size)
+    await _sendfile_frame(request, resp, asyncio.get_running_loop(), cid, opened, metrics, None, chunked=True)
 
 
 def _open_chunk(store: Store, chunk_id: str) -> tuple[StoredFile, int] | None:
