@@ -71,6 +71,9 @@ def test_edges_follow_report_and_fetch_through_the_hub_then_fall_back(tmp_path, 
             a.wait_active("m", "v2", timeout=30)
         held = holders(origin.port, pids)
         assert all(held[e.site] == 0 for e in edges), held
+        # Reports go every report_interval: wait for the hub's report of v2 before it dies,
+        # so the report that must stay behind it is known.
+        _sites_when(origin.url, "the hub's report of v2", lambda s: _active(s.get("hub", {})) == "v2")
 
         # The hub dies: the edges follow, read and report at the origin, and still deploy.
         hub.kill()
