@@ -25,6 +25,7 @@ from fabric.store.store import open_store
 
 from helpers.agent import SITE_TOKENS, AgentProcess, write_config
 from helpers.origin import ADMIN_SECRET, DEFAULT_TOKENS, PUBLISH_SECRET, start_origin, tree_digest, write_token_file
+from helpers.wait import wait_until
 
 ALL_TOKENS = DEFAULT_TOKENS + SITE_TOKENS
 
@@ -141,10 +142,12 @@ def test_tree_replicates_each_chunk_once_from_the_origin(tmp_path, origin, token
             assert by_source.get(f'fabric_agent_bytes_by_source_total{{source="{hub.url}"}}', 0) > 0.9 * v1_bytes
         # Every site reports to the origin, and `fabric status` lists them.
         from helpers.origin import fabric_json
-        time.sleep(1.0)
-        st = fabric_json("status", "--origin", origin.url, "--token", ADMIN_SECRET)  # every site: admin only
-        actives = {s["site"]: s["channels"][0]["active"] for s in st["sites"]}
-        assert actives == {"hub": "v2", "edge-a": "v2", "edge-b": "v2"}
+
+        def actives():  # reports go every report_interval, the edges' through the hub
+            st = fabric_json("status", "--origin", origin.url, "--token", ADMIN_SECRET)  # every site: admin only
+            shown = {s["site"]: s["channels"][0]["active"] for s in st["sites"]}
+            return shown if shown == {"hub": "v2", "edge-a": "v2", "edge-b": "v2"} else None
+        wait_until(actives, timeout=20, interval=0.2, what="every site's report of v2 in `fabric status`")
     finally:
         for a in [*edges, hub]:
             a.stop()
@@ -161,9 +164,10 @@ def test_retention_keeps_last_n_and_pins(tmp_path, origin, tokens_file):
                 from helpers.origin import fabric_json
                 pins = fabric_json("pin", "m@v1", "--agent", agent.url, "--token", ADMIN_SECRET)
                 assert pins["pins"] == ["m@v1"]
-        time.sleep(0.5)
-        kept = sorted(p.name for p in (agent.data / "versions" / "m").iterdir())
-        assert kept == ["v1", "v3", "v4"]  # last two, plus the pinned v1
+        def kept():  # retention runs after the activation
+            return sorted(p.name for p in (agent.data / "versions" / "m").iterdir())
+        wait_until(lambda: kept() == ["v1", "v3", "v4"], timeout=10,  # last two, plus the pinned v1
+                   what="retention to keep v1, v3 and v4")
         store = open_store(agent.data / "store")
         # Chunks of dropped v2 are gone; every kept version is still complete.
         from fabric.store.registry import Registry

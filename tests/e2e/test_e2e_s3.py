@@ -28,7 +28,8 @@ from helpers.agent import SITE_TOKENS, AgentProcess
 from helpers.http import request
 from helpers.origin import (DEFAULT_TOKENS, PUBLISH_SECRET, OriginProcess, fabric, fabric_json, free_port,
                             tree_digest, write_token_file)
-from helpers.s3 import HookProcess, Weed, hook_config, wait_until
+from helpers.s3 import HookProcess, Weed, hook_config
+from helpers.wait import wait_until
 
 TOKEN = "hook-secret-2f9a"
 HOOK_PORT = free_port()

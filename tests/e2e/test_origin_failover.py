@@ -22,7 +22,8 @@ from fabric.wire.client import RemoteTarget, SyncOrigin
 from helpers.agent import SITE_TOKENS, AgentProcess
 from helpers.http import request
 from helpers.origin import ADMIN_SECRET, DEFAULT_TOKENS, PUBLISH_SECRET, OriginProcess, write_token_file
-from helpers.s3 import SUITE_BUCKET, wait_until
+from helpers.s3 import SUITE_BUCKET
+from helpers.wait import wait_until
 
 
 def _origin(tmp_path: Path, tokens: Path, store: str, name: str, env: dict) -> OriginProcess:

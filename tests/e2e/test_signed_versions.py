@@ -36,6 +36,7 @@ from helpers.http import request
 from helpers.lying_origin import LyingOrigin, altered, forge_channel, forge_version, substituted_manifest
 from helpers.origin import (ADMIN_SECRET, DEFAULT_TOKENS, PUBLISH_SECRET, PULL_SECRET, fabric, fabric_json, start_origin,
                             write_token_file)
+from helpers.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -228,10 +229,11 @@ def test_an_expired_channel_statement_leaves_the_site_on_its_version_saying_stal
     assert c["active"] == agent.active(A) == "v1" and c["trust_error"] is None
     assert agent.metrics()[stale] == 1
     assert agent.metrics()[f'fabric_agent_channel_trust{{artifact="{A}",channel="{CH}",state="stale"}}'] == 1
-    time.sleep(1.0)  # a report or two (report_interval 0.5 s)
-    shown = fabric_json("status", "--origin", lab.origin.url, "--token", ADMIN_SECRET)
-    reported = next(c for site in shown["sites"] for c in site["channels"] if site["site"] == "solo")
-    assert (reported["trust"], reported["active"]) == ("stale", "v1"), reported
+    def reported():  # the next report (report_interval 0.5 s) carries it
+        shown = fabric_json("status", "--origin", lab.origin.url, "--token", ADMIN_SECRET)
+        c = next(c for site in shown["sites"] for c in site["channels"] if site["site"] == "solo")
+        return c if (c["trust"], c["active"]) == ("stale", "v1") else None
+    wait_until(reported, timeout=15, interval=0.2, what="the site's report of a stale v1 at the origin")
     table = fabric("status", "--origin", lab.origin.url, "--token", ADMIN_SECRET)
     assert table.returncode == 0 and "trust" in table.stdout and "stale" in table.stdout, table.stdout
     lab.publish("v2")  # a fresh move ends it

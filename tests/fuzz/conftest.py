@@ -6,7 +6,6 @@ generated inputs the suite sends in all; `budget(share)` is one test's part of i
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,13 +84,4 @@ def fleet(tmp_path_factory):
             p.stop()
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-__all__ = ["Fleet", "HOOK_TOKEN", "MAX_RSS", "SITE_SECRETS", "wait_until", "rss_of"]
+__all__ = ["Fleet", "HOOK_TOKEN", "MAX_RSS", "SITE_SECRETS", "rss_of"]

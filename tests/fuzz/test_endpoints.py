@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from helpers.http import Session, request
 from helpers.origin import ADMIN_SECRET, PUBLISH_SECRET, PULL_SECRET, parse_metrics
 
-from fuzz.conftest import HOOK_TOKEN, SITE_SECRETS, wait_until
+from fuzz.conftest import HOOK_TOKEN, SITE_SECRETS
+from helpers.wait import wait_until
 from fuzz.strategies import ZERO_ID, as_body, header_text, hostile_texts, json_values, names, with_field
 
 pytestmark = pytest.mark.timeout(3600)
@@ -165,7 +166,7 @@ def test_every_process_and_background_task_survives(fleet):
     def reported() -> bool:  # the agent's report loop still runs
         sites = request(fleet.origin.url, "GET", "/v1/sites", token=ADMIN_SECRET).json()["sites"]
         return any(s.get("site") == "solo" and (s.get("at") or 0) > t0 for s in sites)
-    wait_until(reported, 30, "a fresh report from the agent")
+    wait_until(reported, 30, what="a fresh report from the agent")
     r = request(fleet.hook.url, "GET", "/readyz")  # the hook's worker task still runs, its queue takes writes
     assert r.status == 200 and r.json()["worker"], r
     r = request(fleet.hook.url, "POST", "/events", as_body(TEMPLATES["/events"]), token=HOOK_TOKEN)

@@ -242,18 +242,6 @@ class HookServer:
         self.stop()
 
 
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy; that value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def hook_config(tmp: Path, *, port: int, bucket: str, endpoint: str, store: Path | str | None = None,
                 origin: tuple[str, str] | None = None, rules: list[dict] | None = None,
                 token: str = "hook-secret-2f9a", rescan: str = "60s", retry_max: str = "1s",

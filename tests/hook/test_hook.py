@@ -31,7 +31,8 @@ from fabric.pull import materialize
 from helpers.files import safetensors_bytes
 from helpers.http import request
 from helpers.origin import parse_metrics
-from helpers.s3 import HookServer, ThrottlingProxy, Weed, free_port, hook_config, wait_until
+from helpers.s3 import HookServer, ThrottlingProxy, Weed, free_port, hook_config
+from helpers.wait import wait_until
 
 TOKEN = "hook-secret-2f9a"
 FIXTURES = Path(__file__).parent / "fixtures" / "events"

@@ -28,7 +28,8 @@ from fabric.wire.client import RemoteTarget, SyncOrigin
 from helpers.agent import SITE_TOKENS, AgentProcess
 from helpers.http import request
 from helpers.origin import DEFAULT_TOKENS, PUBLISH_SECRET, PULL_SECRET, free_port, start_origin
-from helpers.s3 import HookProcess, hook_config, wait_until
+from helpers.s3 import HookProcess, hook_config
+from helpers.wait import wait_until
 from helpers.trust import key_files
 
 pytestmark = pytest.mark.timeout(150)

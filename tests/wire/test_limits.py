@@ -19,12 +19,10 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from fabric.core import digest
 from fabric.errors import ConfigError, TransferError
 from fabric.store.registry import Registry
 from fabric.store.store import open_store
 from fabric.transfer import FetchOptions, fetch_chunks
-from fabric.wire import frames as wire
 from fabric.wire.auth import TokenTable
 from fabric.wire.client import OriginClient
 from fabric.wire.connections import ServerLimits
