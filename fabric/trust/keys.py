@@ -6,7 +6,10 @@ A private key file `NAME.key` is PEM PKCS#8 ("BEGIN PRIVATE KEY"), unencrypted, 
 carry a public key as the standard base64 of its 32 raw bytes, and name it by its
 keyid: the lowercase hex SHA-256 of those 32 bytes (docs/formats.md "Keyids").
 
-Pure functions over files and bytes; nothing here talks to the network.
+Pure functions over files and bytes; nothing here talks to the network. The `cryptography`
+package is imported at the first key used, not with this module: a process that only moves
+unsigned versions (a publish, a pull, an agent without a trust policy) never pays its
+~40 ms import.
 """
 
 from __future__ import annotations
@@ -17,17 +20,29 @@ import hashlib
 import os
 import re
 import stat
+from functools import cache
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from fabric.errors import DestinationExists, KeyFileInvalid
 
 _KEYID_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_KEY_FILE = 16 << 10  # a PEM Ed25519 key is ~120 bytes; anything much bigger is not one
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+
+@cache
+def _crypto() -> SimpleNamespace:
+    """The parts of `cryptography` this module uses, imported on first use."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    return SimpleNamespace(InvalidSignature=InvalidSignature, serialization=serialization,
+                           Ed25519PrivateKey=Ed25519PrivateKey, Ed25519PublicKey=Ed25519PublicKey)
 
 
 def keyid(raw32: bytes) -> str:
@@ -50,20 +65,27 @@ class PublicKey:
         self.keyid = keyid(raw)
         self.raw = bytes(raw)
         self.b64 = base64.b64encode(self.raw).decode("ascii")
-        self._key = Ed25519PublicKey.from_public_bytes(self.raw)
+        self._key = None  # cryptography's key, made at its first use
+
+    def _public(self):
+        if self._key is None:
+            self._key = _crypto().Ed25519PublicKey.from_public_bytes(self.raw)
+        return self._key
 
     def verify(self, sig: bytes, data: bytes) -> bool:
         """True when `sig` is this key's Ed25519 signature over `data`."""
         if len(sig) != 64:
             return False
+        key = self._public()
         try:
-            self._key.verify(sig, data)
-        except InvalidSignature:
+            key.verify(sig, data)
+        except _crypto().InvalidSignature:
             return False
         return True
 
     def pem(self) -> bytes:
-        return self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        ser = _crypto().serialization
+        return self._public().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PublicKey) and other.raw == self.raw
@@ -89,22 +111,22 @@ class Key:
     __slots__ = ("_key", "public", "keyid")
 
     def __init__(self, key: Ed25519PrivateKey):
+        ser = _crypto().serialization
         self._key = key
-        self.public = PublicKey(key.public_key().public_bytes(serialization.Encoding.Raw,
-                                                              serialization.PublicFormat.Raw))
+        self.public = PublicKey(key.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw))
         self.keyid = self.public.keyid
 
     @classmethod
     def from_seed(cls, seed: bytes) -> "Key":
         """The key whose 32-byte private seed is `seed` (RFC 8032); the test vectors use one."""
-        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+        return cls(_crypto().Ed25519PrivateKey.from_private_bytes(seed))
 
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
 
     def pem(self) -> bytes:
-        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption())
+        ser = _crypto().serialization
+        return self._key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
 
     def __repr__(self) -> str:
         return f"Key(keyid={self.keyid[:16]}…)"
@@ -139,7 +161,7 @@ def generate_key(name: str, out_dir: Path) -> tuple[Path, Path]:
     for p in (key_path, pub_path):
         if os.path.lexists(p):
             raise DestinationExists(f"{p} exists; a key is never overwritten (choose another NAME or --out)")
-    key = Key(Ed25519PrivateKey.generate())
+    key = Key(_crypto().Ed25519PrivateKey.generate())
     _write_new(key_path, key.pem(), 0o600)
     _write_new(pub_path, key.public.pem(), 0o644)
     return key_path, pub_path
@@ -187,11 +209,12 @@ def load_private_key(path: Path | str) -> Key:
         raise KeyFileInvalid(f"key file {path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
                              f"a private key must be private: chmod 600 {path}")
     data = _read_key_file(path)
+    c = _crypto()
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = c.serialization.load_pem_private_key(data, password=None)
     except Exception as e:  # cryptography raises ValueError, TypeError or UnsupportedAlgorithm
         raise KeyFileInvalid(f"{path} is not an unencrypted PEM private key: {e}") from None
-    if not isinstance(key, Ed25519PrivateKey):
+    if not isinstance(key, c.Ed25519PrivateKey):
         raise KeyFileInvalid(f"{path} is not an Ed25519 key (Fabric signs with Ed25519 only)")
     return Key(key)
 
@@ -217,10 +240,11 @@ def load_public_key(source: Path | str | bytes) -> PublicKey:
 def _public_from_pem(data: bytes, what: str) -> PublicKey:
     if b"PRIVATE KEY" in data:
         raise KeyFileInvalid(f"{what} holds a private key; give the public one (NAME.pub)")
+    c = _crypto()
     try:
-        key = serialization.load_pem_public_key(data)
+        key = c.serialization.load_pem_public_key(data)
     except Exception as e:  # ValueError, UnsupportedAlgorithm
         raise KeyFileInvalid(f"{what} is not a PEM public key: {e}") from None
-    if not isinstance(key, Ed25519PublicKey):
+    if not isinstance(key, c.Ed25519PublicKey):
         raise KeyFileInvalid(f"{what} is not an Ed25519 public key")
-    return PublicKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    return PublicKey(key.public_bytes(c.serialization.Encoding.Raw, c.serialization.PublicFormat.Raw))
