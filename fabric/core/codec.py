@@ -529,8 +529,9 @@ def decode(
     reference_id: str | None = None,
     more: Sequence[bytes | bytearray | memoryview] = (),
     more_ids: Sequence[str] | None = None,
-) -> bytes:
-    """Decode a chunk of `raw_size` bytes (from the manifest, not the payload).
+) -> bytes | bytearray:
+    """Decode a chunk of `raw_size` bytes (from the manifest, not the payload): as `bytes`, or
+    for the encodings with byte planes as the `bytearray` the decode built (not copied again).
 
     For `xor`, `patch`, `delta`, `reference` must be the chunk the payload names. It is hashed to
     check, unless the caller vouches for its id with `reference_id`. For `multipatch`,
@@ -555,7 +556,7 @@ def decode_body(
     reference_id: str | None = None,
     more: Sequence[bytes | bytearray | memoryview] = (),
     more_ids: Sequence[str] | None = None,
-) -> bytes:
+) -> bytes | bytearray:
     """`decode` for a payload whose 6-byte header travels elsewhere (a chunk-stream frame).
 
     `body` is the payload after the header; the tag and raw size come from the caller.
@@ -587,7 +588,7 @@ def body_references(encoding: Encoding | int | str, body: bytes | bytearray | me
 
 
 def _decode_rest(reader: "_Reader", encoding: Encoding, raw_size: int, reference, reference_id,
-                 more=(), more_ids=None) -> bytes:
+                 more=(), more_ids=None) -> bytes | bytearray:
     if encoding == Encoding.RAW:
         data = reader.take(raw_size, "raw bytes")
         reader.end()
@@ -595,7 +596,7 @@ def _decode_rest(reader: "_Reader", encoding: Encoding, raw_size: int, reference
     if encoding == Encoding.ZSTD:
         return _unzstd(reader.take(len(reader), "zstd frame"), raw_size)
     if encoding == Encoding.BYTEGROUP:
-        return _read_group(reader, raw_size)[0].tobytes()
+        return _result(_read_group(reader, raw_size)[0])
     if encoding == Encoding.PATCH:
         return _read_patch(reader, raw_size, reference, reference_id)
     if encoding in _DELTAS:
@@ -614,7 +615,7 @@ def decode_verified(
     reference_id: str | None = None,
     more: Sequence[bytes | bytearray | memoryview] = (),
     more_ids: Sequence[str] | None = None,
-) -> bytes:
+) -> bytes | bytearray:
     """`decode`, then check the bytes against `chunk_id` (CorruptChunk if they differ)."""
     data = decode(encoded, raw_size=raw_size, reference=reference, reference_id=reference_id,
                   more=more, more_ids=more_ids)
@@ -667,32 +668,43 @@ def _read_group(reader: _Reader, raw_size: int, widths: tuple[int, ...] | None =
         raise BadFrame(f"element width {width} is not one of {widths}")
     n, tail = divmod(raw_size, width)
     descriptors = [reader.unpack(_PLANE, "plane descriptor") for _ in range(width)]
-    np = _numpy()
-    out = np.empty(raw_size, np.uint8)
-    planes = [_read_plane(reader.take(length, f"plane {i}"), flag, n) for i, (flag, length) in enumerate(descriptors)]
-    _interleave(out, planes, width, n)
-    out[n * width:] = np.frombuffer(reader.take(tail, "tail"), np.uint8)
+    out = _output(raw_size)
+    for i, (flag, length) in enumerate(descriptors):  # one plane held at a time
+        _interleave(out, i, _read_plane(reader.take(length, f"plane {i}"), flag, n), width, n)
+    out[n * width:] = _numpy().frombuffer(reader.take(tail, "tail"), _numpy().uint8)
     reader.end()
     return out, width
 
 
-def _interleave(out: np.ndarray, planes: list, width: int, n: int) -> None:
-    """Write byte planes back as n elements at the start of `out` (the inverse of `_split`)."""
+def _output(raw_size: int) -> np.ndarray:
+    """A decode's output: a writable array over a new bytearray, which the decode returns as
+    it is (`_result`) instead of copying it into `bytes` (8 MiB less at a chunk's peak)."""
+    np = _numpy()
+    return np.frombuffer(bytearray(raw_size), np.uint8)
+
+
+def _result(out: np.ndarray) -> bytearray:
+    """The bytearray under an `_output` array."""
+    return out.base.obj if isinstance(out.base, memoryview) else out.base
+
+
+def _interleave(out: np.ndarray, i: int, plane: np.ndarray, width: int, n: int) -> None:
+    """Write byte plane i back into the n elements at the start of `out` (the inverse of
+    `_split`), planes in order from 0: the decoders read a plane, write it here and drop it."""
     np = _numpy()
     if width not in (2, 4, 8):  # width 1, or a width with no integer type: column by column
-        elements = out[:n * width].reshape(n, width)
-        for i, plane in enumerate(planes):
-            elements[:, i] = plane
+        out[:n * width].reshape(n, width)[:, i] = plane
         return
     words = out[:n * width].view(f"<u{width}")
+    if i == 0:
+        np.copyto(words, plane, casting="unsafe")
+        return
     shifted = np.empty(min(n, _BLOCK), words.dtype)
     for a in range(0, n, _BLOCK):  # in cache-sized blocks; shifts and ors beat strided byte stores
         w, t = words[a:a + _BLOCK], shifted[:min(_BLOCK, n - a)]
-        np.copyto(w, planes[0][a:a + _BLOCK], casting="unsafe")
-        for i in range(1, width):
-            np.copyto(t, planes[i][a:a + _BLOCK], casting="unsafe")
-            np.left_shift(t, 8 * i, out=t)
-            np.bitwise_or(w, t, out=w)
+        np.copyto(t, plane[a:a + _BLOCK], casting="unsafe")
+        np.left_shift(t, 8 * i, out=t)
+        np.bitwise_or(w, t, out=w)
 
 
 def _read_packed_group(reader: _Reader, raw_size: int) -> tuple[np.ndarray, int]:
@@ -708,12 +720,10 @@ def _read_packed_group(reader: _Reader, raw_size: int) -> tuple[np.ndarray, int]
             raise BadFrame(f"plane {i} packs {b} bits a value, not one of {_PACK_BITS}")
         layout.append((b, [reader.unpack(_PLANE, "stream descriptor") for _ in range(1 if b == 8 else 2)]))
     np = _numpy()
-    out = np.empty(raw_size, np.uint8)
-    planes = []
-    for i, (b, streams) in enumerate(layout):
+    out = _output(raw_size)
+    for i, (b, streams) in enumerate(layout):  # one plane held at a time
         blobs = [(reader.take(length, f"plane {i}"), flag) for flag, length in streams]
-        planes.append(_read_plane(*blobs[0], n) if b == 8 else _read_packed_plane(blobs, b, n))
-    _interleave(out, planes, width, n)
+        _interleave(out, i, _read_plane(*blobs[0], n) if b == 8 else _read_packed_plane(blobs, b, n), width, n)
     out[n * width:] = np.frombuffer(reader.take(tail, "tail"), np.uint8)
     reader.end()
     return out, width
@@ -728,12 +738,22 @@ def _read_packed_plane(blobs, b: int, n: int) -> np.ndarray:
         raise BadFrame("packed plane has bits set after its last value")
     plane = _unpack(packed, b, n)
     top = (1 << b) - 1
-    escaped = np.flatnonzero(plane == top)
+    escaped = _positions(plane, top)
     extra = _read_plane(e_blob, e_flag, len(escaped))
     if len(extra) and int(extra.max()) > 255 - top:
         raise BadFrame(f"escaped value above 255 in a plane packed {b} bits a value")
     plane[escaped] = extra + np.uint8(top)  # no overflow: checked above
     return plane
+
+
+def _positions(plane: np.ndarray, value: int) -> np.ndarray:
+    """Where `plane` holds `value`, in order; compared a block at a time, so no mask of the
+    whole plane is held beside it."""
+    np = _numpy()
+    step = 1 << 18
+    if len(plane) <= step:
+        return np.flatnonzero(plane == value)
+    return np.concatenate([np.flatnonzero(plane[a:a + step] == value) + a for a in range(0, len(plane), step)])
 
 
 def _read_plane(blob: memoryview, flag: int, n: int) -> np.ndarray:
@@ -754,15 +774,15 @@ def _read_reference_id(reader: _Reader) -> tuple[int, str]:
     return ref_size, ref_id
 
 
-def _read_xor(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:
+def _read_xor(reader: _Reader, raw_size: int, reference, reference_id) -> bytes | bytearray:
     ref_size, ref_id = _read_reference_id(reader)
     held = _held_reference(ref_id, ref_size, reference, reference_id)
     out, _ = _read_group(reader, raw_size)
     _xor_into(out, held)
-    return out.tobytes()
+    return _result(out)
 
 
-def _read_delta(reader: _Reader, raw_size: int, reference, reference_id, packed: bool = False) -> bytes:
+def _read_delta(reader: _Reader, raw_size: int, reference, reference_id, packed: bool = False) -> bytes | bytearray:
     ref_size, ref_id = _read_reference_id(reader)
     held = _held_reference(ref_id, ref_size, reference, reference_id)
     if packed:
@@ -770,7 +790,7 @@ def _read_delta(reader: _Reader, raw_size: int, reference, reference_id, packed:
     else:
         out, width = _read_group(reader, raw_size, widths=_DELTA_WIDTHS)
     _undelta_into(out, held, width)
-    return out.tobytes()
+    return _result(out)
 
 
 def _read_reference_list(reader: _Reader) -> list[tuple[int, str]]:

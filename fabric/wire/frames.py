@@ -223,7 +223,7 @@ def decode(chunk_id: str, tag: int, raw_size: int, payload: bytes | bytearray | 
     return data
 
 
-def decode_frame(frame: Frame, expected_size: int | None = None, *, references: References | None = None) -> bytes:
+def decode_frame(frame: Frame, expected_size: int | None = None, *, references: References | None = None) -> bytes | bytearray:
     """`decode` for a parsed chunk frame (BadFrame for any other kind)."""
     if frame.kind != FRAME_CHUNK:
         raise BadFrame("expected a chunk frame")
@@ -246,7 +246,7 @@ def store_references(store: Store | None) -> References:
 
 
 def _decode_codec(chunk_id: str, tag: int, raw_size: int, payload: bytes | memoryview,
-                  references: References | None, expected_size: int | None) -> bytes:
+                  references: References | None, expected_size: int | None) -> bytes | bytearray:
     if expected_size is not None and raw_size != expected_size:
         raise BadFrame(f"chunk {chunk_id}: frame says {raw_size} bytes, the manifest {expected_size}")
     encoding = Encoding.parse(tag)
