@@ -108,7 +108,7 @@ _PACK_BITS = (1, 2, 4, 8)  # `deltapack`: a plane's values packed this many bits
 _PACK_TRY = 0.9  # ...packing is tried on a plane whose sample compresses to this fraction or less
 _ESCAPE_COST = 0.05  # ...and each escaped value counts this many bytes more (decoding it is a scatter)
 _PATCHES = (Encoding.PATCH, Encoding.MULTIPATCH)  # a zstd frame with references as its prefix
-_BLOCK = 1 << 16  # elements per block of `delta`'s arithmetic (it stays in the CPU's cache)
+_BLOCK = 1 << 16  # elements per block of the decoders' arithmetic (undelta, interleave, escapes): it stays in cache
 TAG_PACKED = 0xFF  # a stored form only, never a stream tag: a pack reference (fabric.store.packs)
 
 
@@ -668,10 +668,11 @@ def _read_group(reader: _Reader, raw_size: int, widths: tuple[int, ...] | None =
         raise BadFrame(f"element width {width} is not one of {widths}")
     n, tail = divmod(raw_size, width)
     descriptors = [reader.unpack(_PLANE, "plane descriptor") for _ in range(width)]
+    np = _numpy()
     out = _output(raw_size)
     for i, (flag, length) in enumerate(descriptors):  # one plane held at a time
         _interleave(out, i, _read_plane(reader.take(length, f"plane {i}"), flag, n), width, n)
-    out[n * width:] = _numpy().frombuffer(reader.take(tail, "tail"), _numpy().uint8)
+    out[n * width:] = np.frombuffer(reader.take(tail, "tail"), np.uint8)
     reader.end()
     return out, width
 
@@ -750,10 +751,9 @@ def _positions(plane: np.ndarray, value: int) -> np.ndarray:
     """Where `plane` holds `value`, in order; compared a block at a time, so no mask of the
     whole plane is held beside it."""
     np = _numpy()
-    step = 1 << 18
-    if len(plane) <= step:
+    if len(plane) <= _BLOCK:
         return np.flatnonzero(plane == value)
-    return np.concatenate([np.flatnonzero(plane[a:a + step] == value) + a for a in range(0, len(plane), step)])
+    return np.concatenate([np.flatnonzero(plane[a:a + _BLOCK] == value) + a for a in range(0, len(plane), _BLOCK)])
 
 
 def _read_plane(blob: memoryview, flag: int, n: int) -> np.ndarray:
