@@ -685,8 +685,8 @@ def _output(raw_size: int) -> np.ndarray:
 
 
 def _result(out: np.ndarray) -> bytearray:
-    """The bytearray under an `_output` array."""
-    return out.base.obj if isinstance(out.base, memoryview) else out.base
+    """The bytearray under an `_output` array (numpy keeps a memoryview of it as the base)."""
+    return out.base.obj
 
 
 def _interleave(out: np.ndarray, i: int, plane: np.ndarray, width: int, n: int) -> None:

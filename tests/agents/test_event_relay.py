@@ -14,6 +14,7 @@ from helpers.agent import AgentProcess
 from helpers.http import request
 from helpers.origin import ADMIN_SECRET
 from helpers.sockets import holders
+from helpers.wait import wait_until
 
 from test_agent import make_model, origin, publish_to, tokens_file  # noqa: F401  (fixtures)
 
@@ -24,20 +25,11 @@ def _sites(origin_url: str) -> dict[str, dict]:
     return {s["site"]: s for s in r.json()["sites"]}
 
 
-def _wait(what: str, check, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while (value := check()) is None or value is False:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-    return value
-
-
 def _sites_when(origin_url: str, what: str, check) -> dict[str, dict]:
     def sites():
         s = _sites(origin_url)
         return s if check(s) else None
-    return _wait(what, sites)
+    return wait_until(sites, timeout=15, interval=0.1, what=what)
 
 
 def _active(report: dict) -> str | None:
@@ -77,8 +69,8 @@ def test_edges_follow_report_and_fetch_through_the_hub_then_fall_back(tmp_path, 
 
         # The hub dies: the edges follow, read and report at the origin, and still deploy.
         hub.kill()
-        _wait("edges streaming from the origin",
-              lambda: all(n >= 1 for n in holders(origin.port, {e.site: e.proc.pid for e in edges}).values()))
+        wait_until(lambda: all(n >= 1 for n in holders(origin.port, {e.site: e.proc.pid for e in edges}).values()),
+                   timeout=15, interval=0.1, what="edges streaming from the origin")
         publish_to(origin.url, make_model(tmp_path / "v3", seed=3, tensors=2, size=256 << 10, changed={0}), "m", "v3")
         for e in edges:
             e.wait_active("m", "v3", timeout=30)
