@@ -44,8 +44,10 @@ READ_TIMEOUT = 60.0  # seconds any one socket read may wait (the event stream's 
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
 # aiohttp's StreamReader reads ahead up to 2x this per connection, whether or not the reader
 # is waiting on its memory budget: 4 MiB cost a site 8 MiB per connection (issue 17). 256 KiB
-# is the most one socket read brings (asyncio's max_size), so it costs no extra wake-ups.
-READ_BUFFER = 256 << 10
+# is the most one socket read brings (asyncio's max_size), so it costs no extra wake-ups. A
+# chunk stream's payloads are read in pieces of this size (`frames.PIECE`): a larger read
+# would raise the read-ahead to match it.
+READ_BUFFER = frames.PIECE
 
 
 class OriginClient:

@@ -104,7 +104,12 @@ def encode_stream(frames: list[bytes]) -> bytes:
 
 ReadExactly = Callable[[int], Awaitable[bytes]]
 Reserve = Callable[[int], Awaitable[None]]  # called with a frame's `memory` before its payload is read
-PIECE = 1 << 20  # a payload is read this many bytes at a time, into one buffer of its length
+# A payload is read this many bytes at a time, into one buffer of its length. No more than a
+# client connection's read buffer (`fabric.wire.client.READ_BUFFER` is this): aiohttp raises a
+# StreamReader's read-ahead to twice the largest `read(n)` it is asked for (3.14's
+# `set_read_chunk_size`), so 1 MiB pieces let each connection to an upstream hold 2 MiB more
+# while its reader waits on the memory budget (a relay's peak, issue 17).
+PIECE = 256 << 10
 
 
 class FrameReader:

@@ -2,7 +2,8 @@
 fetches hold together.
 
 A client connection's read-ahead (aiohttp's StreamReader, `fabric.wire.client.READ_BUFFER`)
-against a real server on loopback that sends faster than the client reads; the shared
+against a real server on loopback that sends faster than the client reads, for raw bytes and
+for a chunk stream read by `fabric.wire.frames.FrameReader` in its pieces; the shared
 payload budget (`fabric.pacing.ByteBudget`) under many concurrent takers.
 """
 
@@ -13,11 +14,16 @@ import random
 
 from aiohttp import web
 
+from fabric.core import digest
 from fabric.pacing import ByteBudget, MEMORY_BUDGET
+from fabric.wire import frames
 from fabric.wire.client import READ_BUFFER, OriginClient
 from tests.helpers.ports import free_port
 
 BODY = 32 << 20
+PAYLOAD = 8 << 20  # the chunk stream's frames: the largest chunks a manifest lists by default
+CHUNK = b"\x5a" * PAYLOAD
+CHUNK_ID = digest.digest(CHUNK)
 
 
 async def _serve_fast() -> tuple[web.AppRunner, str]:
@@ -32,8 +38,23 @@ async def _serve_fast() -> tuple[web.AppRunner, str]:
             pass
         return resp
 
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        count = BODY // PAYLOAD
+        try:
+            await resp.write(frames.MAGIC)
+            for _ in range(count):
+                await resp.write(frames.chunk_header(CHUNK_ID, 0, PAYLOAD, PAYLOAD))
+                await resp.write(CHUNK)
+            await resp.write(frames.end_frame(count))
+        except (ConnectionResetError, ConnectionError):
+            pass
+        return resp
+
     app = web.Application()
     app.router.add_get("/big", big)
+    app.router.add_get("/stream", stream)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -66,6 +87,47 @@ def test_a_slow_reader_holds_at_most_twice_the_read_buffer():
     held, rest = asyncio.run(main())
     assert rest == BODY - 1  # the whole body still comes
     assert 0 < held <= 2 * READ_BUFFER + (256 << 10), held  # 4 MiB buffers let it hold 8 MiB
+
+
+def test_a_frame_reader_waiting_on_its_budget_holds_at_most_twice_the_read_buffer():
+    """aiohttp raises a connection's read-ahead to twice the largest read it is asked for, so
+    the frame reader reads a payload in pieces no larger than the read buffer: 1 MiB pieces
+    let a connection hold 2 MiB more while its reader waits (a relay's peak, issue 17)."""
+    async def main() -> tuple[int, int]:
+        runner, url = await _serve_fast()
+        client = OriginClient(url, "t" * 24)
+        budget, reserved = asyncio.Event(), []
+
+        async def reserve(n: int) -> None:
+            reserved.append(n)
+            if len(reserved) == 2:  # the second payload waits until the first is "stored"
+                await budget.wait()
+
+        try:
+            async with client.session.get(f"{url}/stream") as resp:
+                reader = frames.FrameReader(resp.content.readexactly, reserve=reserve)
+                first = await reader.__anext__()
+                assert len(first.payload) == PAYLOAD and digest.digest(first.payload) == CHUNK_ID
+                waiting = asyncio.ensure_future(reader.__anext__())
+                sizes = [-1]
+                for _ in range(200):  # until aiohttp has stopped reading and the buffer settled
+                    await asyncio.sleep(0.025)
+                    if resp.connection.protocol._reading_paused and len(reserved) == 2:
+                        sizes.append(resp.content._size)
+                        if sizes[-4:] == [sizes[-1]] * 4:
+                            break
+                assert resp.connection.protocol._reading_paused
+                held = resp.content._size
+                budget.set()
+                count = 1 + len([await waiting] + [f async for f in reader])
+                return held, count
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+    held, count = asyncio.run(main())
+    assert count == BODY // PAYLOAD  # every frame still comes
+    assert 0 < held <= 2 * READ_BUFFER + (256 << 10) <= 1 << 20, held  # 1 MiB pieces let it hold 2.25 MiB
 
 
 def test_the_payload_budget_is_never_exceeded_by_concurrent_takers():
