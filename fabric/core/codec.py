@@ -7,7 +7,8 @@ and decoding that treats every payload as hostile. A payload's 6-byte header may
 travel separately (the chunk stream's frame carries the tag and raw size):
 `Encoded.body` and `decode_body` are the payload without it. Pure: stdlib, numpy, zstandard and
 fabric.errors/digest/dtypes only. Every function may be called from worker threads; zstd
-contexts are per thread and the heavy work (zstd, numpy, blake3) releases the GIL.
+contexts are per thread and the heavy work (zstd, numpy, blake3) releases the GIL. A
+reference is bytes, or a `FileReference` the decoders read from its file a piece at a time.
 
 `Encoding` is the one table of stream tags; `TAG_PACKED` beside it is the one stored
 form that is not an encoding (a pack reference, `fabric.store.packs`), given a tag no
@@ -25,13 +26,13 @@ import struct
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Sequence
 
 if TYPE_CHECKING:
     import numpy as np
 import zstandard as zstd
 
-from fabric.core.digest import check_id, digest, verify
+from fabric.core.digest import check_id, digest, hasher, id_of, verify
 from fabric.core.dtypes import DTYPES
 from fabric.errors import BadFrame, InvalidInput, PayloadTooLarge, ReferenceMismatch, UnknownEncoding
 
@@ -99,6 +100,23 @@ class Encoded:
         return memoryview(self.payload)[_HEADER.size:]
 
 
+@dataclass(frozen=True, slots=True)
+class FileReference:
+    """A reference chunk that stays in its file (a local store's chunk or pack): `size`
+    bytes at `offset` of `file`, which the caller says are chunk `chunk_id` and closes.
+
+    `xor`, `delta` and `deltapack` read it a piece at a time beside their output instead of
+    holding a copy of it (8 MiB less at a relay's peak, issue 17), hash what they read, and
+    raise ReferenceMismatch after its last byte if it is not `chunk_id`, so no output is
+    returned from a wrong one; `patch` and `multipatch`, whose prefix is the whole reference,
+    read it whole and check it first."""
+
+    file: BinaryIO
+    offset: int
+    size: int
+    chunk_id: str
+
+
 REFERENCING = (Encoding.XOR, Encoding.PATCH, Encoding.DELTA, Encoding.MULTIPATCH,
                Encoding.DELTAPACK)  # their decoders need a reference
 MAX_REFERENCES = 8  # `multipatch` names at most this many
@@ -109,6 +127,7 @@ _PACK_TRY = 0.9  # ...packing is tried on a plane whose sample compresses to thi
 _ESCAPE_COST = 0.05  # ...and each escaped value counts this many bytes more (decoding it is a scatter)
 _PATCHES = (Encoding.PATCH, Encoding.MULTIPATCH)  # a zstd frame with references as its prefix
 _BLOCK = 1 << 16  # elements per block of the decoders' arithmetic (undelta, interleave, escapes): it stays in cache
+_FILE_PIECE = 1 << 20  # a FileReference is read and hashed this many bytes at a time
 TAG_PACKED = 0xFF  # a stored form only, never a stream tag: a pack reference (fabric.store.packs)
 
 
@@ -428,21 +447,32 @@ def _pack(values: np.ndarray, b: int) -> np.ndarray:
 
 
 def _unpack(packed: np.ndarray, b: int, n: int) -> np.ndarray:
-    """The first n values of `_pack`, as a new writable uint8 array."""
+    """The first n values of `_pack`, as a new writable uint8 array: spread a block of
+    packed bytes at a time into words in cache, so nothing but the plane is the plane's size."""
     np = _numpy()
     if b == 1:
         return np.unpackbits(packed, count=n, bitorder="little")
-    if b == 4:
-        x = packed.astype("<u2")
-        x |= x << 4
-        x &= 0x0F0F
-    else:
-        x = packed.astype("<u4")
-        x |= x << 12
-        x &= 0x000F000F
-        x |= x << 6
-        x &= 0x03030303
-    return x.view(np.uint8)[:n]
+    per = 8 // b  # values a byte: 2 (b = 4) or 4 (b = 2), each word of `per` bytes one packed byte
+    plane = np.empty(n, np.uint8)
+    words = np.empty(min(len(packed), _BLOCK), f"<u{per}")
+    shifted = np.empty_like(words)
+    for a in range(0, len(packed), _BLOCK):
+        x, t = words[:min(_BLOCK, len(packed) - a)], shifted[:min(_BLOCK, len(packed) - a)]
+        np.copyto(x, packed[a:a + _BLOCK], casting="unsafe")
+        if b == 4:
+            np.left_shift(x, 4, out=t)
+            x |= t
+            x &= 0x0F0F
+        else:
+            np.left_shift(x, 12, out=t)
+            x |= t
+            x &= 0x000F000F
+            np.left_shift(x, 6, out=t)
+            x |= t
+            x &= 0x03030303
+        values = x.view(np.uint8)[:n - a * per]
+        plane[a * per:a * per + len(values)] = values
+    return plane
 
 
 def _numpy():
@@ -500,23 +530,55 @@ def _delta_prefix(data, reference, width: int) -> np.ndarray:
 def _undelta_into(out: np.ndarray, reference, width: int) -> None:
     """Invert `_delta_prefix` in place: `out` holds X, `reference` the held chunk."""
     np = _numpy()
-    m = min(len(out), len(reference)) // width
+    m = min(len(out), _size(reference)) // width
     kind = np.dtype(f"<u{width}")
-    z, old = out[:m * width].view(kind), np.frombuffer(reference, kind, count=m)
+    z = out[:m * width].view(kind)
     sign = np.empty(min(m, _BLOCK), kind)
-    for a in range(0, m, _BLOCK):
-        x, s = z[a:a + _BLOCK], sign[:min(_BLOCK, m - a)]
-        np.bitwise_and(x, 1, out=s)
-        np.negative(s, out=s)
-        np.right_shift(x, 1, out=x)
-        np.bitwise_xor(x, s, out=x)
-        np.add(x, old[a:a + _BLOCK], out=x)
+    for start, piece in _pieces(reference, m * width, _BLOCK * width):
+        old, base = np.frombuffer(piece, kind), start // width
+        for a in range(0, len(old), _BLOCK):
+            x, s = z[base + a:base + a + _BLOCK], sign[:min(_BLOCK, len(old) - a)]
+            np.bitwise_and(x, 1, out=s)
+            np.negative(s, out=s)
+            np.right_shift(x, 1, out=x)
+            np.bitwise_xor(x, s, out=x)
+            np.add(x, old[a:a + _BLOCK], out=x)
 
 
 def _xor_into(out: np.ndarray, reference) -> None:
     np = _numpy()
-    m = min(len(out), len(reference))
-    np.bitwise_xor(out[:m], np.frombuffer(reference, np.uint8, count=m), out=out[:m])
+    m = min(len(out), _size(reference))
+    for start, piece in _pieces(reference, m, 1):
+        x = out[start:start + len(piece)]
+        np.bitwise_xor(x, np.frombuffer(piece, np.uint8), out=x)
+
+
+def _size(reference) -> int:
+    return reference.size if isinstance(reference, FileReference) else len(reference)
+
+
+def _pieces(reference, m: int, step: int) -> Iterator[tuple[int, memoryview]]:
+    """(offset, bytes) over `reference`'s first `m` bytes, each piece a multiple of `step`
+    bytes but the last. Bytes in memory come as one piece. A FileReference is read
+    `_FILE_PIECE` at a time into one buffer (each piece is valid until the next) and hashed
+    as it is read, its bytes after `m` too; after its last piece it is checked against the
+    id it claims (ReferenceMismatch), so a decode over a wrong one never returns."""
+    if not isinstance(reference, FileReference):
+        yield 0, memoryview(reference).cast("B")[:m]
+        return
+    length = max(step, _FILE_PIECE // step * step)
+    buf, h = memoryview(bytearray(min(length, reference.size))), hasher()
+    fd, pos = reference.file.fileno(), 0
+    while pos < reference.size:
+        piece = buf[:min(length, reference.size - pos)]
+        if os.preadv(fd, [piece], reference.offset + pos) != len(piece):
+            raise ReferenceMismatch(f"reference {reference.chunk_id} is shorter in its file than its {reference.size} bytes")
+        h.update(piece)
+        if pos < m:
+            yield pos, piece[:m - pos]
+        pos += len(piece)
+    if (held := id_of(h)) != reference.chunk_id:
+        raise ReferenceMismatch(f"reference {reference.chunk_id} in its file is other bytes ({held})")
 
 
 # --- decoding --------------------------------------------------------------------
@@ -525,16 +587,17 @@ def decode(
     encoded: Encoded | tuple[int | str, bytes],
     *,
     raw_size: int,
-    reference: bytes | bytearray | memoryview | None = None,
+    reference: bytes | bytearray | memoryview | FileReference | None = None,
     reference_id: str | None = None,
-    more: Sequence[bytes | bytearray | memoryview] = (),
+    more: Sequence[bytes | bytearray | memoryview | FileReference] = (),
     more_ids: Sequence[str] | None = None,
 ) -> bytes | bytearray:
     """Decode a chunk of `raw_size` bytes (from the manifest, not the payload): as `bytes`, or
     for the encodings with byte planes as the `bytearray` the decode built (not copied again).
 
     For `xor`, `patch`, `delta`, `reference` must be the chunk the payload names. It is hashed to
-    check, unless the caller vouches for its id with `reference_id`. For `multipatch`,
+    check, unless the caller vouches for its id with `reference_id`; a FileReference is hashed
+    as it is read. For `multipatch`,
     `reference` is the first chunk it names and `more` the others, in order (ids
     vouched for by `more_ids`).
     Raises BadFrame for a malformed payload, UnknownEncoding for an unknown tag or
@@ -552,9 +615,9 @@ def decode_body(
     body: bytes | bytearray | memoryview,
     *,
     raw_size: int,
-    reference: bytes | bytearray | memoryview | None = None,
+    reference: bytes | bytearray | memoryview | FileReference | None = None,
     reference_id: str | None = None,
-    more: Sequence[bytes | bytearray | memoryview] = (),
+    more: Sequence[bytes | bytearray | memoryview | FileReference] = (),
     more_ids: Sequence[str] | None = None,
 ) -> bytes | bytearray:
     """`decode` for a payload whose 6-byte header travels elsewhere (a chunk-stream frame).
@@ -611,9 +674,9 @@ def decode_verified(
     *,
     chunk_id: str,
     raw_size: int,
-    reference: bytes | bytearray | memoryview | None = None,
+    reference: bytes | bytearray | memoryview | FileReference | None = None,
     reference_id: str | None = None,
-    more: Sequence[bytes | bytearray | memoryview] = (),
+    more: Sequence[bytes | bytearray | memoryview | FileReference] = (),
     more_ids: Sequence[str] | None = None,
 ) -> bytes | bytearray:
     """`decode`, then check the bytes against `chunk_id` (CorruptChunk if they differ)."""
@@ -738,22 +801,36 @@ def _read_packed_plane(blobs, b: int, n: int) -> np.ndarray:
     if size and n * b % 8 and packed[-1] >> (n * b % 8):
         raise BadFrame("packed plane has bits set after its last value")
     plane = _unpack(packed, b, n)
+    del packed  # a decompressed S: not held beside the escapes
     top = (1 << b) - 1
-    escaped = _positions(plane, top)
-    extra = _read_plane(e_blob, e_flag, len(escaped))
+    extra = _read_plane(e_blob, e_flag, _stream_size(e_blob, e_flag, n))
     if len(extra) and int(extra.max()) > 255 - top:
         raise BadFrame(f"escaped value above 255 in a plane packed {b} bits a value")
-    plane[escaped] = extra + np.uint8(top)  # no overflow: checked above
+    used = 0
+    for a in range(0, n, _BLOCK):  # the escapes a block at a time: no positions of the whole plane held
+        block = plane[a:a + _BLOCK]
+        where = np.flatnonzero(block == top)
+        if used + len(where) > len(extra):
+            raise BadFrame(f"packed plane escapes more values than its E stream's {len(extra)}")
+        block[where] = extra[used:used + len(where)] + np.uint8(top)  # no overflow: checked above
+        used += len(where)
+    if used != len(extra):
+        raise BadFrame(f"packed plane escapes {used} values, its E stream holds {len(extra)}")
     return plane
 
 
-def _positions(plane: np.ndarray, value: int) -> np.ndarray:
-    """Where `plane` holds `value`, in order; compared a block at a time, so no mask of the
-    whole plane is held beside it."""
-    np = _numpy()
-    if len(plane) <= _BLOCK:
-        return np.flatnonzero(plane == value)
-    return np.concatenate([np.flatnonzero(plane[a:a + _BLOCK] == value) + a for a in range(0, len(plane), _BLOCK)])
+def _stream_size(blob: memoryview, flag: int, most: int) -> int:
+    """The content size a stream declares (a stored one: its length), if at most `most`."""
+    if flag == _COMPRESSED:
+        try:
+            size = zstd.frame_content_size(blob)
+        except zstd.ZstdError as exc:
+            raise BadFrame(f"bad zstd frame: {exc}") from None
+    else:
+        size = len(blob)
+    if not 0 <= size <= most:
+        raise BadFrame(f"stream declares {size} bytes, at most {most}")
+    return size
 
 
 def _read_plane(blob: memoryview, flag: int, n: int) -> np.ndarray:
@@ -807,25 +884,36 @@ def _read_multipatch(reader: _Reader, raw_size: int, references: list, reference
                                 f"{0 if references[0] is None else len(references)} given")
     held = [_held_reference(ref_id, ref_size, ref, vouched)
             for (ref_size, ref_id), ref, vouched in zip(named, references, reference_ids)]
-    prefix = memoryview(b"".join(held))
+    prefix = memoryview(b"".join(_whole(h) for h in held))
     return _unzstd(reader.take(len(reader), "zstd frame"), raw_size, prefix=prefix)
 
 
 def _read_patch(reader: _Reader, raw_size: int, reference, reference_id) -> bytes:
     ref_size, ref_id = _read_reference_id(reader)
     held = _held_reference(ref_id, ref_size, reference, reference_id)
-    return _unzstd(reader.take(len(reader), "zstd frame"), raw_size, prefix=held)
+    return _unzstd(reader.take(len(reader), "zstd frame"), raw_size, prefix=_whole(held))
 
 
-def _held_reference(ref_id: str, ref_size: int, reference, reference_id) -> memoryview:
-    """The caller's reference, if it is the one the payload names."""
+def _whole(held: memoryview | FileReference) -> memoryview:
+    """A held reference's bytes in memory (`patch`'s prefix): a FileReference read whole and checked."""
+    if not isinstance(held, FileReference):
+        return held
+    data = bytearray(held.size)
+    for start, piece in _pieces(held, held.size, 1):
+        data[start:start + len(piece)] = piece
+    return memoryview(data)
+
+
+def _held_reference(ref_id: str, ref_size: int, reference, reference_id) -> memoryview | FileReference:
+    """The caller's reference, if it is the one the payload names (a FileReference is hashed
+    as it is read: `_pieces`)."""
     wanted = f"chunk is encoded against reference {ref_id}"
     if reference is None:
         raise ReferenceMismatch(f"{wanted}, but no reference was given")
-    held = memoryview(reference).cast("B")
-    if len(held) != ref_size:
-        raise ReferenceMismatch(f"{wanted} of {ref_size} bytes, but the one given has {len(held)}")
-    held_id = reference_id or digest(held)
+    held = reference if isinstance(reference, FileReference) else memoryview(reference).cast("B")
+    if _size(held) != ref_size:
+        raise ReferenceMismatch(f"{wanted} of {ref_size} bytes, but the one given has {_size(held)}")
+    held_id = held.chunk_id if isinstance(held, FileReference) else reference_id or digest(held)
     if held_id != ref_id:
         raise ReferenceMismatch(f"{wanted}, but the one given is {held_id}")
     return held

@@ -25,6 +25,16 @@ def digest(data: bytes | bytearray | memoryview) -> str:
     return "blake3:" + blake3.blake3(data, max_threads=threads).hexdigest()
 
 
+def hasher() -> blake3.blake3:
+    """An incremental hash: `update` it with the bytes in order, then `id_of` it."""
+    return blake3.blake3()
+
+
+def id_of(h: blake3.blake3) -> str:
+    """The id of what `h` (from `hasher`) was updated with."""
+    return "blake3:" + h.hexdigest()
+
+
 def is_valid(chunk_id: object) -> bool:
     return isinstance(chunk_id, str) and _ID_RE.fullmatch(chunk_id) is not None
 

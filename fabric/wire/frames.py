@@ -36,7 +36,7 @@ from fabric.wire.protocol import (CHUNK_HEAD, END, FRAME_CHUNK, FRAME_END, FRAME
                                   MAX_CHUNK, MAX_PAYLOAD)
 
 CODEC_TAGS = frozenset(Encoding) - {Encoding.RAW, Encoding.ZSTD}  # stream tags only the codec decodes
-References = Callable[[str], bytes]  # a reference chunk's verified bytes; ReferenceMismatch if unusable
+References = Callable[[str], bytes | codec.FileReference]  # a reference chunk; ReferenceMismatch if unusable
 
 
 @dataclass(frozen=True)
@@ -237,10 +237,17 @@ def decode_frame(frame: Frame, expected_size: int | None = None, *, references: 
 
 
 def store_references(store: Store | None) -> References:
-    """A reference lookup on the receiver's `store`: verified bytes, or ReferenceMismatch."""
-    def read(ref_id: str) -> bytes:
+    """A reference lookup on the receiver's `store`: verified bytes, or ReferenceMismatch. A
+    chunk a local store holds raw (its file, or a pack) comes as a `codec.FileReference` on
+    its open file, which the decoder reads a piece at a time and checks (`decode` closes it)."""
+    def read(ref_id: str) -> bytes | codec.FileReference:
         if store is None:
             raise ReferenceMismatch(f"no store to read reference {ref_id} from")
+        stored = store.open_stored(ref_id) if store.local else None
+        if stored is not None and stored.tag == Encoding.RAW:
+            return codec.FileReference(stored.file, stored.offset, stored.size, ref_id)
+        if stored is not None:  # a zstd stored form: decompressed whole below
+            stored.file.close()
         try:
             return store.get_chunk(ref_id)
         except NotFound:
@@ -256,12 +263,17 @@ def _decode_codec(chunk_id: str, tag: int, raw_size: int, payload: bytes | memor
         raise BadFrame(f"chunk {chunk_id}: frame says {raw_size} bytes, the manifest {expected_size}")
     encoding = Encoding.parse(tag)
     held, ids = [], codec.body_references(encoding, payload)  # `multipatch` names several
-    for ref_id in ids:
-        if not digest.is_valid(ref_id):
-            raise BadFrame(f"chunk {chunk_id}: the payload names no valid reference ({ref_id[:80]!r})")
-        held.append((references or store_references(None))(ref_id))
-    data = codec.decode_body(encoding, payload, raw_size=raw_size, reference=held[0] if held else None,
-                             reference_id=ids[0] if ids else None, more=held[1:], more_ids=ids[1:])
+    try:
+        for ref_id in ids:
+            if not digest.is_valid(ref_id):
+                raise BadFrame(f"chunk {chunk_id}: the payload names no valid reference ({ref_id[:80]!r})")
+            held.append((references or store_references(None))(ref_id))
+        data = codec.decode_body(encoding, payload, raw_size=raw_size, reference=held[0] if held else None,
+                                 reference_id=ids[0] if ids else None, more=held[1:], more_ids=ids[1:])
+    finally:
+        for ref in held:
+            if isinstance(ref, codec.FileReference):
+                ref.file.close()
     digest.verify(chunk_id, data)
     return data
 

@@ -153,6 +153,47 @@ def test_decode_checks_bytes_sizes_and_encodings():
         wire.decode_frame(wire.Frame(wire.FRAME_MISSING, digest.digest(data)))
 
 
+def test_a_delta_is_decoded_against_its_reference_where_a_local_store_keeps_it(tmp_path):
+    # A chunk the store holds raw, in its own file or in a pack, is read from there a piece at
+    # a time (`codec.FileReference`), not copied into memory first (a relay's peak, issue 17),
+    # and the decode closes the file; one held as zstd comes whole, as before.
+    import numpy as np
+    from fabric.core import codec
+    from fabric.store import packs
+    from fabric.errors import ReferenceMismatch
+
+    rng = np.random.default_rng(3)
+    weights = rng.standard_normal(1 << 20).astype(np.float32) * 0.02
+    old = (weights.view(np.uint32) & 0xFFFF0000).tobytes()  # 4 MiB of F32 from BF16: half zeros
+    new = (np.frombuffer(old, np.float32) + np.float32(1e-4)).tobytes()
+    enc = codec.encode_as("deltapack", new, dtype="F32", reference=old)
+    frame = _frame(new, encoding=enc.tag, payload=bytes(enc.body))
+    raw = open_store(tmp_path / "raw", compress=False)
+    raw.put_chunk(digest.digest(old), old)
+    packed = open_store(tmp_path / "packed")
+    (tmp_path / "version.bin").write_bytes(b"head" + old)
+    key = packed.link_pack(tmp_path / "version.bin")
+    packed.put_packed(digest.digest(old), packs.PackRef(key, 4, len(old)))
+    zstd_held = open_store(tmp_path / "zstd")
+    zstd_held.put_chunk(digest.digest(old), old)  # compressible: the store keeps it as zstd
+    for store, form in ((raw, codec.FileReference), (packed, codec.FileReference), (zstd_held, bytes)):
+        given = []
+
+        def references(ref_id, read=wire.store_references(store)):
+            given.append(read(ref_id))
+            return given[-1]
+
+        assert wire.decode_frame(frame, references=references) == new
+        assert type(given[0]) is form, store
+        if form is codec.FileReference:
+            assert given[0].file.closed
+    with open(tmp_path / "version.bin", "r+b") as f:  # the pack's copy changes under the store
+        f.seek(4 + len(old) - 1)
+        f.write(b"\x00" if old[-1] else b"\x01")
+    with pytest.raises(ReferenceMismatch):
+        wire.decode_frame(frame, references=wire.store_references(packed))
+
+
 def _zstd_bomb_header(claimed: int) -> bytes:
     """A zstd frame header claiming `claimed` content bytes, then one tiny RLE block."""
     header = struct.pack("<IB", 0xFD2FB528, 0xE0) + struct.pack("<Q", claimed)
