@@ -44,7 +44,7 @@ from fabric.logs import get_logger
 from agents.worker.buffers import Buffer, RWLock
 from agents.worker.copying import Copier, bytes_of
 from agents.worker.files import VersionFiles, old_files, verify_tensors  # noqa: F401 - hotloader re-exports it
-from agents.worker.sealcheck import LoadCheck
+from agents.worker.sealcheck import CheckPool, LoadCheck
 from agents.worker.fit import DTYPES, ModuleTensors
 from fabric.core.manifest import Manifest, TensorEntry
 
@@ -139,6 +139,7 @@ class LiveModule:
         self._mutex = threading.Condition()  # double-buffered: which buffer is live, and its users
         self._load_lock = threading.Lock()  # one load at a time
         self._copy = Copier(stage_bytes)
+        self._checks = CheckPool()  # hashing threads and decoded seals, kept between loads
         self._reference: torch.Tensor | None = None  # golden output of the serving weights
         self._spare: torch.Tensor | None = None  # in-place: host buffer for restoring overwritten tensors
 
@@ -347,7 +348,7 @@ class LiveModule:
         """Check the files' sizes and what must pass before any weight changes: the changed
         tensors' bytes against the site seal or with BLAKE3, except CPU targets with a seal,
         which `copy` checks as it copies them (`agents.worker.sealcheck`)."""
-        check = LoadCheck(files, changed, targets, manifest, verify=self.verify, use_seal=self.seal)
+        check = LoadCheck(files, changed, targets, manifest, verify=self.verify, use_seal=self.seal, pool=self._checks)
         check.before_copy()
         return check
 

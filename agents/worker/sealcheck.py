@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from fabric.core import digest, seal
+from fabric.core.lru import LRU
 from fabric.core.manifest import Manifest, TensorEntry
 from fabric.errors import CorruptChunk, IntegrityError
 from fabric.logs import get_logger
@@ -75,8 +76,35 @@ class Fallback:
             self.segments += segments
 
 
-def load_seal(folder: Path, manifest: Manifest) -> tuple[seal.Seal | None, str | None]:
-    """The folder's seal for `manifest`, or None and the reason it is unusable."""
+class CheckPool:
+    """What a live module keeps between loads to check them: the hashing threads, started
+    once instead of per load, and the seals it decoded last, keyed by the seal file's bytes
+    (a changed file is decoded again). Together 1 ms of a 10% load of a 1 GB model
+    (docs/benchmarks.md). Thread-safe."""
+
+    def __init__(self, seals: int = 4):
+        self.seals: LRU[seal.Seal] = LRU(seals)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def map(self, fn, jobs) -> None:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(threads(), thread_name_prefix="fabric-seal")
+        for _ in self._pool.map(fn, jobs):
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
+
+def load_seal(folder: Path, manifest: Manifest, seals: LRU[seal.Seal] | None = None
+              ) -> tuple[seal.Seal | None, str | None]:
+    """The folder's seal for `manifest`, or None and the reason it is unusable (`seals`: the
+    ones decoded before, by their files' bytes)."""
     limit = seal.max_size(manifest)
     try:
         with open(Path(folder) / seal.SEAL_FILE, "rb") as f:
@@ -89,11 +117,15 @@ def load_seal(folder: Path, manifest: Manifest) -> tuple[seal.Seal | None, str |
     if len(raw) > limit:
         log.warning("seal too big; checking with BLAKE3", folder=str(folder), limit=limit)
         return None, "malformed"
-    try:
-        s = seal.decode(raw)
-    except IntegrityError as e:
-        log.warning("seal malformed; checking with BLAKE3", folder=str(folder), error=e.message)
-        return None, "malformed"
+    s = seals.get(raw) if seals is not None else None
+    if s is None:
+        try:
+            s = seal.decode(raw)
+        except IntegrityError as e:
+            log.warning("seal malformed; checking with BLAKE3", folder=str(folder), error=e.message)
+            return None, "malformed"
+        if seals is not None:
+            seals.put(raw, s)
     if s.manifest_id != manifest.id:
         log.warning("seal is for another manifest; checking with BLAKE3", folder=str(folder),
                     seal_manifest=s.manifest_id, manifest=manifest.id)
@@ -128,10 +160,13 @@ def _check(files: VersionFiles, t: TensorEntry, i: int, cid: str, got: bytes | N
                            "the manifest (the site seal did not match them either)") from None
 
 
-def _run(jobs, fn) -> None:
+def _run(jobs, fn, pool: CheckPool | None = None) -> None:
     if len(jobs) <= 1:
         for j in jobs:
             fn(j)
+        return
+    if pool is not None:
+        pool.map(fn, jobs)
         return
     pool = ThreadPoolExecutor(min(threads(), len(jobs)), thread_name_prefix="fabric-seal")
     try:
@@ -142,13 +177,13 @@ def _run(jobs, fn) -> None:
 
 
 def verify_sealed(files: VersionFiles, tensors: list[TensorEntry], segment: int, s: seal.Seal,
-                  fb: Fallback) -> None:
+                  fb: Fallback, pool: CheckPool | None = None) -> None:
     """Check each tensor's segments against the seal (BLAKE3 where it fails), before any copy."""
     def one(job):
         t, i, cid = job
         data = files.view(t)[i * segment:(i + 1) * segment]
         _check(files, t, i, cid, seal.xxh(data), s.get(cid), data, fb)
-    _run(_segments(tensors, segment), one)
+    _run(_segments(tensors, segment), one, pool)
 
 
 def can_copy_sealed(tensors: list[TensorEntry], targets: dict[str, torch.Tensor]) -> bool:
@@ -157,7 +192,7 @@ def can_copy_sealed(tensors: list[TensorEntry], targets: dict[str, torch.Tensor]
 
 
 def copy_sealed(files: VersionFiles, tensors: list[TensorEntry], targets: dict[str, torch.Tensor],
-                segment: int, s: seal.Seal, fb: Fallback) -> None:
+                segment: int, s: seal.Seal, fb: Fallback, pool: CheckPool | None = None) -> None:
     """Copy the tensors into CPU `targets`, checking the bytes that landed against the seal.
 
     Raises CorruptChunk (after copying some bytes: the caller restores) if a segment
@@ -176,7 +211,7 @@ def copy_sealed(files: VersionFiles, tensors: list[TensorEntry], targets: dict[s
             dst[a:b] = src[a:b]  # numpy releases the GIL for the copy, xxhash for the hash
             h.update(dst[a:b])
         _check(files, t, i, cid, h.digest(), s.get(cid), dst[lo:hi], fb)
-    _run(_segments([t for t in tensors if t.length], segment), one)
+    _run(_segments([t for t in tensors if t.length], segment), one, pool)
 
 
 class LoadCheck:
@@ -189,9 +224,9 @@ class LoadCheck:
     """
 
     def __init__(self, files: VersionFiles, tensors: list[TensorEntry], targets: dict[str, torch.Tensor],
-                 manifest: Manifest, *, verify: bool = True, use_seal: bool = True):
+                 manifest: Manifest, *, verify: bool = True, use_seal: bool = True, pool: CheckPool | None = None):
         self.files, self.tensors, self.targets, self.manifest = files, tensors, targets, manifest
-        self.verify, self.use_seal = verify, use_seal
+        self.verify, self.use_seal, self.pool = verify, use_seal, pool
         self.seal: seal.Seal | None = None
         self.fallback = Fallback()
         self.deferred = False  # checked during the copy
@@ -207,14 +242,14 @@ class LoadCheck:
         if self.verify and tensors:
             segment = segment_size(self.manifest)
             if self.use_seal:
-                self.seal, reason = load_seal(files.folder, self.manifest)
+                self.seal, reason = load_seal(files.folder, self.manifest, self.pool.seals if self.pool else None)
                 if reason:
                     self.fallback.note(reason)
             if self.seal is not None and can_copy_sealed(tensors, self.targets):
                 self.deferred = True
                 _segments(tensors, segment)  # chunk counts checked before any copy
             elif self.seal is not None:
-                verify_sealed(files, tensors, segment, self.seal, self.fallback)
+                verify_sealed(files, tensors, segment, self.seal, self.fallback, self.pool)
             else:
                 verify_tensors(files, tensors, segment)
         self.seconds = time.perf_counter() - t0
@@ -224,7 +259,7 @@ class LoadCheck:
         """Copy the tensors into their targets (`copier` takes (source, target) pairs)."""
         if self.deferred:
             copy_sealed(self.files, self.tensors, self.targets, segment_size(self.manifest), self.seal,
-                        self.fallback)
+                        self.fallback, self.pool)
         else:
             copier((self.files.tensor(t), self.targets[t.name]) for t in self.tensors if t.length)
 

@@ -189,6 +189,36 @@ def test_a_wrong_seal_entry_over_good_bytes_falls_back_to_blake3_and_loads(lab, 
     assert torch.equal(served(live), output(model_from(lab.src["v2"])))
 
 
+def test_a_live_module_keeps_its_hashing_threads_and_decodes_a_seal_again_only_when_its_bytes_change(
+        lab, tmp_path, monkeypatch, blake3_calls):
+    import threading
+    decoded = []
+    real = seal.decode
+    monkeypatch.setattr(seal, "decode", lambda raw: decoded.append(len(raw)) or real(raw))
+    folders = {v: copy_of(lab, v, tmp_path) for v in ("v1", "v2")}
+    live = live_on_v1(lab, "in-place")
+
+    def pool_threads() -> set[int]:
+        return {t.ident for t in threading.enumerate() if t.name.startswith("fabric-seal")}
+
+    for v in ("v2", "v1", "v2"):
+        rep = live.load(folders[v], lab.manifest(v))
+        assert rep.ok and (rep.verified, rep.seal_fallback) == ("seal", None), rep
+        if v == "v2" and len(decoded) == 1:
+            first = pool_threads()
+    assert len(decoded) == 2 and blake3_calls == []  # each folder's seal decoded once for three loads
+    assert first and pool_threads() == first  # the same threads hashed every load
+    t = changed_tensor(lab)  # the seal's bytes change: decoded again, and its wrong entry found
+    s = seal.decode((folders["v2"] / seal.SEAL_FILE).read_bytes())
+    s.digests[t.chunks[0]] = bytes(seal.DIGEST_SIZE)
+    (folders["v2"] / seal.SEAL_FILE).write_bytes(seal.encode(s.manifest_id, s.digests))
+    live.load(folders["v1"], lab.manifest("v1"))
+    rep = live.load(folders["v2"], lab.manifest("v2"))
+    assert rep.ok and (rep.verified, rep.seal_fallback) == ("seal", "mismatch")
+    assert blake3_calls == [t.chunks[0]]
+    assert torch.equal(served(live), output(model_from(lab.src["v2"])))
+
+
 def _spoil(kind: str, folder: Path, lab: Lab) -> None:
     path = folder / seal.SEAL_FILE
     raw = path.read_bytes()
