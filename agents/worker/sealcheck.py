@@ -80,7 +80,7 @@ class CheckPool:
     """What a live module keeps between loads to check them: the hashing threads, started
     once instead of per load, and the seals it decoded last, keyed by the seal file's bytes
     (a changed file is decoded again). Together 1 ms of a 10% load of a 1 GB model
-    (docs/benchmarks.md). Thread-safe."""
+    (docs/benchmarks.md). Thread-safe; its idle threads end with it (or the interpreter)."""
 
     def __init__(self, seals: int = 4):
         self.seals: LRU[seal.Seal] = LRU(seals)
@@ -93,12 +93,6 @@ class CheckPool:
                 self._pool = ThreadPoolExecutor(threads(), thread_name_prefix="fabric-seal")
         for _ in self._pool.map(fn, jobs):
             pass
-
-    def close(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
 
 
 def load_seal(folder: Path, manifest: Manifest, seals: LRU[seal.Seal] | None = None
