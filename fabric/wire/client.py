@@ -42,11 +42,9 @@ from fabric.store.registry import Channel, _channel_from, resolve_ref
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection
 READ_TIMEOUT = 60.0  # seconds any one socket read may wait (the event stream's keepalives come every 15)
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
-# aiohttp's StreamReader reads ahead up to 2x this per connection, whether or not the reader
-# is waiting on its memory budget: 4 MiB cost a site 8 MiB per connection (issue 17). 256 KiB
-# is the most one socket read brings (asyncio's max_size), so it costs no extra wake-ups. A
-# chunk stream's payloads are read in pieces of this size (`frames.PIECE`): a larger read
-# would raise the read-ahead to match it.
+# aiohttp reads ahead up to 2x this per connection, waiting reader or not (4 MiB cost a site
+# 8 MiB a connection, issue 17); 256 KiB is one socket read (asyncio's max_size). It is the
+# frame reader's piece (`frames.PIECE`): a larger read would raise the read-ahead to match.
 READ_BUFFER = frames.PIECE
 
 
