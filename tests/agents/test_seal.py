@@ -15,6 +15,7 @@ import asyncio
 import json
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -191,7 +192,6 @@ def test_a_wrong_seal_entry_over_good_bytes_falls_back_to_blake3_and_loads(lab, 
 
 def test_a_live_module_keeps_its_hashing_threads_and_decodes_a_seal_again_only_when_its_bytes_change(
         lab, tmp_path, monkeypatch, blake3_calls):
-    import threading
     decoded = []
     real = seal.decode
     monkeypatch.setattr(seal, "decode", lambda raw: decoded.append(len(raw)) or real(raw))

@@ -7,18 +7,20 @@ import asyncio
 import struct
 
 import aiohttp
+import numpy as np
 import pytest
 import zstandard
 
-from fabric.core import digest
+from fabric.core import codec, digest
 from fabric.core.codec import Encoding
 
 from fabric.wire import frames as wire
 from fabric.wire import protocol
 from fabric.wire.auth import TokenTable
 from fabric.wire.client import OriginClient
-from fabric.errors import (ArtifactNotFound, BadFrame, CorruptChunk, Forbidden, IntegrityError,
+from fabric.errors import (ArtifactNotFound, BadFrame, CorruptChunk, Forbidden, IntegrityError, ReferenceMismatch,
                            InvalidChunkId, TransferError, Unauthorized)
+from fabric.store import packs
 from fabric.store.store import open_store
 
 from helpers.files import random_bytes
@@ -157,11 +159,6 @@ def test_a_delta_is_decoded_against_its_reference_where_a_local_store_keeps_it(t
     # A chunk the store holds raw, in its own file or in a pack, is read from there a piece at
     # a time (`codec.FileReference`), not copied into memory first (a relay's peak, issue 17),
     # and the decode closes the file; one held as zstd comes whole, as before.
-    import numpy as np
-    from fabric.core import codec
-    from fabric.store import packs
-    from fabric.errors import ReferenceMismatch
-
     rng = np.random.default_rng(3)
     weights = rng.standard_normal(1 << 20).astype(np.float32) * 0.02
     old = (weights.view(np.uint32) & 0xFFFF0000).tobytes()  # 4 MiB of F32 from BF16: half zeros
