@@ -87,12 +87,11 @@ class CheckPool:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def map(self, fn, jobs) -> None:
+    def executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(threads(), thread_name_prefix="fabric-seal")
-        for _ in self._pool.map(fn, jobs):
-            pass
+            return self._pool
 
 
 def load_seal(folder: Path, manifest: Manifest, seals: LRU[seal.Seal] | None = None
@@ -155,19 +154,18 @@ def _check(files: VersionFiles, t: TensorEntry, i: int, cid: str, got: bytes | N
 
 
 def _run(jobs, fn, pool: CheckPool | None = None) -> None:
+    """`fn` on every job: inline for one, else on `pool`'s threads (without one, on threads of
+    its own, stopped after). The first job to raise raises here."""
     if len(jobs) <= 1:
         for j in jobs:
             fn(j)
         return
-    if pool is not None:
-        pool.map(fn, jobs)
-        return
-    pool = ThreadPoolExecutor(min(threads(), len(jobs)), thread_name_prefix="fabric-seal")
+    own = None if pool else ThreadPoolExecutor(min(threads(), len(jobs)), thread_name_prefix="fabric-seal")
     try:
-        for _ in pool.map(fn, jobs):
-            pass
+        list((own or pool.executor()).map(fn, jobs))  # the jobs return None
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if own:
+            own.shutdown(wait=True, cancel_futures=True)
 
 
 def verify_sealed(files: VersionFiles, tensors: list[TensorEntry], segment: int, s: seal.Seal,

@@ -457,8 +457,9 @@ def _unpack(packed: np.ndarray, b: int, n: int) -> np.ndarray:
     words = np.empty(min(len(packed), _BLOCK), f"<u{per}")
     shifted = np.empty_like(words)
     for a in range(0, len(packed), _BLOCK):
-        x, t = words[:min(_BLOCK, len(packed) - a)], shifted[:min(_BLOCK, len(packed) - a)]
-        np.copyto(x, packed[a:a + _BLOCK], casting="unsafe")
+        k = min(_BLOCK, len(packed) - a)
+        x, t = words[:k], shifted[:k]
+        np.copyto(x, packed[a:a + k], casting="unsafe")
         if b == 4:
             np.left_shift(x, 4, out=t)
             x |= t

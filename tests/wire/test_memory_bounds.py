@@ -10,6 +10,7 @@ payload budget (`fabric.pacing.ByteBudget`) under many concurrent takers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 from aiohttp import web
@@ -27,30 +28,21 @@ CHUNK_ID = digest.digest(CHUNK)
 
 
 async def _serve_fast() -> tuple[web.AppRunner, str]:
-    async def big(request: web.Request) -> web.StreamResponse:
+    async def send(request: web.Request, parts) -> web.StreamResponse:
         resp = web.StreamResponse()
         await resp.prepare(request)
-        block = b"\xa5" * (1 << 20)
-        try:
-            for _ in range(BODY >> 20):
-                await resp.write(block)
-        except (ConnectionResetError, ConnectionError):
-            pass
+        with contextlib.suppress(ConnectionError):  # the client may stop reading and close
+            for part in parts:
+                await resp.write(part)
         return resp
 
+    async def big(request: web.Request) -> web.StreamResponse:
+        return await send(request, [b"\xa5" * (1 << 20)] * (BODY >> 20))
+
     async def stream(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        await resp.prepare(request)
         count = BODY // PAYLOAD
-        try:
-            await resp.write(frames.MAGIC)
-            for _ in range(count):
-                await resp.write(frames.chunk_header(CHUNK_ID, 0, PAYLOAD, PAYLOAD))
-                await resp.write(CHUNK)
-            await resp.write(frames.end_frame(count))
-        except (ConnectionResetError, ConnectionError):
-            pass
-        return resp
+        frame = [frames.chunk_header(CHUNK_ID, 0, PAYLOAD, PAYLOAD), CHUNK]
+        return await send(request, [frames.MAGIC, *frame * count, frames.end_frame(count)])
 
     app = web.Application()
     app.router.add_get("/big", big)
