@@ -425,8 +425,31 @@ def _packed_streams(plane: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
     (for each value of 2**b - 1 or more, in order, the value less 2**b - 1)."""
     np = _numpy()
     top = (1 << b) - 1
-    escaped = np.flatnonzero(plane >= top)  # and take: several times faster than a boolean index
+    escaped = _at_least(plane, top)  # and take: several times faster than a boolean index
     return _pack(np.minimum(plane, top), b), plane.take(escaped) - np.uint8(top)
+
+
+def _at_least(values: np.ndarray, top: int, scratch: np.ndarray | None = None) -> np.ndarray:
+    """`np.flatnonzero(values >= top)`, also fast where 3-12% of the values are.
+
+    numpy finds the set entries of a bool mask with at most a tenth of them set by skipping
+    ahead to each one, a mispredicted branch per entry (about 15 ns, so 5.3 ms for the 8%
+    escapes of an 8 MiB bf16 plane), and those of a denser mask without a branch (about
+    0.4 ns an entry, set or not). Between the two, set entries are appended past the mask's
+    end until an eighth of it is set, and their positions dropped: 1.9 ms for that plane.
+    `scratch`, a bool array of at least len(values) * 9 // 8 + 16, saves an allocation."""
+    np = _numpy()
+    k = len(values)
+    if scratch is None or len(scratch) < k * 9 // 8 + 16:
+        scratch = np.empty(k * 9 // 8 + 16, bool)
+    mask = scratch[:k]
+    np.greater_equal(values, top, out=mask)
+    hits = int(np.count_nonzero(mask))
+    if not k * 3 // 100 < hits < k // 8:
+        return np.flatnonzero(mask)
+    pad = (k // 8 - hits) * 8 // 7 + 2  # (hits + pad) / (k + pad) > 1/8
+    scratch[k:k + pad] = True
+    return np.flatnonzero(scratch[:k + pad])[:hits]
 
 
 def _pack(values: np.ndarray, b: int) -> np.ndarray:
@@ -807,10 +830,10 @@ def _read_packed_plane(blobs, b: int, n: int) -> np.ndarray:
     extra = _read_plane(e_blob, e_flag, _stream_size(e_blob, e_flag, n))
     if len(extra) and int(extra.max()) > 255 - top:
         raise BadFrame(f"escaped value above 255 in a plane packed {b} bits a value")
-    used = 0
+    used, scratch = 0, np.empty(_BLOCK * 9 // 8 + 16, bool)
     for a in range(0, n, _BLOCK):  # the escapes a block at a time: no positions of the whole plane held
         block = plane[a:a + _BLOCK]
-        where = np.flatnonzero(block == top)
+        where = _at_least(block, top, scratch)  # the values `top`: none is above it
         if used + len(where) > len(extra):
             raise BadFrame(f"packed plane escapes more values than its E stream's {len(extra)}")
         block[where] = extra[used:used + len(where)] + np.uint8(top)  # no overflow: checked above
