@@ -73,6 +73,7 @@ def one_run(work: Path, seed: Path, fam: str, url: str, pid: int, sites: int) ->
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(store.with_name(store.name + "-dest"), ignore_errors=True)
         shutil.copytree(seed, store, symlinks=True)
+    os.sync()  # the copies written out first: the pulls' fsyncs would wait for them (bench.shaped_links)
     cpu0, sent0 = cpu_seconds(pid), metric(url, "fabric_bytes_sent_total")
     reused0 = metric(url, "fabric_encoded_frames_reused_total")
     t0 = time.perf_counter()
