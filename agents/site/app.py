@@ -54,7 +54,6 @@ def create_app(agent: SiteAgent) -> web.Application:
     agent.metrics.register(app[METRICS].registry)
     index = ChunkIndex(RelaySource(agent.registry, agent.control))  # which child may see which chunk
     chunk_routes(app, index=index, get=agent.relay.get, prepare=agent.relay.prepare, ready=agent.relay.ready,
-                 pending=agent.relay.pending,
                  frame_budget=RELAY_BYTES, encoders=RELAY_ENCODERS)
     agent.rollout.add_routes(app)
     agent.trust.routes(app)  # the envelopes it holds, re-served untouched for the sites below

@@ -26,9 +26,6 @@ A relay encodes only chunks the plan gives a reference (deltas); the rest go sto
 since encoding holds whole chunks in memory per request and random-looking weights
 gain little from entropy coding on a relay's short links. It encodes them one at a time
 (`RELAY_ENCODERS` slots, taken once the chunk is held here), however many children ask.
-A version the relay is still fetching, not yet in its registry, is planned from the
-manifest it is fetching (`pending`), so the children that ask for a new version at its
-promote get deltas against the version they hold, not its stored forms.
 
 Length: over the ~450-line guide. The three ways of sending a fetch's frames (sendfile,
 a relay's waits, encoded) share the request's planning and visibility rules, which
@@ -69,7 +66,6 @@ PLANS = web.AppKey("plans", PlanCache)
 INDEX = web.AppKey("chunk_index", ChunkIndex)
 POLICIES = web.AppKey("policies", PeerPolicies)
 FRAMES = web.AppKey("frames", FrameCache)
-PENDING = web.AppKey("pending", object)  # a relay's `Pending`, or None
 LEVEL = 3  # the zstd level of the codec's entropy stages when serving
 RELAY_ENCODERS = 1  # chunks a relay reads and encodes at once for its children (issue 17's memory bound)
 _READ_AHEAD = 3  # stored chunks read ahead of the one being sent
@@ -100,8 +96,6 @@ def store_getter(store: Store) -> ChunkGetter:
 
 Prepare = Callable[[web.Request, list[str]], Awaitable[None]]
 Ready = Callable[[str], Awaitable[None]]  # returns once a chunk is held here, or no longer coming
-# (artifact, version) -> the manifest of a version this server is fetching and has not committed, or None
-Pending = Callable[[str, str], "Manifest | None"]
 
 
 async def visible(request: web.Request, ids: Iterable[str], scopes: tuple[str, ...] = ("pull",)) -> set[str]:
@@ -138,7 +132,7 @@ async def upload_references(request: web.Request, frame: frames.Frame) -> frames
 
 
 def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | None = None,
-                 prepare: Prepare | None = None, ready: Ready | None = None, pending: Pending | None = None,
+                 prepare: Prepare | None = None, ready: Ready | None = None,
                  frame_budget: int = ORIGIN_BYTES, encoders: int | None = None) -> None:
     """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store).
 
@@ -149,8 +143,6 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
     by `_relay_frames`, with wait frames and bounded memory. The app keeps the
     plan cache (`PLANS`), one encode policy per peer (`POLICIES`) and up to
     `frame_budget` bytes of encoded frames (`FRAMES`; `FABRIC_FRAME_CACHE_MB` overrides it).
-    `pending` names the manifests of versions a relay is fetching, so fetches for them are
-    planned before they are committed here (`plan_request`).
     `encoders`, if given, is how many chunks its fetches may hold read for encoding at once,
     whatever the number of requests (a relay: `RELAY_ENCODERS`; each holds the chunk, its
     reference and the codec's work, several times the chunk).
@@ -160,7 +152,6 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
     app[PLANS] = PlanCache()
     app[POLICIES] = PeerPolicies(workers=min(_READ_AHEAD, os.cpu_count() or 1), fixed=encode_mode())
     app[FRAMES] = FrameCache(frame_cache_bytes(frame_budget))
-    app[PENDING] = pending
     slots = asyncio.Semaphore(encoders) if encoders else None
 
     async def has(request: web.Request) -> web.Response:
@@ -183,8 +174,7 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
             await prepare(request, [cid for cid in ids if cid in shown])
         # delta fields (docs/encodings.md, Negotiation): encode per chunk; else stored forms
         p, store = principal(request), request.app[STORE]
-        plan = await plan_for_request(store, body, may=lambda a: p.may("pull", a), cache=request.app[PLANS],
-                                      pending=request.app[PENDING])
+        plan = await plan_for_request(store, body, may=lambda a: p.may("pull", a), cache=request.app[PLANS])
         policy = request.app[POLICIES].get((p.name, request.remote)) if plan else None
         policy = linkrate.metered(policy, request.transport)  # the link measured by what the peer acknowledged
         cache = request.app[FRAMES]
@@ -439,14 +429,12 @@ class RequestPlan:
 
 
 def plan_request(store: Store, body: dict, *, may: Callable[[str], bool] | None = None,
-                 cache: PlanCache | None = None, pending: Pending | None = None) -> RequestPlan | None:
+                 cache: PlanCache | None = None) -> RequestPlan | None:
     """The plan for a fetch body (blocking); None to serve stored forms as before.
 
     None when the body has no delta fields, `may(artifact)` says the caller may not
-    pull the artifact, or this store lacks the target version and `pending` has no
-    manifest for it either. Versions of `have` it lacks are skipped: a reference is
-    always a chunk of a version committed here, so all of it is held. Plans are kept in
-    `cache`, if given, by manifest ids.
+    pull the artifact, or this store lacks the target version. Versions of `have` it
+    lacks are skipped. Plans are kept in `cache`, if given, by manifest ids.
     """
     fields = parse_fields(body)
     if fields is None or (may is not None and not may(fields.artifact)):
@@ -454,14 +442,10 @@ def plan_request(store: Store, body: dict, *, may: Callable[[str], bool] | None 
     if not {Encoding.RAW, Encoding.ZSTD} <= fields.encodings:
         return None
     registry = Registry(store)
-    target = None
     try:
         target_id = registry.manifest_id(fields.artifact, fields.version)
     except NotFound:
-        target = pending(fields.artifact, fields.version) if pending else None
-        if target is None:
-            return None
-        target_id = target.id
+        return None
     have_ids = []
     for v in fields.have:
         try:
@@ -472,7 +456,7 @@ def plan_request(store: Store, body: dict, *, may: Callable[[str], bool] | None 
         have_ids = []
     hints = cache.get(target_id, have_ids) if cache else None
     if hints is None:
-        target = target or _load(store, target_id)
+        target = _load(store, target_id)
         hints = plan_references(target, [_load(store, mid) for mid in have_ids])
         if cache:
             cache.put(target_id, have_ids, hints)
@@ -484,11 +468,11 @@ def _load(store: Store, manifest_id: str) -> Manifest:
 
 
 async def plan_for_request(store: Store, body: dict, *, may: Callable[[str], bool] | None = None,
-                           cache: PlanCache | None = None, pending: Pending | None = None) -> RequestPlan | None:
+                           cache: PlanCache | None = None) -> RequestPlan | None:
     """`plan_request` off the event loop (cheap when the body has no delta fields)."""
     if "encodings" not in body:
         return None
-    return await asyncio.to_thread(plan_request, store, body, may=may, cache=cache, pending=pending)
+    return await asyncio.to_thread(plan_request, store, body, may=may, cache=cache)
 
 
 # --- encoding what is sent ------------------------------------------------------------------

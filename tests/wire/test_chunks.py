@@ -308,23 +308,6 @@ def test_plan_request_falls_back_to_stored_forms(origin_and_site):
     assert future.names == fields["encodings"]  # names it does not know are ignored
 
 
-def test_a_relay_plans_a_version_it_is_still_fetching_from_its_pending_manifest(origin_and_site):
-    origin, site, (v1, v2, v3) = origin_and_site
-    ids = list(v3.unique_chunks())
-    body = negotiate.fetch_body(ids, negotiate.request_fields(site, v3))  # a child holding v1 and v2
-    assert chunks.plan_request(site, body) is None  # v3 is not in the site's registry yet
-    assert chunks.plan_request(site, body, pending=lambda artifact, version: None) is None
-    fetching = {(v3.artifact, v3.version): v3}
-    plan = chunks.plan_request(site, body, pending=lambda artifact, version: fetching.get((artifact, version)))
-    for t in v3.tensors:  # against the newest version the site holds, as the origin plans it
-        old = next(o for o in v2.tensors if o.name == t.name)
-        assert plan.hint(t.chunks[0]) == ChunkHint("BF16", old.chunks[0])
-    assert plan.hints == chunks.plan_request(origin, body).hints
-    cache = PlanCache()  # kept by the pending manifest's id, like a committed one's
-    assert chunks.plan_request(site, body, cache=cache, pending=lambda a, v: v3).hints is \
-        chunks.plan_request(site, body, cache=cache, pending=lambda a, v: v3).hints
-
-
 def test_plan_for_request_runs_off_the_loop(origin_and_site):
     origin, site, (v1, v2, v3) = origin_and_site
     body = negotiate.fetch_body(list(v3.unique_chunks()), negotiate.request_fields(site, v3))
