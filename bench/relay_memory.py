@@ -15,15 +15,16 @@ edges' peaks (min/median/max and each), the idle baseline, and the wall time. Th
 (issue 17): the hub's peak ≤ 100 MiB relaying 1 GB to 10 children.
 
 With `--delta` the version is a model's next step instead, the case where a relay
-encodes: v1 is BF16 weights (normal, scale 0.02), rolled out as above; then every
+decodes deltas: v1 is BF16 weights (normal, scale 0.02), rolled out as above; then every
 agent's peak is reset (`5` into /proc/PID/clear_refs) and v2, the same weights after a
 small update of every element (as after an optimizer step), is published and promoted.
-The edges hold v1, so the origin sends the hub deltas and the hub encodes deltas for its
-edges (`fabric.wire.chunks`: a relay encodes only chunks with a reference), keeping up
-to 16 MiB of frames (`fabric.wire.framecache.RELAY_BYTES`); both rollouts' figures are
-printed. `--encode full` pins `FABRIC_ENCODE` in every process, as the rate control
-picks on a WAN link (on loopback `auto` sends most chunks stored); the hub then encodes
-every delta it relays.
+The edges hold v1, so the origin sends the hub deltas, and the hub sends its edges the
+delta frames it received while it keeps them (`fabric.wire.framecache.Forwarded`,
+`FORWARD_BYTES`; a relay never encodes), else stored forms; both rollouts' figures are
+printed, with how many frames the hub forwarded and the bytes it fetched and sent.
+`--encode full` pins `FABRIC_ENCODE` in every process, as the rate control picks on a
+WAN link (on loopback `auto` sends most chunks stored); the origin then sends the hub a
+delta for every changed chunk.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for every edge to activate")
     ap.add_argument("--data", default=None, help="where the work folder goes (default: the temp folder)")
-    ap.add_argument("--delta", action="store_true", help="then roll out the model's next step (the relay encodes)")
+    ap.add_argument("--delta", action="store_true", help="then roll out the model's next step (deltas)")
     ap.add_argument("--encode", choices=("auto", "full"), default="auto", help="FABRIC_ENCODE in every process")
     args = ap.parse_args(argv)
     raise_nofile()
@@ -227,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> str:
                     f"RSS at the end {d['hub_rss']:.1f} MiB; edges' peak min/median/max {dpeaks[0]:.1f}/"
                     f"{statistics.median(dpeaks):.1f}/{dpeaks[-1]:.1f} MiB; {d['active']}/{r['children']} edges "
                     f"active in {d['wall']:.1f} s; the hub's fetch answers by path {sent}, frames reused "
-                    f"{hm.get('fabric_encoded_frames_reused_total', 0):.0f}, payload bytes sent "
+                    f"{hm.get('fabric_encoded_frames_reused_total', 0):.0f}, frames forwarded "
+                    f"{hm.get('fabric_forwarded_frames_total', 0):.0f}, fetched "
+                    f"{sum(v for m, v in hm.items() if m.startswith('fabric_agent_bytes_by_source_total')) / 1e6:,.1f} MB "
+                    f"(both rollouts), payload bytes sent "
                     f"{hm.get('fabric_bytes_sent_total', 0) / 1e6:,.1f} MB (both rollouts), received "
                     f"{hm.get('fabric_bytes_received_total', 0) / 1e6:,.1f} MB")
             print(text, flush=True)

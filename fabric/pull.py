@@ -69,7 +69,7 @@ from fabric.store import packs
 from fabric.store.packs import PackRef
 from fabric.store.registry import Registry
 from fabric.store.store import TAG_RAW, Store
-from fabric.transfer import ChunkSink, FetchOptions, Inflight, Progress, SyncStats, fetch_chunks, store_sink
+from fabric.transfer import ChunkSink, FetchOptions, Forward, Inflight, Progress, SyncStats, fetch_chunks, store_sink
 from fabric.wire.client import OriginClient
 from fabric.wire.negotiate import manifest_base, request_fields
 
@@ -449,6 +449,7 @@ class Upstream:
     options: FetchOptions = field(default_factory=FetchOptions)
     inflight: Inflight | None = None  # shared with other fetchers of the same store (a relay)
     prefer: Callable[[str], OriginClient | None] | None = None  # a chunk's owner, asked first
+    forward: Forward | None = None  # gets each codec frame fetched (`fabric.transfer.fetch_chunks`)
 
 
 async def fetch_manifest(store: Store, client: OriginClient, artifact: str, version: str) -> Manifest:
@@ -564,7 +565,7 @@ async def _fetch(store: Store, manifest: Manifest, sink: Sink, upstream: Upstrea
     try:
         return await fetch_chunks(sizes, store, upstream.sources, upstream.options, sink=chunk_sink,
                                   progress=progress, delta_fields=fields, prefer=upstream.prefer,
-                                  inflight=upstream.inflight)
+                                  inflight=upstream.inflight, forward=upstream.forward)
     finally:
         if sink.private:
             await asyncio.to_thread(store.flush)  # one syncfs, not one fsync per chunk

@@ -71,6 +71,7 @@ PRIVATE_BUDGET = 32 << 20  # a fetch of its own: about one 8 MiB payload per con
 _RECEIVE_AHEAD = 2  # chunks of one response being verified and stored while the next is read
 Progress = Callable[[int], None]
 ChunkSink = Callable[[str, bytes], None]  # (chunk id, verified bytes): make the chunk the store's
+Forward = Callable[[str, int, int, "bytes | bytearray"], None]  # (id, stream tag, raw size, payload) of a codec frame
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,8 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
                        options: FetchOptions = FetchOptions(), *, sink: ChunkSink | None = None,
                        progress: Progress | None = None, delta_fields: dict | None = None,
                        prefer: Callable[[str], OriginClient | None] | None = None,
-                       inflight: Inflight | None = None, preclaimed: bool = False) -> SyncStats:
+                       inflight: Inflight | None = None, preclaimed: bool = False,
+                       forward: Forward | None = None) -> SyncStats:
     """Fetch the chunks in `sizes` (id -> size, or None if unknown) that `store` lacks.
 
     Args:
@@ -219,6 +221,8 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
         inflight: chunks another fetcher is already getting are awaited, not fetched
             again, and the chunks this call fetches are announced to later askers.
         preclaimed: the caller has already claimed every id in `sizes` in `inflight`.
+        forward: called (in a worker thread) with each codec frame (id, tag, raw size,
+            payload) once it decoded to its id: a relay keeps them for its children.
 
     Raises:
         TransferError: some chunks could not be fetched from any source in time.
@@ -236,7 +240,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     else:
         owned, foreign = inflight.claim(missing) if inflight else (missing, [])
     engine = _Engine(store, sizes, [SourceState(s) for s in sources], stats, options, sink, progress,
-                     inflight, delta_fields)
+                     inflight, delta_fields, forward)
     try:
         for batch in engine.batches(owned, options.batch_bytes, prefer):
             engine.put(batch)
@@ -247,7 +251,7 @@ async def fetch_chunks(sizes: dict[str, int | None], store: Store, sources: list
     failed = [cid for cid, fut in foreign if not await fut]
     if failed:  # the other fetcher gave up on these: try them ourselves, once
         again = await fetch_chunks({c: sizes[c] for c in failed}, store, sources, options, sink=sink,
-                                   progress=progress, delta_fields=delta_fields)
+                                   progress=progress, delta_fields=delta_fields, forward=forward)
         stats.chunks_fetched += again.chunks_fetched
         stats.bytes_received += again.bytes_received
         stats.bytes_raw += again.bytes_raw
@@ -284,9 +288,9 @@ def _batches(ids: list[str], sizes: dict[str, int | None], limit: int) -> list[l
 class _Engine:
     def __init__(self, store: Store, sizes: dict[str, int | None], sources: list[SourceState], stats: SyncStats,
                  options: FetchOptions, sink: ChunkSink, progress: Progress | None, inflight: Inflight | None,
-                 delta_fields: dict | None):
+                 delta_fields: dict | None, forward: Forward | None = None):
         self.store, self.sizes, self.sources, self.stats = store, sizes, sources, stats
-        self.inflight, self.sink, self.delta_fields = inflight, sink, delta_fields
+        self.inflight, self.sink, self.delta_fields, self.forward = inflight, sink, delta_fields, forward
         self.standalone: set[str] = set()  # chunks whose reference we lack: asked for without one
         self.preferred: dict[str, SourceState] = {}
         self.refusal: FabricError | None = None  # a 401/403 from a source, reported if all else fails
@@ -489,6 +493,8 @@ class _Engine:
     def _store_frame(self, frame: wire.Frame) -> int:
         data = wire.decode_frame(frame, self.sizes[frame.chunk_id], references=wire.store_references(self.store))
         self.sink(frame.chunk_id, data)
+        if self.forward is not None and frame.encoding in wire.CODEC_TAGS:  # decoded to its id: a relay keeps it
+            self.forward(frame.chunk_id, frame.encoding, frame.raw_size, frame.payload)
         return len(data)
 
     def _bad_chunk(self, source: SourceState, cid: str, batch: _Batch, e: Exception) -> None:

@@ -41,6 +41,7 @@ from fabric.store.registry import Registry
 from fabric.store.store import Store, open_store
 from fabric.transfer import Inflight
 from fabric.wire.client import OriginClient
+from fabric.wire.framecache import Forwarded
 
 from agents.site.config import SiteConfig
 from agents.site.control import UpstreamChain, relay_urls
@@ -81,7 +82,8 @@ class SiteAgent:
                                      + self.origins[:-1], self.origins[-1], on_event=self._upstream_event)
         self.reads = ReadRelay(self.store, self.control)  # control reads, re-served
         self.subtree = Subtree(cfg.site, forget_after=max(60.0, 12 * cfg.report_interval))
-        self.upstream = self.plan.upstream(Inflight())
+        self.forwarded = Forwarded()  # the delta frames this site fetches, for its children (`fabric.wire.chunks`)
+        self.upstream = self.plan.upstream(Inflight(), forward=self.forwarded.put)
         self.upstream_name, self.source_names = _link_names(cfg)  # for the report (the status page's tree)
         self.channels = {a: ChannelStatus(a, c, active=self.layout.active(a)) for a, c in cfg.follow}
         # Without a policy a site only keeps envelopes for the sites below: the nearest source that

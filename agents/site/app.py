@@ -26,8 +26,7 @@ from aiohttp import web
 
 from fabric.store.chunk_index import ChunkIndex
 from fabric.wire.auth import TokenTable, visible_report
-from fabric.wire.chunks import RELAY_ENCODERS, chunk_routes
-from fabric.wire.framecache import RELAY_BYTES
+from fabric.wire.chunks import chunk_routes
 from fabric.wire.protocol import SITE, SITE_PINS
 from fabric import logs, tracing
 from fabric.errors import Forbidden
@@ -54,7 +53,7 @@ def create_app(agent: SiteAgent) -> web.Application:
     agent.metrics.register(app[METRICS].registry)
     index = ChunkIndex(RelaySource(agent.registry, agent.control))  # which child may see which chunk
     chunk_routes(app, index=index, get=agent.relay.get, prepare=agent.relay.prepare, ready=agent.relay.ready,
-                 frame_budget=RELAY_BYTES, encoders=RELAY_ENCODERS)
+                 pending=agent.relay.pending, forwarded=agent.forwarded, frame_budget=0)  # a relay encodes nothing
     agent.rollout.add_routes(app)
     agent.trust.routes(app)  # the envelopes it holds, re-served untouched for the sites below
     relay_routes(app, agent.event_relay, agent.reads)  # events and control reads, re-served

@@ -144,8 +144,9 @@ class Deployer:
                      wire_ratio=stats.to_json()["wire_ratio"], by_source=stats.bytes_by_source,
                      bad_chunks=stats.bad_chunks_by_source, seconds=round(stats.seconds, 3))
 
-        await pull(site.store, manifest, Sink.site_version(site.layout.version_dir(artifact, version)),
-                   upstream=site.upstream, progress=progress, on_fetched=fetched)
+        with site.relay.fetching(manifest):  # children asking for it meanwhile get deltas (`agents.site.relay`)
+            await pull(site.store, manifest, Sink.site_version(site.layout.version_dir(artifact, version)),
+                       upstream=site.upstream, progress=progress, on_fetched=fetched)
 
     async def _activate(self, ch: ChannelStatus, version: str) -> None:
         """Flip `current/<artifact>` to `version`, record it, roll it out, prune. Holds `lock`."""

@@ -14,6 +14,14 @@ A sibling peer sends `PEER_HEADER`: it wants only what this site holds, so its r
 starts no fetch and waits on none (siblings fetching the same chunks would otherwise
 wait on each other until they stall).
 
+While this site pulls a version (`fetching`, around its deploy's and its staging's pulls),
+the manifest it is pulling is `pending` to the chunk routes: children asking for that
+version before it is committed here get, for each chunk, the delta frame this site's
+upstream sent it (`fabric.wire.framecache.Forwarded`, kept from the fetch) when the
+child's plan gives the chunk the same references (every one a chunk of a version
+committed here), else the chunk's stored form. Nothing is encoded for them meanwhile:
+a hub at a rollout holds no more than it did.
+
 Children see only the chunks their tokens may pull (`fabric.wire.chunks.visible`), as
 this site's chunk index tells (`RelaySource`): the versions this site holds, and those
 the origin shows this site's token, so it can vouch for a version's chunks before it
@@ -23,6 +31,7 @@ has fetched them itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from dataclasses import replace
@@ -30,6 +39,7 @@ from typing import Iterable
 
 from aiohttp import web
 
+from fabric.core.manifest import Manifest
 from fabric.errors import FabricError, NotFound
 from fabric.logs import get_logger
 from fabric.pull import Upstream
@@ -53,6 +63,23 @@ class Relay:
         self.inflight = upstream.inflight
         # A pull-through fetches for children waiting on it: it was never rate-limited.
         self.options = replace(upstream.options, max_rate=None)
+        self._fetching: dict[tuple[str, str], Manifest] = {}  # (artifact, version): its manifest, while pulled
+
+    @contextlib.contextmanager
+    def fetching(self, manifest: Manifest):
+        """While the body runs, `manifest`'s version is `pending` (it is being pulled here)."""
+        key = (manifest.artifact, manifest.version)
+        self._fetching[key] = manifest
+        try:
+            yield
+        finally:
+            if self._fetching.get(key) is manifest:
+                del self._fetching[key]
+
+    def pending(self, artifact: str, version: str) -> Manifest | None:
+        """The manifest of `artifact@version` if this site is pulling it now (the chunk
+        routes' `pending`; called from their planning threads)."""
+        return self._fetching.get((artifact, version))
 
     async def ready(self, chunk_id: str) -> None:
         """Return once no fetch of `chunk_id` is in flight here, or fetches here have stored

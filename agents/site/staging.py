@@ -180,8 +180,9 @@ class Stager:
                 if ch.staged and ch.staged.get("version") == version:
                     ch.staged["bytes_done"] += n
 
-            result = await pull(site.store, manifest, Sink.site_version(site.layout.version_dir(artifact, version)),
-                                upstream=site.upstream, progress=progress)
+            with site.relay.fetching(manifest):
+                result = await pull(site.store, manifest, Sink.site_version(site.layout.version_dir(artifact, version)),
+                                    upstream=site.upstream, progress=progress)
             if envelope is not None:
                 await site.trust.keep(artifact, version, envelope)
             else:

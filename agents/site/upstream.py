@@ -13,7 +13,7 @@ from __future__ import annotations
 from fabric.wire.protocol import PEER_HEADER
 from fabric.core.topology import Topology, owner_index
 from fabric.pull import Upstream
-from fabric.transfer import FetchOptions, Inflight
+from fabric.transfer import FetchOptions, Forward, Inflight
 from fabric.wire.client import OriginClient
 
 from agents.site.config import SiteConfig, SyncOptions
@@ -52,9 +52,9 @@ class SourcePlan:
         """The sibling hub to fetch `chunk_id` from first, if another hub owns it."""
         return self.owners[owner_index(chunk_id, len(self.owners))] if self.owners else None
 
-    def upstream(self, inflight: Inflight) -> Upstream:
-        """What the site's pulls (`fabric.pull.pull`) fetch through."""
-        return Upstream(self.sources, fetch_options(self.cfg.sync), inflight, self.owner)
+    def upstream(self, inflight: Inflight, forward: Forward | None = None) -> Upstream:
+        """What the site's pulls (`fabric.pull.pull`) fetch through; `forward` gets their codec frames."""
+        return Upstream(self.sources, fetch_options(self.cfg.sync), inflight, self.owner, forward)
 
     def clients(self) -> list[OriginClient]:
         """Every client of the plan, once (to close them)."""

@@ -9,12 +9,18 @@ references (`plan_request`, cached in the app's `PlanCache`) and encodes each ch
 fastest; the app owns those policies (`PeerPolicies`, under `POLICIES`) and the
 frames `full` made, served again to the next peer that asks (`FrameCache`, `FRAMES`).
 
-A relay (`prepare` and `ready` given) serves stored forms as each chunk becomes held
+A relay (`prepare` and `ready` given) serves each chunk as it becomes held
 (`_relay_frames`): while a chunk is still being fetched upstream it sends a wait frame
 every `WAIT_INTERVAL` to a client that asked for them (`WAIT_HEADER`), so the client
-knows the relay is alive; and the kernel sends each payload straight from its file
-(sendfile, one HTTP chunk a frame), so a relay serving many children holds no payload in
-its own memory (docs/protocol.md, "Relays").
+knows the relay is alive. It never encodes (an encode holds about four times the chunk,
+32 MiB for an 8 MiB one, more than issue 17's memory bound leaves a relay): to a child
+whose delta fields plan a chunk against references, it sends the delta frame its own
+upstream sent it against the same references, if it kept it (`Forwarded`), else the
+stored form, which the kernel sends straight from its file (sendfile, one HTTP chunk
+a frame), so a relay serving many children holds little payload in its own memory
+(docs/protocol.md, "Relays"). A version the relay is still fetching, not yet in its
+registry, is planned from the manifest it is fetching (`pending`): the children that
+ask for a new version at its promote get the deltas its upstream sent.
 
 Who sees a chunk (docs/protocol.md, "Authentication and scopes"): a chunk is served,
 or reported held, only to a token that may pull an artifact whose versions reference
@@ -22,20 +28,14 @@ it (`has` also counts `publish` on such an artifact), as the role's `ChunkIndex`
 tells; to anyone else it is missing. An admin token sees every chunk. An upload's
 references (`upload_references`) may name only chunks the uploader may pull.
 
-A relay encodes only chunks the plan gives a reference (deltas); the rest go stored,
-since encoding holds whole chunks in memory per request and random-looking weights
-gain little from entropy coding on a relay's short links. It encodes them one at a time
-(`RELAY_ENCODERS` slots, taken once the chunk is held here), however many children ask.
-
 Length: over the ~450-line guide. The three ways of sending a fetch's frames (sendfile,
-a relay's waits, encoded) share the request's planning and visibility rules, which
+a relay's, encoded) share the request's planning and visibility rules, which
 must not drift apart between modules.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -56,7 +56,7 @@ from fabric.store.chunk_index import ChunkIndex
 from fabric.store.registry import Registry
 from fabric.store.store import Store, StoredFile
 from fabric.wire import frames, linkrate
-from fabric.wire.framecache import ORIGIN_BYTES, FrameCache, Key as FrameKey, key as frame_key
+from fabric.wire.framecache import ORIGIN_BYTES, Forwarded, Frame, FrameCache, Key as FrameKey, key as frame_key
 from fabric.wire.negotiate import parse_fields
 from fabric.wire.protocol import (CHUNK_STREAM, CHUNKS_FETCH, CHUNKS_HAS, ENCODINGS, ENCODINGS_HEADER, MAGIC,
                                   MAX_IDS, WAIT_HEADER, WAIT_INTERVAL)
@@ -66,8 +66,9 @@ PLANS = web.AppKey("plans", PlanCache)
 INDEX = web.AppKey("chunk_index", ChunkIndex)
 POLICIES = web.AppKey("policies", PeerPolicies)
 FRAMES = web.AppKey("frames", FrameCache)
+PENDING = web.AppKey("pending", object)  # a relay's `Pending`, or None
+FORWARDED = web.AppKey("forwarded", object)  # a relay's `Forwarded`, or None
 LEVEL = 3  # the zstd level of the codec's entropy stages when serving
-RELAY_ENCODERS = 1  # chunks a relay reads and encodes at once for its children (issue 17's memory bound)
 _READ_AHEAD = 3  # stored chunks read ahead of the one being sent
 
 FrameFields = tuple[int, int, "bytes | memoryview"]  # stream tag, raw size, payload (codec body)
@@ -96,6 +97,8 @@ def store_getter(store: Store) -> ChunkGetter:
 
 Prepare = Callable[[web.Request, list[str]], Awaitable[None]]
 Ready = Callable[[str], Awaitable[None]]  # returns once a chunk is held here, or no longer coming
+# (artifact, version) -> the manifest of a version this server is fetching and has not committed, or None
+Pending = Callable[[str, str], "Manifest | None"]
 
 
 async def visible(request: web.Request, ids: Iterable[str], scopes: tuple[str, ...] = ("pull",)) -> set[str]:
@@ -132,27 +135,28 @@ async def upload_references(request: web.Request, frame: frames.Frame) -> frames
 
 
 def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | None = None,
-                 prepare: Prepare | None = None, ready: Ready | None = None,
-                 frame_budget: int = ORIGIN_BYTES, encoders: int | None = None) -> None:
+                 prepare: Prepare | None = None, ready: Ready | None = None, pending: Pending | None = None,
+                 forwarded: Forwarded | None = None, frame_budget: int = ORIGIN_BYTES) -> None:
     """Add POST /v1/chunks/has and /v1/chunks/fetch, serving from `get` (default: the store).
 
     `index` tells which artifacts reference a chunk (who may see it; kept as `INDEX`).
     `prepare`, if given, sees each fetch's visible ids before any is served: a relay uses
     it to start fetching the ones it lacks from upstream (pull-through); with `ready` (which
-    returns once a chunk is held, or will not be) a local relay store serves stored forms
-    by `_relay_frames`, with wait frames and bounded memory. The app keeps the
-    plan cache (`PLANS`), one encode policy per peer (`POLICIES`) and up to
-    `frame_budget` bytes of encoded frames (`FRAMES`; `FABRIC_FRAME_CACHE_MB` overrides it).
-    `encoders`, if given, is how many chunks its fetches may hold read for encoding at once,
-    whatever the number of requests (a relay: `RELAY_ENCODERS`; each holds the chunk, its
-    reference and the codec's work, several times the chunk).
+    returns once a chunk is held, or will not be) a local relay store serves by
+    `_relay_frames`, with wait frames and bounded memory, and encodes nothing: a planned
+    chunk goes as the frame kept for it in `forwarded` (the relay's upstream's), else stored.
+    `pending` names the manifests of versions a relay is fetching, so fetches for them are
+    planned before they are committed here (`plan_request`). The app keeps the plan cache
+    (`PLANS`), one encode policy per peer (`POLICIES`) and up to `frame_budget` bytes of
+    encoded frames (`FRAMES`; `FABRIC_FRAME_CACHE_MB` overrides it).
     """
     get = get or store_getter(app[STORE])
     app[INDEX] = index
     app[PLANS] = PlanCache()
     app[POLICIES] = PeerPolicies(workers=min(_READ_AHEAD, os.cpu_count() or 1), fixed=encode_mode())
     app[FRAMES] = FrameCache(frame_cache_bytes(frame_budget))
-    slots = asyncio.Semaphore(encoders) if encoders else None
+    app[PENDING] = pending
+    app[FORWARDED] = forwarded
 
     async def has(request: web.Request) -> web.Response:
         principal(request).require_any(("pull", "publish"))
@@ -174,18 +178,20 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
             await prepare(request, [cid for cid in ids if cid in shown])
         # delta fields (docs/encodings.md, Negotiation): encode per chunk; else stored forms
         p, store = principal(request), request.app[STORE]
-        plan = await plan_for_request(store, body, may=lambda a: p.may("pull", a), cache=request.app[PLANS])
+        plan = await plan_for_request(store, body, may=lambda a: p.may("pull", a), cache=request.app[PLANS],
+                                      pending=request.app[PENDING])
+        forwarding = None
+        if plan and ready is not None:  # a relay encodes nothing: its upstream's frames, or stored forms
+            forwarding, plan = plan, None
         policy = request.app[POLICIES].get((p.name, request.remote)) if plan else None
         policy = linkrate.metered(policy, request.transport)  # the link measured by what the peer acknowledged
         cache = request.app[FRAMES]
         if (plan and prepare is None and store.local and not _all_kept(cache, plan, ids, hidden)
                 and policy.choose() == Mode.STORED):
             plan = None  # the link outruns the codec: this batch goes out stored, zero-copy
-        if plan and ready is not None and store.local and not any(plan.hint(c).reference for c in ids):
-            plan = None  # a relay encodes only deltas: whole chunks in memory per request cost more than zstd gains
         metrics: Metrics = request.app[METRICS]
-        read = _hiding(serving_getter(get, store, plan, policy, cache=cache, metrics=metrics, ready=ready,
-                                      slots=slots) if plan else get, hidden)
+        read = _hiding(serving_getter(get, store, plan, policy, cache=cache, metrics=metrics) if plan else get,
+                       hidden)
         resp = web.StreamResponse(headers={"Content-Type": CHUNK_STREAM})
         length = await _stream_length(store, ids, hidden) if prepare is None and plan is None else None
         if length is not None:
@@ -201,7 +207,8 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
         elif relayed:
             metrics.fetches.labels("relayed").inc()
             await _relay_frames(request, resp, store, ids, ready, hidden, metrics,
-                                waits=request.headers.get(WAIT_HEADER) == "1")
+                                waits=request.headers.get(WAIT_HEADER) == "1",
+                                forwarded=_forwarded_getter(request.app[FORWARDED], forwarding))
         else:
             metrics.fetches.labels("encoded" if plan else "stored").inc()
             await _send_frames(resp, ids, read, plan, policy, metrics,
@@ -330,9 +337,11 @@ def _close_opened(fut: asyncio.Future) -> None:
 
 
 async def _relay_frames(request: web.Request, resp: web.StreamResponse, store: Store, ids: list[str], ready: Ready,
-                        hidden: set[str], metrics: Metrics, *, waits: bool) -> None:
+                        hidden: set[str], metrics: Metrics, *, waits: bool,
+                        forwarded: Callable[[str], Frame | None] | None = None) -> None:
     """A relay's frames: each chunk once `ready` says it is held, its stored payload sent
-    from its file by the kernel; a missing frame if it is hidden or never came.
+    from its file by the kernel (or the frame `forwarded` gives for it, from memory); a
+    missing frame if it is hidden or never came.
 
     To a client that reads wait frames (`waits`), chunks go in the order they arrive here
     (any order is allowed then: docs/protocol.md, "Relays"), with a wait frame naming the
@@ -353,7 +362,7 @@ async def _relay_frames(request: web.Request, resp: web.StreamResponse, store: S
             else:
                 fut = min(pending, key=pending.get)
                 await fut
-            await _relay_frame(request, resp, store, ids[pending.pop(fut)], hidden, metrics)
+            await _relay_frame(request, resp, store, ids[pending.pop(fut)], hidden, metrics, forwarded)
     finally:
         for fut in pending:
             fut.cancel()
@@ -363,9 +372,28 @@ async def _nothing() -> None:
     return None
 
 
+def _forwarded_getter(kept: Forwarded | None, plan: "RequestPlan | None") -> Callable[[str], Frame | None] | None:
+    """What `_relay_frame` asks for a chunk's forwarded frame under `plan` (None: nothing kept)."""
+    if kept is None or plan is None:
+        return None
+    return lambda cid: kept.get(cid, plan.hint(cid), plan.encodings)
+
+
 async def _relay_frame(request: web.Request, resp: web.StreamResponse, store: Store, cid: str, hidden: set[str],
-                       metrics: Metrics) -> None:
-    """One chunk frame (or a missing frame) of `_relay_frames`, as one HTTP chunk by sendfile."""
+                       metrics: Metrics, forwarded: Callable[[str], Frame | None] | None = None) -> None:
+    """One chunk frame (or a missing frame) of `_relay_frames`, as one HTTP chunk by sendfile,
+    or the upstream's frame for it, if `forwarded` kept one."""
+    frame = forwarded(cid) if forwarded is not None and cid not in hidden else None
+    if frame is not None:  # a piece at a time: each child's socket buffers at most one, not the frame
+        tag, raw_size, payload = frame
+        await resp.write(frames.chunk_header(cid, tag, raw_size, len(payload)))
+        view = memoryview(payload)
+        for start in range(0, len(view), frames.PIECE):
+            await resp.write(view[start:start + frames.PIECE])
+        metrics.frames_forwarded.inc()
+        metrics.chunks_out.inc()
+        metrics.bytes_out.inc(len(payload))
+        return
     opened = None if cid in hidden else await asyncio.to_thread(_open_chunk, store, cid)
     await _sendfile_frame(request, resp, asyncio.get_running_loop(), cid, opened, metrics, None, chunked=True)
 
@@ -429,12 +457,14 @@ class RequestPlan:
 
 
 def plan_request(store: Store, body: dict, *, may: Callable[[str], bool] | None = None,
-                 cache: PlanCache | None = None) -> RequestPlan | None:
+                 cache: PlanCache | None = None, pending: Pending | None = None) -> RequestPlan | None:
     """The plan for a fetch body (blocking); None to serve stored forms as before.
 
     None when the body has no delta fields, `may(artifact)` says the caller may not
-    pull the artifact, or this store lacks the target version. Versions of `have` it
-    lacks are skipped. Plans are kept in `cache`, if given, by manifest ids.
+    pull the artifact, or this store lacks the target version and `pending` has no
+    manifest for it either. Versions of `have` it lacks are skipped: a reference is
+    always a chunk of a version committed here, so all of it is held. Plans are kept in
+    `cache`, if given, by manifest ids.
     """
     fields = parse_fields(body)
     if fields is None or (may is not None and not may(fields.artifact)):
@@ -442,10 +472,14 @@ def plan_request(store: Store, body: dict, *, may: Callable[[str], bool] | None 
     if not {Encoding.RAW, Encoding.ZSTD} <= fields.encodings:
         return None
     registry = Registry(store)
+    target = None
     try:
         target_id = registry.manifest_id(fields.artifact, fields.version)
     except NotFound:
-        return None
+        target = pending(fields.artifact, fields.version) if pending else None
+        if target is None:
+            return None
+        target_id = target.id
     have_ids = []
     for v in fields.have:
         try:
@@ -456,7 +490,7 @@ def plan_request(store: Store, body: dict, *, may: Callable[[str], bool] | None 
         have_ids = []
     hints = cache.get(target_id, have_ids) if cache else None
     if hints is None:
-        target = _load(store, target_id)
+        target = target or _load(store, target_id)
         hints = plan_references(target, [_load(store, mid) for mid in have_ids])
         if cache:
             cache.put(target_id, have_ids, hints)
@@ -468,18 +502,17 @@ def _load(store: Store, manifest_id: str) -> Manifest:
 
 
 async def plan_for_request(store: Store, body: dict, *, may: Callable[[str], bool] | None = None,
-                           cache: PlanCache | None = None) -> RequestPlan | None:
+                           cache: PlanCache | None = None, pending: Pending | None = None) -> RequestPlan | None:
     """`plan_request` off the event loop (cheap when the body has no delta fields)."""
     if "encodings" not in body:
         return None
-    return await asyncio.to_thread(plan_request, store, body, may=may, cache=cache)
+    return await asyncio.to_thread(plan_request, store, body, may=may, cache=cache, pending=pending)
 
 
 # --- encoding what is sent ------------------------------------------------------------------
 
 def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: EncodePolicy, *,
-                   level: int = LEVEL, cache: FrameCache | None = None, metrics: Metrics | None = None,
-                   ready: Ready | None = None, slots: asyncio.Semaphore | None = None
+                   level: int = LEVEL, cache: FrameCache | None = None, metrics: Metrics | None = None
                    ) -> Callable[[str], Awaitable[FrameFields | None]]:
     """Wrap a server's stored-chunk getter so it yields encoded frame fields (None: missing).
 
@@ -487,8 +520,6 @@ def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: En
     (and counted in `metrics`); any other chunk is encoded in a worker thread, in the
     mode `policy` picks, and kept in `cache` if that mode was `full` and the sender held
     the references the hint names. The server reports its socket writes to `policy.wrote`.
-    With `slots`, a chunk is read and encoded only while holding one (after `ready`, if
-    given, says it is held here: waiting on upstream holds none).
     """
     async def serve(chunk_id: str) -> FrameFields | None:
         k = plan.key(chunk_id, level)
@@ -501,17 +532,13 @@ def serving_getter(get: ChunkGetter, store: Store, plan: RequestPlan, policy: En
         claimed = cache is not None and cache.claim(k)
         frame, keep, mode = None, False, None
         try:
-            if ready is not None and slots is not None:
-                await ready(chunk_id)
-            async with slots or contextlib.nullcontext():
-                stored = await get(chunk_id)
-                if stored is None:
-                    return None
-                mode = policy.choose()
-                frame, seconds, keep = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode,
-                                                               level)
-                stored_size = len(stored) - 1
-                del stored  # not held while the frame waits for its turn on the socket
+            stored = await get(chunk_id)
+            if stored is None:
+                return None
+            mode = policy.choose()
+            frame, seconds, keep = await asyncio.to_thread(_serve_one, store, chunk_id, stored, plan, mode, level)
+            stored_size = len(stored) - 1
+            del stored  # not held while the frame waits for its turn on the socket
         finally:
             if claimed:
                 cache.release(k, frame if keep and mode == Mode.FULL else None)

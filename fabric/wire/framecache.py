@@ -2,11 +2,14 @@
 
 A chunk encoded against a reference is the same bytes for every receiver that holds
 that reference and accepts the same encodings: an origin serving a new version to its
-direct children, or a hub to its edges, used to encode it again for each of them.
-`FrameCache` keeps the frames the `full` mode made (the fewest bytes the codec finds),
-by everything that decides them, within a byte budget, least recently used first out
-(not one made while the sender lacked a reference its hint names: a relay still
-fetching it sends the chunk standalone, a bigger frame than any later child should get).
+direct children used to encode it again for each of them. `FrameCache` keeps the frames
+the `full` mode made (the fewest bytes the codec finds), by everything that decides
+them, within a byte budget, least recently used first out (not one made while the
+sender lacked a reference its hint names: that chunk went standalone, a bigger frame
+than a later receiver should get).
+
+A relay encodes nothing (`fabric.wire.chunks`): `Forwarded` keeps the delta frames its
+own upstream sent it, for its children that hold the same references.
 
 Requests that want a frame another request is encoding wait for it (`claim`, `wait`,
 `release`: one encoding per key at a time), so the direct children that all ask for a
@@ -25,11 +28,15 @@ from __future__ import annotations
 import asyncio
 from typing import Iterable
 
+from fabric.core import codec
 from fabric.core.lru import LRU
 from fabric.core.refplan import ChunkHint
 
 ORIGIN_BYTES = 128 << 20  # an origin's budget: the deltas of a 1 GB version's changed tenth
-RELAY_BYTES = 16 << 20  # a relaying site agent's: it stays within issue 17's memory bound
+# A relay's frames from its upstream, for the children that ask for them at once: with 16 MiB
+# a hub relaying a delta version to 10 children peaked at 107 MiB, over issue 17's 100
+# (bench.relay_memory --size-mb 128 --delta --encode full), with 4 MiB at 95-97 (1 GB too).
+FORWARD_BYTES = 4 << 20
 
 Frame = tuple[int, int, bytes]  # stream tag, raw size, payload
 Key = tuple[str, ChunkHint, int, tuple[str, ...]]
@@ -89,3 +96,33 @@ class FrameCache:
 
     def __len__(self) -> int:
         return len(self._frames)
+
+
+class Forwarded:
+    """Codec frames a relay received from its upstream, kept for its children.
+
+    Each was decoded here to its chunk id before it is kept (`put`, from the fetch's worker
+    thread), by the chunk and the references it names, within `budget` payload bytes, least
+    recently used first out. A child whose request plan gives the chunk the same references
+    holds them, so it decodes the frame as this relay did, and checks the result against the
+    id as for any frame (`get`). The relay neither decodes nor encodes for that child.
+    """
+
+    def __init__(self, budget: int = FORWARD_BYTES):
+        self._frames: LRU[Frame] = LRU(budget, weigh=lambda f: len(f[2]))
+
+    def put(self, chunk_id: str, tag: int, raw_size: int, payload: bytes | bytearray | memoryview) -> None:
+        references = tuple(codec.body_references(tag, payload))
+        if references:
+            self._frames.put((chunk_id, references), (tag, raw_size, bytes(payload)))
+
+    def get(self, chunk_id: str, hint: ChunkHint, encodings: Iterable[int]) -> Frame | None:
+        """The frame for `chunk_id` against `hint`'s references, if kept and of an accepted encoding."""
+        if not hint.reference:
+            return None
+        frame = self._frames.get((chunk_id, (hint.reference, *hint.more)))
+        return frame if frame is not None and frame[0] in encodings else None
+
+    @property
+    def bytes(self) -> int:
+        return self._frames.weight

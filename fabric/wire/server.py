@@ -70,6 +70,8 @@ class Metrics:
         self.chunks_missing = Counter("fabric_chunks_missing", "Chunks asked for but not held", registry=r)
         self.frames_reused = Counter("fabric_encoded_frames_reused", "Chunks sent as a frame encoded for an "
                                      "earlier fetch (fabric.wire.framecache: encoded once)", registry=r)
+        self.frames_forwarded = Counter("fabric_forwarded_frames", "Chunks a relay sent as the frame its upstream "
+                                        "sent it (fabric.wire.framecache.Forwarded)", registry=r)
         self.chunks_in = Counter("fabric_chunks_received", "Chunks received and stored", registry=r)
 
 

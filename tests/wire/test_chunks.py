@@ -23,7 +23,7 @@ from fabric.store.registry import Registry
 from fabric.store.store import Store, chunk_key, open_store
 from fabric.wire import chunks, client, negotiate, protocol
 from fabric.wire import frames as wire_frames
-from fabric.wire.framecache import FrameCache, key as frame_key
+from fabric.wire.framecache import Forwarded, FrameCache, key as frame_key
 
 from helpers.files import safetensors_bytes
 from helpers.versions import RNG, Seg, _W, b, mem_store, origin_and_site_stores, receive, step, version, weights
@@ -308,6 +308,23 @@ def test_plan_request_falls_back_to_stored_forms(origin_and_site):
     assert future.names == fields["encodings"]  # names it does not know are ignored
 
 
+def test_a_relay_plans_a_version_it_is_still_fetching_from_its_pending_manifest(origin_and_site):
+    origin, site, (v1, v2, v3) = origin_and_site
+    ids = list(v3.unique_chunks())
+    body = negotiate.fetch_body(ids, negotiate.request_fields(site, v3))  # a child holding v1 and v2
+    assert chunks.plan_request(site, body) is None  # v3 is not in the site's registry yet
+    assert chunks.plan_request(site, body, pending=lambda artifact, version: None) is None
+    fetching = {(v3.artifact, v3.version): v3}
+    plan = chunks.plan_request(site, body, pending=lambda artifact, version: fetching.get((artifact, version)))
+    for t in v3.tensors:  # against the newest version the site holds, as the origin plans it
+        old = next(o for o in v2.tensors if o.name == t.name)
+        assert plan.hint(t.chunks[0]) == ChunkHint("BF16", old.chunks[0])
+    assert plan.hints == chunks.plan_request(origin, body).hints
+    cache = PlanCache()  # kept by the pending manifest's id, like a committed one's
+    assert chunks.plan_request(site, body, cache=cache, pending=lambda a, v: v3).hints is \
+        chunks.plan_request(site, body, cache=cache, pending=lambda a, v: v3).hints
+
+
 def test_plan_for_request_runs_off_the_loop(origin_and_site):
     origin, site, (v1, v2, v3) = origin_and_site
     body = negotiate.fetch_body(list(v3.unique_chunks()), negotiate.request_fields(site, v3))
@@ -538,60 +555,13 @@ def test_upload_encoder_follows_its_policy(monkeypatch):
     assert {f[1] for f in auto.frames(chunks * 4, protocol.ENCODINGS)[:-1]} == {Encoding.RAW}
 
 
-def test_with_one_slot_chunks_are_encoded_one_at_a_time_and_waiting_on_upstream_holds_no_slot(origin_and_site,
-                                                                                              monkeypatch):
-    import threading
-    import time
-    origin, site, (v1, v2, v3) = origin_and_site
-    body = negotiate.fetch_body(list(v3.unique_chunks()), negotiate.request_fields(site, v3))
-    plan, lock, running, peak = chunks.plan_request(origin, body), threading.Lock(), [0], [0]
-    real = chunks._serve_one
-
-    def counting(*a):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        time.sleep(0.01)
-        try:
-            return real(*a)
-        finally:
-            with lock:
-                running[0] -= 1
-    monkeypatch.setattr(chunks, "_serve_one", counting)
-    first, rest = body["ids"][0], body["ids"][1:]
-    upstream = None  # set in the loop: the first chunk is still coming from upstream until it is set
-
-    async def ready(cid):
-        if cid == first:
-            await upstream.wait()
-
-    async def get(cid):
-        return origin.get_chunk_stored(cid)
-
-    async def main():
-        nonlocal upstream
-        upstream, slots = asyncio.Event(), asyncio.Semaphore(1)
-        serves = [chunks.serving_getter(get, origin, plan, EncodePolicy(fixed=Mode.FULL), ready=ready, slots=slots)
-                  for _ in range(3)]  # no frame cache: every request encodes
-        waiting = asyncio.ensure_future(serves[0](first))
-        others = await asyncio.wait_for(asyncio.gather(*(s(cid) for s in serves[1:] for cid in rest)), 20)
-        assert not waiting.done()  # it waits on upstream, and the others were encoded meanwhile
-        upstream.set()
-        return await asyncio.wait_for(waiting, 20), others
-
-    got, others = asyncio.run(main())
-    assert peak[0] == 1  # never two chunks read and encoded at once
-    assert receive(site, first, *got) == origin.get_chunk(first)
-    for cid, frame in zip(rest * 2, others):
-        assert receive(site, cid, *frame) == origin.get_chunk(cid)
-
-
 # --- a relay's frames: sendfile inside a chunked answer, wait frames, a file cut short -----------
 
-def _relay_fetch(tmp_path, ids_of, ready, *, open_chunk=None, monkeypatch=None):
+def _relay_fetch(tmp_path, ids_of, ready, *, open_chunk=None, monkeypatch=None, fields=None, **routes):
     """Serve a local store through `chunk_routes` as a relay does (prepare and ready given), fetch
-    `ids_of(store)` with wait frames asked for, and return (frames read, the response's headers,
-    the error that ended the read or None)."""
+    `ids_of(store)` with wait frames asked for (and the delta fields `fields()` gives, if given;
+    `routes`: more `chunk_routes` arguments), and return (frames read, the response's headers, the error that
+    ended the read or None)."""
     import aiohttp
     from aiohttp import web
     from fabric.store.chunk_index import ChunkIndex
@@ -611,7 +581,7 @@ def _relay_fetch(tmp_path, ids_of, ready, *, open_chunk=None, monkeypatch=None):
     async def main():
         app = base_app(tokens=TokenTable.from_dict({"token": [{"name": "ops", "secret": secret, "scopes": ["admin"]}]}),
                        store=store)
-        chunks.chunk_routes(app, index=ChunkIndex(lambda: {}), prepare=prepare, ready=ready)
+        chunks.chunk_routes(app, index=ChunkIndex(lambda: {}), prepare=prepare, ready=ready, **routes)
         runner = web.AppRunner(app)
         await runner.setup()
         port = free_port()
@@ -619,7 +589,8 @@ def _relay_fetch(tmp_path, ids_of, ready, *, open_chunk=None, monkeypatch=None):
         got, error = [], None
         try:
             async with aiohttp.ClientSession() as session:
-                async with session.post(f"http://127.0.0.1:{port}{protocol.CHUNKS_FETCH}", json={"ids": ids},
+                async with session.post(f"http://127.0.0.1:{port}{protocol.CHUNKS_FETCH}",
+                                        json=negotiate.fetch_body(ids, fields() if fields else None),
                                         headers={"Authorization": f"Bearer {secret}",
                                                  protocol.WAIT_HEADER: "1"}) as resp:
                     assert resp.status == 200
@@ -665,6 +636,52 @@ def test_a_relay_sends_held_chunks_by_sendfile_in_arrival_order_with_waits_while
         assert wire_frames.decode_frame(f, expected_size=len(data[f.chunk_id])) == data[f.chunk_id]
     assert (wire_frames.FRAME_MISSING, absent) in kinds
     assert kinds[-1] == (wire_frames.FRAME_CHUNK, second)
+
+
+def test_a_relay_sends_its_upstreams_delta_frames_for_a_version_it_is_fetching_and_encodes_nothing(tmp_path,
+                                                                                                    monkeypatch):
+    # The relay holds v1 and v2's chunks, v2 not yet committed (it is still fetching it: `pending`).
+    # It kept the origin's frames for t0 and t1 against v1, and for t2 one against another chunk
+    # than the child's plan names; the child, holding v1, asks for all of v2.
+    origin, child = mem_store(), mem_store()
+    arrays = [weights(4000) for _ in range(3)]
+    kept, made = Forwarded(), {}
+
+    def ids_of(relay: Store) -> list[str]:
+        v1 = version("m", "v1", "2026-01-01T00:00:00Z",
+                     {"m.st": [Seg(b(a), f"t{k}", "BF16") for k, a in enumerate(arrays)]}, stores=(origin, child, relay))
+        v2 = version("m", "v2", "2026-01-02T00:00:00Z",
+                     {"m.st": [Seg(b(step(a)), f"t{k}", "BF16") for k, a in enumerate(arrays)],
+                      "cfg": [Seg(b'{"step": 2}')]}, stores=(origin,))
+        for cid in v2.chunk_ids():
+            relay.put_chunk(cid, origin.get_chunk(cid))
+        ids = list(v2.unique_chunks())
+        plan = chunks.plan_request(origin, negotiate.fetch_body(ids, negotiate.request_fields(child, v2)))
+        for t in v2.tensors[:2]:
+            kept.put(t.chunks[0], *chunks.encode_chunk(origin, t.chunks[0], plan.hint(t.chunks[0])))
+        wrong = ChunkHint("BF16", v1.tensors[0].chunks[0])  # t2 against t0's old chunk: not the child's plan
+        kept.put(v2.tensors[2].chunks[0], *chunks.encode_chunk(origin, v2.tensors[2].chunks[0], wrong))
+        made.update(v1=v1, v2=v2)
+        return ids
+
+    async def ready(cid):
+        return None
+
+    monkeypatch.setattr(chunks, "_serve_one", lambda *a: pytest.fail("a relay encoded"))
+    (got, _, error), ids = _relay_fetch(
+        tmp_path, ids_of, ready, fields=lambda: negotiate.request_fields(child, made["v2"]),
+        pending=lambda artifact, name: made["v2"] if (artifact, name) == ("m", "v2") else None, forwarded=kept)
+    assert error is None
+    by_id = {f.chunk_id: f for f in got if f.kind == wire_frames.FRAME_CHUNK}
+    assert set(by_id) == set(ids)
+    t0, t1, t2 = (t.chunks[0] for t in made["v2"].tensors)
+    for cid in (t0, t1):  # the kept frames, decoded against the child's v1
+        f = by_id[cid]
+        assert f.encoding not in (Encoding.RAW, Encoding.ZSTD)
+        assert receive(child, cid, f.encoding, f.raw_size, f.payload) == origin.get_chunk(cid)
+    for cid in set(ids) - {t0, t1}:  # t2's kept frame names another reference, cfg has none: stored forms
+        assert by_id[cid].encoding in (Encoding.RAW, Encoding.ZSTD)
+        assert wire_frames.decode_frame(by_id[cid]) == origin.get_chunk(cid)
 
 
 def test_a_relay_whose_chunk_file_is_cut_short_ends_the_answer_without_an_end_frame(tmp_path, monkeypatch):
