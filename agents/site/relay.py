@@ -19,8 +19,8 @@ the manifest it is pulling is `pending` to the chunk routes: children asking for
 version before it is committed here get, for each chunk, the delta frame this site's
 upstream sent it (`fabric.wire.framecache.Forwarded`, kept from the fetch) when the
 child's plan gives the chunk the same references (every one a chunk of a version
-committed here), else the chunk's stored form. Nothing is encoded for them meanwhile:
-a hub at a rollout holds no more than it did.
+committed here), else the chunk's stored form. A relay never encodes
+(`fabric.wire.chunks`): its memory stays within issue 17's bound.
 
 Children see only the chunks their tokens may pull (`fabric.wire.chunks.visible`), as
 this site's chunk index tells (`RelaySource`): the versions this site holds, and those

@@ -122,7 +122,3 @@ class Forwarded:
             return None
         frame = self._frames.get((chunk_id, (hint.reference, *hint.more)))
         return frame if frame is not None and frame[0] in encodings else None
-
-    @property
-    def bytes(self) -> int:
-        return self._frames.weight
