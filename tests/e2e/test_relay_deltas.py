@@ -5,8 +5,9 @@ a hub's children ask it for chunks while it is still fetching them from the orig
 the version is in its registry. The hub plans those requests from the manifest it is
 pulling (`agents.site.relay.Relay.pending`), so a child holding the previous version gets
 each changed chunk as the delta frame the origin sent the hub (`Forwarded`), instead of
-the chunk's stored form, and the hub encodes nothing for it. The hub's fetch is slowed (`max_rate`) so the child's requests
-land while it fetches; both encode as on a WAN link (`FABRIC_ENCODE=full`).
+the chunk's stored form, and the hub encodes nothing for it. The hub's fetch is slowed
+(`max_rate`) so the child's requests land while it fetches; the origin and the hub pick
+encodings as on a WAN link (`FABRIC_ENCODE=full`).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def test_children_asking_a_hub_still_fetching_the_version_get_deltas_not_stored_
         print(f"v2: {r2.new_bytes} new bytes; the edge got {from_hub:.0f} from the hub; "
               f"the hub's answers: {({k: v for k, v in hm.items() if k.startswith('fabric_fetch_responses')})}")
         assert r2.new_bytes >= len(CHANGED) * ELEMENTS * 4  # the changed tensors are new chunks
-        assert 0 < from_hub < 0.8 * r2.new_bytes  # deltas: the stored forms of float noise are ~0.93 of raw
+        assert 0 < from_hub < 0.8 * r2.new_bytes  # deltas (stored forms of this noise: all of the new bytes)
         # the hub sent the origin's own delta frames on; it encoded nothing for the child
         assert hm.get("fabric_forwarded_frames_total", 0) >= len(CHANGED)
         assert hm.get('fabric_fetch_responses_total{path="encoded"}', 0) == 0
