@@ -649,7 +649,8 @@ def test_a_relay_sends_its_upstreams_delta_frames_for_a_version_it_is_fetching_a
 
     def ids_of(relay: Store) -> list[str]:
         v1 = version("m", "v1", "2026-01-01T00:00:00Z",
-                     {"m.st": [Seg(b(a), f"t{k}", "BF16") for k, a in enumerate(arrays)]}, stores=(origin, child, relay))
+                     {"m.st": [Seg(b(a), f"t{k}", "BF16") for k, a in enumerate(arrays)]},
+                     stores=(origin, child, relay))
         v2 = version("m", "v2", "2026-01-02T00:00:00Z",
                      {"m.st": [Seg(b(step(a)), f"t{k}", "BF16") for k, a in enumerate(arrays)],
                       "cfg": [Seg(b'{"step": 2}')]}, stores=(origin,))
