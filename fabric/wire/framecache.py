@@ -35,7 +35,7 @@ from fabric.core.refplan import ChunkHint
 ORIGIN_BYTES = 128 << 20  # an origin's budget: the deltas of a 1 GB version's changed tenth
 # A relay's frames from its upstream, for the children that ask for them at once: with 16 MiB
 # a hub relaying a delta version to 10 children peaked at 107 MiB, over issue 17's 100
-# (bench.relay_memory --size-mb 128 --delta --encode full), with 4 MiB at 95-97 (1 GB too).
+# (bench.relay_memory --size-mb 128 --delta --encode full), with 4 MiB at 95.4-95.6 (1 GB: 98.1).
 FORWARD_BYTES = 4 << 20
 
 Frame = tuple[int, int, bytes]  # stream tag, raw size, payload
