@@ -66,8 +66,6 @@ PLANS = web.AppKey("plans", PlanCache)
 INDEX = web.AppKey("chunk_index", ChunkIndex)
 POLICIES = web.AppKey("policies", PeerPolicies)
 FRAMES = web.AppKey("frames", FrameCache)
-PENDING = web.AppKey("pending", object)  # a relay's `Pending`, or None
-FORWARDED = web.AppKey("forwarded", object)  # a relay's `Forwarded`, or None
 LEVEL = 3  # the zstd level of the codec's entropy stages when serving
 _READ_AHEAD = 3  # stored chunks read ahead of the one being sent
 
@@ -155,8 +153,6 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
     app[PLANS] = PlanCache()
     app[POLICIES] = PeerPolicies(workers=min(_READ_AHEAD, os.cpu_count() or 1), fixed=encode_mode())
     app[FRAMES] = FrameCache(frame_cache_bytes(frame_budget))
-    app[PENDING] = pending
-    app[FORWARDED] = forwarded
 
     async def has(request: web.Request) -> web.Response:
         principal(request).require_any(("pull", "publish"))
@@ -179,7 +175,7 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
         # delta fields (docs/encodings.md, Negotiation): encode per chunk; else stored forms
         p, store = principal(request), request.app[STORE]
         plan = await plan_for_request(store, body, may=lambda a: p.may("pull", a), cache=request.app[PLANS],
-                                      pending=request.app[PENDING])
+                                      pending=pending)
         forwarding = None
         if plan and ready is not None:  # a relay encodes nothing: its upstream's frames, or stored forms
             forwarding, plan = plan, None
@@ -208,7 +204,7 @@ def chunk_routes(app: web.Application, *, index: ChunkIndex, get: ChunkGetter | 
             metrics.fetches.labels("relayed").inc()
             await _relay_frames(request, resp, store, ids, ready, hidden, metrics,
                                 waits=request.headers.get(WAIT_HEADER) == "1",
-                                forwarded=_forwarded_getter(request.app[FORWARDED], forwarding))
+                                kept=_kept_frames(forwarded, forwarding))
         else:
             metrics.fetches.labels("encoded" if plan else "stored").inc()
             await _send_frames(resp, ids, read, plan, policy, metrics,
@@ -338,9 +334,9 @@ def _close_opened(fut: asyncio.Future) -> None:
 
 async def _relay_frames(request: web.Request, resp: web.StreamResponse, store: Store, ids: list[str], ready: Ready,
                         hidden: set[str], metrics: Metrics, *, waits: bool,
-                        forwarded: Callable[[str], Frame | None] | None = None) -> None:
+                        kept: Callable[[str], Frame | None] | None = None) -> None:
     """A relay's frames: each chunk once `ready` says it is held, its stored payload sent
-    from its file by the kernel (or the frame `forwarded` gives for it, from memory); a
+    from its file by the kernel (or the frame `kept` gives for it, from memory); a
     missing frame if it is hidden or never came.
 
     To a client that reads wait frames (`waits`), chunks go in the order they arrive here
@@ -362,7 +358,7 @@ async def _relay_frames(request: web.Request, resp: web.StreamResponse, store: S
             else:
                 fut = min(pending, key=pending.get)
                 await fut
-            await _relay_frame(request, resp, store, ids[pending.pop(fut)], hidden, metrics, forwarded)
+            await _relay_frame(request, resp, store, ids[pending.pop(fut)], hidden, metrics, kept)
     finally:
         for fut in pending:
             fut.cancel()
@@ -372,18 +368,18 @@ async def _nothing() -> None:
     return None
 
 
-def _forwarded_getter(kept: Forwarded | None, plan: "RequestPlan | None") -> Callable[[str], Frame | None] | None:
+def _kept_frames(forwarded: Forwarded | None, plan: "RequestPlan | None") -> Callable[[str], Frame | None] | None:
     """What `_relay_frame` asks for a chunk's forwarded frame under `plan` (None: nothing kept)."""
-    if kept is None or plan is None:
+    if forwarded is None or plan is None:
         return None
-    return lambda cid: kept.get(cid, plan.hint(cid), plan.encodings)
+    return lambda cid: forwarded.get(cid, plan.hint(cid), plan.encodings)
 
 
 async def _relay_frame(request: web.Request, resp: web.StreamResponse, store: Store, cid: str, hidden: set[str],
-                       metrics: Metrics, forwarded: Callable[[str], Frame | None] | None = None) -> None:
+                       metrics: Metrics, kept: Callable[[str], Frame | None] | None = None) -> None:
     """One chunk frame (or a missing frame) of `_relay_frames`, as one HTTP chunk by sendfile,
-    or the upstream's frame for it, if `forwarded` kept one."""
-    frame = forwarded(cid) if forwarded is not None and cid not in hidden else None
+    or the upstream's frame for it, if `kept` gives one."""
+    frame = kept(cid) if kept is not None and cid not in hidden else None
     if frame is not None:  # a piece at a time: each child's socket buffers at most one, not the frame
         tag, raw_size, payload = frame
         await resp.write(frames.chunk_header(cid, tag, raw_size, len(payload)))
