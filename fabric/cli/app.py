@@ -16,7 +16,6 @@ other error. Ctrl-C exits 130 without a traceback.
 from __future__ import annotations
 
 import sys
-from importlib import metadata
 from typing import Optional
 
 import typer
@@ -41,6 +40,7 @@ SHELLS = ("bash", "zsh", "fish")
 
 
 def version() -> str:
+    from importlib import metadata  # here, not at the top: 15 ms every command would pay for `--version`
     try:
         return metadata.version("edge-fabric")
     except metadata.PackageNotFoundError:

@@ -6,7 +6,6 @@ the registry, fabric.gc, fabric.fsck) and prints the result through fabric/cli/o
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from fabric import fsck as fsck_mod
 from fabric import gc as gc_mod
 from fabric.cli.options import (JsonOpt, OriginOpt, S3EndpointOpt, S3KeyOpt, S3SecretOpt, StoreOpt, TokenOpt,
                                 open_local_store, open_registry, open_target, parse_meta, parse_rate,
-                                s3_options)
+                                s3_options, uses_origin)
 from fabric.cli import exits
 from fabric.cli.signing import ExpiryOpt, SignKeyOpt, TrustOpt, load_trust, signer, warn_unsigned
 from fabric.cli.dryrun import DryRunTarget, existing_store, local_holds, publish_plan, pull_plan, remote_holds
@@ -26,13 +25,9 @@ from fabric.cli.output import emit, errors, esc, out, progress_bar, size, table
 from fabric.config import load_client_config
 from fabric.core.manifest import diff
 from fabric.errors import InvalidInput
-from fabric.pacing import keep_freed_payloads
 from fabric.publish import collect_files, publish as publish_fn
-from fabric.pull import check_dest, materialize, pull_remote
 from fabric.signing import SigningTarget, check_origin, check_ref
 from fabric.store.registry import Registry, parse_ref
-from fabric.transfer import FetchOptions
-from fabric.wire.client import OriginClient, RemoteRegistry, RemoteTarget, SyncOrigin
 
 commands = typer.Typer()
 
@@ -74,6 +69,7 @@ def publish(src: str = typer.Argument(..., help="File or folder to publish, or s
             return _publish_dry(source, total, artifact, version, channel, metadata, store, origin, token, s3,
                                 quiet, as_json)
         from fabric import tracing
+        remote = uses_origin(load_client_config(store=store, origin=origin, token=token), store, origin)
         tracing.setup("fabric-publish")  # with FABRIC_TRACES_FILE (and the tracing extra): the version's trace
         with open_target(store, origin, token, s3) as target, \
                 progress_bar(total, f"publish {artifact}", quiet) as progress, \
@@ -82,7 +78,7 @@ def publish(src: str = typer.Argument(..., help="File or folder to publish, or s
             r = publish_fn(source, artifact=artifact, target=target, version=version,
                            channel=channel, metadata=metadata, progress=progress)
         report = r.to_json()
-        report["bytes_sent"] = r.written_bytes if isinstance(getattr(target, "target", target), RemoteTarget) else 0
+        report["bytes_sent"] = r.written_bytes if remote else 0
         if sig:
             report["signed_by"] = sig.keyids
 
@@ -99,7 +95,8 @@ def publish(src: str = typer.Argument(..., help="File or folder to publish, or s
 def _publish_dry(source, total, artifact, version, channel, metadata, store, origin, token, s3, quiet, as_json):
     cfg = load_client_config(store=store, origin=origin, token=token)
     with contextlib.ExitStack() as stack:
-        if origin or (cfg.origin and not store):
+        if uses_origin(cfg, store, origin):
+            from fabric.wire.client import RemoteRegistry, SyncOrigin
             so = stack.enter_context(SyncOrigin(cfg.origin, cfg.token))
             target, where = DryRunTarget(remote_holds(so), RemoteRegistry(so)), cfg.origin
         else:
@@ -163,6 +160,7 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
             report = _pull_remote(cfg, s, artifact, version, channel, dest, force, connections,
                                   rate, copy, quiet, policy)
         else:
+            from fabric.pull import materialize
             reg = Registry(s)
             check = check_ref(reg, policy, artifact, version, channel, memory=s) if policy else None
             version = check.version if check else reg.resolve(artifact, version=version, channel=channel)
@@ -184,6 +182,11 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
 
 def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, max_rate, copy, quiet,
                  policy=None) -> dict:
+    from fabric.pacing import keep_freed_payloads
+    from fabric.pull import pull_remote
+    from fabric.transfer import FetchOptions
+    from fabric.wire.client import OriginClient
+
     def sized(progress, m) -> None:
         """Size the bar by the chunks to write, and count the ones the store holds as done."""
         sizes = m.unique_chunks()
@@ -214,13 +217,16 @@ def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, m
             if check:
                 report["trust"] = check.to_json()
             return report
+    import asyncio  # here, not at the top: only a pull from an origin runs a loop
     return asyncio.run(run())
 
 
 def _pull_dry(cfg, store, remote, artifact, version, channel, dest, force, quiet, as_json) -> None:
+    from fabric.pull import check_dest
     check_dest(Path(dest).absolute(), force)
     s = existing_store(open_local_store, store) if remote else open_local_store(store)
     if remote:
+        from fabric.wire.client import SyncOrigin
         with SyncOrigin(cfg.origin, cfg.token) as so:
             version = so.resolve(artifact, version, channel)
             m = so.manifest(artifact, version)

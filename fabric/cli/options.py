@@ -2,7 +2,13 @@
 
 `--store`, `--origin`, `--token`, `--json`, the S3 flags and `--agent` are defined once
 here; `open_local_store`, `open_registry` and `open_target` turn them (with FABRIC_* settings from
-fabric/config.py) into the store, registry or publish target a command works on.
+fabric/config.py) into the store, registry or publish target a command works on, and
+`uses_origin` says which of the two a command's flags and settings name.
+
+The command modules import the origin's client (`fabric.wire.client`, and with it aiohttp:
+~70 ms, a third of the CLI's start-up) only inside the commands, on the path that talks to an
+origin or an agent, so that `fabric publish --store` and `fabric --help` never pay for it
+(`tests/cli/test_startup.py` checks).
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from fabric.errors import InvalidInput
 from fabric.publish import LocalTarget
 from fabric.store.registry import Registry
 from fabric.store.store import open_store
-from fabric.wire.client import RemoteRegistry, RemoteTarget, SyncOrigin
 
 StoreOpt = typer.Option(None, "--store", help="Store folder (or FABRIC_STORE).")
 OriginOpt = typer.Option(None, "--origin", help="Origin URL (or FABRIC_ORIGIN); default: work on --store.")
@@ -45,11 +50,17 @@ def s3_options(endpoint: Optional[str], access_key: Optional[str], secret_key: O
     return S3Options(endpoint=endpoint, access_key=access_key, secret_key=secret_key)
 
 
+def uses_origin(cfg, store: Optional[str], origin: Optional[str]) -> bool:
+    """Whether a command works on the origin (`--origin`, or FABRIC_ORIGIN without `--store`)."""
+    return bool(origin or (cfg.origin and not store))
+
+
 @contextmanager
 def open_registry(store: Optional[str], origin: Optional[str], token: Optional[str]):
     """The registry to work on: the origin's when one is configured, else the local store's."""
     cfg = load_client_config(store=store, origin=origin, token=token)
-    if origin or (cfg.origin and not store):
+    if uses_origin(cfg, store, origin):
+        from fabric.wire.client import RemoteRegistry, SyncOrigin
         with SyncOrigin(cfg.origin, cfg.token) as so:
             yield RemoteRegistry(so)
     else:
@@ -60,7 +71,8 @@ def open_registry(store: Optional[str], origin: Optional[str], token: Optional[s
 def open_target(store: Optional[str], origin: Optional[str], token: Optional[str], s3=None):
     """Where `publish` stores a version: the origin when one is configured, else the local store."""
     cfg = load_client_config(store=store, origin=origin, token=token)
-    if origin or (cfg.origin and not store):
+    if uses_origin(cfg, store, origin):
+        from fabric.wire.client import RemoteTarget, SyncOrigin
         with SyncOrigin(cfg.origin, cfg.token) as so:
             yield RemoteTarget(so)
     else:

@@ -18,7 +18,6 @@ from fabric.cli.output import emit, errors, esc, out, table
 from fabric.config import load_client_config
 from fabric.errors import InvalidInput
 from fabric.store.registry import parse_ref
-from fabric.wire.client import SyncOrigin
 
 commands = typer.Typer()
 
@@ -33,6 +32,7 @@ def status(origin: Optional[str] = OriginOpt, token: Optional[str] = TokenOpt, a
         cfg = load_client_config(origin=origin, token=token)
         if not cfg.origin:
             raise InvalidInput("status needs --origin URL (or FABRIC_ORIGIN)")
+        from fabric.wire.client import SyncOrigin
         with SyncOrigin(cfg.origin, cfg.token) as so:
             sites = so.sites()
         rows = [row for site in _items(sites) for row in _site_rows(site)]
@@ -126,6 +126,7 @@ def _site_rows(site: dict) -> list[dict]:
 
 def _agent_call(agent: Optional[str], token: Optional[str], method: str, path: str, body: Optional[dict]) -> dict:
     cfg = load_client_config(token=token, agent=agent)
+    from fabric.wire.client import SyncOrigin
     with SyncOrigin(cfg.agent, cfg.token) as so:
         return so.call(method, path, body)
 
