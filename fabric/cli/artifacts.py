@@ -2,6 +2,9 @@
 
 Each command parses its flags, calls one library function (fabric.publish, fabric.pull,
 the registry, fabric.gc, fabric.fsck) and prints the result through fabric/cli/output.py.
+What only a command that talks to an origin needs (fabric.pull's fetch, fabric.transfer,
+fabric.wire.client, asyncio) is imported inside it, so a local command starts without
+aiohttp (fabric/cli/options.py says why).
 """
 
 from __future__ import annotations
@@ -182,6 +185,8 @@ def pull(ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME:CHANNEL
 
 def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, max_rate, copy, quiet,
                  policy=None) -> dict:
+    import asyncio  # here, not at the top, like the origin's client: only a pull from an origin runs a loop
+
     from fabric.pacing import keep_freed_payloads
     from fabric.pull import pull_remote
     from fabric.transfer import FetchOptions
@@ -217,7 +222,6 @@ def _pull_remote(cfg, s, artifact, version, channel, dest, force, connections, m
             if check:
                 report["trust"] = check.to_json()
             return report
-    import asyncio  # here, not at the top: only a pull from an origin runs a loop
     return asyncio.run(run())
 
 
