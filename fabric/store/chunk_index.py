@@ -15,7 +15,9 @@ process is not `add`ed here: a lookup that finds an id unknown *refreshes* the i
 from its source (a listing of version names, then one manifest read per new version).
 Refreshes are coalesced and at least `min_interval` seconds apart, so unknown ids
 asked in a burst cost one refresh, not one each; a lookup waits for a refresh that
-started after it asked. Entries are never dropped: a version deleted later (gc)
+started after it asked, unless the refresh it waited behind found every id it asks for
+(the burst of a rollout: a relay's children ask for a new version's chunks while the
+first child's refresh is learning it, and none of them waits out `min_interval`). Entries are never dropped: a version deleted later (gc)
 keeps its chunks visible to whoever could pull them, until the process restarts.
 """
 
@@ -78,17 +80,20 @@ class ChunkIndex:
         """For each id, the artifacts referencing it (empty: none known, even after a refresh)."""
         ids = list(ids)
         if any(cid not in self._chunks for cid in ids):
-            await self.refresh(asked=time.monotonic())
+            await self.refresh(asked=time.monotonic(), wanted=ids)
         return {cid: frozenset(self._chunks.get(cid, ())) for cid in ids}
 
-    async def refresh(self, *, asked: float | None = None) -> None:
-        """Learn the source's versions that are new here, unless a refresh started since `asked`."""
+    async def refresh(self, *, asked: float | None = None, wanted: list[str] | None = None) -> None:
+        """Learn the source's versions that are new here, unless a refresh started since
+        `asked`, or the one before found every id in `wanted` (when it is not empty)."""
         asked = time.monotonic() if asked is None else asked
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._started >= asked:
                 return  # one that started after the caller asked has just finished
+            if wanted and all(cid in self._chunks for cid in wanted):
+                return  # the refresh this caller waited behind learned what it asks for
             wait = self._started + self.min_interval - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
