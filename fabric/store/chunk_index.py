@@ -17,8 +17,9 @@ Refreshes are coalesced and at least `min_interval` seconds apart, so unknown id
 asked in a burst cost one refresh, not one each; a lookup waits for a refresh that
 started after it asked, unless the refresh it waited behind found every id it asks for
 (the burst of a rollout: a relay's children ask for a new version's chunks while the
-first child's refresh is learning it, and none of them waits out `min_interval`). Entries are never dropped: a version deleted later (gc)
-keeps its chunks visible to whoever could pull them, until the process restarts.
+first child's refresh is learning it, and none of them waits out `min_interval`).
+Entries are never dropped: a version deleted later (gc) keeps its chunks visible to
+whoever could pull them, until the process restarts.
 """
 
 from __future__ import annotations
